@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from minicpm4_core.config import MiniCPM4Config, default_sparse_config, PRESETS
+
+# MiniCPM4-0.5B config.json written from PAPER.md §1 (LongRoPE factor values are not published: ones here).
+HALF = 32
+RELEASED_0_5B = {
+    "architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm", "bos_token_id": 1, "eos_token_id": [2, 73440],
+    "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.1, "intermediate_size": 4096,
+    "max_position_embeddings": 32768, "num_attention_heads": 16, "num_hidden_layers": 24, "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+    "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0 + i / 100 for i in range(HALF)],
+                     "long_factor": [2.0 + i / 10 for i in range(HALF)], "original_max_position_embeddings": 32768},
+    "scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 256, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "vocab_size": 73448, "use_cache": True, "transformers_version": "4.46.3",
+}
+
+
+def test_released_config_round_trip(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(RELEASED_0_5B))
+    c = MiniCPM4Config.from_pretrained(tmp_path)
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (1024, 24, 16, 2)
+    assert c.head_dim == 64 and c.tie_word_embeddings and c.rope_type == "longrope"
+    assert c.extra == {"use_cache": True, "transformers_version": "4.46.3"}  # unknown keys kept
+    c.save_pretrained(tmp_path / "out")
+    back = json.loads((tmp_path / "out" / "config.json").read_text())
+    for k, v in RELEASED_0_5B.items():
+        assert back[k] == v, k
+    assert MiniCPM4Config.from_pretrained(tmp_path / "out") == c
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_round_trip(name, tmp_path):
+    c = MiniCPM4Config.from_preset(name)
+    c.save_pretrained(tmp_path)
+    assert MiniCPM4Config.from_pretrained(tmp_path) == c
+    assert MiniCPM4Config.from_dict(c.to_dict()) == c
+
+
+def test_8b_sparse_config_is_released_one():
+    sc = MiniCPM4Config.minicpm4_8b().sparse_config
+    assert sc == dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=2048, topk=64,
+                      use_nope=False, dense_len=8192)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(num_attention_heads=4, num_key_value_heads=3), "multiple of num_key_value_heads"),
+    (dict(hidden_size=130), "not divisible by num_attention_heads"),
+    (dict(head_dim=33), "must be even"),
+    (dict(rope_scaling={"rope_type": "yarn"}), "unknown rope type"),
+    (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0],
+                        "original_max_position_embeddings": 8}), "head_dim/2=16"),
+    (dict(sparse_config={"kernel_size": 8, "kernel_stride": 16}), "kernel_size=8 must be >= kernel_stride"),
+    (dict(sparse_config={"block_size": 40}), "block_size=40 must be a multiple of kernel_stride"),
+    (dict(sparse_config={"topkk": 3}), "unknown key"),
+    (dict(vocab_size=0), "vocab_size must be a positive int"),
+    (dict(hidden_act="gelu"), "silu"),
+])
+def test_bad_config_errors(kw, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        MiniCPM4Config.tiny(**kw)
+
+
+def test_bad_preset_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset"):
+        MiniCPM4Config.from_preset("minicpm5")
+    with pytest.raises(FileNotFoundError):
+        MiniCPM4Config.from_pretrained(tmp_path)
+
+
+def test_default_sparse_config_overrides():
+    assert default_sparse_config(topk=16)["topk"] == 16

@@ -1,0 +1,251 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minicpm4_core.config import MiniCPM4Config
+from minicpm4_core.model import (MiniCPM4ForCausalLM, load_pretrained, save_pretrained, count_parameters,
+                                 rope_cos_sin, apply_rope, sample_next, KVCache)
+
+
+def make_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = MiniCPM4Config.tiny(**kw)
+    m = MiniCPM4ForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so that every weight matters
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"): p.uniform_(0.5, 1.5)
+    return m
+
+
+def hand_params(c, tied):
+    H, D, L = c.hidden_size, c.head_dim, c.num_hidden_layers
+    per_layer = H * c.num_attention_heads * D * 2 + 2 * H * c.num_key_value_heads * D + 3 * H * c.intermediate_size + 2 * H
+    return c.vocab_size * H * (1 if tied else 2) + L * per_layer + H
+
+
+def test_parameter_counts_of_released_shapes():
+    c05, c8 = MiniCPM4Config.minicpm4_0_5b(), MiniCPM4Config.minicpm4_8b()
+    n05, n8 = count_parameters(c05), count_parameters(c8)
+    assert n05 == hand_params(c05, tied=True) and n8 == hand_params(c8, tied=False)
+    assert abs(n05 / 0.434e9 - 1) < 0.01   # MiniCPM4-0.5B: 0.43B with tied embeddings
+    assert abs(n8 / 8.19e9 - 1) < 0.01     # MiniCPM4-8B: ~8.2B
+
+
+def hf_names(c):
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    for i in range(c.num_hidden_layers):
+        names |= {f"model.layers.{i}.self_attn.{p}_proj.weight" for p in "qkvo"}
+        names |= {f"model.layers.{i}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+        names |= {f"model.layers.{i}.{n}_layernorm.weight" for n in ("input", "post_attention")}
+    if not c.tie_word_embeddings: names.add("lm_head.weight")
+    return names
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("shard", ["2GB", "300KB"])
+def test_hf_round_trip(tmp_path, tied, shard):
+    from minicpm4_core.model import load_state_dict_files
+    m = make_model(tie_word_embeddings=tied)
+    save_pretrained(m, tmp_path, max_shard_size=shard)
+    sd = load_state_dict_files(tmp_path)
+    assert set(sd) == hf_names(m.config)
+    if shard == "300KB":
+        idx = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert set(idx["weight_map"]) == set(sd) and len(set(idx["weight_map"].values())) > 1
+    m2 = load_pretrained(tmp_path)
+    ids = torch.randint(0, m.config.vocab_size, (2, 19))
+    with torch.no_grad():
+        assert torch.equal(m(ids), m2(ids))
+    assert (m2.lm_head.weight is m2.model.embed_tokens.weight) == tied
+
+
+def test_load_reports_missing_and_unexpected(tmp_path):
+    from safetensors.torch import save_file
+    from minicpm4_core.model import load_state_dict_files
+    m = make_model()
+    save_pretrained(m, tmp_path)
+    sd = load_state_dict_files(tmp_path)
+    sd.pop("model.layers.1.mlp.up_proj.weight")
+    sd["model.layers.9.extra.weight"] = torch.ones(2)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing keys \['model.layers.1.mlp.up_proj.weight'\].*unexpected keys "
+                                         r"\['model.layers.9.extra.weight'\]"):
+        load_pretrained(tmp_path)
+
+
+def test_logits_follow_mup_formulas_by_hand():
+    m = make_model(tie_word_embeddings=False, num_hidden_layers=2, scale_emb=7.0, scale_depth=2.1, dim_model_base=16)
+    c = m.config
+    ids = torch.randint(0, c.vocab_size, (2, 13))
+    T = ids.shape[1]
+
+    def rms(x, w): return w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)
+    # RoPE by hand, pair (i, i + D/2) rotated by pos * theta^(-2i/D)
+    D = c.head_dim
+    inv = c.rope_theta ** (-torch.arange(0, D, 2).double() / D)
+    ang = torch.arange(T).double()[:, None] * inv[None]
+
+    def rope(x):  # x (B, T, h, D)
+        x1, x2 = x[..., : D // 2].double(), x[..., D // 2:].double()
+        cs, sn = ang.cos()[None, :, None], ang.sin()[None, :, None]
+        return torch.cat([x1 * cs - x2 * sn, x2 * cs + x1 * sn], -1).float()
+
+    h = m.model.embed_tokens.weight[ids] * 7.0
+    r = 2.1 / math.sqrt(2)
+    for L in m.model.layers:
+        a, x = L.self_attn, rms(h, L.input_layernorm.weight)
+        q = rope((x @ a.q_proj.weight.T).view(2, T, 4, D))
+        k = rope((x @ a.k_proj.weight.T).view(2, T, 2, D))
+        v = (x @ a.v_proj.weight.T).view(2, T, 2, D)
+        out = torch.empty(2, T, 4, D)
+        for hh in range(4):
+            s = torch.einsum("btd,bsd->bts", q[:, :, hh], k[:, :, hh // 2]) / math.sqrt(D)
+            s = s.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+            out[:, :, hh] = s.softmax(-1) @ v[:, :, hh // 2]
+        h = h + (out.reshape(2, T, -1) @ a.o_proj.weight.T) * r
+        x = rms(h, L.post_attention_layernorm.weight)
+        h = h + ((F.silu(x @ L.mlp.gate_proj.weight.T) * (x @ L.mlp.up_proj.weight.T)) @ L.mlp.down_proj.weight.T) * r
+    logits = (rms(h, m.model.norm.weight) / (c.hidden_size / 16)) @ m.lm_head.weight.T
+    with torch.no_grad():
+        got = m(ids)
+    assert (got - logits).abs().max() < 1e-4 * logits.abs().max()
+
+
+def test_each_mup_scale_factor():
+    m = make_model(scale_emb=5.0, scale_depth=3.0, num_hidden_layers=3)
+    c = m.config
+    ids = torch.randint(0, c.vocab_size, (1, 6))
+    assert torch.equal(m.model.embed(ids), m.model.embed_tokens.weight[ids] * 5.0)
+    assert c.residual_scale == pytest.approx(3.0 / math.sqrt(3))
+    # one decoder layer: h + attn(norm h) * r, then + mlp(norm h) * r
+    L = m.model.layers[0]
+    h = torch.randn(1, 6, c.hidden_size)
+    cos, sin = rope_cos_sin(c, torch.arange(6))
+    with torch.no_grad():
+        h1 = h + L.self_attn(L.input_layernorm(h), cos, sin) * c.residual_scale
+        h2 = h1 + L.mlp(L.post_attention_layernorm(h1)) * c.residual_scale
+        assert torch.allclose(L(h, cos, sin), h2, atol=1e-6)
+        logits, hid = m(ids, return_hidden=True)
+        assert torch.allclose(logits, m.lm_head(m.model.norm(hid)) / (c.hidden_size / c.dim_model_base), atol=1e-6)
+
+
+def test_longrope_factors_and_scale():
+    half = 16
+    rs = dict(rope_type="longrope", short_factor=[1.0 + i / 7 for i in range(half)],
+              long_factor=[3.0 + i for i in range(half)], original_max_position_embeddings=64)
+    c = MiniCPM4Config.tiny(rope_scaling=rs, max_position_embeddings=256)
+    mscale = math.sqrt(1 + math.log(256 / 64) / math.log(64))
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, 32, 2).float() / 32))
+    for T, fac in [(40, rs["short_factor"]), (100, rs["long_factor"])]:
+        cos, sin = rope_cos_sin(c, torch.arange(T))
+        f = torch.arange(T).float()[:, None] * inv / torch.tensor(fac)
+        assert torch.allclose(cos, torch.cat([f, f], -1).cos() * mscale, atol=1e-5)
+        assert torch.allclose(sin, torch.cat([f, f], -1).sin() * mscale, atol=1e-5)
+
+
+def test_incremental_decoding_equals_full_forward():
+    m = make_model(seed=3)
+    ids = torch.randint(0, m.config.vocab_size, (2, 21))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache(2, 32)
+        parts = [m(ids[:, :9], cache=cache)]                 # prefill
+        parts.append(m(ids[:, 9:13], cache=cache))          # chunked prefill
+        for t in range(13, 21):                             # one token at a time
+            parts.append(m(ids[:, t:t + 1], cache=cache))
+    inc = torch.cat(parts, 1)
+    assert cache.length == 21
+    assert (inc - full).abs().max() < 1e-4
+
+
+def test_left_padded_batch_equals_single_prompts():
+    m = make_model(seed=4)
+    a, b = torch.randint(4, 500, (1, 11)), torch.randint(4, 500, (1, 6))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids); mask[1, :5] = 0
+    with torch.no_grad():
+        both = m(ids, attention_mask=mask)
+        assert (both[0] - m(a)[0]).abs().max() < 1e-4
+        assert (both[1, 5:] - m(b)[0]).abs().max() < 1e-4
+
+
+def test_generate_greedy_equals_repeated_argmax():
+    m = make_model(seed=5, initializer_range=0.6)
+    prompts = [[1, 40, 41, 300, 7], [1, 9], [1, 77, 12]]
+    outs = m.generate(prompts, 10, stop_ids=[])
+    assert len({t for o in outs for t in o}) > 3, "degenerate model: the test would prove little"
+    for p, o in zip(prompts, outs):
+        seq = list(p)
+        for _ in range(10):
+            with torch.no_grad():
+                seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+        assert seq[len(p):] == o
+
+
+def test_generate_stops_at_stop_id():
+    m = make_model(seed=5, initializer_range=0.6)
+    free = m.generate([[1, 40, 41]], 10, stop_ids=[])[0]
+    stop = free[3]
+    out = m.generate([[1, 40, 41]], 10, stop_ids=[stop])[0]
+    assert out == free[: free.index(stop) + 1]
+
+
+def test_sampling_rules():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, 1.0, top_k=1), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6), logits.argmax(-1))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(sample_next(logits, 0.8, 10, 0.9, g1), sample_next(logits, 0.8, 10, 0.9, g2))
+    # top-k: samples only ever come from the k best
+    top3 = logits.topk(3, -1).indices
+    for _ in range(50):
+        s = sample_next(logits, 2.0, top_k=3)
+        assert all(s[i] in top3[i] for i in range(4))
+    for bad in [dict(temperature=-1), dict(temperature=1, top_k=0), dict(temperature=1, top_p=0)]:
+        with pytest.raises(ValueError):
+            sample_next(logits, **bad)
+
+
+def test_mtp_head_trains():
+    m = make_model(mtp=True).train()
+    ids = torch.randint(0, m.config.vocab_size, (2, 12))
+    logits, h = m(ids, return_hidden=True)
+    mtp = m.mtp_logits(h[:, :-1], ids[:, 1:])
+    assert mtp.shape == (2, 11, m.config.vocab_size)
+    F.cross_entropy(mtp.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    assert m.mtp.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="no MTP head"):
+        make_model().mtp_logits(h, ids)
+
+
+def test_bad_inputs():
+    m = make_model()
+    with pytest.raises(ValueError, match="input_ids must be"):
+        m(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        m(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 3))
+    cache = m.new_cache(1, 4)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        m(torch.ones(1, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="prompts"):
+        m.generate("hello", 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        m.generate([1, 2], 0)
+
+
+def test_cache_truncate_rolls_back():
+    m = make_model(seed=6)
+    ids = torch.randint(0, 500, (1, 10))
+    with torch.no_grad():
+        cache = m.new_cache(1, 16)
+        m(ids[:, :7], cache=cache)
+        m(torch.randint(0, 500, (1, 3)), cache=cache)  # tokens we then reject
+        cache.truncate(7)
+        out = m(ids[:, 7:], cache=cache)
+        assert (out - m(ids)[:, 7:]).abs().max() < 1e-4
+    with pytest.raises(ValueError):
+        cache.truncate(99)
