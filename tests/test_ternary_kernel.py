@@ -1,0 +1,186 @@
+"""Ternary 2-bit format and kernels (minicpm4_core.kernels.ternary): packing, reference, Triton kernels under the
+interpreter (conftest sets TRITON_INTERPRET=1) against the float32 reference."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from minicpm4_core.kernels.ternary import (TernaryConfig, dequantize_ternary, interpreter_active, kernel_scales,
+                                           pack_ternary, packed_cols, pick_config, ternary_bytes, ternary_dequantize,
+                                           ternary_matmul, ternary_matmul_ref, unpack_ternary)
+
+
+def rel(a, b): return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("N,K,align", [(1, 1, 1), (3, 5, 1), (7, 37, 1), (4, 128, 1), (2, 255, 1), (5, 100, 32),
+                                        (3, 130, 64)])
+def test_pack_unpack_round_trip(N, K, align):
+    g = torch.Generator().manual_seed(N * 1000 + K)
+    q = torch.randint(-1, 2, (N, K), generator=g)
+    p = pack_ternary(q, align)
+    assert p.dtype == torch.uint8 and p.shape == (N, packed_cols(K, align))
+    assert p.shape[1] % align == 0 and p.shape[1] >= math.ceil(K / 4)
+    assert torch.equal(unpack_ternary(p, K), q.to(torch.int8))
+    # padding columns hold code 1 (weight 0)
+    assert (unpack_ternary(p, 4 * p.shape[1])[:, K:] == 0).all()
+
+
+def test_pack_layout_is_planar():
+    # row of 8 columns -> K4 = 2 bytes; byte j holds columns j, j+2, j+4, j+6 in bits 0-1, 2-3, 4-5, 6-7
+    q = torch.tensor([[-1, 0, 1, 1, 0, -1, 1, 0]])
+    p = pack_ternary(q)
+    codes = (q + 1)[0].tolist()
+    b0 = codes[0] | codes[2] << 2 | codes[4] << 4 | codes[6] << 6
+    b1 = codes[1] | codes[3] << 2 | codes[5] << 4 | codes[7] << 6
+    assert p.tolist() == [[b0, b1]]
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\{-1, 0, 1\}"):
+        pack_ternary(torch.tensor([[0, 2]]))
+    with pytest.raises(TypeError, match="integer"):
+        pack_ternary(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="2-D"):
+        pack_ternary(torch.zeros(2, 2, 2, dtype=torch.int8))
+    with pytest.raises(ValueError, match="in_features"):
+        unpack_ternary(pack_ternary(torch.zeros(2, 8, dtype=torch.int8)), 9)
+
+
+def test_dequantize_by_hand():
+    q = torch.tensor([[1, -1, 0, 1, 1, 0], [0, 0, -1, 1, -1, 1]])
+    p = pack_ternary(q, 2)
+    s_row = torch.tensor([[0.5], [2.0]])
+    assert torch.equal(dequantize_ternary(p, s_row, 6), torch.tensor([[.5, -.5, 0, .5, .5, 0], [0, 0, -2., 2, -2, 2]]))
+    s_g = torch.tensor([[1.0, 3.0], [0.25, 4.0]])  # groups of 4 columns: [0..3], [4..5]
+    assert torch.equal(dequantize_ternary(p, s_g, 6, group_size=4),
+                       torch.tensor([[1., -1, 0, 1, 3, 0], [0, 0, -.25, .25, -4, 4]]))
+
+
+def _problem(M, N, K, G, dtype=torch.float32, per_tensor=False, lead=()):
+    g = torch.Generator().manual_seed(M * 7919 + N * 31 + K + G)
+    q = torch.randint(-1, 2, (N, K), generator=g)
+    qw = pack_ternary(q, G or 1)
+    if G: s = torch.rand(N, math.ceil(K / G), generator=g) + 0.5
+    else: s = torch.rand(1 if per_tensor else N, 1, generator=g) + 0.5
+    x = torch.randn(*lead, M, K, generator=g).to(dtype)
+    return x, qw, s
+
+
+def test_interpreter_is_on():
+    assert interpreter_active(), "tests expect TRITON_INTERPRET=1 (tests/conftest.py)"
+
+
+CASES = [  # M, N, K, group, config
+    (1, 33, 100, 0, TernaryConfig('mv', 16, 16, 16)),
+    (3, 64, 128, 0, TernaryConfig('mv', 16, 32, 32, split_k=2, n_acc=4)),
+    (17, 40, 96, 0, TernaryConfig('mv', 16, 16, 16, split_k=3)),
+    (5, 48, 512, 64, TernaryConfig('mv', 16, 16, 32, split_k=3)),
+    (1, 33, 100, 0, TernaryConfig('mma', 16, 16, 16, n_acc=4)),
+    (17, 40, 96, 0, TernaryConfig('mma', 16, 16, 16, split_k=3)),
+    (5, 48, 512, 64, TernaryConfig('mma', 16, 16, 32, split_k=3)),
+    (20, 40, 260, 32, TernaryConfig('mma', 16, 16, 16)),
+    (40, 24, 128, 32, TernaryConfig('mma', 64, 16, 16)),          # large-tile group path (scaled weights)
+    (2, 40, 256, 32, TernaryConfig('fma', 1, 16, 16)),
+    (1, 24, 90, 0, TernaryConfig('fma', 1, 8, 16, split_k=2)),
+    (9, 24, 90, 0, TernaryConfig('dequant', 1, 16, 16)),
+    (9, 40, 256, 32, TernaryConfig('dequant', 1, 16, 16)),
+    (4, 32, 64, 0, None),                                          # pick_config
+    (1100, 16, 64, 0, None),                                       # pick_config -> dequant
+]
+
+
+@pytest.mark.parametrize("M,N,K,G,cfg", CASES)
+def test_kernels_match_reference_fp32(M, N, K, G, cfg):
+    x, qw, s = _problem(M, N, K, G)
+    ref = ternary_matmul_ref(x, qw, s, K, G)
+    y = ternary_matmul(x, qw, s, K, G, backend='triton', config=cfg)
+    assert y.shape == (M, N) and y.dtype == x.dtype
+    assert torch.isfinite(y).all()
+    assert rel(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("M,N,K,G,cfg", [(3, 48, 500, 0, TernaryConfig('mv', 16, 16, 32)),
+                                         (3, 48, 500, 0, TernaryConfig('mma', 16, 16, 32, n_acc=4)),
+                                         (17, 64, 256, 32, TernaryConfig('mma', 32, 32, 16, split_k=2)),
+                                         (17, 64, 256, 32, TernaryConfig('mv', 16, 32, 16)),
+                                         (2, 32, 128, 0, TernaryConfig('fma', 1, 16, 32)),
+                                         (20, 32, 100, 0, TernaryConfig('dequant', 1, 16, 16))])
+def test_kernels_match_reference_bf16(M, N, K, G, cfg):
+    x, qw, s = _problem(M, N, K, G, torch.bfloat16)
+    ref = ternary_matmul_ref(x.float(), qw, s, K, G)
+    y = ternary_matmul(x, qw, s, K, G, backend='triton', config=cfg)
+    assert y.dtype == torch.bfloat16
+    assert rel(y, ref) < 1e-2
+
+
+def test_per_tensor_scale_and_leading_dims():
+    x, qw, s = _problem(3, 32, 64, 0, per_tensor=True, lead=(2,))
+    y = ternary_matmul(x, qw, s, 64, backend='triton', config=TernaryConfig('mma', 16, 16, 16))
+    assert y.shape == (2, 3, 32)
+    assert rel(y, ternary_matmul_ref(x, qw, s, 64)) < 1e-5
+
+
+def test_fresh_inputs_each_call_and_torch_backend():
+    x, qw, s = _problem(2, 16, 64, 0)
+    cfg = TernaryConfig('mma', 16, 16, 16)
+    y1 = ternary_matmul(x, qw, s, 64, backend='triton', config=cfg)
+    y2 = ternary_matmul(-2 * x, qw, s, 64, backend='triton', config=cfg)
+    assert rel(y2, -2 * y1) < 1e-6
+    assert torch.equal(ternary_matmul(x, qw, s, 64, backend='torch'), ternary_matmul_ref(x, qw, s, 64))
+
+
+def test_kernel_scales_padding():
+    s = torch.rand(3, 4)
+    ks = kernel_scales(s, 3, 64, 32)  # 4*64/32 = 8 group slots
+    assert ks.shape == (3, 8) and torch.equal(ks[:, :4], s) and (ks[:, 4:] == 0).all()
+    assert kernel_scales(torch.rand(3, 1), 3, 64, 0).shape == (3, 1)
+
+
+def test_dispatcher_errors_and_fallbacks():
+    x, qw, s = _problem(2, 16, 64, 0)
+    with pytest.raises(ValueError, match="backend"):
+        ternary_matmul(x, qw, s, 64, backend='cuda')
+    with pytest.raises(ValueError, match="in_features"):
+        ternary_matmul(x[:, :60], qw, s, 60 - 10)
+    with pytest.raises(ValueError, match="scale"):
+        ternary_matmul(x, qw, torch.rand(16, 2), 64)
+    with pytest.raises(TypeError, match="uint8"):
+        ternary_matmul(x, qw.to(torch.int32), s, 64)
+    with pytest.raises(ValueError, match="kernel"):
+        TernaryConfig('cublas')
+    # group size the kernels cannot index -> torch reference, said once
+    x, qw, s = _problem(2, 16, 60, 20)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        y = ternary_matmul(x, qw, s, 60, 20, backend='triton')
+    assert any('group_size=20' in str(m.message) for m in w)
+    assert rel(y, ternary_matmul_ref(x, qw, s, 60, 20)) < 1e-6
+
+
+def test_pick_config_and_bytes():
+    dec = pick_config(1, 4096, 4096, 0, 132)
+    assert dec.kernel in ('mv', 'mma') and dec.block_m == 16 and dec.split_k >= 1
+    assert -(-4096 // dec.block_n) * dec.split_k >= 132 // 2  # the grid covers the GPU
+    assert pick_config(1, 4096, 1024, 128).block_k <= 128   # tiles never straddle a group
+    assert pick_config(2048, 4096, 1024).kernel == 'dequant'
+    assert pick_config(100, 4096, 1024).kernel == 'mma'
+    b = ternary_bytes(1, 4096, 16384)
+    assert 7.9 < b['bf16'] / b['ternary'] < 8.0
+
+
+@pytest.mark.parametrize("N,K,G", [(7, 37, 0), (16, 100, 32), (5, 128, 64)])
+def test_dequantize_kernel_matches_reference(N, K, G):
+    _, qw, s = _problem(1, N, K, G)
+    w = ternary_dequantize(qw, s, K, G, torch.float32, TernaryConfig('dequant', 1, 8, 16))
+    assert torch.equal(w, dequantize_ternary(qw, s, K, G))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="n_acc"):
+        TernaryConfig('mma', 64, 64, 64, n_acc=4)
+    with pytest.raises(ValueError, match="power of two"):
+        TernaryConfig('mv', 16, 48, 64)
+    with pytest.raises(ValueError, match=">= 16"):
+        TernaryConfig('mv', 1, 64, 64)
