@@ -1,0 +1,491 @@
+"""InfLLM v2 reference (minicpm4_core.infllmv2) vs brute-force per-query loops written independently here.
+
+The loops below follow PAPER.md section 2 / DESIGN.md literally, one query, head and block at a time, with no
+shared code from the module under test."""
+import math
+
+import pytest
+import torch
+
+from minicpm4_core import infllmv2 as iv
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    "Tiny shapes: one thread is as fast and immune to oversubscription on a shared 2-core machine."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# ---------------------------------------------------------------------------------------------- brute force
+
+
+def bf_compress(k, p, s):
+    B, N, Hkv, D = k.shape
+    out = []
+    j = 0
+    while j * s + p <= N:
+        out.append(k[:, j * s:j * s + p].double().mean(1))
+        j += 1
+    return torch.stack(out, 1) if out else k.new_zeros(B, 0, Hkv, D).double()
+
+
+def bf_block_scores(q, k, p, s, m, init_blocks, local_blocks, lse_coarse=None):
+    """One query, one kv group at a time. Kernel j visible to position t iff j*s+p-1 <= t. lse_coarse=(pc, sc)
+    replaces each head's normaliser with the logsumexp over the visible coarse kernels (exact LSE before any
+    coarse kernel is visible)."""
+    B, T, H, D = q.shape
+    N, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    nb = math.ceil(N / m)
+    kc = bf_compress(k, p, s)
+    kcc = bf_compress(k, *lse_coarse) if lse_coarse else None
+    out = torch.zeros(B, T, Hkv, nb, dtype=torch.float64)
+    for b in range(B):
+        for i in range(T):
+            t = N - T + i
+            vis = [j for j in range(kc.shape[1]) if j * s + p - 1 <= t]
+            for g in range(Hkv):
+                ksum = {j: 0.0 for j in vis}
+                for h in range(g * G, (g + 1) * G):
+                    logit = {j: float(q[b, i, h].double() @ kc[b, j, g]) / math.sqrt(D) for j in vis}
+                    if not vis:
+                        continue
+                    lse = math.log(sum(math.exp(x) for x in logit.values()))
+                    if lse_coarse:
+                        pc, sc = lse_coarse
+                        visc = [c for c in range(kcc.shape[1]) if c * sc + pc - 1 <= t]
+                        if visc:
+                            lse = math.log(sum(math.exp(float(q[b, i, h].double() @ kcc[b, c, g]) / math.sqrt(D))
+                                               for c in visc))
+                    for j in vis:
+                        ksum[j] += math.exp(min(logit[j] - lse, 50.0))
+                qblk = t // m
+                for blk in range(nb):
+                    if blk > qblk:
+                        out[b, i, g, blk] = -math.inf
+                    elif blk < init_blocks or blk > qblk - local_blocks:
+                        out[b, i, g, blk] = math.inf
+                    else:
+                        lo, hi = blk * m, (blk + 1) * m  # token interval of the block
+                        inter = [ksum[j] for j in vis if j * s < hi and j * s + p > lo]
+                        out[b, i, g, blk] = max(inter) if inter else 0.0
+    return out
+
+
+def bf_select(scores, topk):
+    B, T, Hkv, nb = scores.shape
+    out = torch.full((B, T, Hkv, topk), -1, dtype=torch.int32)
+    for b in range(B):
+        for i in range(T):
+            for g in range(Hkv):
+                row = scores[b, i, g].tolist()
+                cand = sorted((blk for blk in range(nb) if row[blk] > -math.inf), key=lambda x: (-row[x], x))
+                chosen = sorted(cand[:topk])
+                out[b, i, g, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+    return out
+
+
+def bf_sparse(q, k, v, idx, m):
+    B, T, H, D = q.shape
+    N, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    out = torch.zeros(B, T, H, D, dtype=torch.float64)
+    for b in range(B):
+        for i in range(T):
+            t = N - T + i
+            for h in range(H):
+                g = h // G
+                toks = [x for blk in idx[b, i, g].tolist() if blk >= 0
+                        for x in range(blk * m, min(N, (blk + 1) * m)) if x <= t]
+                if not toks:
+                    continue
+                kk, vv = k[b, toks, g].double(), v[b, toks, g].double()
+                w = torch.softmax(kk @ q[b, i, h].double() / math.sqrt(D), 0)
+                out[b, i, h] = w @ vv
+    return out
+
+
+def bf_dense(q, k, v):
+    B, T, H, D = q.shape
+    N, Hkv = k.shape[1], k.shape[2]
+    out = torch.zeros(B, T, H, D, dtype=torch.float64)
+    for b in range(B):
+        for i in range(T):
+            t = N - T + i
+            for h in range(H):
+                g = h // (H // Hkv)
+                w = torch.softmax(k[b, :t + 1, g].double() @ q[b, i, h].double() / math.sqrt(D), 0)
+                out[b, i, h] = w @ v[b, :t + 1, g].double()
+    return out
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def finite_close(a, b, tol=1e-5):
+    a, b = a.double(), b.double()
+    assert torch.equal(torch.isposinf(a), torch.isposinf(b))
+    assert torch.equal(torch.isneginf(a), torch.isneginf(b))
+    f = torch.isfinite(b)
+    assert torch.allclose(a[f], b[f], rtol=tol, atol=tol), float((a[f] - b[f]).abs().max())
+
+
+# (B, T, N, H, Hkv, D, p, s, m, init, local): GQA ratios 1/2/4/16, N not a multiple of m, T < N, p not a multiple of s
+SHAPES = [
+    (2, 37, 37, 2, 2, 8, 8, 4, 16, 1, 1),
+    (1, 20, 75, 4, 2, 16, 8, 4, 16, 1, 2),
+    (2, 30, 90, 8, 2, 8, 12, 4, 8, 2, 1),
+    (1, 25, 61, 16, 1, 8, 8, 8, 16, 0, 1),
+    (1, 1, 53, 4, 1, 8, 6, 2, 8, 1, 0),
+    (1, 12, 12, 4, 2, 8, 8, 4, 16, 1, 1),   # shorter than one block
+    (1, 9, 70, 2, 1, 8, 16, 8, 8, 1, 1),    # kernel longer than a block
+]
+
+
+def rand_qk(B, T, N, H, Hkv, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g) * 2
+    k = torch.randn(B, N, Hkv, D, generator=g)
+    v = torch.randn(B, N, Hkv, D, generator=g)
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize('N,p,s', [(45, 8, 4), (7, 8, 4), (8, 8, 4), (64, 32, 16), (50, 12, 5), (33, 4, 4)])
+def test_compress_keys(N, p, s):
+    k = torch.randn(2, N, 3, 5)
+    got = iv.compress_keys(k, p, s)
+    want = bf_compress(k, p, s)
+    assert got.shape == want.shape and got.dtype == k.dtype
+    assert got.shape[1] == (0 if N < p else (N - p) // s + 1)
+    if want.numel():
+        assert rel(got, want) < 1e-6
+
+
+def test_compress_keys_dtype_and_grad():
+    k = torch.randn(1, 40, 2, 8, dtype=torch.bfloat16, requires_grad=True)
+    kc = iv.compress_keys(k, 8, 4)
+    assert kc.dtype == torch.bfloat16
+    kc.float().sum().backward()
+    assert k.grad is not None and k.grad.abs().sum() > 0
+
+
+def test_intersection_rule():
+    # general rule from p, s, m vs a literal interval-overlap test
+    for p, s, m in [(32, 16, 64), (8, 4, 16), (12, 4, 8), (16, 8, 8), (6, 2, 8), (5, 5, 10)]:
+        for b in range(6):
+            want = [j for j in range(200) if j * s < (b + 1) * m and j * s + p > b * m]
+            assert list(iv.kernels_of_block(b, p, s, m)) == want, (p, s, m, b)
+    assert list(iv.kernels_of_block(5, 32, 16, 64)) == [19, 20, 21, 22, 23]  # 4b-1 .. 4b+3
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_block_scores(shape):
+    B, T, N, H, Hkv, D, p, s, m, init, local = shape
+    q, k, _ = rand_qk(B, T, N, H, Hkv, D, seed=sum(shape))
+    got = iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local,
+                          chunk_size=7)
+    assert got.dtype == torch.float32 and got.shape == (B, T, Hkv, math.ceil(N / m))
+    finite_close(got, bf_block_scores(q, k, p, s, m, init, local))
+    # chunking over queries does not change anything (up to float rounding of the batched matmul)
+    finite_close(got, iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init,
+                                      local_blocks=local), tol=1e-6)
+
+
+@pytest.mark.parametrize('shape', SHAPES[1:4])
+def test_block_scores_lse_approx(shape):
+    B, T, N, H, Hkv, D, p, s, m, init, local = shape
+    q, k, _ = rand_qk(B, T, N, H, Hkv, D, seed=1 + sum(shape))
+    pc, sc = 2 * p, 2 * s
+    got = iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local,
+                          lse_approx=True, lse_kernel_size=pc, lse_kernel_stride=sc, chunk_size=5)
+    finite_close(got, bf_block_scores(q, k, p, s, m, init, local, lse_coarse=(pc, sc)), tol=1e-4)
+
+
+def test_block_scores_bf16_inputs():
+    q, k, _ = rand_qk(1, 16, 40, 4, 2, 8, seed=3)
+    a = iv.block_scores(q.bfloat16(), k.bfloat16(), kernel_size=8, kernel_stride=4, block_size=8, init_blocks=1,
+                        local_blocks=1)
+    b = bf_block_scores(q.bfloat16().float(), k.bfloat16().float(), 8, 4, 8, 1, 1)
+    assert a.dtype == torch.float32
+    finite_close(a, b, tol=1e-3)
+
+
+@pytest.mark.parametrize('topk', [1, 3, 4, 9])
+def test_select_blocks(topk):
+    g = torch.Generator().manual_seed(topk)
+    sc = torch.rand(2, 11, 3, 7, generator=g)
+    sc[sc < 0.2] = float('-inf')
+    sc[0, 0, 0] = float('-inf')                     # a row with nothing visible
+    sc[1, 2, 1, :4] = 0.5                           # ties -> lower block id first
+    got = iv.select_blocks(sc, topk)
+    assert got.dtype == torch.int32 and got.shape == (2, 11, 3, topk)
+    assert torch.equal(got, bf_select(sc, topk))
+    assert (got[0, 0, 0] == -1).all()
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_select_on_block_scores(shape):
+    B, T, N, H, Hkv, D, p, s, m, init, local = shape
+    q, k, _ = rand_qk(B, T, N, H, Hkv, D, seed=2 + sum(shape))
+    sc = iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local)
+    topk = init + local + 1
+    got = iv.select_blocks(sc, topk)
+    assert torch.equal(got, bf_select(sc, topk))
+    # forced blocks always selected, never a future block
+    for b in range(B):
+        for i in range(T):
+            t = N - T + i
+            for g in range(Hkv):
+                row = [x for x in got[b, i, g].tolist() if x >= 0]
+                assert all(x <= t // m for x in row)
+                for x in range(t // m + 1):
+                    if x < init or x > t // m - local:
+                        assert x in row
+
+
+@pytest.mark.parametrize('method', ['gather', 'mask'])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_sparse_attention_ref(shape, method):
+    B, T, N, H, Hkv, D, p, s, m, init, local = shape
+    q, k, v = rand_qk(B, T, N, H, Hkv, D, seed=3 + sum(shape))
+    sc = iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local)
+    idx = iv.select_blocks(sc, init + local + 1)
+    got = iv.sparse_attention_ref(q, k, v, idx, m, chunk_size=6, method=method)
+    assert got.shape == q.shape
+    assert rel(got, bf_sparse(q, k, v, idx, m)) < 1e-5
+
+
+@pytest.mark.parametrize('method', ['gather', 'mask'])
+def test_sparse_attention_arbitrary_idx(method):
+    # any unique block lists (including ones that skip the query's own block, or select only future blocks) follow
+    # the definition; a row with no attendable token gives zeros
+    q, k, v = rand_qk(2, 15, 50, 4, 2, 8, seed=11)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.randperm(7, generator=g)[:3] for _ in range(2 * 15 * 2)]).view(2, 15, 2, 3)
+    idx[0, :, 0, 2] = -1
+    idx[1, 0, 1] = torch.tensor([6, 5, -1])                 # only future blocks for query 0 -> nothing to attend
+    got = iv.sparse_attention_ref(q, k, v, idx, 8, method=method)
+    assert (got[1, 0, 2:] == 0).all()
+    assert rel(got, bf_sparse(q, k, v, idx, 8)) < 1e-5
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_full_topk_is_dense(shape):
+    B, T, N, H, Hkv, D, p, s, m, init, local = shape
+    q, k, v = rand_qk(B, T, N, H, Hkv, D, seed=4 + sum(shape))
+    sc = iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local)
+    nb = math.ceil(N / m)
+    idx = iv.select_blocks(sc, nb + 2)
+    dense = bf_dense(q, k, v)
+    assert rel(iv.sparse_attention_ref(q, k, v, idx, m), dense) < 1e-5
+    assert rel(iv.dense_attention_ref(q, k, v), dense) < 1e-5
+
+
+@pytest.mark.parametrize('method', ['gather', 'mask'])
+def test_gradients_match_dense_full_topk(method):
+    q, k, v = rand_qk(2, 24, 40, 8, 2, 8, seed=21)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    idx = iv.select_blocks(iv.block_scores(q, k, kernel_size=8, kernel_stride=4, block_size=8, init_blocks=1,
+                                           local_blocks=1), 5)
+    w = torch.randn(2, 24, 8, 8)
+    (iv.sparse_attention_ref(q, k, v, idx, 8, chunk_size=5, method=method) * w).sum().backward()  # chunked + checkpointed
+    gs = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    (iv.dense_attention_ref(q, k, v) * w).sum().backward()
+    for a, x in zip(gs, (q, k, v)):
+        assert rel(a, x.grad) < 1e-5
+
+
+@pytest.mark.parametrize('method', ['gather', 'mask'])
+def test_gradients_reach_qkv_sparse(method):
+    q, k, v = rand_qk(1, 40, 40, 4, 1, 8, seed=22)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    idx = iv.select_blocks(iv.block_scores(q, k, kernel_size=4, kernel_stride=4, block_size=4, init_blocks=1,
+                                           local_blocks=1), 3)
+    assert (idx >= 0).sum(-1).min() >= 1 and (idx[:, -1] >= 0).all()
+    (iv.sparse_attention_ref(q64, k64, v64, idx, 4, chunk_size=16, method=method) ** 2).sum().backward()
+    for x in (q64, k64, v64):
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # keys of blocks never selected by anyone get no gradient; some do
+    used = torch.zeros(10, dtype=torch.bool)
+    used[idx[idx >= 0].long()] = True
+    gk = k64.grad[0, :, 0].abs().sum(-1).view(10, 4).sum(-1)
+    assert (gk[~used] == 0).all() and (gk[used] > 0).all()
+    # finite-difference check of the float64 reference on a small case
+    qs, ks, vs = (torch.randn(1, 12, 4, 4, dtype=torch.float64).requires_grad_(),
+                  *(torch.randn(1, 12, 2, 4, dtype=torch.float64).requires_grad_() for _ in range(2)))
+    idx_s = iv.select_blocks(iv.block_scores(qs.detach(), ks.detach(), kernel_size=4, kernel_stride=2, block_size=4,
+                                             init_blocks=0, local_blocks=1), 2)
+    assert torch.autograd.gradcheck(lambda a, b, c: iv.sparse_attention_ref(a, b, c, idx_s, 4, chunk_size=5,
+                                                                             method=method),
+                                    (qs, ks, vs), fast_mode=True)
+
+
+@pytest.mark.parametrize('use_lse', [False, True])
+def test_decode_equals_prefill(use_lse):
+    B, N, H, Hkv, D, p, s, m, init, local, topk = 2, 70, 8, 2, 8, 8, 4, 8, 1, 1, 4
+    q, k, v = rand_qk(B, N, N, H, Hkv, D, seed=31)
+    geo = dict(kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local)
+    lse = dict(lse_approx=True, lse_kernel_size=16, lse_kernel_stride=8) if use_lse else {}
+    pre = iv.block_scores(q, k, **geo, **lse)
+    pre_idx = iv.select_blocks(pre, topk)
+    pre_out = iv.sparse_attention_ref(q, k, v, pre_idx, m)
+    cache = iv.CompressedKeyCache(p, s)
+    coarse = iv.CompressedKeyCache(16, 8) if use_lse else None
+    # a prefill chunk of 23 tokens, then one token at a time
+    steps = [(0, 23)] + [(t, t + 1) for t in range(23, N)]
+    for a, b in steps:
+        cache.append(k[:, a:b])
+        if coarse is not None:
+            coarse.append(k[:, a:b])
+        assert torch.equal(cache.kc, iv.compress_keys(k[:, :b], p, s))
+        sc = iv.block_scores_from_compressed(q[:, a:b], cache.kc, b, **geo,
+                                             kc_coarse=coarse.kc if coarse is not None else None,
+                                             lse_kernel_size=16, lse_kernel_stride=8)
+        nb = math.ceil(b / m)                      # blocks that exist after b keys; later ones are future anyway
+        assert sc.shape[-1] == nb and torch.isneginf(pre[:, a:b, :, nb:]).all()
+        finite_close(sc, pre[:, a:b, :, :nb], tol=1e-6)
+        idx = iv.select_blocks(sc, topk)
+        assert torch.equal(idx, pre_idx[:, a:b])
+        out = iv.sparse_attention_ref(q[:, a:b], k[:, :b], v[:, :b], idx, m)
+        assert rel(out, pre_out[:, a:b]) < 1e-5
+
+
+def test_lse_approx_selection_overlap_random():
+    # sanity: the approximation is a per-head reweighting, so with one head per group selection is unchanged
+    q, k, _ = rand_qk(1, 64, 128, 2, 2, 8, seed=41)
+    geo = dict(kernel_size=8, kernel_stride=4, block_size=8, init_blocks=1, local_blocks=1)
+    a = iv.select_blocks(iv.block_scores(q, k, **geo), 5)
+    b = iv.select_blocks(iv.block_scores(q, k, **geo, lse_approx=True), 5)
+    assert torch.equal(a, b)
+
+
+def test_sparse_settings():
+    st = iv.SparseSettings.from_dict(dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64,
+                                          window_size=2048, topk=64, use_nope=False, dense_len=8192))
+    assert st.local_blocks == 32 and st.geometry()['local_blocks'] == 32
+    with pytest.raises(ValueError, match='topk'):
+        iv.SparseSettings.from_dict(dict(topk=16))
+    with pytest.raises(ValueError, match='unknown'):
+        iv.SparseSettings.from_dict(dict(kernel=3))
+    with pytest.raises(ValueError, match='multiple of kernel_stride'):
+        iv.SparseSettings.from_dict(dict(block_size=72))
+
+
+def test_bad_arguments():
+    q, k, v = rand_qk(1, 8, 20, 4, 2, 8, seed=0)
+    geo = dict(kernel_size=8, kernel_stride=4, block_size=8, init_blocks=1, local_blocks=1)
+    with pytest.raises(ValueError, match='multiple of kernel_stride'):
+        iv.block_scores(q, k, **{**geo, 'block_size': 10})
+    with pytest.raises(ValueError, match='kernel_size .* must be >= kernel_stride'):
+        iv.block_scores(q, k, **{**geo, 'kernel_size': 2})
+    with pytest.raises(ValueError, match='kernel_size .* must be >= kernel_stride'):
+        iv.compress_keys(k, 2, 4)
+    with pytest.raises(ValueError, match='multiple of the kv heads'):
+        iv.block_scores(torch.randn(1, 8, 3, 8), k, **geo)
+    with pytest.raises(ValueError, match='T <= N'):
+        iv.block_scores(torch.randn(1, 30, 4, 8), k, **geo)
+    with pytest.raises(ValueError, match='transpose'):
+        iv.block_scores(q.transpose(1, 2), k.transpose(1, 2), **geo)   # (B, H, T, D) by mistake: 4 'positions' vs 2
+    with pytest.raises(ValueError, match='4-D'):
+        iv.block_scores(q[0], k, **geo)
+    with pytest.raises(ValueError, match='floating'):
+        iv.compress_keys(k.long(), 8, 4)
+    with pytest.raises(ValueError, match='init_blocks'):
+        iv.block_scores(q, k, **{**geo, 'init_blocks': -1})
+    sc = iv.block_scores(q, k, **geo)
+    with pytest.raises(ValueError, match='smaller than the number of forced blocks'):
+        iv.select_blocks(sc, 1)
+    idx = iv.select_blocks(sc, 3)
+    with pytest.raises(ValueError, match='integer tensor'):
+        iv.sparse_attention_ref(q, k, v, idx.float(), 8)
+    with pytest.raises(ValueError, match='block_idx must have shape'):
+        iv.sparse_attention_ref(q, k, v, idx[:, :4], 8)
+    with pytest.raises(ValueError, match='v must match k'):
+        iv.sparse_attention_ref(q, k, v[:, :10], idx, 8)
+    with pytest.raises(ValueError, match='only have'):
+        iv.sparse_attention_ref(q, k, v, idx + 10, 8)
+    with pytest.raises(ValueError, match='head_dim'):
+        iv.sparse_attention_ref(q, k[..., :4], v[..., :4], idx, 8)
+
+
+# ---------------------------------------------------------------------------------------------- model integration
+
+SPARSE = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=5, dense_len=64)
+
+
+def tiny_model(**sc):
+    from minicpm4_core.config import MiniCPM4Config
+    from minicpm4_core.model import MiniCPM4ForCausalLM
+    torch.manual_seed(0)
+    return MiniCPM4ForCausalLM(MiniCPM4Config.tiny(sparse_config={**SPARSE, **sc})).eval()
+
+
+def test_model_sparse_is_config_switch():
+    from minicpm4_core.config import MiniCPM4Config
+    from minicpm4_core.model import MiniCPM4ForCausalLM
+    sparse = tiny_model()
+    dense = MiniCPM4ForCausalLM(MiniCPM4Config.tiny()).eval()
+    dense.load_state_dict(sparse.state_dict())                       # no extra parameters, same names
+    ids = torch.randint(3, 512, (1, 150))
+    short = ids[:, :60]                                             # < dense_len: identical to dense
+    assert torch.allclose(sparse(short), dense(short), atol=1e-5)
+    a, b = sparse(ids), dense(ids)
+    assert torch.allclose(a[:, :80], b[:, :80], atol=1e-5)         # <= topk visible blocks (80 tokens): dense
+    assert (a[:, 100:] - b[:, 100:]).abs().max() > 1e-3            # ...later ones are sparse
+    # topk >= all blocks: exactly dense
+    full = tiny_model(topk=20)
+    assert torch.allclose(full(ids), b, atol=1e-5)
+
+
+def test_model_training_gradients():
+    m = tiny_model().train()
+    ids = torch.randint(3, 512, (2, 130))
+    loss = torch.nn.functional.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    for name in ('q_proj', 'k_proj', 'v_proj'):
+        g = getattr(m.model.layers[0].self_attn, name).weight.grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize('sc', [dict(), dict(use_nope=True)])
+@pytest.mark.parametrize('lse', [False, True])
+def test_model_decode_padding_truncate(sc, lse):
+    from minicpm4_core import infllmv2
+    m = tiny_model(**sc)
+    if lse:
+        for layer in m.model.layers:
+            layer.self_attn.backend = lambda inp: infllmv2.infllmv2_attention(inp, lse_approx=True)
+    a, b = torch.randint(3, 512, (1, 110)), torch.randint(3, 512, (1, 140))
+    with torch.no_grad():
+        la, lb = m(a), m(b)
+        ids = torch.zeros(2, 140, dtype=torch.long)
+        ids[0, 30:], ids[1] = a[0], b[0]
+        mask = torch.zeros(2, 140, dtype=torch.long)
+        mask[0, 30:], mask[1] = 1, 1
+        cache = m.new_cache(2, 150)
+        outs = [m(ids[:, :70], cache=cache, attention_mask=mask[:, :70])]     # chunked prefill (dense phase) ...
+        for t in range(70, 140):                                              # ... then one token at a time
+            outs.append(m(ids[:, t:t + 1], cache=cache, attention_mask=mask[:, :t + 1]))
+        got = torch.cat(outs, 1)
+        assert torch.allclose(got[0, 30:], la[0], atol=1e-4)
+        assert torch.allclose(got[1], lb[0], atol=1e-4)
+        cache.truncate(125)                                                   # rejected draft tokens
+        again = m(ids[:, 125:140], cache=cache, attention_mask=mask)
+        assert torch.allclose(again, got[:, 125:], atol=1e-4)
+
+
+def test_model_generate_sparse_matches_teacher_forcing():
+    m = tiny_model()
+    prompt = torch.randint(3, 512, (1, 100))
+    out = m.generate(prompt, 12, stop_ids=[])[0]
+    full = torch.cat([prompt, torch.tensor([out[:-1]])], 1)
+    pred = m(full)[0, 99:].argmax(-1).tolist()
+    assert pred == out
