@@ -1,0 +1,525 @@
+#!/usr/bin/env python
+"""Benchmark of the InfLLM v2 Triton kernels (minicpm4_core.kernels) at MiniCPM4-8B attention shapes.
+
+B=1, 32 query heads, 2 kv heads, head_dim 128, bf16, block 64, 96 visible blocks per query (1 init + 32 local +
+63 chosen), at 32K / 64K / 128K tokens (queries = keys = N). Baselines timed in the same run:
+dense causal SDPA (flash and cuDNN backends, GQA) forward and backward, FlexAttention with a BlockMask built from
+the same block lists (BlockMask.from_kv_blocks; the diagonal block partial with a causal mask_mod, the others
+full), and dense GQA decoding (SDPA) against the same cache.
+
+Block lists: one random choice per query block of 64 tokens and kv head (what a BlockMask can express), shared
+by its 64 queries. The stage-1 selection of random q/k gives unrelated per-token lists instead; the pipeline
+rows 'own lists' measure that case too (the tile union is then much longer).
+
+    PYTHONPATH=. python kernels/bench_sparse_attention.py [--lengths 32768 65536 131072] [--out DIR] [--smoke]
+
+Writes DIR/bench_sparse_attention.json and .png (DIR defaults to kernels/results), printing a table last.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, '..'))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from minicpm4_core import infllmv2 as iv  # noqa: E402
+from minicpm4_core import kernels as sk  # noqa: E402
+
+H, HKV, D, M, K, INIT, LOCAL = 32, 2, 128, 64, 96, 1, 32
+G = H // HKV
+GEO = dict(kernel_size=32, kernel_stride=16, block_size=M, init_blocks=INIT, local_blocks=LOCAL)
+RES = {}
+OUT = None
+
+
+def save():
+    if OUT:
+        with open(os.path.join(OUT, 'bench_sparse_attention.json'), 'w') as f:
+            json.dump(RES, f, indent=1, default=str)
+
+
+def sync():
+    if torch.cuda.is_available(): torch.cuda.synchronize()
+
+
+def timeit(fn, budget_ms=1500.0, min_reps=3, max_reps=30, warmup=1):
+    "Median ms of fn() with CUDA events (wall clock on CPU); warm-up first, reps sized to the budget."
+    for _ in range(warmup): fn()
+    sync()
+    if not torch.cuda.is_available():
+        t = time.perf_counter(); fn(); return (time.perf_counter() - t) * 1e3
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record(); fn(); e.record(); e.synchronize()
+    t0 = s.elapsed_time(e)
+    n = int(min(max_reps, max(min_reps, budget_ms / max(t0, 1e-3))))
+    ts = []
+    for _ in range(n):
+        s.record(); fn(); e.record(); e.synchronize()
+        ts.append(s.elapsed_time(e))
+    return statistics.median(ts)
+
+
+def graph_time(fns, replays=20):
+    "Per-call ms of a CUDA graph that runs each fn of `fns` once (rotating inputs keeps the L2 cold)."
+    if not torch.cuda.is_available(): return float('nan')
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        for f in fns: f()
+    torch.cuda.current_stream().wait_stream(st)
+    sync()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns: f()
+    g.replay(); sync()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(replays):
+        s.record(); g.replay(); e.record(); e.synchronize()
+        ts.append(s.elapsed_time(e) / len(fns))
+    return statistics.median(ts)
+
+
+def attempt(name, fn, store):
+    try:
+        v = fn()
+        store[name] = v
+        print(f'  {name}: {v if not isinstance(v, float) else round(v, 4)}', flush=True)
+    except Exception as ex:  # record and carry on: one failing baseline must not lose the run
+        store[name] = f'ERROR {type(ex).__name__}: {str(ex)[:300]}'
+        print(f'  {name}: ERROR {ex!r:.300}', flush=True)
+        traceback.print_exc(limit=2)
+    save()
+
+
+def block_lists(N, dev, seed):
+    "Per query block (64 tokens) and kv head: block 0, the 32 local blocks, 63 random others; (1, N, Hkv, 96)."
+    g = torch.Generator(device=dev).manual_seed(seed)
+    nb = N // M
+    b = torch.arange(nb, device=dev)
+    qb = b[:, None]
+    lists = []
+    for _ in range(HKV):
+        cand = (b[None] >= INIT) & (b[None] <= qb - LOCAL)
+        r = torch.where(cand, torch.rand(nb, nb, device=dev, generator=g), -1.0)
+        v, ch = r.topk(min(K - INIT - LOCAL, nb), -1)
+        ch = torch.where(v >= 0, ch, -1)
+        loc = qb - torch.arange(LOCAL, device=dev)[None]
+        loc = torch.where(loc >= INIT, loc, -1)
+        ini = torch.zeros(nb, INIT, dtype=torch.long, device=dev) + torch.arange(INIT, device=dev)
+        lst = torch.cat([ini, loc, ch], -1)
+        lst = torch.where(lst < 0, nb, lst).sort(-1).values[:, :K]
+        lst = torch.nn.functional.pad(lst, (0, K - lst.shape[1]), value=nb)
+        lists.append(torch.where(lst == nb, -1, lst))
+    per_block = torch.stack(lists, 1).int()                          # (nb, Hkv, K)
+    return per_block, per_block.repeat_interleave(M, 0)[None].contiguous()
+
+
+def useful_keys(idx, N):
+    "Sum over (query, kv head) of the keys a query attends to (full blocks + causal part of its own block)."
+    T = idx.shape[1]
+    t = torch.arange(N - T, N, device=idx.device)[None, :, None, None]
+    ib = idx.long()
+    full = ((ib >= 0) & (ib < t // M)).sum() * M
+    diag = ((ib == t // M) * (t % M + 1)).sum()
+    return int(full + diag)
+
+
+def flex_blockmask(per_block, N, dev):
+    from torch.nn.attention.flex_attention import BlockMask
+    nb = N // M
+    qb = torch.arange(nb, device=dev)[:, None, None]
+    lst = per_block.long()
+    is_full = (lst >= 0) & (lst < qb)
+    nfull = is_full.sum(-1)                                          # (nb, Hkv)
+    full_idx = torch.where(is_full, lst, nb).sort(-1).values        # full blocks first, padded with nb
+    full_idx = torch.where(full_idx == nb, 0, full_idx)
+    pad = torch.zeros(nb, HKV, max(0, nb - K), dtype=torch.long, device=dev)
+    full_idx = torch.cat([full_idx, pad], -1)                        # width nb (needed for the transpose)
+    part_idx = torch.zeros(nb, HKV, nb, dtype=torch.long, device=dev)
+    part_idx[..., 0] = torch.arange(nb, device=dev)[:, None]        # the diagonal block, causal inside
+    npart = torch.ones(nb, HKV, dtype=torch.long, device=dev)
+
+    def heads(x):  # (nb, Hkv, ...) -> (1, H, nb, ...)
+        return x.movedim(0, 1).repeat_interleave(G, 0)[None].int().contiguous()
+
+    def causal(b, h, q_idx, kv_idx): return q_idx >= kv_idx
+    return BlockMask.from_kv_blocks(heads(npart), heads(part_idx), heads(nfull), heads(full_idx),
+                                    BLOCK_SIZE=(M, M), mask_mod=causal)
+
+
+def ceilings(dev):
+    out = {}
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    ms = timeit(lambda: y.copy_(x), budget_ms=300)
+    out['copy_GBps'] = 2 * x.numel() / ms / 1e6
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    ms = timeit(lambda: a @ b, budget_ms=300)
+    out['bf16_matmul_TFLOPs'] = 2 * 8192 ** 3 / ms / 1e9
+    del x, y, a, b
+    return out
+
+
+def bench_length(N, dev, args):
+    R = RES['lengths'].setdefault(str(N), {})
+    dt = torch.bfloat16
+    torch.manual_seed(N)
+    q = torch.randn(1, N, H, D, device=dev, dtype=dt)
+    k = torch.randn(1, N, HKV, D, device=dev, dtype=dt)
+    v = torch.randn(1, N, HKV, D, device=dev, dtype=dt)
+    do = torch.randn(1, N, H, D, device=dev, dtype=dt)
+    per_block, idx = block_lists(N, dev, seed=N)
+    keys = useful_keys(idx, N) * G                                   # per query head
+    R['flops'] = dict(dense_fwd=4 * D * H * N * (N + 1) / 2, sparse_fwd=4 * D * keys,
+                      density=keys / (H * N * (N + 1) / 2))
+    R['flops']['dense_bwd'] = 2.5 * R['flops']['dense_fwd']
+    R['flops']['sparse_bwd'] = 2.5 * R['flops']['sparse_fwd']
+    vis = sum(iv.num_kernels(t + 1, 32, 16) for t in range(0, N, 64)) * 64     # approx. sum of visible kernels
+    R['flops']['stage1_pass'] = 2 * D * H * vis
+    F_ = R['flops']
+    print(f'N={N}: density {F_["density"]:.4f}', flush=True)
+    budget = args.budget
+
+    # ---------------- dense SDPA baselines
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    on = args.sections.__contains__
+    qt, kt, vt, dot_ = (x.transpose(1, 2) for x in (q, k, v, do))
+    for name, be in (('flash', SDPBackend.FLASH_ATTENTION), ('cudnn', SDPBackend.CUDNN_ATTENTION)):
+        if not on('dense'): break
+        # GQA natively (enable_gqa); if the backend refuses it, with K/V expanded to 32 heads outside the timing
+        for gqa in (True, False):
+            kk_, vv_ = (kt, vt) if gqa else (kt.repeat_interleave(G, 1), vt.repeat_interleave(G, 1))
+
+            def fwd(be=be, kk_=kk_, vv_=vv_, gqa=gqa):
+                with sdpa_kernel([be]):
+                    return F.scaled_dot_product_attention(qt, kk_, vv_, is_causal=True, enable_gqa=gqa)
+            attempt(f'dense_{name}_fwd_ms', lambda: timeit(fwd, budget), R)
+            if isinstance(R[f'dense_{name}_fwd_ms'], float):
+                R[f'dense_{name}_gqa'] = 'native' if gqa else 'expanded K/V'
+                break
+        else:
+            continue
+
+        def bwd_ms(be=be, kk_=kk_, vv_=vv_, gqa=gqa):
+            qg, kg, vg = (x.detach().requires_grad_() for x in (qt, kk_, vv_))
+            with sdpa_kernel([be]):
+                o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=gqa)
+            return timeit(lambda: torch.autograd.grad(o, (qg, kg, vg), dot_, retain_graph=True), budget)
+        attempt(f'dense_{name}_bwd_ms', bwd_ms, R)
+        del kk_, vv_
+    torch.cuda.empty_cache()
+
+    # ---------------- our sparse attention on the benchmark lists
+    cfg = RES.get('config')
+    with torch.no_grad():
+      if on('sparse'):
+        attempt('sparse_fwd_ms', lambda: timeit(lambda: sk.sparse_attention(q, k, v, idx, M, config=cfg), budget), R)
+        meta = sk._Meta(q, k, idx, M, None, None)
+        R['union_mean_blocks'] = float(meta.cnt.float().mean())
+        del meta
+        attempt('plan_ms', lambda: timeit(lambda: sk._Meta(q, k, idx, M, None, None), budget), R)
+
+    def sparse_bwd():
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+        o = sk.sparse_attention(qg, kg, vg, idx, M, config=cfg)
+        return timeit(lambda: torch.autograd.grad(o, (qg, kg, vg), do, retain_graph=True), budget)
+    if on('sparse'): attempt('sparse_bwd_ms', sparse_bwd, R)
+    torch.cuda.empty_cache()
+
+    # ---------------- stage 1 + top-k
+    with torch.no_grad():
+      if on('stage1'):
+        kc = iv.compress_keys(k, 32, 16)
+        kc2 = iv.compress_keys(k, 128, 64)
+        attempt('compress_ms', lambda: timeit(lambda: (iv.compress_keys(k, 32, 16), iv.compress_keys(k, 128, 64)),
+                                              budget), R)
+        attempt('stage1_exact_ms', lambda: timeit(lambda: sk.fused_block_scores(q, k, **GEO, kc=kc, config=cfg),
+                                                  budget), R)
+        attempt('stage1_approx_ms', lambda: timeit(lambda: sk.fused_block_scores(q, k, **GEO, lse_approx=True, kc=kc,
+                                                                                 kc_coarse=kc2, config=cfg), budget), R)
+        sc = sk.fused_block_scores(q, k, **GEO, lse_approx=True, kc=kc, kc_coarse=kc2, config=cfg)
+        attempt('topk_ms', lambda: timeit(lambda: sk.topk_blocks(sc, K), budget), R)
+        own = sk.topk_blocks(sc, K)
+        del sc
+        torch.cuda.empty_cache()
+        for mode in ('exact', 'approx'):
+            ap = mode == 'approx'
+
+            def prefill(ap=ap):   # stage 1 (incl. compression) + top-k + sparse attention on the benchmark lists
+                sel = sk.prefill_select(q, k, K, **GEO, lse_approx=ap, config=cfg)
+                return sel, sk.sparse_attention(q, k, v, idx, M, config=cfg)
+            attempt(f'prefill_{mode}_ms', lambda: timeit(prefill, budget), R)
+        torch.cuda.empty_cache()
+        if True:   # the lists stage 1 picks itself (random data: unrelated per-token lists)
+            m2 = sk._Meta(q, k, own, M, None, None)
+            R['own_lists_union_mean_blocks'] = float(m2.cnt.float().mean())
+            del m2
+            attempt('sparse_fwd_own_lists_ms',
+                    lambda: timeit(lambda: sk.sparse_attention(q, k, v, own, M, config=cfg), budget, max_reps=5), R)
+            attempt('prefill_approx_own_lists_ms',
+                    lambda: timeit(lambda: sk.sparse_attention(q, k, v, sk.prefill_select(
+                        q, k, K, **GEO, lse_approx=True, config=cfg), M, config=cfg), budget, max_reps=5), R)
+        del own
+        torch.cuda.empty_cache()
+
+    # ---------------- FlexAttention on the same lists
+    def flex_ms():
+        from torch.nn.attention.flex_attention import flex_attention
+        bm = flex_blockmask(per_block, N, dev)
+        fx = torch.compile(flex_attention, dynamic=False)
+        best = None
+        for ko in ({'BLOCK_M': 64, 'BLOCK_N': 64, 'num_stages': 3, 'num_warps': 4},
+                   {'BLOCK_M': 64, 'BLOCK_N': 64, 'num_stages': 2, 'num_warps': 4}):
+            try:
+                with torch.no_grad():
+                    of = fx(qt, kt, vt, block_mask=bm, enable_gqa=True, kernel_options=ko)
+                    if 'flex_check_rel' not in R:
+                        osp = sk.sparse_attention(q, k, v, idx, M, config=cfg)
+                        R['flex_check_rel'] = float((of.transpose(1, 2).float() - osp.float()).norm() /
+                                                    osp.float().norm())
+                    ms = timeit(lambda: fx(qt, kt, vt, block_mask=bm, enable_gqa=True, kernel_options=ko), budget)
+                R.setdefault('flex_variants', {})[str(ko)] = ms
+                best = ms if best is None else min(best, ms)
+            except Exception as ex:
+                R.setdefault('flex_variants', {})[str(ko)] = f'ERROR {ex!r:.200}'
+        if best is None: raise RuntimeError(str(R.get('flex_variants')))
+        return best
+    if on('flex'): attempt('flex_fwd_ms', flex_ms, R)
+    torch.cuda.empty_cache()
+
+    # ---------------- decoding against a cache of N tokens (16 rotating caches: cold L2 as in a real model)
+    if not on('decode'): return
+    nrot = 2 if args.smoke else 16
+    caches = [(torch.randn(1, N, HKV, D, device=dev, dtype=dt), torch.randn(1, N, HKV, D, device=dev, dtype=dt),
+               torch.randn(1, H, D, device=dev, dtype=dt)) for _ in range(nrot)]
+    seq = torch.tensor([N], dtype=torch.int32, device=dev)
+    lists = [block_lists(N, dev, seed=N + 1 + i)[0][-1][None].contiguous() for i in range(nrot)]   # (1, Hkv, K)
+    kcs = [iv.compress_keys(c[0], 32, 16) for c in caches]
+    nbk = N // M
+    R['decode_bytes'] = dict(dense=2 * N * HKV * D * 2, sparse=2 * K * M * HKV * D * 2)
+    sp_fns = [lambda c=c, l=l: sk.sparse_decode(c[2], c[0], c[1], l, seq, M, config=cfg) for c, l in zip(caches, lists)]
+    de_fns = [lambda c=c: F.scaled_dot_product_attention(c[2][:, :, None], c[0].transpose(1, 2), c[1].transpose(1, 2),
+                                                          enable_gqa=True) for c in caches]
+    se_fns = [lambda c=c, kc_=kc_: sk.decode_select(c[2], kc_, seq, K, **GEO, num_blocks=nbk, config=cfg)
+              for c, kc_ in zip(caches, kcs)]
+    attempt('decode_sparse_graph_us', lambda: 1e3 * graph_time(sp_fns), R)
+    attempt('decode_dense_graph_us', lambda: 1e3 * graph_time(de_fns), R)
+    attempt('decode_select_graph_us', lambda: 1e3 * graph_time(se_fns), R)
+    attempt('decode_sparse_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in sp_fns], 200) / nrot, R)
+    attempt('decode_dense_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in de_fns], 200) / nrot, R)
+    for be_name in ('FLASH_ATTENTION', 'EFFICIENT_ATTENTION'):
+        def dense_be(be_name=be_name):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            be = getattr(SDPBackend, be_name)
+            fns = [lambda c=c: F.scaled_dot_product_attention(c[2][:, :, None], c[0].transpose(1, 2),
+                                                              c[1].transpose(1, 2), enable_gqa=True) for c in caches]
+
+            def run():
+                with sdpa_kernel([be]):
+                    for f in fns: f()
+            return 1e3 * timeit(run, 200) / nrot
+        attempt(f'decode_dense_{be_name.lower()}_eager_us', dense_be, R)
+    del caches, kcs
+    torch.cuda.empty_cache()
+
+
+def variants(N, dev, args):
+    "A few launch settings of each kernel at one length; the best go into RES['config'] for the main table."
+    V = RES.setdefault('variants', {})
+    dt = torch.bfloat16
+    q = torch.randn(1, N, H, D, device=dev, dtype=dt)
+    k = torch.randn(1, N, HKV, D, device=dev, dtype=dt)
+    v = torch.randn(1, N, HKV, D, device=dev, dtype=dt)
+    do = torch.randn(1, N, H, D, device=dev, dtype=dt)
+    _, idx = block_lists(N, dev, seed=1)
+    best = {}
+
+    def res(names):
+        return {nm: dict(n_regs=sk.COMPILED[nm].n_regs, n_spills=sk.COMPILED[nm].n_spills,
+                         shared=getattr(sk.COMPILED[nm].metadata, 'shared', None)) for nm in names if nm in sk.COMPILED}
+
+    def consider(kind, name, cfg):
+        x = V.get(name)
+        if isinstance(x, float) and x < best.get(kind, (1e30,))[0]: best[kind] = (x, cfg)
+
+    with torch.no_grad():
+        for c in args.fwd_variants:
+            sk.COMPILED.clear()
+            nm = f'fwd {c}'
+            attempt(nm, lambda: timeit(lambda: sk.sparse_attention(q, k, v, idx, M, config=c), args.budget), V)
+            consider('fwd', nm, c)
+            V[nm + ' resources'] = res(['fwd', 'plan'])
+        kc = iv.compress_keys(k, 32, 16)
+        kc2 = iv.compress_keys(k, 128, 64)
+        for c in args.s1_variants:
+            sk.COMPILED.clear()
+            nm = f's1 approx {c}'
+            attempt(nm, lambda: timeit(lambda: sk.fused_block_scores(q, k, **GEO, lse_approx=True, kc=kc, kc_coarse=kc2,
+                                                                     config=dict(s1=c)), args.budget), V)
+            consider('s1', nm, c)
+            V[nm + ' resources'] = res(['s1_lse', 's1_score'])
+        sc = sk.fused_block_scores(q, k, **GEO, lse_approx=True, kc=kc, kc_coarse=kc2)
+        attempt('topk (Triton)', lambda: timeit(lambda: sk.topk_blocks(sc, K), args.budget), V)
+        V['topk resources'] = res(['topk'])
+        attempt('topk (torch.topk + sort)', lambda: timeit(
+            lambda: torch.topk(sc, K, dim=-1, sorted=False).indices.sort(-1), args.budget), V)
+        V['topk identical to select_blocks (first 4096 rows)'] = bool(torch.equal(
+            sk.topk_blocks(sc[:, :2048], K), iv.select_blocks(sc[:, :2048], K)))
+        del sc, kc, kc2
+    for c in args.bwd_variants:
+        sk.COMPILED.clear()
+        nm = f'bwd {c}'
+
+        def run(c=c):
+            qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+            o = sk.sparse_attention(qg, kg, vg, idx, M, config=c)
+            return timeit(lambda: torch.autograd.grad(o, (qg, kg, vg), do, retain_graph=True), args.budget)
+        attempt(nm, run, V)
+        consider('bwd', nm, c)
+        V[nm + ' resources'] = res(['dq', 'dkdv'])
+    cfg = {}
+    if 'fwd' in best: cfg.update(best['fwd'][1])
+    if 's1' in best: cfg['s1'] = best['s1'][1]
+    if 'bwd' in best: cfg.update(best['bwd'][1])
+    RES['config'] = cfg
+    print('chosen config', cfg, flush=True)
+    save()
+    del q, k, v, do, idx
+    torch.cuda.empty_cache()
+
+
+def table():
+    rows = []
+    for N, R in RES['lengths'].items():
+        def g(k):
+            x = R.get(k)
+            return x if isinstance(x, float) else float('nan')
+        dense_f = min(g('dense_flash_fwd_ms'), g('dense_cudnn_fwd_ms'))
+        dense_b = min(g('dense_flash_bwd_ms'), g('dense_cudnn_bwd_ms'))
+        Fl = R['flops']
+        rows.append(dict(
+            N=int(N), dense_fwd_ms=dense_f, dense_bwd_ms=dense_b, flex_fwd_ms=g('flex_fwd_ms'),
+            sparse_fwd_ms=g('sparse_fwd_ms'), sparse_bwd_ms=g('sparse_bwd_ms'),
+            stage1_exact_ms=g('stage1_exact_ms'), stage1_approx_ms=g('stage1_approx_ms'), topk_ms=g('topk_ms'),
+            prefill_exact_ms=g('prefill_exact_ms'), prefill_approx_ms=g('prefill_approx_ms'),
+            prefill_x_exact=dense_f / g('prefill_exact_ms'), prefill_x_approx=dense_f / g('prefill_approx_ms'),
+            fwd_vs_flex=g('flex_fwd_ms') / g('sparse_fwd_ms'), fwd_x_dense=dense_f / g('sparse_fwd_ms'),
+            bwd_x_dense=dense_b / g('sparse_bwd_ms'),
+            decode_dense_us=g('decode_dense_graph_us'), decode_sparse_us=g('decode_sparse_graph_us'),
+            decode_x=g('decode_dense_graph_us') / g('decode_sparse_graph_us'),
+            decode_select_us=g('decode_select_graph_us'),
+            TFLOPs_dense_fwd=Fl['dense_fwd'] / dense_f / 1e9, TFLOPs_sparse_fwd=Fl['sparse_fwd'] / g('sparse_fwd_ms') / 1e9,
+            TFLOPs_dense_bwd=Fl['dense_bwd'] / dense_b / 1e9, TFLOPs_sparse_bwd=Fl['sparse_bwd'] / g('sparse_bwd_ms') / 1e9,
+            TFLOPs_flex_fwd=Fl['sparse_fwd'] / g('flex_fwd_ms') / 1e9,
+            TFLOPs_stage1_exact=2 * Fl['stage1_pass'] / g('stage1_exact_ms') / 1e9,
+            own_lists_fwd_ms=g('sparse_fwd_own_lists_ms'), own_lists_prefill_ms=g('prefill_approx_own_lists_ms')))
+    RES['table'] = rows
+    save()
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    Ns = [r['N'] // 1024 for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    for key, lab in (('dense_fwd_ms', 'dense SDPA fwd'), ('flex_fwd_ms', 'FlexAttention fwd (same blocks)'),
+                     ('sparse_fwd_ms', 'ours: sparse fwd'), ('prefill_approx_ms', 'ours: stage1+topk+fwd (LSE approx)'),
+                     ('prefill_exact_ms', 'ours: stage1+topk+fwd (exact)')):
+        ax[0].plot(Ns, [r[key] for r in rows], 'o-', label=lab)
+    ax[0].set(xlabel='context (K tokens)', ylabel='ms', title='prefill forward', yscale='log')
+    ax[0].legend(fontsize=7)
+    for key, lab in (('dense_bwd_ms', 'dense SDPA bwd'), ('sparse_bwd_ms', 'ours: sparse bwd')):
+        ax[1].plot(Ns, [r[key] for r in rows], 'o-', label=lab)
+    ax[1].set(xlabel='context (K tokens)', ylabel='ms', title='backward', yscale='log')
+    ax[1].legend(fontsize=7)
+    for key, lab in (('decode_dense_us', 'dense GQA decode'), ('decode_sparse_us', 'ours: sparse decode'),
+                     ('decode_select_us', 'ours: incremental stage 1 + topk')):
+        ax[2].plot(Ns, [r[key] for r in rows], 'o-', label=lab)
+    ax[2].set(xlabel='cache (K tokens)', ylabel='us per step (CUDA graph)', title='decoding attention', yscale='log')
+    ax[2].legend(fontsize=7)
+    fig.suptitle(f"InfLLM v2 kernels, {RES['device']}, B=1 H=32 Hkv=2 D=128 bf16, 96 blocks of 64")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    global OUT
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--lengths', type=int, nargs='+', default=[32768, 65536, 131072])
+    ap.add_argument('--out', default=os.path.join(HERE, 'results'))
+    ap.add_argument('--budget', type=float, default=1500.0, help='ms of repeated timing per measurement')
+    ap.add_argument('--variants', type=int, default=131072, help='length for the launch-setting variants (0: none)')
+    ap.add_argument('--smoke', action='store_true')
+    ap.add_argument('--sections', nargs='+', default=['dense', 'sparse', 'stage1', 'flex', 'decode'])
+    args = ap.parse_args()
+    if args.smoke:   # a quick dry run of the script itself (CPU interpreter): tiny heads
+        global H, HKV, D, G, LOCAL, K
+        H, HKV, D, LOCAL, K = 4, 2, 32, 2, 6
+        G = H // HKV
+        GEO.update(local_blocks=LOCAL)
+    f = lambda tt, w, st, pr: dict(tile_tokens=tt, fwd=dict(num_warps=w, num_stages=st, PAIR=pr))  # noqa: E731
+    args.fwd_variants = [f(8, 8, 2, 2), f(8, 8, 2, 1), f(4, 4, 2, 1), f(4, 4, 3, 1), f(4, 4, 2, 2), f(4, 8, 2, 2)]
+    args.s1_variants = [dict(num_warps=8, num_stages=2, NBC=32, KT=128), dict(num_warps=4, num_stages=2, NBC=16, KT=64),
+                        dict(num_warps=4, num_stages=2, NBC=32, KT=128), dict(num_warps=4, num_stages=2, NBC=32, KT=128,
+                                                                               BM=4)]
+    b = lambda tt, dq, dkdv, ch=256: dict(bwd_tile_tokens=tt, dq=dq, dkdv=dkdv, chunk=ch)  # noqa: E731
+    args.bwd_variants = [b(8, dict(num_warps=8, num_stages=2, PAIR=1), dict(num_warps=8, num_stages=2)),
+                         b(4, dict(num_warps=4, num_stages=2, PAIR=1), dict(num_warps=8, num_stages=2)),
+                         b(4, dict(num_warps=4, num_stages=3, PAIR=1), dict(num_warps=4, num_stages=2)),
+                         b(8, dict(num_warps=8, num_stages=2, PAIR=1), dict(num_warps=8, num_stages=2), 128)]
+    OUT = args.out
+    os.makedirs(OUT, exist_ok=True)
+    dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    import triton
+    RES.update(device=torch.cuda.get_device_name() if dev.type == 'cuda' else platform.processor() or 'cpu',
+               torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+               shapes=dict(B=1, H=H, Hkv=HKV, D=D, block=M, topk=K, init_blocks=INIT, local_blocks=LOCAL,
+                           kernel_size=32, kernel_stride=16, dtype='bfloat16', lengths=args.lengths,
+                           lists='one random choice per 64-token query block and kv head'),
+               started=time.strftime('%Y-%m-%d %H:%M:%S'), lengths={}, default_config=sk.DEFAULT_CONFIG)
+    if dev.type == 'cuda':
+        attempt('ceilings', lambda: ceilings(dev), RES)
+    if args.variants:
+        variants(args.variants, dev, args)
+    for N in args.lengths:
+        bench_length(N, dev, args)
+    rows = table()
+    try:
+        plot(rows, os.path.join(OUT, 'bench_sparse_attention.png'))
+    except Exception as ex:
+        print('plot failed', ex)
+    RES['finished'] = time.strftime('%Y-%m-%d %H:%M:%S')
+    save()
+    print(f"\n{RES['device']}  torch {RES['torch']}  triton {RES['triton']}  ceilings {RES.get('ceilings')}")
+    print(f"{'N':>7} {'dense f':>8} {'flex f':>8} {'ours f':>8} {'s1 ex':>7} {'s1 apx':>7} {'topk':>6} "
+          f"{'pre ex':>8} {'pre apx':>8} {'x ex':>5} {'x apx':>5} {'x flex':>6} {'dense b':>8} {'ours b':>8} "
+          f"{'x bwd':>5} {'dec d us':>8} {'dec s us':>8} {'x dec':>5} {'sel us':>7}")
+    for r in rows:
+        print(f"{r['N']:>7} {r['dense_fwd_ms']:8.2f} {r['flex_fwd_ms']:8.2f} {r['sparse_fwd_ms']:8.2f} "
+              f"{r['stage1_exact_ms']:7.2f} {r['stage1_approx_ms']:7.2f} {r['topk_ms']:6.2f} {r['prefill_exact_ms']:8.2f} "
+              f"{r['prefill_approx_ms']:8.2f} {r['prefill_x_exact']:5.2f} {r['prefill_x_approx']:5.2f} "
+              f"{r['fwd_vs_flex']:6.2f} {r['dense_bwd_ms']:8.2f} {r['sparse_bwd_ms']:8.2f} {r['bwd_x_dense']:5.2f} "
+              f"{r['decode_dense_us']:8.1f} {r['decode_sparse_us']:8.1f} {r['decode_x']:5.2f} "
+              f"{r['decode_select_us']:7.1f}")
+    def rd(x): return None if x != x else round(x)
+    print('TFLOP/s (dense f, sparse f, flex f, dense b, sparse b, stage1 exact):',
+          [(r['N'], rd(r['TFLOPs_dense_fwd']), rd(r['TFLOPs_sparse_fwd']), rd(r['TFLOPs_flex_fwd']),
+            rd(r['TFLOPs_dense_bwd']), rd(r['TFLOPs_sparse_bwd']), rd(r['TFLOPs_stage1_exact'])) for r in rows])
+    print('own-lists (stage-1 selection of random data):', [(r['N'], r['own_lists_fwd_ms'], r['own_lists_prefill_ms'])
+                                                             for r in rows])
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,252 @@
+"""Triton InfLLM v2 kernels (minicpm4_core.kernels) vs the reference (minicpm4_core.infllmv2) and an independent
+dense-mask brute force written here. Runs the kernels in the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1); shapes are tiny so the file stays well under a minute on two CPU cores."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from minicpm4_core import infllmv2 as iv  # noqa: E402
+from minicpm4_core import kernels as sk  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not sk.interpreter_active(), reason="needs TRITON_INTERPRET=1 before triton import")
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------- brute force
+
+
+def bf_attention(q, k, v, idx, m):
+    """Dense-mask brute force in float64: token mask from the block lists, causal, GQA by head repetition."""
+    B, T, H, D = q.shape
+    N, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    nb = -(-N // m)
+    sel = torch.zeros(B, T, Hkv, nb + 1, dtype=torch.bool)
+    ii = idx.long().clone()
+    ii[(ii < 0) | (ii >= nb)] = nb
+    sel.scatter_(-1, ii, True)
+    tok = sel[..., :nb].repeat_interleave(m, -1)[..., :N]                      # (B, T, Hkv, N)
+    causal = torch.arange(N)[None, :] <= torch.arange(N - T, N)[:, None]
+    mask = (tok & causal[None, :, None, :]).repeat_interleave(G, 2)           # (B, T, H, N)
+    kr, vr = k.double().repeat_interleave(G, 2), v.double().repeat_interleave(G, 2)
+    s = torch.einsum('bthd,bnhd->bthn', q.double(), kr) * D ** -0.5
+    s = s.masked_fill(~mask, float('-inf'))
+    mx = s.amax(-1, keepdim=True).clamp_min(-1e300)
+    p = torch.exp(s - mx).masked_fill(~mask, 0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+    return torch.einsum('bthn,bnhd->bthd', p, vr)
+
+
+def rand_lists(B, T, Hkv, N, m, K, shared=1, pad=True, gen=None):
+    """Sorted unique block lists. `shared` consecutive positions share one list (the tile fast path); with pad,
+    some rows are shorter (-1 padded); lists may include blocks in the future of a query (masked causally)."""
+    nb = -(-N // m)
+    out = torch.full((B, T, Hkv, K), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hkv):
+            for t0 in range(0, T, shared):
+                kk = K if not pad else int(torch.randint(0, K + 1, (1,), generator=gen))
+                sel = torch.randperm(nb, generator=gen)[:kk].sort().values
+                out[b, t0:t0 + shared, h, :len(sel)] = sel.int()
+    return out
+
+
+def run_grads(q, k, v, idx, m, **kw):
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    o = sk.sparse_attention(q, k, v, idx, m, **kw)
+    do = torch.randn_like(o)
+    g = torch.autograd.grad(o, (q, k, v), do)
+    return o, g, do
+
+
+# ---------------------------------------------------------------------------------------------- tile plan
+
+
+@pytest.mark.parametrize("BM,K,shared", [(4, 3, 1), (8, 5, 2), (2, 1, 1)])
+def test_plan_matches_torch(BM, K, shared):
+    g = torch.Generator().manual_seed(BM * 10 + K)
+    idx = rand_lists(2, 19, 2, 200, 16, K, shared=shared, gen=g)
+    idx[0, 3, 1, 0] = 99                                     # out-of-range id: ignored like -1
+    a = sk._plan(idx, BM, 13)
+    b = sk._plan_torch(idx, BM, 13)
+    assert torch.equal(a[0], b[0])
+    for r in range(a[0].numel()):
+        n = int(a[0][r])
+        assert torch.equal(a[1][r, :n], b[1][r, :n]) and torch.equal(a[2][r, :n], b[2][r, :n])
+        assert (a[1][r, :n].diff() > 0).all()                 # sorted, unique
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+CASES = [  # B, T, N, H, Hkv, D, m, K, tile_tokens, shared
+    (2, 21, 45, 8, 2, 16, 16, 3, 4, 1),     # G=4, ragged, per-token lists
+    (1, 17, 17, 3, 3, 16, 16, 2, None, 1),  # G=1 (MHA), T == N
+    (2, 9, 40, 6, 2, 24, 16, 3, 2, 1),      # G=3 padded to 4, head_dim 24 (not a power of two)
+    (1, 12, 70, 16, 1, 16, 16, 4, 1, 1),    # G=16, one position per tile
+    (1, 16, 64, 32, 2, 16, 16, 4, 1, 8),    # G=16 (MiniCPM4-8B ratio), shared lists -> unmasked fast path
+    (1, 20, 50, 5, 1, 16, 32, 2, 4, 4),     # G=5, block 32
+]
+
+
+@pytest.mark.parametrize("B,T,N,H,Hkv,D,m,K,tt,shared", CASES)
+def test_forward_and_grads_fp32(B, T, N, H, Hkv, D, m, K, tt, shared):
+    g = torch.Generator().manual_seed(T * 100 + N)
+    q, k, v = torch.randn(B, T, H, D, generator=g), torch.randn(B, N, Hkv, D, generator=g), \
+        torch.randn(B, N, Hkv, D, generator=g)
+    idx = rand_lists(B, T, Hkv, N, m, K, shared=shared, gen=g)
+    o, (dq, dk, dv), do = run_grads(q, k, v, idx, m, tile_tokens=tt)
+    # shared reference (float64) and its gradients
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    oref = iv.sparse_attention_ref(qd, kd, vd, idx, m)
+    gref = torch.autograd.grad(oref, (qd, kd, vd), do.double())
+    assert rel(o, oref) <= 1e-3
+    for a, b in zip((dq, dk, dv), gref):
+        assert torch.isfinite(a).all() and rel(a, b) <= 1e-3
+    assert rel(o, bf_attention(q, k, v, idx, m)) <= 1e-3    # independent brute force
+
+
+def test_chunked_reverse_lists_and_pairs():
+    """dk/dv lists cut into chunks of one tile (atomic-add path) and two blocks per step give the same gradients."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 24, 8, 16, generator=g), torch.randn(1, 48, 2, 16, generator=g), \
+        torch.randn(1, 48, 2, 16, generator=g)
+    idx = rand_lists(1, 24, 2, 48, 16, 3, shared=4, pad=False, gen=g)
+    o1, g1, do = run_grads(q, k, v, idx, 16, tile_tokens=4)
+    cfg = dict(chunk=1, fwd=dict(PAIR=2), dq=dict(PAIR=2))
+    q2, k2, v2 = (x.clone().requires_grad_() for x in (q, k, v))
+    o2 = sk.sparse_attention(q2, k2, v2, idx, 16, tile_tokens=4, config=cfg)
+    g2 = torch.autograd.grad(o2, (q2, k2, v2), do)
+    assert rel(o2, o1) < 1e-5 and all(rel(a, b) < 1e-5 for a, b in zip(g2, g1))
+
+
+def test_backward_with_its_own_tile():
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(1, 19, 8, 16, generator=g), torch.randn(1, 40, 2, 16, generator=g), \
+        torch.randn(1, 40, 2, 16, generator=g)
+    idx = rand_lists(1, 19, 2, 40, 16, 3, gen=g)
+    o1, g1, do = run_grads(q, k, v, idx, 16, tile_tokens=4)
+    q2, k2, v2 = (x.clone().requires_grad_() for x in (q, k, v))
+    o2 = sk.sparse_attention(q2, k2, v2, idx, 16, config=dict(tile_tokens=4, bwd_tile_tokens=2))
+    g2 = torch.autograd.grad(o2, (q2, k2, v2), do)
+    assert rel(o2, o1) < 1e-6 and all(rel(a, b) < 1e-5 for a, b in zip(g2, g1))
+
+
+def test_empty_rows_are_zero():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(1, 8, 4, 16, generator=g), torch.randn(1, 32, 2, 16, generator=g), \
+        torch.randn(1, 32, 2, 16, generator=g)
+    idx = torch.full((1, 8, 2, 2), -1, dtype=torch.int32)
+    idx[0, 4:, 0, 0] = 1                                     # half the rows see block 1 of head 0, the rest nothing
+    o, grads, _ = run_grads(q, k, v, idx, 16)
+    assert torch.isfinite(o).all() and all(torch.isfinite(x).all() for x in grads)
+    assert o[0, :4].abs().max() == 0 and o[0, :, 2:].abs().max() == 0
+    assert rel(o, iv.sparse_attention_ref(q, k, v, idx, 16)) < 1e-5
+
+
+def test_bf16_interpreter():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, n, h, 16, generator=g).bfloat16() for n, h in ((16, 8), (40, 2), (40, 2)))
+    idx = rand_lists(1, 16, 2, 40, 16, 2, gen=g)
+    o, grads, do = run_grads(q, k, v, idx, 16, tile_tokens=2)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    oref = iv.sparse_attention_ref(qd, kd, vd, idx, 16)
+    gref = torch.autograd.grad(oref, (qd, kd, vd), do.double())
+    assert o.dtype == torch.bfloat16 and rel(o, oref) <= 1e-2
+    assert all(rel(a, b) <= 1e-2 for a, b in zip(grads, gref))
+
+
+def test_select_pipeline_feeds_attention():
+    """Stage 1 + top-k + attention end to end (lists with -1 padding for early queries)."""
+    g = torch.Generator().manual_seed(6)
+    geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=1)
+    q, k, v = torch.randn(1, 40, 8, 16, generator=g), torch.randn(1, 60, 2, 16, generator=g), \
+        torch.randn(1, 60, 2, 16, generator=g)
+    idx = sk.prefill_select(q, k, 3, **geo, tile_tokens=4)
+    ref_idx = iv.select_blocks(iv.block_scores(q, k, **geo), 3)
+    assert torch.equal(idx, ref_idx)
+    assert (idx == -1).any()
+    o = sk.sparse_attention(q, k, v, idx, 16)
+    assert rel(o, iv.sparse_attention_ref(q, k, v, ref_idx, 16)) < 1e-5
+
+
+def test_bad_inputs_and_torch_backend():
+    q, k = torch.randn(1, 4, 4, 16), torch.randn(1, 8, 2, 16)
+    idx = torch.zeros(1, 4, 2, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match='backend'):
+        sk.sparse_attention(q, k, k, idx, 16, backend='cuda')
+    with pytest.raises(ValueError, match='block_idx'):
+        sk.sparse_attention(q, k, k, idx.float(), 16)
+    with pytest.raises(ValueError, match='block_size'):
+        sk.sparse_attention(q, k, k, idx, 24)
+    o = sk.sparse_attention(q, k, k, idx, 16, backend='torch')
+    assert rel(o, sk.sparse_attention(q, k, k, idx, 16)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+
+
+S1_CASES = [  # B, T, N, H, Hkv, D, p, s, m, init, local, approx
+    (2, 37, 53, 8, 2, 16, 8, 4, 16, 1, 2, False),
+    (1, 30, 150, 6, 2, 16, 8, 4, 16, 1, 0, False),    # G=3, no local window, several chunks
+    (1, 20, 150, 16, 1, 16, 8, 4, 16, 2, 1, True),    # G=16, LSE approximation (coarse 32/16)
+    (2, 25, 90, 4, 4, 16, 12, 4, 16, 0, 1, True),     # G=1, p not a multiple of s (left = 2)
+]
+
+
+@pytest.mark.parametrize("B,T,N,H,Hkv,D,p,s,m,init,local,approx", S1_CASES)
+def test_block_scores(B, T, N, H, Hkv, D, p, s, m, init, local, approx):
+    g = torch.Generator().manual_seed(N + T)
+    q, k = torch.randn(B, T, H, D, generator=g), torch.randn(B, N, Hkv, D, generator=g)
+    geo = dict(kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local)
+    a = sk.fused_block_scores(q, k, **geo, lse_approx=approx, config=dict(s1=dict(NBC=4)))
+    b = iv.block_scores(q, k, **geo, lse_approx=approx)
+    fa = torch.isfinite(a)
+    assert torch.equal(fa, torch.isfinite(b)) and torch.equal(a[~fa], b[~fa])
+    assert rel(a[fa], b[fa]) <= 1e-4
+    ia, ib = sk.topk_blocks(a, 4), iv.select_blocks(b, 4)
+    assert torch.equal(ia, ib)
+
+
+def test_topk_kernel_ties_and_padding():
+    g = torch.Generator().manual_seed(7)
+    s = torch.randint(0, 5, (3, 7, 2, 37), generator=g).float() / 4 - 0.3      # many exact ties, negatives too
+    s[0, 0, 0, :30] = float('-inf')                                              # fewer visible than topk
+    s[1, 2, 1, [3, 9]] = float('inf')
+    s[2, 5, 0, :] = float('-inf')                                                # nothing visible
+    for k in (1, 6, 40):
+        assert torch.equal(sk.topk_blocks(s, k), iv.select_blocks(s, k, check=False))
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("H,Hkv,lens,per", [(8, 2, (90, 37), 2), (16, 1, (64, 17, 80), 1), (3, 3, (50,), 3)])
+def test_decode(H, Hkv, lens, per):
+    g = torch.Generator().manual_seed(sum(lens))
+    geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=1)
+    B, Nmax, D = len(lens), max(lens) + 5, 16
+    kc, vc = torch.randn(B, Nmax, Hkv, D, generator=g), torch.randn(B, Nmax, Hkv, D, generator=g)
+    q = torch.randn(B, H, D, generator=g)
+    seq = torch.tensor(lens, dtype=torch.int32)
+    cache = iv.CompressedKeyCache(8, 4)
+    cache.append(kc)                                            # kernels past a short sequence are ignored
+    sc = sk.decode_block_scores(q, cache.kc, seq, **geo, num_blocks=-(-Nmax // 16))
+    idx = sk.topk_blocks(sc, 3)
+    o = sk.sparse_decode(q[:, None], kc, vc, idx[:, None], seq, 16, config=dict(dec=dict(PER=per)))
+    assert o.shape == (B, 1, H, D)
+    for b, L in enumerate(lens):
+        ref = iv.block_scores(q[b:b + 1, None], kc[b:b + 1, :L], **geo)[0, 0]
+        nb = ref.shape[-1]
+        f = torch.isfinite(ref)
+        assert torch.equal(torch.isfinite(sc[b, :, :nb]), f) and torch.isneginf(sc[b, :, nb:]).all()
+        assert torch.equal(sc[b, :, :nb][~f], ref[~f]) and (not f.any() or rel(sc[b, :, :nb][f], ref[f]) < 1e-4)
+        oref = iv.sparse_attention_ref(q[b:b + 1, None], kc[b:b + 1, :L], vc[b:b + 1, :L], idx[b:b + 1, None], 16)
+        assert rel(o[b], oref[0]) < 1e-4
