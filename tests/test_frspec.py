@@ -1,0 +1,328 @@
+"""FR-Spec: frequency vocabulary, EAGLE-style draft, speculative decoding (reference and static fast path).
+
+Greedy speculative output must equal the target's greedy output token for token; in sampling mode the output
+distribution must equal the target's (chi-square), and a deliberately wrong acceptance rule must fail that test."""
+import itertools
+
+import pytest
+import torch
+
+from minicpm4_core import frspec as S
+from minicpm4_core.config import MiniCPM4Config
+from minicpm4_core.model import MiniCPM4ForCausalLM
+from minicpm4_core.train import TrainConfig
+
+
+def tiny_cfg(**kw):
+    base = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, initializer_range=0.5, torch_dtype='float32', eos_token_id=2)
+    return MiniCPM4Config.tiny(**{**base, **kw})
+
+
+@pytest.fixture(scope='module')
+def pair(one_thread):
+    "A peaked random tiny target and a draft trained on its own greedy text (acceptance well above 1)."
+    torch.manual_seed(0)
+    target = MiniCPM4ForCausalLM(tiny_cfg()).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(4, 96, (64, 6), generator=g).tolist()
+    rows = S.self_distill_rows(target, prompts, 40, progress=False)
+    draft = S.EagleDraft(target.config)
+    S.train_draft(draft, target, rows, TrainConfig(steps=160, batch_size=16, lr=1e-2, progress=False, eval_every=10**6))
+    return target, draft.eval()
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    "One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread mostly waits."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# the first three are prompts the draft was trained on (it has seen the target continue them: high acceptance,
+# so long accepted paths are exercised); the last ones are new
+PROMPTS = torch.randint(4, 96, (3, 6), generator=torch.Generator().manual_seed(1)).tolist() + \
+    [[1, 20, 30, 40, 50, 60], [1, 3]]
+
+
+# ---------------------------------------------------------------- frequency vocabulary
+class WordTok:
+    "Whitespace tokenizer over a fixed word list (id = index)."
+    def __init__(self, words): self.ix = {w: i for i, w in enumerate(words)}; self.vocab_size = len(words)
+    def encode(self, text): return [self.ix[w] for w in text.split()]
+
+
+def test_count_frequencies_and_force_eos(tmp_path):
+    words = ['<pad>', '<s>', '</s>', 'a', 'b', 'c', 'd', 'e']
+    tok = WordTok(words)
+    texts = ['a a a b', 'a b c', 'a d', 'b b'] * 3
+    counts = S.count_token_frequencies(iter(texts), tok, eos_id=2, batch_size=5, progress=False)
+    want = torch.zeros(8, dtype=torch.long)
+    for t in texts:
+        for i in tok.encode(t): want[i] += 1
+        want[2] += 1
+    assert torch.equal(counts, want)
+    assert torch.equal(S.count_token_frequencies(texts, tok, max_texts=4, progress=False),
+                       S.count_token_frequencies(texts[:4], tok, progress=False))
+    ids = S.frequent_ids(counts, 3)
+    assert ids.tolist() == [3, 2, 4]                       # a (15), </s> (12), b (12): ties -> smaller id first
+    ids = S.frequent_ids(counts, 2, force_ids=[7])         # e never occurs; forced in, replacing the 2nd
+    assert ids.tolist() == [3, 7]
+    fv = S.build_freq_vocab(counts, 3, eos_ids=[7], corpus='test')
+    assert 7 in fv.ids.tolist() and fv.k == 3
+    assert fv.coverage == pytest.approx(float(counts[fv.ids].sum()) / float(counts.sum()))
+    p = fv.save(tmp_path / 'v.safetensors')
+    fv2 = S.FreqVocab.load(p)
+    assert torch.equal(fv2.ids, fv.ids) and torch.equal(fv2.counts, fv.counts)
+    assert fv2.forced == [7] and fv2.meta['corpus'] == 'test'
+    cov = S.coverage_curve(counts, [1, 2, 8])
+    assert cov[0] == pytest.approx(15 / float(counts.sum())) and cov[-1] == pytest.approx(1.0)
+
+
+def test_bad_arguments(pair):
+    target, draft = pair
+    counts = torch.tensor([5, 3, 0, 1])
+    with pytest.raises(ValueError, match='k must be'): S.frequent_ids(counts, 0)
+    with pytest.raises(ValueError, match='k must be'): S.frequent_ids(counts, 5)
+    with pytest.raises(ValueError, match='force_ids'): S.frequent_ids(counts, 2, force_ids=[9])
+    with pytest.raises(ValueError, match='counts must be'): S.frequent_ids(counts[None], 2)
+    with pytest.raises(TypeError, match='str'): S.count_token_frequencies([[1, 2]], WordTok(['a']), progress=False)
+    with pytest.raises(ValueError, match='outside vocab_size'):
+        S.count_token_frequencies(['b'], WordTok(['a', 'b']), vocab_size=1, progress=False)
+    with pytest.raises(ValueError, match='ids must'): S.DraftHead(target, [0, 1, 500])
+    with pytest.raises(ValueError, match='repeat'): S.DraftHead(target, [3, 3])
+    gen = lambda **kw: S.speculative_generate(target, draft, kw.pop('prompt', [1, 2]), kw.pop('n', 4), **kw)
+    with pytest.raises(ValueError, match="method must be one of"): gen(method='beam')
+    with pytest.raises(ValueError, match='gamma'): gen(method='chain', gamma=0)
+    with pytest.raises(ValueError, match='tree_size'): gen(method='tree', depth=2, topk=2, tree_size=7)
+    with pytest.raises(ValueError, match='temperature'): gen(temperature=-1)
+    with pytest.raises(ValueError, match='prompt'): gen(prompt=[])
+    with pytest.raises(ValueError, match='prompt ids'): gen(prompt=[1, 1000])
+    with pytest.raises(ValueError, match='max_new_tokens'): gen(n=0)
+    with pytest.raises(ValueError, match='subset'): gen(topk=4, vocab_ids=[1, 2, 3])
+    with pytest.raises(ValueError, match='no draft'): S.FastSpec(target, None, max_len=64).generate([1, 2], 4)
+    with pytest.raises(ValueError, match='max_len'): S.FastSpec(target, draft, max_len=32).generate([1] * 20, 20)
+    with pytest.raises(ValueError, match='parents'): S.tree_attention_mask([-1, 2, 0])
+    with pytest.raises(ValueError, match='temperature'): S.target_probs(torch.zeros(4), 0)
+    sparse = MiniCPM4ForCausalLM(tiny_cfg(sparse_config=dict(kernel_size=4, kernel_stride=2, block_size=4,
+                                                             window_size=8, topk=4, dense_len=16)))
+    with pytest.raises(ValueError, match='dense targets'): S.FastSpec(sparse, draft)
+
+
+# ---------------------------------------------------------------- draft pieces
+def test_draft_head_subset_rows_and_cache(pair):
+    target, _ = pair
+    ids = torch.tensor([5, 1, 70, 2])
+    full, sub = S.DraftHead(target), S.DraftHead(target, ids)
+    f = torch.randn(3, 64)
+    torch.testing.assert_close(sub(f), full(f)[:, ids])
+    assert full.weight() is target.lm_head.weight                         # the full head is never copied
+    w = sub.weight()
+    assert sub.weight() is w and w.shape == (4, 64)                        # gathered once, not per step
+    with torch.no_grad(): target.lm_head.weight[5] += 1.0
+    try:
+        assert sub.weight() is not w and torch.equal(sub.weight()[0], target.lm_head.weight[5])
+    finally:
+        with torch.no_grad(): target.lm_head.weight[5] -= 1.0
+    q = sub.full_probs(torch.randn(2, 4), 1.0)
+    assert q.shape == (2, 96) and torch.allclose(q.sum(-1), torch.ones(2)) and float(q[:, 3].abs().max()) == 0
+
+
+def test_tree_mask_and_compaction(pair):
+    target, _ = pair
+    m = S.tree_attention_mask([-1, 0, 0, 1])
+    assert m.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]]
+    # a tree whose nodes form one chain in scrambled slots gives the same logits as the causal forward
+    ids = torch.tensor([[1, 9, 4, 33, 8]])
+    full = target(ids)
+    cache = target.new_cache(1, 16)
+    target(ids[:, :2], cache=cache)
+    # slots: 0 -> token 4 (depth 1), 1 -> junk sibling 50 (depth 1), 2 -> 33 (depth 2), 3 -> 8 (depth 3)
+    tree_ids = torch.tensor([[4, 50, 33, 8]])
+    logits, _ = S.tree_forward(target, tree_ids, torch.tensor([2, 2, 3, 4]), S.tree_attention_mask([-1, -1, 0, 2]), cache)
+    torch.testing.assert_close(logits[0, [0, 2, 3]], full[0, 2:], rtol=1e-4, atol=1e-4)
+    S.compact_cache(cache, 2, [0, 2, 3])
+    assert cache.length == 5
+    nxt = target(torch.tensor([[7]]), cache=cache)
+    torch.testing.assert_close(nxt[0, 0], target(torch.tensor([[1, 9, 4, 33, 8, 7]]))[0, -1], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- greedy: token-for-token identity
+def test_greedy_identical_chain_and_tree(pair):
+    target, draft = pair
+    fr = S.frequent_ids(torch.arange(96, 0, -1), 48, force_ids=[2])
+    accs = {}
+    for p in PROMPTS:
+        ref = target.generate(p, 30, stop_ids=[])[0]
+        for method, vids in itertools.product(('chain', 'tree'), (None, fr)):
+            st = S.SpecStats()
+            out = S.speculative_generate(target, draft, p, 30, method=method, vocab_ids=vids, gamma=4, depth=4, topk=3,
+                                         tree_size=10, stop_ids=[], stats=st)
+            assert out == ref, (p, method, vids is not None)
+            accs.setdefault((method, vids is None), []).append(st)
+    # the trained draft is accepted often: the acceptance paths (not just rejections) were exercised
+    tree = accs[('tree', True)]
+    assert sum(s.mean_accept_length for s in tree) / len(tree) > 1.5, [s.as_dict() for s in tree]
+    assert max(max(s.accepted) for s in tree) >= 3
+
+
+def test_greedy_stops_at_eos(pair):
+    target, draft = pair
+    p = PROMPTS[1]
+    ref = target.generate(p, 30, stop_ids=[])[0]
+    stop = ref[7]
+    want = ref[:ref.index(stop) + 1]
+    for method in ('chain', 'tree'):
+        assert S.speculative_generate(target, draft, p, 30, method=method, stop_ids=[stop]) == want
+
+
+def test_fast_path_matches(pair):
+    target, draft = pair
+    fr = S.frequent_ids(torch.arange(96, 0, -1), 48, force_ids=[2])
+    for method in ('chain', 'tree'):
+        eng = S.FastSpec(target, draft, fr, method=method, gamma=4, depth=4, topk=3, tree_size=10, max_len=128)
+        for p in PROMPTS[:3]:
+            ref = target.generate(p, 30, stop_ids=[])[0]
+            assert eng.generate(p, 30) == ref, (method, p)
+            st = S.SpecStats()
+            S.speculative_generate(target, draft, p, 30, method=method, vocab_ids=fr, gamma=4, depth=4, topk=3,
+                                   tree_size=10, stop_ids=[], stats=st)
+            # same algorithm -> same rounds (the last round may be cut differently at max_new_tokens)
+            assert abs(eng.last_stats['rounds'] - st.rounds) <= 1
+            assert eng.generate(p, 30, speculative=False) == ref
+
+
+def test_infllmv2_target(pair):
+    dense, draft = pair
+    sc = dict(kernel_size=4, kernel_stride=2, block_size=4, window_size=8, topk=4, dense_len=16)
+    sparse = MiniCPM4ForCausalLM(tiny_cfg(sparse_config=sc)).eval()
+    sparse.load_state_dict(dense.state_dict())
+    p = PROMPTS[0] + dense.generate(PROMPTS[0], 12, stop_ids=[])[0]                   # 18 > dense_len: sparse
+    ref = sparse.generate(p, 20, stop_ids=[])[0]
+    assert ref != dense.generate(p, 20, stop_ids=[])[0]                               # sparse attention is in play
+    st = S.SpecStats()
+    assert S.speculative_generate(sparse, draft, p, 20, method='chain', gamma=3, stop_ids=[], stats=st) == ref
+    assert st.mean_accept_length > 1.0
+    with pytest.raises(ValueError, match='dense_len'):
+        S.speculative_generate(sparse, draft, p, 20, method='tree')
+    short = MiniCPM4ForCausalLM(tiny_cfg(sparse_config=dict(sc, dense_len=64))).eval()
+    short.load_state_dict(dense.state_dict())
+    ref = short.generate(p[:6], 16, stop_ids=[])[0]
+    assert S.speculative_generate(short, draft, p[:6], 16, method='tree', topk=3, tree_size=10, stop_ids=[]) == ref
+
+
+# ---------------------------------------------------------------- sampling: the distribution is the target's
+def chi2_pvalue(counts, probs, min_expected=5.0):
+    "Pearson chi-square goodness of fit; cells with expected < min_expected are pooled."
+    n = counts.sum()
+    exp = probs.double() * n
+    big = exp >= min_expected
+    obs = torch.cat([counts[big].double(), counts[~big].double().sum()[None]])
+    ex = torch.cat([exp[big], exp[~big].sum()[None]])
+    keep = ex > 0
+    obs, ex = obs[keep], ex[keep]
+    stat = float(((obs - ex) ** 2 / ex).sum())
+    dof = obs.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def wrong_accept_children(p, q, candidates, generator=None):
+    "Same as S.accept_children but resamples from p instead of the residual norm(max(0, p - q)): biased."
+    p, q = p.double().clone(), q.double().clone()
+    for i, c in enumerate(candidates):
+        if float(torch.rand((), generator=generator, dtype=torch.float64)) < min(1.0, float(p[c]) / float(q[c])):
+            return i, p
+        q[c] = 0
+        q = q / q.sum()
+    return None, p
+
+
+def node_draws(p, q, n_cand, n, gen, rule):
+    out = torch.zeros(p.numel(), dtype=torch.long)
+    for _ in range(n):
+        keys = q.log() - torch.log(-torch.log(torch.rand(q.shape, generator=gen).clamp(1e-12, 1 - 1e-7)))
+        cands = keys.topk(n_cand).indices.tolist()
+        i, r = rule(p, q, cands, gen)
+        out[cands[i] if i is not None else int(torch.multinomial(r.float(), 1, generator=gen))] += 1
+    return out
+
+
+def test_accept_rule_single_node():
+    p = torch.tensor([.10, .40, .05, .30, .15])
+    q = torch.tensor([.50, .10, .20, 1e-30, .20])            # ~0 on id 3, as outside an FR-Spec subset
+    q = q / q.sum()
+    gen = torch.Generator().manual_seed(0)
+    for n_cand in (1, 2, 3):
+        assert chi2_pvalue(node_draws(p, q, n_cand, 2500, gen, S.accept_children), p) > 1e-3
+    assert chi2_pvalue(node_draws(p, q, 2, 2500, gen, wrong_accept_children), p) < 1e-6
+
+
+@pytest.fixture(scope='module')
+def small_vocab(one_thread):
+    "V = 6: a target with spread-out distributions and an untrained draft that disagrees with it."
+    torch.manual_seed(3)
+    cfg = tiny_cfg(vocab_size=6, hidden_size=32, num_hidden_layers=1, intermediate_size=64, initializer_range=0.08)
+    target = MiniCPM4ForCausalLM(cfg).eval()
+    draft = S.EagleDraft(cfg)
+    torch.manual_seed(4)
+    for n, p in draft.named_parameters():
+        if not n.endswith('norm.weight'): torch.nn.init.normal_(p, std=0.6)
+    prompt = [1, 4]
+    # exact target distribution of (x1, x2, x3) by enumeration; we test the pair (x2, x3)
+    seqs = torch.tensor([prompt + list(s) for s in itertools.product(range(6), repeat=3)])
+    with torch.no_grad():
+        lp = target(seqs[:, :-1]).float().log_softmax(-1)
+    n0 = len(prompt)
+    joint = sum(lp[:, n0 - 1 + j].gather(-1, seqs[:, n0 + j, None])[:, 0] for j in range(3)).exp()
+    pair_p = joint.view(6, 36).sum(0)
+    return target, draft.eval(), prompt, pair_p
+
+
+def spec_pair_counts(target, draft, prompt, n, **kw):
+    gen = torch.Generator().manual_seed(kw.pop('seed', 0))
+    counts = torch.zeros(36, dtype=torch.long)
+    for _ in range(n):
+        out = S.speculative_generate(target, draft, prompt, 3, temperature=1.0, stop_ids=[], generator=gen, **kw)
+        counts[out[1] * 6 + out[2]] += 1
+    return counts
+
+
+def test_sampling_distribution_chi_square(small_vocab, monkeypatch):
+    target, draft, prompt, pair_p = small_vocab
+    tree = dict(method='tree', depth=2, topk=3, tree_size=6, vocab_ids=[0, 1, 3, 4, 5])   # id 2 never drafted
+    assert chi2_pvalue(spec_pair_counts(target, draft, prompt, 600, **tree), pair_p) > 1e-3
+    chain = dict(method='chain', gamma=2)
+    assert chi2_pvalue(spec_pair_counts(target, draft, prompt, 400, seed=1, **chain), pair_p) > 1e-3
+    monkeypatch.setattr(S, 'accept_children', wrong_accept_children)
+    assert chi2_pvalue(spec_pair_counts(target, draft, prompt, 400, seed=2, **tree), pair_p) < 1e-5
+
+
+# ---------------------------------------------------------------- CUDA-graph safety, checked on the CPU
+def test_fast_round_is_graph_capturable(pair):
+    """A captured CUDA graph cannot read a value back to the host (.item(), 0-dim tensor indexing) nor copy a freshly
+    made CPU tensor to the device (`x[i] = 3`). Record the ops of one round / one plain step and forbid both."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__(); self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    target, draft = pair
+    forbidden = ('aten.lift_fresh', 'aten._local_scalar_dense', 'aten.nonzero', 'aten.item')
+    for method in ('chain', 'tree'):
+        eng = S.FastSpec(target, draft, method=method, gamma=3, depth=3, topk=3, tree_size=8, max_len=64)
+        eng._prefill(PROMPTS[0])
+        for fn in (eng._round, eng._plain_step):
+            with Record() as r: fn()
+            bad = sorted({o for o in r.ops if o.startswith(forbidden)})
+            assert not bad, (method, fn.__name__, bad)
+    with Record() as r:                                  # the recorder does see the pattern it must forbid
+        torch.zeros(3, dtype=torch.long)[1] = 5
+    assert any(o.startswith('aten.lift_fresh') for o in r.ops)
