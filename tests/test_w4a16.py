@@ -1,0 +1,144 @@
+"""W4A16 format and Triton kernels (run under the Triton interpreter: tests/conftest.py sets TRITON_INTERPRET=1)."""
+import pytest
+import torch
+
+from minicpm4_core.kernels.w4a16 import (W4A16Config, _LOCKS, default_config, dequantize_w4, interpreter_active,
+                                         pack_int4, random_w4, unpack_int4, w4a16_matmul, w4a16_matmul_naive)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def ref64(x, qw, s, qz, G):
+    return x.double() @ dequantize_w4(qw, s, qz, G, torch.float64)
+
+
+def test_interpreter_is_on():
+    assert interpreter_active(), "tests must run the kernels in the Triton interpreter (see tests/conftest.py)"
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_pack_unpack_round_trip(dim):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (24, 40, 16), generator=g)
+    p = pack_int4(q, dim)
+    assert p.dtype == torch.int32 and p.shape[dim] == q.shape[dim] // 8 and p.is_contiguous()
+    assert torch.equal(unpack_int4(p, dim), q.to(torch.uint8))
+
+
+def test_pack_layout_and_sign():
+    q = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 15]]).T          # (8, 1): one word, code j in bits 4j..4j+3
+    w = pack_int4(q, 0)
+    assert w.shape == (1, 1) and int(w) == 0xF7654321 - 2**32   # top code >= 8 -> a negative int32
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        pack_int4(torch.tensor([0, 1, 2, 3, 4, 5, 6, 16]))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_int4(torch.zeros(12, dtype=torch.int64))
+    with pytest.raises(TypeError, match="integer"):
+        pack_int4(torch.zeros(8))
+    with pytest.raises(TypeError, match="int32"):
+        unpack_int4(torch.zeros(2, dtype=torch.int64))
+
+
+def test_dequantize_formula():
+    K, N, G = 64, 16, 32
+    qw, s, qz = random_w4(K, N, G, seed=3)
+    q, z = unpack_int4(qw, 0).float(), unpack_int4(qz, 1).float()
+    W = dequantize_w4(qw, s, qz, G)
+    k, n = 37, 11
+    assert torch.isclose(W[k, n], (q[k, n] - z[k // G, n]) * s[k // G, n].float())
+
+
+CASES = [  # (M, K, N, G, config)
+    (1, 256, 72, 128, None),                                   # default gemv, ragged N
+    (1, 256, 72, 128, W4A16Config('gemv', 1, 32, 32, 3)),      # split that does not divide the K steps
+    (1, 384, 64, 128, W4A16Config('gemv', 1, 64, 128, 8)),     # split clipped to K // block_k
+    (1, 128, 64, -1, W4A16Config('gemv', 1, 32, 128, 1)),      # one group per column
+    (1, 256, 64, 64, W4A16Config('gemm', 16, 32, 64, 2)),      # gemm at M = 1
+    (3, 256, 64, 128, None),                                   # default small-M gemm
+    (16, 384, 128, 128, W4A16Config('gemm', 16, 64, 128, 4)),  # split-K gemm, one empty split
+    (33, 128, 64, 64, W4A16Config('gemm', 64, 32, 32, 1)),     # large-M path (weights scaled before the dot)
+]
+
+
+@pytest.mark.parametrize("M,K,N,G,cfg", CASES)
+def test_kernel_matches_reference_bf16(M, K, N, G, cfg):
+    qw, s, qz = random_w4(K, N, G, seed=M + K + N)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16)
+    y = torch.full((M, N), float('nan'), dtype=torch.bfloat16)             # poisoned: every element must be written
+    w4a16_matmul(x, qw, s, qz, G, backend='triton', config=cfg, out=y)
+    assert torch.isfinite(y).all()
+    assert rel(y, ref64(x, qw, s, qz, G)) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_kernel_other_dtypes(dtype, tol):
+    K, N = 256, 64
+    qw, s, qz = random_w4(K, N, 128, seed=7)
+    for M, cfg in [(1, None), (5, None)]:
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
+        y = w4a16_matmul(x, qw, s, qz, 128, config=cfg)
+        assert y.dtype == dtype and rel(y, ref64(x, qw, s, qz, 128)) <= tol
+
+
+def test_split_k_counters_reset_and_repeatable():
+    K, N = 512, 64
+    qw, s, qz = random_w4(K, N, 128, seed=9)
+    x = torch.randn(1, K).to(torch.bfloat16)
+    cfg = W4A16Config('gemv', 1, 32, 64, 4)
+    y1 = w4a16_matmul(x, qw, s, qz, 128, config=cfg)
+    y2 = w4a16_matmul(x, qw, s, qz, 128, config=cfg)
+    assert torch.equal(y1, y2)
+    assert int(_LOCKS[x.device].abs().sum()) == 0, "the last program of each tile must reset its counter"
+
+
+def test_batched_input_and_torch_backend():
+    K, N = 128, 32
+    qw, s, qz = random_w4(K, N, 64, seed=11)
+    x = torch.randn(2, 3, K)
+    y = w4a16_matmul(x, qw, s, qz, 64)
+    assert y.shape == (2, 3, N)
+    assert rel(y, w4a16_matmul(x, qw, s, qz, 64, backend='torch')) <= 1e-5
+    assert torch.allclose(w4a16_matmul_naive(x, qw, s, qz, 64), w4a16_matmul(x, qw, s, qz, 64, backend='torch'))
+
+
+def test_default_config_shapes():
+    for M, N, K in [(1, 4096, 4096), (1, 16384, 4096), (1, 4096, 16384), (4, 4096, 4096), (16, 64, 128),
+                    (2048, 4096, 4096)]:
+        c = default_config(M, N, K, 128)
+        assert 128 % c.block_k == 0 and (c.kernel == 'gemv') == (M == 1) and c.split_k >= 1
+
+
+def test_bad_arguments_rejected():
+    K, N = 128, 32
+    qw, s, qz = random_w4(K, N, 64)
+    x = torch.randn(2, K)
+    with pytest.raises(ValueError, match="K=100"):
+        w4a16_matmul(torch.randn(2, 100), qw, s, qz, 64)
+    with pytest.raises(TypeError, match="qweight"):
+        w4a16_matmul(x, qw.long(), s, qz, 64)
+    with pytest.raises(TypeError, match="x must be"):
+        w4a16_matmul(x.long(), qw, s, qz, 64)
+    with pytest.raises(ValueError, match="group_size=48"):
+        w4a16_matmul(x, qw, s, qz, 48)
+    with pytest.raises(ValueError, match="scales"):
+        w4a16_matmul(x, qw, s[:1], qz, 64)
+    with pytest.raises(ValueError, match="qzeros"):
+        w4a16_matmul(x, qw, s, qz[:, :2], 64)
+    with pytest.raises(ValueError, match="backend"):
+        w4a16_matmul(x, qw, s, qz, 64, backend='cuda')
+    with pytest.raises(ValueError, match="M=1 only"):
+        w4a16_matmul(x, qw, s, qz, 64, config=W4A16Config('gemv', 1, 32, 64))
+    with pytest.raises(ValueError, match="block_k"):
+        w4a16_matmul(x, qw, s, qz, 64, config=W4A16Config('gemm', 16, 32, 128))
+    with pytest.raises(ValueError, match="out must be"):
+        w4a16_matmul(x, qw, s, qz, 64, out=torch.empty(2, N + 8))
+    with pytest.raises(ValueError, match="kernel"):
+        W4A16Config('gemvv')
+    with pytest.raises(ValueError, match="power of two"):
+        W4A16Config('gemm', 16, 48)
