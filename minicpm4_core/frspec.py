@@ -1041,20 +1041,22 @@ def bench_lm_head(hidden_sizes: Sequence[int] = (1024, 4096), vocab_size: int = 
 
 # %% ../nbs/60_frspec.ipynb #4f5235d9
 def bench_e2e(target: MiniCPM4ForCausalLM, draft: EagleDraft, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-              configs: Sequence[dict], *, max_len: int | None = None, progress: bool = True) -> list[dict]:
-    "Tokens/s, mean acceptance length and output identity vs plain decoding, one dict per config (plain first)."
+              configs: Sequence[dict], *, max_len: int | None = None, progress: bool = True,
+              graphs: bool | None = None) -> list[dict]:
+    """Tokens/s, mean acceptance length and output identity vs plain decoding, one dict per config (plain first).
+    `graphs`: one CUDA graph per step/round (default on CUDA); False times the same loop eagerly."""
     if not prompts: raise ValueError("prompts is empty")
     max_len = max_len or (max(len(p) for p in prompts) + max_new_tokens + 96)
     max_len = -(-max_len // 16) * 16
     cuda = target.device.type == 'cuda'
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    plain = FastSpec(target, None, max_len=max_len)
+    plain = FastSpec(target, None, max_len=max_len, graphs=graphs)
     rows, ref, shared = [], None, plain
     for cfg in [dict(name='plain', method='plain'), *[c for c in configs if c.get('method') != 'plain']]:
         cfg = dict(cfg)
         name, method, vids = cfg.pop('name'), cfg.pop('method'), cfg.pop('vocab_ids', None)
         eng = plain if method == 'plain' else FastSpec(target, draft, vids, method=method, max_len=max_len,
-                                                        share=shared, **cfg)
+                                                        share=shared, graphs=graphs, **cfg)
         spec = method != 'plain'
         eng.generate(list(prompts[0]), max_new_tokens, speculative=spec)       # warm-up + graph capture
         outs, secs, acc, rounds = [], 0.0, [], 0
@@ -1071,7 +1073,7 @@ def bench_e2e(target: MiniCPM4ForCausalLM, draft: EagleDraft, prompts: Sequence[
                          tokens=len(prompts) * max_new_tokens, seconds=secs,
                          tokens_per_s=len(prompts) * max_new_tokens / secs,
                          mean_accept_length=sum(acc) / len(acc), identical=sum(same), prompts=len(prompts),
-                         ms_per_target_forward=secs * 1e3 / max(1, rounds),
+                         ms_per_target_forward=secs * 1e3 / max(1, rounds), graphs=eng.graphs,
                          first_diff=[d for d in first_diff if d is not None]))
     for r in rows: r['speedup_vs_plain'] = r['tokens_per_s'] / rows[0]['tokens_per_s']
     return rows

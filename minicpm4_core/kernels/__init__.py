@@ -248,13 +248,13 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, CNT, UNI, BITS,
 # %% ../../nbs/11_sparse_kernels.ipynb #76848a89
 LOG2E = 1.4426950408889634
 
-DEFAULT_CONFIG = dict(fwd=dict(num_warps=8, num_stages=2, PAIR=1),
+DEFAULT_CONFIG = dict(fwd=dict(num_warps=8, num_stages=2, PAIR=2),   # PAIR=2, NBC=32/KT=128: fastest at 128K on an H100 (run 1)
                       dq=dict(num_warps=8, num_stages=2, PAIR=1),
                       dkdv=dict(num_warps=8, num_stages=2),
                       chunk=256,              # query tiles per dk/dv program (longer reverse lists are split)
                       tile_tokens=None,       # query positions per forward tile (None: ~128 rows)
                       bwd_tile_tokens=None,   # the same for the backward (None: as the forward)
-                      s1=dict(num_warps=8, num_stages=2, NBC=16, KT=64, BM=None),
+                      s1=dict(num_warps=8, num_stages=2, NBC=32, KT=128, BM=None),
                       dec=dict(num_warps=4, num_stages=2))
 
 
