@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import MiniCPM4Config
-from .model import (MiniCPM4ForCausalLM, MiniCPM4DecoderLayer, RMSNorm, KVCache, rope_cos_sin)
+from .model import (MiniCPM4ForCausalLM, MiniCPM4DecoderLayer, RMSNorm, KVCache, rope_cos_sin,
+                                 filtered_logits)
 
 # %% auto #0
 __all__ = ['METHODS', 'count_token_frequencies', 'frequent_ids', 'coverage_curve', 'FreqVocab', 'build_freq_vocab',
@@ -326,19 +327,7 @@ def train_draft(draft: EagleDraft, target: MiniCPM4ForCausalLM, rows: torch.Tens
 def target_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None) -> torch.Tensor:
     "The distribution (..., V) float32 that `minicpm4_core.model.sample_next` samples from (temperature > 0)."
-    if not temperature > 0: raise ValueError(f"temperature must be > 0 for a distribution, got {temperature}")
-    logits = logits.float() / temperature
-    if top_k is not None:
-        if top_k < 1: raise ValueError(f"top_k must be >= 1, got {top_k}")
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    if top_p is not None:
-        if not 0 < top_p <= 1: raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sl, order = logits.sort(-1, descending=True)
-        pr = sl.softmax(-1)
-        drop = pr.cumsum(-1) - pr > top_p
-        logits = logits.scatter(-1, order, sl.masked_fill(drop, float('-inf')))
-    return logits.softmax(-1)
+    return filtered_logits(logits, temperature, top_k, top_p).softmax(-1)
 
 
 def accept_children(p: torch.Tensor, q: torch.Tensor, candidates: Sequence[int], generator=None):

@@ -24,8 +24,8 @@ from .config import MiniCPM4Config
 # %% auto #0
 __all__ = ['RMSNorm', 'rope_cos_sin', 'apply_rope', 'AttentionInputs', 'dense_attention', 'attention_backend', 'LayerCache',
            'KVCache', 'MiniCPM4Attention', 'MiniCPM4MLP', 'MiniCPM4DecoderLayer', 'MTPHead', 'MiniCPM4Model',
-           'MiniCPM4ForCausalLM', 'sample_next', 'generate', 'save_pretrained', 'load_state_dict_files',
-           'load_pretrained', 'count_parameters']
+           'MiniCPM4ForCausalLM', 'filtered_logits', 'sample_next', 'generate', 'save_pretrained',
+           'load_state_dict_files', 'load_pretrained', 'count_parameters']
 
 # %% ../nbs/01_model.ipynb #d0048296
 class RMSNorm(nn.Module):
@@ -300,11 +300,12 @@ class MiniCPM4ForCausalLM(nn.Module):
         return self.lm_head(x / self.config.logit_scale)
 
 # %% ../nbs/01_model.ipynb #3bc2960a
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    "logits (B, V) -> token ids (B,). Greedy when temperature == 0."
-    if temperature < 0: raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0: return logits.argmax(-1)
+def filtered_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """logits (..., V) -> float32 logits (..., V) of the sampling distribution: divided by `temperature` (> 0),
+    -inf outside the `top_k` best and outside the smallest prefix (by probability) whose mass reaches `top_p`.
+    `sample_next` samples from their softmax; speculative decoding (FR-Spec) needs the same distribution."""
+    if not temperature > 0: raise ValueError(f"temperature must be > 0 for a distribution, got {temperature}")
     logits = logits.float() / temperature
     if top_k is not None:
         if top_k < 1: raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -316,6 +317,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float('-inf')))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    "logits (B, V) -> token ids (B,). Greedy when temperature == 0."
+    if temperature < 0: raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0: return logits.argmax(-1)
+    logits = filtered_logits(logits, temperature, top_k, top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
