@@ -250,3 +250,37 @@ def test_decode(H, Hkv, lens, per):
         assert torch.equal(sc[b, :, :nb][~f], ref[~f]) and (not f.any() or rel(sc[b, :, :nb][f], ref[f]) < 1e-4)
         oref = iv.sparse_attention_ref(q[b:b + 1, None], kc[b:b + 1, :L], vc[b:b + 1, :L], idx[b:b + 1, None], 16)
         assert rel(o[b], oref[0]) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- the model path
+
+def test_model_path_uses_kernels_and_matches_reference(monkeypatch):
+    """MiniCPM4ForCausalLM with sparse_config: logits, parameter gradients and cached greedy decoding are the same
+    whether InfLLM v2 runs on the Triton kernels (what CUDA tensors get) or on the torch reference."""
+    from minicpm4_core.config import MiniCPM4Config
+    from minicpm4_core.model import MiniCPM4ForCausalLM
+    sc = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=4, dense_len=48)
+    torch.manual_seed(0)
+    model = MiniCPM4ForCausalLM(MiniCPM4Config.tiny(num_hidden_layers=1, sparse_config=sc))
+    ids = torch.randint(3, 512, (2, 100))
+    calls = []
+    real = sk.sparse_attention
+    monkeypatch.setattr(sk, 'sparse_attention', lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(impl):
+        monkeypatch.setattr(iv, 'SPARSE_IMPL', impl)
+        model.zero_grad()
+        logits = model(ids)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        with torch.no_grad():
+            gen = model.generate([ids[0, :70].tolist()], 6, stop_ids=[])
+        return logits.detach(), grads, gen
+
+    lr, gr, genr = run('ref')
+    assert not calls
+    lt, gt, gent = run('triton')
+    assert calls                                                    # the kernels really ran
+    assert rel(lt, lr) <= 1e-4
+    assert len(gt) == len(gr) and all(rel(a, b) <= 1e-3 for a, b in zip(gt, gr))
+    assert gent == genr
