@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import MiniCPM4Config
-from .model import (MiniCPM4ForCausalLM, MiniCPM4DecoderLayer, RMSNorm, KVCache, rope_cos_sin,
-                                 filtered_logits)
+from .model import MiniCPM4ForCausalLM, MiniCPM4DecoderLayer, RMSNorm, KVCache, rope_cos_sin
+from .model import filtered_logits
 
 # %% auto #0
 __all__ = ['METHODS', 'count_token_frequencies', 'frequent_ids', 'coverage_curve', 'FreqVocab', 'build_freq_vocab',
