@@ -168,6 +168,28 @@ def _mma(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
+def _group_tile(T, N, G, HKV, NT, BM: tl.constexpr, GP: tl.constexpr):
+    """This program's query tile in the group layout (tiles run last-first: the late tiles see the most keys).
+    Row r of the BM * GP rows is position pos = r // GP of the tile (query t = tile * BM + pos, absolute position
+    qpos = N - T + t) and head hh = r % GP of kv group hk (query head hk * G + hh); rows past T or past the G real
+    heads (GP pads G to a power of 2) are not ok. Returns tile, bh (= b * HKV + hk), b, hk, r, pos, hh, t, row_ok,
+    qpos."""
+    tile = NT - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    r = tl.arange(0, BM * GP)
+    pos = r // GP
+    hh = r % GP
+    t = tile * BM + pos
+    return tile, bh, bh // HKV, bh % HKV, r, pos, hh, t, (t < T) & (hh < G), N - T + t
+
+
+@triton.jit
+def _row_ptrs(P, b, t, head, s_b, s_t, s_h, d):
+    "Pointers (rows, len(d)) to P[b, t, head, d] of a (B, T, H, D) tensor with strides s_b, s_t, s_h."
+    return P + b.to(tl.int64) * s_b + t[:, None] * s_t + head[:, None] * s_h + d[None, :]
+
+
+@triton.jit
 def _plan_step(UNI, BITS, ubase, i, n, c, N, qpos_lo, full, BLOCK: tl.constexpr, PAIR: tl.constexpr):
     """Key positions (PAIR*BLOCK,), their position masks, validity, and whether this step needs the mask at all.
     PAIR == 1 reads one scalar block id; PAIR == 2 reads two and lays them side by side (128 key columns)."""
@@ -197,20 +219,10 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, CNT, UNI, BITS,
                        BLOCK: tl.constexpr, PAIR: tl.constexpr, PREC: tl.constexpr):
     ROWS: tl.constexpr = BM * GP
     COLS: tl.constexpr = BLOCK * PAIR
-    tile = NT - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hk = bh % HKV
-    r = tl.arange(0, ROWS)
-    pos = r // GP                                   # query position within the tile
-    hh = r % GP                                     # head within the kv group
-    t = tile * BM + pos
-    row_ok = (t < T) & (hh < G)
-    qpos = N - T + t                                # absolute position of the query
+    tile, bh, b, hk, r, pos, hh, t, row_ok, qpos = _group_tile(T, N, G, HKV, NT, BM, GP)
     d = tl.arange(0, BD)
     dm = d < D
-    q = tl.load(Q + b.to(tl.int64) * sq_b + t[:, None] * sq_t + (hk * G + hh)[:, None] * sq_h + d[None, :],
-                mask=row_ok[:, None] & dm[None, :], other=0.0)
+    q = tl.load(_row_ptrs(Q, b, t, hk * G + hh, sq_b, sq_t, sq_h, d), mask=row_ok[:, None] & dm[None, :], other=0.0)
     tid = bh * NT + tile
     n = tl.load(CNT + tid)
     ubase = tid.to(tl.int64) * UMAX
@@ -240,7 +252,7 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, CNT, UNI, BITS,
         m_i = m_new
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
-    tl.store(O + b.to(tl.int64) * so_b + t[:, None] * so_t + (hk * G + hh)[:, None] * so_h + d[None, :],
+    tl.store(_row_ptrs(O, b, t, hk * G + hh, so_b, so_t, so_h, d),
              o.to(O.dtype.element_ty), mask=row_ok[:, None] & dm[None, :])
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float('inf'))
     tl.store(LSE + (bh * G + hh).to(tl.int64) * T + t, lse, mask=row_ok)
@@ -248,7 +260,8 @@ def _sparse_fwd_kernel(Q, K, V, O, LSE, CNT, UNI, BITS,
 # %% ../../nbs/11_sparse_kernels.ipynb #76848a89
 LOG2E = 1.4426950408889634
 
-DEFAULT_CONFIG = dict(fwd=dict(num_warps=8, num_stages=2, PAIR=2),   # PAIR=2, NBC=32/KT=128: fastest at 128K on an H100 (run 1)
+# fwd PAIR=2 and s1 NBC=32/KT=128 were the fastest at 128K on an H100 (kernels/NOTES_sparse.md, run 1)
+DEFAULT_CONFIG = dict(fwd=dict(num_warps=8, num_stages=2, PAIR=2),
                       dq=dict(num_warps=8, num_stages=2, PAIR=1),
                       dkdv=dict(num_warps=8, num_stages=2),
                       chunk=256,              # query tiles per dk/dv program (longer reverse lists are split)
@@ -323,24 +336,15 @@ def _sparse_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CNT, UNI, BITS,
                           BLOCK: tl.constexpr, PAIR: tl.constexpr, PREC: tl.constexpr):
     ROWS: tl.constexpr = BM * GP
     COLS: tl.constexpr = BLOCK * PAIR
-    tile = NT - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hk = bh % HKV
-    r = tl.arange(0, ROWS)
-    pos = r // GP
-    hh = r % GP
-    t = tile * BM + pos
-    row_ok = (t < T) & (hh < G)
-    qpos = N - T + t
+    tile, bh, b, hk, r, pos, hh, t, row_ok, qpos = _group_tile(T, N, G, HKV, NT, BM, GP)
     head = hk * G + hh
     d = tl.arange(0, BD)
     dm = d < D
     rm = row_ok[:, None] & dm[None, :]
     b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * sq_b + t[:, None] * sq_t + head[:, None] * sq_h + d[None, :], mask=rm, other=0.0)
-    do = tl.load(DO + b64 * sdo_b + t[:, None] * sdo_t + head[:, None] * sdo_h + d[None, :], mask=rm, other=0.0)
-    o = tl.load(O + b64 * so_b + t[:, None] * so_t + head[:, None] * so_h + d[None, :], mask=rm, other=0.0)
+    q = tl.load(_row_ptrs(Q, b, t, head, sq_b, sq_t, sq_h, d), mask=rm, other=0.0)
+    do = tl.load(_row_ptrs(DO, b, t, head, sdo_b, sdo_t, sdo_h, d), mask=rm, other=0.0)
+    o = tl.load(_row_ptrs(O, b, t, head, so_b, so_t, so_h, d), mask=rm, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tid = bh * NT + tile
     roff = (bh * G + hh).to(tl.int64) * T + t           # (B, H, T) layout of lse and delta
@@ -366,7 +370,7 @@ def _sparse_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CNT, UNI, BITS,
         dp = _mm(do, tl.trans(vt), PREC)
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(kt.dtype), kt, dq, PREC)
-    tl.store(DQ + b64 * sdq_b + t[:, None] * sdq_t + head[:, None] * sdq_h + d[None, :],
+    tl.store(_row_ptrs(DQ, b, t, head, sdq_b, sdq_t, sdq_h, d),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=rm)
 
 # %% ../../nbs/11_sparse_kernels.ipynb #0bd54b91
@@ -574,19 +578,10 @@ def _s1_lse_kernel(Q, KC, KC2, LSE, sq_b, sq_t, sq_h, sc_b, sc_n, sc_h, s2_b, s2
                    APPROX: tl.constexpr, BM: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                    KT: tl.constexpr, PREC: tl.constexpr):
     ROWS: tl.constexpr = BM * GP
-    tile = NT - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hk = bh % HKV
-    r = tl.arange(0, ROWS)
-    pos = r // GP
-    hh = r % GP
-    t = tile * BM + pos
-    row_ok = (t < T) & (hh < G)
-    qpos = N - T + t
+    tile, bh, b, hk, r, pos, hh, t, row_ok, qpos = _group_tile(T, N, G, HKV, NT, BM, GP)
     d = tl.arange(0, BD)
-    q = tl.load(Q + b.to(tl.int64) * sq_b + t[:, None] * sq_t + (hk * G + hh)[:, None] * sq_h + d[None, :],
-                mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+    q = tl.load(_row_ptrs(Q, b, t, hk * G + hh, sq_b, sq_t, sq_h, d), mask=row_ok[:, None] & (d < D)[None, :],
+                other=0.0)
     qpos_hi = N - T + tl.minimum(tile * BM + BM, T) - 1
     if APPROX:
         lse_c = _lse_walk(q, KC2, s2_b, s2_n, s2_h, b, hk, qpos, _n_visible(qpos_hi, KS2, KSTR2, NC2), NC2,
@@ -620,21 +615,11 @@ def _s1_score_kernel(Q, KC, LSE, OUT, sq_b, sq_t, sq_h, sc_b, sc_n, sc_h, so_b, 
                      PREC: tl.constexpr):
     ROWS: tl.constexpr = BM * GP
     KT: tl.constexpr = NBC * R
-    tile = NT - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hk = bh % HKV
+    tile, bh, b, hk, r, pos, hh, t, row_ok, qpos = _group_tile(T, N, G, HKV, NT, BM, GP)
     b64 = b.to(tl.int64)
-    r = tl.arange(0, ROWS)
-    pos = r // GP
-    hh = r % GP
-    t = tile * BM + pos
-    row_ok = (t < T) & (hh < G)
-    qpos = N - T + t
     d = tl.arange(0, BD)
     dm = d < D
-    q = tl.load(Q + b64 * sq_b + t[:, None] * sq_t + (hk * G + hh)[:, None] * sq_h + d[None, :],
-                mask=row_ok[:, None] & dm[None, :], other=0.0)
+    q = tl.load(_row_ptrs(Q, b, t, hk * G + hh, sq_b, sq_t, sq_h, d), mask=row_ok[:, None] & dm[None, :], other=0.0)
     lse = tl.load(LSE + (bh * NT + tile).to(tl.int64) * ROWS + r)
     lse = tl.where(lse == float('-inf'), float('inf'), lse)          # no visible kernel -> probabilities 0
     t1 = tile * BM + tl.arange(0, BM)
