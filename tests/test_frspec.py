@@ -32,13 +32,7 @@ def pair(one_thread):
     return target, draft.eval()
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread mostly waits."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')     # tests/conftest.py
 
 
 # the first three are prompts the draft was trained on (it has seen the target continue them: high acceptance,

@@ -10,13 +10,7 @@ import torch
 from minicpm4_core import infllmv2 as iv
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "Tiny shapes: one thread is as fast and immune to oversubscription on a shared 2-core machine."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')     # tests/conftest.py
 
 # ---------------------------------------------------------------------------------------------- brute force
 
