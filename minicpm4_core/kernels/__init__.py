@@ -54,9 +54,6 @@ def _np2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _cdiv(a: int, b: int) -> int: return -(-a // b)
-
-
 COMPILED = {}   # name -> last compiled Triton kernel (n_regs, n_spills, shared memory) for the benchmark's report
 
 
@@ -102,7 +99,7 @@ def _plan_kernel(IDX, s_ib, s_it, s_ih, s_ik, CNT, UNI, BITS, T, NT, KTOP, UMAX,
 def _plan_torch(block_idx: torch.Tensor, BM: int, NKB: int):
     "Tile plan in plain torch: block_idx (B, T, Hkv, K) -> (cnt, uni, bits) like `_plan_kernel`."
     B, T, Hkv, K = block_idx.shape
-    NT = _cdiv(T, BM)
+    NT = triton.cdiv(T, BM)
     UMAX = max(1, min(BM * K, NKB))
     idx = block_idx.long()
     idx = torch.where((idx >= 0) & (idx < NKB), idx, -1)
@@ -128,7 +125,7 @@ def _plan_torch(block_idx: torch.Tensor, BM: int, NKB: int):
 def _plan(block_idx: torch.Tensor, BM: int, NKB: int):
     "Tile plan (cnt, uni, bits) of block_idx (B, T, Hkv, K) for tiles of BM positions over NKB key blocks."
     B, T, Hkv, K = block_idx.shape
-    NT = _cdiv(T, BM)
+    NT = triton.cdiv(T, BM)
     UMAX = max(1, min(BM * K, NKB))
     R = B * Hkv * NT
     dev = block_idx.device
@@ -303,8 +300,8 @@ class _Meta:
             raise ValueError(f"tile_tokens must be a power of two in [1, 16], got {bm}")
         if bm * self.GP < 16: bm = 16 // self.GP            # tl.dot needs >= 16 rows
         self.BM, self.ROWS = bm, bm * self.GP
-        self.NT = _cdiv(T, bm)
-        self.NKB = _cdiv(N, m)
+        self.NT = triton.cdiv(T, bm)
+        self.NKB = triton.cdiv(N, m)
         self.BD = max(16, _np2(D))
         self.scale = D ** -0.5 if scale is None else float(scale)
         self.cnt, self.uni, self.bits = _plan(block_idx, bm, self.NKB)
@@ -689,12 +686,12 @@ def fused_block_scores(q, k, *, kernel_size=32, kernel_stride=16, block_size=64,
         kc2 = kc
     kc, kc2 = _lastdim_contig(kc, kc2)
     NC, NC2 = _iv.num_kernels(N, p, s), (_iv.num_kernels(N, pc, sc_) if lse_approx else 0)
-    NB = _cdiv(N, m)
+    NB = triton.cdiv(N, m)
     G, GP = H // Hkv, _np2(H // Hkv)
     cfg = _cfg(config, 's1')
     BM = tile_tokens or cfg.get('BM') or _default_tile_tokens(GP)
     if BM * GP < 16: BM = 16 // GP
-    NT = _cdiv(T, BM)
+    NT = triton.cdiv(T, BM)
     BD = max(16, _np2(D))
     scale = D ** -0.5 if scale is None else float(scale)
     out = torch.empty(B, T, Hkv, NB, dtype=torch.float32, device=q.device)
@@ -765,7 +762,7 @@ def topk_blocks(scores, topk, backend='auto'):
     NBP = max(16, _np2(nb))
     RB = max(1, 4096 // NBP)
     try:
-        h = _topk_kernel[(_cdiv(s2.shape[0], RB),)](s2, out, s2.shape[0], s2.stride(0), out.stride(0), nb, topk,
+        h = _topk_kernel[(triton.cdiv(s2.shape[0], RB),)](s2, out, s2.shape[0], s2.stride(0), out.stride(0), nb, topk,
                                                    RB=RB, NBP=NBP, KP=max(16, _np2(topk)), num_warps=4)
         _keep('topk', h)
     except Exception as e:                       # no Triton: the reference's sort
@@ -883,7 +880,7 @@ def sparse_decode(q, k_cache, v_cache, block_idx, cache_seqlens, block_size=64, 
         for bb in range(B):
             L = int(seq[bb])
             idx = block_idx[bb:bb + 1, None].long()
-            idx = torch.where(idx < _cdiv(L, m), idx, -1)
+            idx = torch.where(idx < triton.cdiv(L, m), idx, -1)
             outs.append(_iv.sparse_attention_ref(q[bb:bb + 1, None], k_cache[bb:bb + 1, :L], v_cache[bb:bb + 1, :L],
                                                  idx, m, scale=scale)[:, 0])
         return torch.cat(outs).view(shape)
@@ -893,8 +890,8 @@ def sparse_decode(q, k_cache, v_cache, block_idx, cache_seqlens, block_size=64, 
     K = block_idx.shape[-1]
     BD = max(16, _np2(D))
     c = _cfg(config, 'dec')
-    per = c.get('PER') or max(1, _cdiv(K * B * Hkv, 2 * _n_sms(q.device)))
-    nsplit = max(1, _cdiv(K, per))
+    per = c.get('PER') or max(1, triton.cdiv(K * B * Hkv, 2 * _n_sms(q.device)))
+    nsplit = max(1, triton.cdiv(K, per))
     po = torch.empty(B * Hkv * nsplit * ROWS, BD, dtype=torch.float32, device=q.device)
     pm = torch.empty(B * Hkv * nsplit * ROWS, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
@@ -986,7 +983,7 @@ def decode_block_scores(q, kc, cache_seqlens, *, kernel_size=32, kernel_stride=1
     H = q.shape[1]
     p, s, m, init_blocks, local_blocks = _iv.check_geometry(kernel_size, kernel_stride, block_size, init_blocks,
                                                            local_blocks)
-    NB = _cdiv(int(seq.max()), m) if num_blocks is None else _iv._as_int('num_blocks', num_blocks, 1)
+    NB = triton.cdiv(int(seq.max()), m) if num_blocks is None else _iv._as_int('num_blocks', num_blocks, 1)
     r, left = m // s, -(-p // s) - 1
     geo = dict(kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init_blocks, local_blocks=local_blocks)
     if _backend('decode_block_scores', q, backend) == 'torch':
@@ -1001,7 +998,7 @@ def decode_block_scores(q, kc, cache_seqlens, *, kernel_size=32, kernel_stride=1
     ROWS = max(16, _np2(G))
     BD = max(16, _np2(D))
     KT = 64
-    NCH = max(1, _cdiv(NCmax, KT))
+    NCH = max(1, triton.cdiv(NCmax, KT))
     S = torch.empty(B * Hkv * ROWS, max(NCmax, 1), dtype=torch.float32, device=q.device)
     pm = torch.empty(B * Hkv * NCH * ROWS, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
@@ -1012,7 +1009,7 @@ def decode_block_scores(q, kc, cache_seqlens, *, kernel_size=32, kernel_stride=1
                                           num_warps=c['num_warps'])
     out = torch.empty(B, Hkv, NB, dtype=torch.float32, device=q.device)
     NBC = 64
-    _dec_s1_blocks_kernel[(B * Hkv, _cdiv(NB, NBC))](S, pm, pl, seq, out, *out.stride()[:2], max(NCmax, 1), NCH, NB,
+    _dec_s1_blocks_kernel[(B * Hkv, triton.cdiv(NB, NBC))](S, pm, pl, seq, out, *out.stride()[:2], max(NCmax, 1), NCH, NB,
                                                      G, Hkv, init_blocks, local_blocks, ROWS=ROWS, R=r, LEFT=left,
                                                      NBC=NBC, BLOCK=m, CHP=min(64, _np2(NCH)),
                                                      num_warps=c['num_warps'])
