@@ -144,6 +144,15 @@ def _unpack_plane(q, I: tl.constexpr, W16: tl.constexpr, INTERP: tl.constexpr):
 
 # %% ../../nbs/51_ternary_kernel.ipynb #8154a720
 @triton.jit
+def _k_tiles(pid_k, K4, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    "The byte tiles [t_lo, t_hi) of the K4 packed columns that split pid_k of SPLIT_K reduces (the last may be short)."
+    n_tiles = tl.cdiv(K4, BLOCK_K)
+    per = tl.cdiv(n_tiles, SPLIT_K)
+    t_lo = pid_k * per
+    return t_lo, tl.minimum(t_lo + per, n_tiles)
+
+
+@triton.jit
 def _ternary_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, K4, stride_xm, stride_wn, stride_sn, stride_ym,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLIT_K: tl.constexpr, EVEN: tl.constexpr, INTERP: tl.constexpr, NACC: tl.constexpr):
@@ -156,10 +165,7 @@ def _ternary_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, K4, stride_xm, strid
     offs_j = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    n_tiles = tl.cdiv(K4, BLOCK_K)
-    per = tl.cdiv(n_tiles, SPLIT_K)
-    t_lo = pid_k * per
-    t_hi = tl.minimum(t_lo + per, n_tiles)
+    t_lo, t_hi = _k_tiles(pid_k, K4, BLOCK_K, SPLIT_K)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -225,10 +231,7 @@ def _ternary_mv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K4,
     offs_j = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    n_tiles = tl.cdiv(K4, BLOCK_K)
-    per = tl.cdiv(n_tiles, SPLIT_K)
-    t_lo = pid_k * per
-    t_hi = tl.minimum(t_lo + per, n_tiles)
+    t_lo, t_hi = _k_tiles(pid_k, K4, BLOCK_K, SPLIT_K)
     x_cols = x_ptr + offs_m[None, :] * stride_xm  # x.T tile (BLOCK_K, BLOCK_M)
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -321,10 +324,7 @@ def _ternary_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, K4, stride_xm, stride
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
-    n_tiles = tl.cdiv(K4, BLOCK_K)
-    per = tl.cdiv(n_tiles, SPLIT_K)
-    t_lo = pid_k * per
-    t_hi = tl.minimum(t_lo + per, n_tiles)
+    t_lo, t_hi = _k_tiles(pid_k, K4, BLOCK_K, SPLIT_K)
     x_row = x_ptr + m * stride_xm
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
