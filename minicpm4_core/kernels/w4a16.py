@@ -88,6 +88,25 @@ def w4a16_matmul_naive(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #ec1a57b9
 @triton.jit
+def _gemv_tile(qw_ptrs, x_ptrs, s_ptrs, z_ptrs, mask_n, k, stride_qk, stride_sg, stride_zg, GROUP: tl.constexpr):
+    """Everything the GEMV needs for the BLOCK_K rows starting at row k: packed codes (BLOCK_K // 8, BLOCK_N), the 8
+    activations of each word's rows as 8 strided vectors (x_ptrs + k + j, j = 0..7), the group's scales and packed
+    zeros. Called once ahead of the loop and once per step for the next tile (register double buffering)."""
+    qw = tl.load(qw_ptrs + (k // 8) * stride_qk, mask=mask_n[None, :], other=0)
+    x0 = tl.load(x_ptrs + k + 0).to(tl.float32)
+    x1 = tl.load(x_ptrs + k + 1).to(tl.float32)
+    x2 = tl.load(x_ptrs + k + 2).to(tl.float32)
+    x3 = tl.load(x_ptrs + k + 3).to(tl.float32)
+    x4 = tl.load(x_ptrs + k + 4).to(tl.float32)
+    x5 = tl.load(x_ptrs + k + 5).to(tl.float32)
+    x6 = tl.load(x_ptrs + k + 6).to(tl.float32)
+    x7 = tl.load(x_ptrs + k + 7).to(tl.float32)
+    s = tl.load(s_ptrs + (k // GROUP) * stride_sg, mask=mask_n, other=0.).to(tl.float32)
+    zw = tl.load(z_ptrs + (k // GROUP) * stride_zg, mask=mask_n, other=0)
+    return qw, x0, x1, x2, x3, x4, x5, x6, x7, s, zw
+
+
+@triton.jit
 def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr,
                        N, K, k_per_split, split_k, stride_qk, stride_sg, stride_zg, m0, m1, m2, m3,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -109,31 +128,12 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr,
     # Everything a tile needs (packed codes, the 8 activation columns, scales, zeros) is loaded one tile ahead into
     # registers, so the loads of tile i+1 are in flight while tile i is computed. Row indices are clamped into
     # [0, K) so that no load needs a K mask.
-    kc = tl.minimum(k_lo, K - BLOCK_K)
-    qw = tl.load(qw_ptrs + (kc // 8) * stride_qk, mask=mask_n[None, :], other=0)
-    x0 = tl.load(x_ptrs + kc + 0).to(tl.float32)
-    x1 = tl.load(x_ptrs + kc + 1).to(tl.float32)
-    x2 = tl.load(x_ptrs + kc + 2).to(tl.float32)
-    x3 = tl.load(x_ptrs + kc + 3).to(tl.float32)
-    x4 = tl.load(x_ptrs + kc + 4).to(tl.float32)
-    x5 = tl.load(x_ptrs + kc + 5).to(tl.float32)
-    x6 = tl.load(x_ptrs + kc + 6).to(tl.float32)
-    x7 = tl.load(x_ptrs + kc + 7).to(tl.float32)
-    s = tl.load(s_ptrs + (kc // GROUP) * stride_sg, mask=mask_n, other=0.).to(tl.float32)
-    zw = tl.load(z_ptrs + (kc // GROUP) * stride_zg, mask=mask_n, other=0)
+    qw, x0, x1, x2, x3, x4, x5, x6, x7, s, zw = _gemv_tile(
+        qw_ptrs, x_ptrs, s_ptrs, z_ptrs, mask_n, tl.minimum(k_lo, K - BLOCK_K), stride_qk, stride_sg, stride_zg, GROUP)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kn = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)
-        qw_n = tl.load(qw_ptrs + (kn // 8) * stride_qk, mask=mask_n[None, :], other=0)
-        x0n = tl.load(x_ptrs + kn + 0).to(tl.float32)
-        x1n = tl.load(x_ptrs + kn + 1).to(tl.float32)
-        x2n = tl.load(x_ptrs + kn + 2).to(tl.float32)
-        x3n = tl.load(x_ptrs + kn + 3).to(tl.float32)
-        x4n = tl.load(x_ptrs + kn + 4).to(tl.float32)
-        x5n = tl.load(x_ptrs + kn + 5).to(tl.float32)
-        x6n = tl.load(x_ptrs + kn + 6).to(tl.float32)
-        x7n = tl.load(x_ptrs + kn + 7).to(tl.float32)
-        s_n = tl.load(s_ptrs + (kn // GROUP) * stride_sg, mask=mask_n, other=0.).to(tl.float32)
-        zw_n = tl.load(z_ptrs + (kn // GROUP) * stride_zg, mask=mask_n, other=0)
+        qw_n, x0n, x1n, x2n, x3n, x4n, x5n, x6n, x7n, s_n, zw_n = _gemv_tile(
+            qw_ptrs, x_ptrs, s_ptrs, z_ptrs, mask_n, kn, stride_qk, stride_sg, stride_zg, GROUP)
         # code j of a word sits at bits 4*(j%4) of its low (j < 4) or high half; OR-ing in the float32 bits of
         # 2^e, e = 23 - 4*(j%4) (m0..m3: kernel arguments, so they stay in registers), gives exactly 2^e + q;
         # subtracting 2^e + z gives q - z exactly.
