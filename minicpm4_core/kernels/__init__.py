@@ -28,10 +28,16 @@ BACKENDS = ('auto', 'triton', 'torch')
 _WARNED = set()
 
 
+def _warn_once(key: str, msg: str):
+    "warnings.warn(msg) the first time `key` is seen in this process (shared by all kernel modules)."
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, stacklevel=3)
+
+
 def interpreter_active() -> bool:
     "True when the Triton kernels of this module run in the interpreter (TRITON_INTERPRET=1 before triton was imported)."
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_plan_kernel, InterpretedFunction)
+    return type(_plan_kernel).__name__ == 'InterpretedFunction'    # no import: it is on every kernel call
 
 
 def _backend(fn: str, x: torch.Tensor, backend: str) -> str:
@@ -43,9 +49,7 @@ def _backend(fn: str, x: torch.Tensor, backend: str) -> str:
     if backend == 'triton':
         raise RuntimeError(f"{fn}(backend='triton') on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                            "before triton is imported, or use backend='torch'")
-    if fn not in _WARNED:
-        _WARNED.add(fn)
-        warnings.warn(f"{fn}: CPU tensors and no Triton interpreter; using the torch reference of minicpm4_core.infllmv2")
+    _warn_once(fn, f"{fn}: CPU tensors and no Triton interpreter; using the torch reference of minicpm4_core.infllmv2")
     return 'torch'
 
 
@@ -140,8 +144,7 @@ def _plan(block_idx: torch.Tensor, BM: int, NKB: int):
                                HKV=Hkv, BM=BM, KP=_np2(K), num_warps=4)
         _keep('plan', h)
     except Exception as e:                       # a Triton build without tl.sort / tl.gather lowering
-        if 'plan' not in _WARNED:
-            _WARNED.add('plan'); warnings.warn(f"sparse_attention: Triton plan kernel failed ({e!r:.200}); using torch")
+        _warn_once('plan', f"sparse_attention: Triton plan kernel failed ({e!r:.200}); using torch")
         return _plan_torch(block_idx, BM, NKB)
     return cnt, uni, bits
 
@@ -672,9 +675,9 @@ def fused_block_scores(q, k, *, kernel_size=32, kernel_stride=16, block_size=64,
     ok_geom = (r & (r - 1)) == 0 and left <= r and 16 * r <= 1024
     geo = dict(kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init_blocks, local_blocks=local_blocks)
     if _backend('fused_block_scores', q, backend) == 'torch' or not ok_geom:
-        if not ok_geom and 'geom' not in _WARNED:
-            _WARNED.add('geom'); warnings.warn(f"fused_block_scores: geometry p={p}, s={s}, m={m} not supported by the "
-                                               "Triton kernel; using the reference")
+        if not ok_geom:
+            _warn_once('geom', f"fused_block_scores: geometry p={p}, s={s}, m={m} not supported by the Triton kernel; "
+                               "using the reference")
         return _iv.block_scores(q, k, **geo, lse_approx=lse_approx, lse_kernel_size=lse_kernel_size,
                                 lse_kernel_stride=lse_kernel_stride, scale=scale)
     q, = _lastdim_contig(q)
@@ -766,8 +769,7 @@ def topk_blocks(scores, topk, backend='auto'):
                                                    RB=RB, NBP=NBP, KP=max(16, _np2(topk)), num_warps=4)
         _keep('topk', h)
     except Exception as e:                       # no Triton: the reference's sort
-        if 'topk' not in _WARNED:
-            _WARNED.add('topk'); warnings.warn(f"topk_blocks: Triton kernel failed ({e!r:.200}); using the reference")
+        _warn_once('topk', f"topk_blocks: Triton kernel failed ({e!r:.200}); using the reference")
         return _iv.select_blocks(scores.reshape(1, 1, -1, nb), topk, check=False).view(*lead, topk)
     return out.view(*lead, topk)
 

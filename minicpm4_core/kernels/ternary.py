@@ -11,17 +11,19 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/ternary_kernel.html.md"""
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+# one interpreter test and one set of warn-once keys for all kernel modules
+from . import _warn_once, interpreter_active
+
 # %% auto #0
 __all__ = ['KERNELS', 'BACKENDS', 'DEQUANT_MIN_M', 'SPLIT_TARGET', 'ternary_bytes', 'packed_cols', 'pack_ternary',
            'unpack_ternary', 'dequantize_ternary', 'ternary_matmul_ref', 'TernaryConfig', 'pick_config',
-           'interpreter_active', 'kernel_scales', 'ternary_dequantize', 'ternary_matmul']
+           'kernel_scales', 'ternary_dequantize', 'ternary_matmul']
 
 # %% ../../nbs/51_ternary_kernel.ipynb #82e732f5
 def ternary_bytes(M: int, K: int, N: int, group_size: int = 0, act_bytes: int = 2, scale_bytes: int = 2) -> dict:
@@ -427,11 +429,6 @@ def pick_config(M: int, N: int, K4: int, group_size: int = 0, n_sm: int = 132) -
     return TernaryConfig('mma', 128, 128, bk, 1, 8, 3, 1)
 
 # %% ../../nbs/51_ternary_kernel.ipynb #b56e032d
-def interpreter_active() -> bool:
-    "True when Triton kernels here run in the interpreter (TRITON_INTERPRET=1 was set before triton was imported)."
-    return type(_ternary_mm_kernel).__name__ == 'InterpretedFunction'
-
-
 def kernel_scales(scale: torch.Tensor, N: int, K4: int, group_size: int = 0) -> torch.Tensor:
     "Scales as the kernels index them: (N or 1, 1) per row/tensor, else (N, 4*K4/group_size) zero-padded."
     if group_size == 0: return scale
@@ -440,15 +437,6 @@ def kernel_scales(scale: torch.Tensor, N: int, K4: int, group_size: int = 0) -> 
     out = scale.new_zeros(scale.shape[0], need)
     out[:, :scale.shape[1]] = scale
     return out
-
-
-_WARNED: set = set()
-
-
-def _warn_once(key: str, msg: str):
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(msg, stacklevel=3)
 
 
 _COUNTERS: dict = {}
@@ -528,10 +516,10 @@ def ternary_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     if backend is None:
         backend = 'triton' if (x.is_cuda or interpreter_active()) else 'torch'
         if backend == 'torch':
-            _warn_once('cpu', "ternary_matmul: CPU tensors and no Triton interpreter; using the torch reference "
+            _warn_once('ternary_matmul cpu', "ternary_matmul: CPU tensors and no Triton interpreter; using the torch reference "
                               "(set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)")
     if backend == 'triton' and group_size and (group_size < 16 or group_size & (group_size - 1) or K4 % group_size):
-        _warn_once(f'g{group_size}', f"ternary_matmul: group_size={group_size} with {K4} bytes per row has no Triton "
+        _warn_once(f'ternary_matmul g{group_size}', f"ternary_matmul: group_size={group_size} with {K4} bytes per row has no Triton "
                                      "path (needs a power of two >= 16 dividing K4: pack with align=group_size); "
                                      "using the torch reference")
         backend = 'torch'

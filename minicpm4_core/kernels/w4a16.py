@@ -10,16 +10,18 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/w4a16_kernel.html.md"""
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, asdict
 
 import torch
 import triton
 import triton.language as tl
 
+# one interpreter test and one set of warn-once keys for all kernel modules
+from . import _warn_once, interpreter_active
+
 # %% auto #0
 __all__ = ['BACKENDS', 'w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size', 'dequantize_w4', 'w4a16_matmul_naive',
-           'W4A16Config', 'default_config', 'interpreter_active', 'w4a16_matmul', 'random_w4', 'self_check']
+           'W4A16Config', 'default_config', 'w4a16_matmul', 'random_w4', 'self_check']
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #2b12b3f0
 def w4a16_bytes(M: int, K: int, N: int, group_size: int = 128, act_bytes: int = 2) -> dict:
@@ -308,14 +310,7 @@ def default_config(M: int, N: int, K: int, group_size: int = 128, device=None) -
 # %% ../../nbs/71_w4a16_kernel.ipynb #0d579f81
 _LOCKS: dict = {}
 _MAGIC = tuple((150 - 4 * jj) << 23 for jj in range(4))   # float32 bits of 2^23, 2^19, 2^15, 2^11
-_WARNED: set = set()
 BACKENDS = ('triton', 'torch')
-
-
-def interpreter_active() -> bool:
-    "True when Triton kernels here run in the interpreter (TRITON_INTERPRET=1 was set before triton was imported)."
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_w4a16_gemv_kernel, InterpretedFunction)
 
 
 def _lock_buffer(device, n: int) -> torch.Tensor:
@@ -363,10 +358,9 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
         raise ValueError(f"backend={backend!r}; accepted: None (auto), {', '.join(map(repr, BACKENDS))}")
     if backend is None:
         backend = 'triton' if (x.is_cuda or interpreter_active()) else 'torch'
-        if backend == 'torch' and 'cpu' not in _WARNED:
-            _WARNED.add('cpu')
-            warnings.warn("w4a16_matmul: CPU tensors and no Triton interpreter; using the torch reference "
-                          "(dequantize + matmul)")
+        if backend == 'torch':
+            _warn_once('w4a16_matmul cpu', "w4a16_matmul: CPU tensors and no Triton interpreter; using the torch "
+                                           "reference (dequantize + matmul)")
     if backend == 'torch':
         y = w4a16_matmul_naive(x, qweight, scales, qzeros, G)
         return y if out is None else out.copy_(y)
