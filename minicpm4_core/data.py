@@ -9,8 +9,11 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/data.html.md"""
 # %% ../nbs/02_data.ipynb #1234067a
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
 import math
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,10 +24,11 @@ import torch
 
 # %% auto #0
 __all__ = ['PROFESSIONS', 'COLORS', 'PETS', 'ATTRIBUTES', 'FILLER', 'LOW_QUALITY_KINDS', 'CORPUS_SIZES', 'SPECIAL_TOKENS',
-           'Person', 'World', 'make_world', 'person_document', 'fact_questions', 'addition_worked',
-           'arithmetic_problems', 'narrative', 'NeedleItem', 'needle_item', 'low_quality_text', 'quality_dataset',
-           'embedded_corpus', 'Tokenizer', 'train_tokenizer', 'load_tokenizer', 'read_texts', 'pack_documents',
-           'batches', 'unigram_entropy']
+           'REAL_CORPORA', 'RECIPE', 'SPLITS', 'Person', 'World', 'make_world', 'person_document', 'fact_questions',
+           'addition_worked', 'arithmetic_problems', 'narrative', 'NeedleItem', 'needle_item', 'low_quality_text',
+           'quality_dataset', 'embedded_corpus', 'Tokenizer', 'train_tokenizer', 'load_tokenizer', 'read_texts',
+           'corpora_root', 'heldout_split', 'built_corpora', 'load_corpus', 'pack_documents', 'batches',
+           'unigram_entropy']
 
 # %% ../nbs/02_data.ipynb #675046ea
 _SYLLABLES = ['ba', 'ko', 'ri', 'ten', 'mo', 'lu', 'sa', 'vi', 'dor', 'ka', 'ne', 'pol', 'zu', 'fe', 'gar', 'shi',
@@ -300,6 +304,109 @@ def read_texts(paths: str | Path | Sequence, text_field: str = 'text', streaming
         if text_field not in rec:
             raise KeyError(f"read_texts: records have no field {text_field!r}; fields: {sorted(rec)}")
         yield rec[text_field]
+
+# %% ../nbs/02_data.ipynb #e3a07675
+REAL_CORPORA = {
+    'austen': "Jane Austen's six novels, one document per chapter (clean)",
+    'brown': 'the Brown corpus of 1961 American English, one document per file (clean)',
+    'python_docs': 'the Python documentation, one document per page (clean)',
+    'gcide': "GCIDE (Webster's 1913 + WordNet), one document per dictionary entry (clean)",
+    'nlp_corpus': 'lyrics, SMS, TV transcripts, reddit, ...: one document per sentence (noisy pool)',
+}
+RECIPE = 'python data_recipes/real_corpora.py'
+SPLITS = ('train', 'heldout', 'all')
+
+
+def corpora_root(root: str | Path | None = None) -> Path:
+    "Where built corpora live: `root`, else `$MINICPM4_DATA`, else `~/.cache/minicpm4_core/corpora`."
+    if root is not None: return Path(root).expanduser()
+    return Path(os.environ.get('MINICPM4_DATA') or Path.home() / '.cache' / 'minicpm4_core' / 'corpora')
+
+
+def heldout_split(doc_id: str, fraction: float = 0.05, salt: str = 'minicpm4_core') -> str:
+    "'heldout' for a fixed pseudo-random `fraction` of document ids, else 'train' (sha256 of 'salt:doc_id')."
+    if not 0 < fraction < 1: raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    h = int.from_bytes(hashlib.sha256(f'{salt}:{doc_id}'.encode()).digest()[:8], 'big')
+    return 'heldout' if h < fraction * 2 ** 64 else 'train'
+
+
+def built_corpora(root: str | Path | None = None) -> dict[str, dict]:
+    "{name: manifest} of every corpus the recipe has built under `corpora_root(root)`."
+    base, out = corpora_root(root), {}
+    for name in REAL_CORPORA:
+        m = base / name / 'manifest.json'
+        if m.exists() and all((base / name / f'{s}.parquet').exists() for s in ('train', 'heldout')):
+            out[name] = json.loads(m.read_text())
+    return out
+
+# %% ../nbs/02_data.ipynb #4a0e1d6d
+def _load_built(folder: Path, split: str, name: str) -> 'datasets.Dataset':
+    import datasets
+    want = ('train', 'heldout') if split == 'all' else (split,)
+    files = [folder / f'{s}.parquet' for s in want]
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"corpus {name!r} is not built (no {missing[0]}): run `{RECIPE} --corpora {name}` "
+            f"(it writes to $MINICPM4_DATA or ~/.cache/minicpm4_core/corpora; with --out DIR pass root=DIR)")
+    return datasets.load_dataset('parquet', data_files=[str(f) for f in files], split='train')
+
+
+def _split_rows(ds: 'datasets.Dataset', split: str, fraction: float, salt: str) -> 'datasets.Dataset':
+    if split == 'all': return ds
+    keep = [i for i, d in enumerate(ds['doc_id']) if heldout_split(d, fraction, salt) == split]
+    return ds.select(keep)
+
+
+def load_corpus(name_or_paths: str | Path | Sequence, split: str = 'train', root: str | Path | None = None,
+                text_field: str = 'text', heldout_fraction: float = 0.05, salt: str = 'minicpm4_core',
+                hub_split: str = 'train', hub_config: str | None = None) -> 'datasets.Dataset':
+    """Documents as a `datasets.Dataset` with at least the columns `text` and `doc_id`, from
+    - a name of REAL_CORPORA built by the recipe (its parquet under `corpora_root(root)`), or a folder it wrote;
+    - local .txt/.jsonl/.json/.parquet file(s) (read with `read_texts`; doc_id = 'file name:record number');
+    - a Hugging Face hub dataset name (online only; rows of its `hub_config`/`hub_split`; doc_id = 'name:row').
+    `split` is 'train', 'heldout' or 'all'; files and hub data are split with `heldout_split(doc_id)`."""
+    if split not in SPLITS: raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    import datasets
+    datasets.disable_progress_bars()
+    if isinstance(name_or_paths, (list, tuple)) or (isinstance(name_or_paths, (str, Path))
+                                                   and str(name_or_paths) not in REAL_CORPORA
+                                                   and (Path(name_or_paths).expanduser().exists()
+                                                        or Path(name_or_paths).suffix in _BUILDERS)):
+        paths = [Path(p).expanduser() for p in ([name_or_paths] if isinstance(name_or_paths, (str, Path)) else name_or_paths)]
+        if not paths: raise ValueError("load_corpus: empty list of paths")
+        if len(paths) == 1 and paths[0].is_dir():
+            if not (paths[0] / 'train.parquet').exists():
+                raise FileNotFoundError(f"{paths[0]} is a folder but not a corpus built by `{RECIPE}` "
+                                        f"(no train.parquet); pass its files instead")
+            return _load_built(paths[0], split, paths[0].name)
+        rows = {'text': [], 'doc_id': [], 'source': []}
+        for p in paths:
+            for i, t in enumerate(read_texts(p, text_field)):
+                rows['text'].append(t); rows['doc_id'].append(f'{p.name}:{i}'); rows['source'].append(str(p))
+        return _split_rows(datasets.Dataset.from_dict(rows), split, heldout_fraction, salt)
+    if not isinstance(name_or_paths, (str, Path)):
+        raise TypeError(f"name_or_paths must be a corpus name, a path or a list of paths, got {type(name_or_paths).__name__}")
+    name = str(name_or_paths)
+    if name in REAL_CORPORA: return _load_built(corpora_root(root) / name, split, name)
+    hint = (f"{name!r} is neither a built corpus ({', '.join(REAL_CORPORA)}; build them with `{RECIPE}`) "
+            f"nor a local file")
+    close = difflib.get_close_matches(name, list(REAL_CORPORA), n=1, cutoff=0.75)
+    if close:   # a typo of a corpus name: say so at once instead of asking the hub (which retries for ~30 s)
+        raise ValueError(f"{hint}; did you mean {close[0]!r}?")
+    if datasets.config.HF_HUB_OFFLINE:
+        raise ConnectionError(f"{hint}, and the Hugging Face hub is offline (HF_HUB_OFFLINE=1), so it cannot be "
+                              f"loaded as a hub dataset")
+    try:
+        ds = datasets.load_dataset(name, hub_config, split=hub_split)
+    except Exception as e:   # offline, unknown name, gated: one message that says what else can be done
+        raise ConnectionError(f"{hint}; loading it from the Hugging Face hub failed (HF_HUB_OFFLINE=1 skips the "
+                              f"hub): {type(e).__name__}: {e}") from e
+    if text_field not in ds.column_names:
+        raise KeyError(f"hub dataset {name!r} has no column {text_field!r}; columns: {ds.column_names}")
+    if text_field != 'text': ds = ds.rename_column(text_field, 'text')
+    if 'doc_id' not in ds.column_names: ds = ds.add_column('doc_id', [f'{name}:{i}' for i in range(len(ds))])
+    return _split_rows(ds, split, heldout_fraction, salt)
 
 # %% ../nbs/02_data.ipynb #d098ac91
 def pack_documents(docs_ids: Iterable[Sequence[int]], seq_len: int, bos_id: int | None = 1, eos_id: int | None = 2,

@@ -121,3 +121,72 @@ def test_batches_cover_rows():
 def test_unigram_entropy():
     assert D.unigram_entropy(torch.arange(8).repeat(5)) == pytest.approx(math.log(8))
     assert D.unigram_entropy([3, 3, 3]) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------------------- load_corpus (real text, offline)
+def _write_built(root, name, docs):
+    "A corpus folder as the recipe writes it (train/heldout parquet + manifest), split with heldout_split."
+    import datasets
+    folder = root / name
+    folder.mkdir(parents=True)
+    for split in ("train", "heldout"):
+        recs = [d for d in docs if D.heldout_split(d["doc_id"]) == split]
+        datasets.Dataset.from_list(recs).to_parquet(str(folder / f"{split}.parquet"))
+    (folder / "manifest.json").write_text(json.dumps({"name": name, "license": "test"}))
+
+
+def test_load_corpus_built_by_name(tmp_path, monkeypatch):
+    rng = random.Random(5)
+    docs = [dict(text=f"text {i} " + "w" * rng.randint(1, 9), source="brown", doc_id=f"brown/c{i:03d}", license="x",
+                 meta="{}") for i in range(300)]
+    _write_built(tmp_path, "brown", docs)
+    tr, ho, al = (D.load_corpus("brown", s, root=tmp_path) for s in ("train", "heldout", "all"))
+    assert len(ho) > 0 and len(tr) + len(ho) == len(al) == 300
+    assert sorted(al["doc_id"]) == sorted(d["doc_id"] for d in docs)
+    assert not set(tr["doc_id"]) & set(ho["doc_id"])
+    assert all(D.heldout_split(i) == "heldout" for i in list(ho["doc_id"]))
+    assert list(D.load_corpus(tmp_path / "brown", "heldout")["doc_id"]) == list(ho["doc_id"])      # the folder itself
+    monkeypatch.setenv("MINICPM4_DATA", str(tmp_path))
+    assert D.corpora_root() == tmp_path and len(D.load_corpus("brown")) == len(tr)
+    assert list(D.built_corpora()) == ["brown"]
+    with pytest.raises(FileNotFoundError, match=r"not built .* run `python data_recipes/real_corpora.py --corpora austen`"):
+        D.load_corpus("austen")
+
+
+@pytest.mark.parametrize("ext", ["txt", "jsonl"])
+def test_load_corpus_local_files(tmp_path, ext):
+    rng = random.Random(ext == "txt")
+    files = []
+    for k in range(2):
+        texts = [f"line {k}-{i} " + " ".join(rng.choice("abcdef") for _ in range(5)) for i in range(150)]
+        p = tmp_path / f"part{k}.{ext}"
+        p.write_text("\n".join(texts if ext == "txt" else [json.dumps({"body": t}) for t in texts]) + "\n")
+        files.append((p, texts))
+    kw = {} if ext == "txt" else {"text_field": "body"}
+    al = D.load_corpus([p for p, _ in files], "all", **kw)
+    assert list(al["text"]) == files[0][1] + files[1][1]
+    assert list(al["doc_id"])[150] == f"part1.{ext}:0"
+    tr, ho = D.load_corpus([p for p, _ in files], "train", **kw), D.load_corpus([p for p, _ in files], "heldout", **kw)
+    assert sorted([*tr["doc_id"], *ho["doc_id"]]) == sorted(al["doc_id"]) and len(ho) > 0
+    assert all(D.heldout_split(i) == "heldout" for i in list(ho["doc_id"]))
+    assert list(D.load_corpus(files[0][0], "all", **kw)["text"]) == files[0][1]                # one path as a str/Path
+
+
+def test_load_corpus_bad_input(tmp_path, monkeypatch):
+    import datasets
+    with pytest.raises(ValueError, match="split must be one of"):
+        D.load_corpus("brown", "test")
+    with pytest.raises(FileNotFoundError):
+        D.load_corpus(tmp_path / "missing.jsonl")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a corpus built by"):
+        D.load_corpus(tmp_path / "plain")
+    with pytest.raises(ValueError, match="empty list"):
+        D.load_corpus([])
+    with pytest.raises(TypeError, match="name_or_paths must be"):
+        D.load_corpus(42)
+    with pytest.raises(ValueError, match="did you mean 'austen'"):            # a typo: answered without the hub
+        D.load_corpus("austin")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConnectionError, match=r"neither a built corpus .*real_corpora.py.* hub is offline"):
+        D.load_corpus("someone/some-dataset")
