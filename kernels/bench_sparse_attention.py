@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Benchmark of the InfLLM v2 Triton kernels (minicpm4_core.kernels) at MiniCPM4-8B attention shapes.
 
-B=1, 32 query heads, 2 kv heads, head_dim 128, bf16, block 64, 96 visible blocks per query (1 init + 32 local +
-63 chosen), at 32K / 64K / 128K tokens (queries = keys = N). Baselines timed in the same run:
+B=1, 32 query heads, 2 kv heads, head_dim 128, bf16, block 64, 96 visible blocks per query: the shipped config
+under the June-2025 MiniCPM4 release's selection ('minicpm4'): a top-k of 64 (1 init block + 63 chosen among the
+blocks older than the window) plus the 32-block window, at 32K / 64K / 128K tokens (queries = keys = N).
+Baselines timed in the same run:
 dense causal SDPA (flash and cuDNN backends, GQA) forward and backward, FlexAttention with a BlockMask built from
 the same block lists (BlockMask.from_kv_blocks; the diagonal block partial with a causal mask_mod, the others
 full), and dense GQA decoding (SDPA) against the same cache.
@@ -33,9 +35,10 @@ import torch.nn.functional as F  # noqa: E402
 from minicpm4_core import infllmv2 as iv  # noqa: E402
 from minicpm4_core import kernels as sk  # noqa: E402
 
-H, HKV, D, M, K, INIT, LOCAL = 32, 2, 128, 64, 96, 1, 32
+H, HKV, D, M, TOPK, INIT, LOCAL = 32, 2, 128, 64, 64, 1, 32
+K = TOPK + LOCAL                  # blocks per attention list: the top-k plus the window ('minicpm4')
 G = H // HKV
-GEO = dict(kernel_size=32, kernel_stride=16, block_size=M, init_blocks=INIT, local_blocks=LOCAL)
+GEO = dict(kernel_size=32, kernel_stride=16, block_size=M, init_blocks=INIT, local_blocks=LOCAL, selection='minicpm4')
 RES = {}
 OUT = None
 
@@ -101,7 +104,8 @@ def attempt(name, fn, store):
 
 
 def block_lists(N, dev, seed):
-    "Per query block (64 tokens) and kv head: block 0, the 32 local blocks, 63 random others; (1, N, Hkv, 96)."
+    """Per query block (64 tokens) and kv head, the 'minicpm4' attention list: block 0, 63 random blocks older than
+    the window, the 32 window blocks [qb - 31, qb]; (1, N, Hkv, 96)."""
     g = torch.Generator(device=dev).manual_seed(seed)
     nb = N // M
     b = torch.arange(nb, device=dev)
@@ -248,15 +252,15 @@ def bench_length(N, dev, args):
         attempt('stage1_approx_ms', lambda: timeit(lambda: sk.fused_block_scores(q, k, **GEO, lse_approx=True, kc=kc,
                                                                                  kc_coarse=kc2, config=cfg), budget), R)
         sc = sk.fused_block_scores(q, k, **GEO, lse_approx=True, kc=kc, kc_coarse=kc2, config=cfg)
-        attempt('topk_ms', lambda: timeit(lambda: sk.topk_blocks(sc, K), budget), R)
-        own = sk.topk_blocks(sc, K)
+        attempt('topk_ms', lambda: timeit(lambda: sk.topk_blocks(sc, TOPK), budget), R)
+        own = iv.attention_blocks(sk.topk_blocks(sc, TOPK), N, M, LOCAL)     # + the window: 96-block lists
         del sc
         torch.cuda.empty_cache()
         for mode in ('exact', 'approx'):
             ap = mode == 'approx'
 
             def prefill(ap=ap):   # stage 1 (incl. compression) + top-k + sparse attention on the benchmark lists
-                sel = sk.prefill_select(q, k, K, **GEO, lse_approx=ap, config=cfg)
+                sel = sk.prefill_select(q, k, TOPK, **GEO, lse_approx=ap, config=cfg)
                 return sel, sk.sparse_attention(q, k, v, idx, M, config=cfg)
             attempt(f'prefill_{mode}_ms', lambda: timeit(prefill, budget), R)
         torch.cuda.empty_cache()
@@ -268,7 +272,7 @@ def bench_length(N, dev, args):
                     lambda: timeit(lambda: sk.sparse_attention(q, k, v, own, M, config=cfg), budget, max_reps=5), R)
             attempt('prefill_approx_own_lists_ms',
                     lambda: timeit(lambda: sk.sparse_attention(q, k, v, sk.prefill_select(
-                        q, k, K, **GEO, lse_approx=True, config=cfg), M, config=cfg), budget, max_reps=5), R)
+                        q, k, TOPK, **GEO, lse_approx=True, config=cfg), M, config=cfg), budget, max_reps=5), R)
         del own
         torch.cuda.empty_cache()
 
@@ -310,7 +314,7 @@ def bench_length(N, dev, args):
     sp_fns = [lambda c=c, l=l: sk.sparse_decode(c[2], c[0], c[1], l, seq, M, config=cfg) for c, l in zip(caches, lists)]
     de_fns = [lambda c=c: F.scaled_dot_product_attention(c[2][:, :, None], c[0].transpose(1, 2), c[1].transpose(1, 2),
                                                           enable_gqa=True) for c in caches]
-    se_fns = [lambda c=c, kc_=kc_: sk.decode_select(c[2], kc_, seq, K, **GEO, num_blocks=nbk, config=cfg)
+    se_fns = [lambda c=c, kc_=kc_: sk.decode_select(c[2], kc_, seq, TOPK, **GEO, num_blocks=nbk, config=cfg)
               for c, kc_ in zip(caches, kcs)]
     attempt('decode_sparse_graph_us', lambda: 1e3 * graph_time(sp_fns), R)
     attempt('decode_dense_graph_us', lambda: 1e3 * graph_time(de_fns), R)
@@ -369,12 +373,12 @@ def variants(N, dev, args):
             consider('s1', nm, c)
             V[nm + ' resources'] = res(['s1_lse', 's1_score'])
         sc = sk.fused_block_scores(q, k, **GEO, lse_approx=True, kc=kc, kc_coarse=kc2)
-        attempt('topk (Triton)', lambda: timeit(lambda: sk.topk_blocks(sc, K), args.budget), V)
+        attempt('topk (Triton)', lambda: timeit(lambda: sk.topk_blocks(sc, TOPK), args.budget), V)
         V['topk resources'] = res(['topk'])
         attempt('topk (torch.topk + sort)', lambda: timeit(
-            lambda: torch.topk(sc, K, dim=-1, sorted=False).indices.sort(-1), args.budget), V)
+            lambda: torch.topk(sc, TOPK, dim=-1, sorted=False).indices.sort(-1), args.budget), V)
         V['topk identical to select_blocks (first 4096 rows)'] = bool(torch.equal(
-            sk.topk_blocks(sc[:, :2048], K), iv.select_blocks(sc[:, :2048], K)))
+            sk.topk_blocks(sc[:, :2048], TOPK), iv.select_blocks(sc[:, :2048], TOPK)))
         del sc, kc, kc2
     for c in args.bwd_variants:
         sk.COMPILED.clear()
@@ -465,9 +469,9 @@ def main():
     ap.add_argument('--sections', nargs='+', default=['dense', 'sparse', 'stage1', 'flex', 'decode'])
     args = ap.parse_args()
     if args.smoke:   # a quick dry run of the script itself (CPU interpreter): tiny heads
-        global H, HKV, D, G, LOCAL, K
-        H, HKV, D, LOCAL, K = 4, 2, 32, 2, 6
-        G = H // HKV
+        global H, HKV, D, G, LOCAL, K, TOPK
+        H, HKV, D, LOCAL, TOPK = 4, 2, 32, 2, 4
+        K, G = TOPK + LOCAL, H // HKV
         GEO.update(local_blocks=LOCAL)
     f = lambda tt, w, st, pr: dict(tile_tokens=tt, fwd=dict(num_warps=w, num_stages=st, PAIR=pr))  # noqa: E731
     args.fwd_variants = [f(8, 8, 2, 2), f(8, 8, 2, 1), f(4, 4, 2, 1), f(4, 4, 3, 1), f(4, 4, 2, 2), f(4, 8, 2, 2)]
@@ -485,7 +489,8 @@ def main():
     import triton
     RES.update(device=torch.cuda.get_device_name() if dev.type == 'cuda' else platform.processor() or 'cpu',
                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-               shapes=dict(B=1, H=H, Hkv=HKV, D=D, block=M, topk=K, init_blocks=INIT, local_blocks=LOCAL,
+               shapes=dict(B=1, H=H, Hkv=HKV, D=D, block=M, topk=TOPK, blocks_per_query=K, init_blocks=INIT,
+                           local_blocks=LOCAL, selection=GEO['selection'],
                            kernel_size=32, kernel_stride=16, dtype='bfloat16', lengths=args.lengths,
                            lists='one random choice per 64-token query block and kv head'),
                started=time.strftime('%Y-%m-%d %H:%M:%S'), lengths={}, default_config=sk.DEFAULT_CONFIG)

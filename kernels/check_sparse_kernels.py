@@ -3,10 +3,13 @@
 (minicpm4_core.infllmv2): forward + dq/dk/dv of sparse_attention, fused stage-1 scores + top-k, decoding.
 
 bf16/fp16 must agree within relative error 1e-2 (fp32: 1e-4; our fp32 dots are exact 'ieee'); block selections
-must be identical to `select_blocks` (scores are compared by relative error, +-inf patterns exactly).
-Outputs are poisoned (NaN-filled memory handed back to the allocator) before each run and checked finite.
+must be identical to `select_blocks` (scores are compared by relative error, +-inf patterns exactly), for both
+released selections ('minicpm4': top-k beside a window, the attention lists top-k + window; 'minicpm4.1': window
+inside the top-k). Outputs are poisoned (NaN-filled memory handed back to the allocator) before each run and
+checked finite.
 
     PYTHONPATH=. python kernels/check_sparse_kernels.py [--out results.json] [--smoke]
+    TRITON_INTERPRET=1 python kernels/check_sparse_kernels.py --smoke     # tiny shapes, CPU (alias: --tiny)
 """
 import argparse
 import json
@@ -48,7 +51,8 @@ def lists_per_token(B, T, Hkv, N, m, K, dev, gen):
 
 
 def lists_per_block(B, T, N, Hkv, m, K, init, local, dev, gen):
-    "Benchmark-style lists: one per query block of m tokens (init + local window + random rest), -1 padded."
+    """Benchmark-style lists: one per query block of m tokens, -1 padded, laid out as the 'minicpm4' attention lists:
+    init blocks + random choices older than the window + the window [qb - local + 1, qb]."""
     nb = -(-N // m)
     qb_all = torch.arange(N - T, N) // m
     b = torch.arange(nb)
@@ -101,6 +105,7 @@ def check_attention(case, dev, gen, tol):
 def check_stage1(case, dev, gen):
     B, T, N, H, Hkv, D, geo, topk, approx, dtype = case[:10]
     cfg = dict(s1=case[10]) if len(case) > 10 else None
+    sel = geo.get('selection', 'minicpm4')
     dt = getattr(torch, dtype)
     q = torch.randn(B, T, H, D, generator=gen).to(dev, dt)
     k = torch.randn(B, N, Hkv, D, generator=gen).to(dev, dt)
@@ -115,9 +120,14 @@ def check_stage1(case, dev, gen):
     # the selection of the reference applied to OUR scores must be identical (tie rule): isolates topk from rounding
     ic = iv.select_blocks(a, topk)
     tie_rule = bool(torch.equal(ia, ic))
+    # the attention lists of the pipeline (top-k + window for 'minicpm4') = the reference's attention_blocks
+    lists = sk.prefill_select(q, k, topk, **geo, lse_approx=approx, config=cfg)
+    want = iv.attention_blocks(ia, N, geo['block_size'], geo['local_blocks'], sel)
+    lists_ok = bool(torch.equal(lists, want)) and lists.shape[-1] == topk + (geo['local_blocks'] if sel == 'minicpm4'
+                                                                            else 0)
     tol = 1e-5 if dt == torch.float32 else 1e-2
     return dict(case=[B, T, N, H, Hkv, D, geo, topk, approx, dtype], pattern=pattern, rel=err, rows_same=same,
-                topk_tie_rule=tie_rule, ok=pattern and err <= tol and tie_rule)
+                topk_tie_rule=tie_rule, lists_ok=lists_ok, ok=pattern and err <= tol and tie_rule and lists_ok)
 
 
 def check_decode(case, dev, gen):
@@ -130,9 +140,10 @@ def check_decode(case, dev, gen):
     seq = torch.tensor(lens, dtype=torch.int32, device=dev)
     comp = iv.compress_keys(kc, geo['kernel_size'], geo['kernel_stride'])
     m = geo['block_size']
+    sel = geo.get('selection', 'minicpm4')
     poison(dev)
     sc = sk.decode_block_scores(q, comp, seq, **geo, num_blocks=-(-Nmax // m))
-    idx = sk.topk_blocks(sc, topk)
+    idx = sk.decode_select(q, comp, seq, topk, **geo, num_blocks=-(-Nmax // m))     # top-k (+ window)
     o = sk.sparse_decode(q, kc, vc, idx, seq, m)
     res = dict(case=case, score_rel=[], same_sel=[], attn_rel=[])
     ok = bool(torch.isfinite(o).all())
@@ -142,7 +153,8 @@ def check_decode(case, dev, gen):
         f = torch.isfinite(ref)
         pat = bool(torch.equal(torch.isfinite(sc[b, :, :nb]), f)) and bool(torch.isneginf(sc[b, :, nb:]).all())
         e = rel(sc[b, :, :nb][f], ref[f]) if f.any() else 0.0
-        ridx = iv.select_blocks(sc[b:b + 1, None, :, :nb], topk)[0, 0]
+        ridx = iv.attention_blocks(iv.select_blocks(sc[b:b + 1, None, :, :nb], topk), L, m, geo['local_blocks'],
+                                   sel)[0, 0]
         same = bool(torch.equal(idx[b], ridx))
         oref = iv.sparse_attention_ref(q[b:b + 1, None].float(), kc[b:b + 1, :L].float(), vc[b:b + 1, :L].float(),
                                        idx[b:b + 1, None], m)[0, 0]
@@ -156,7 +168,7 @@ def check_decode(case, dev, gen):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--out', default=None)
-    ap.add_argument('--smoke', action='store_true', help='tiny shapes (CPU interpreter)')
+    ap.add_argument('--smoke', '--tiny', action='store_true', help='tiny shapes (CPU interpreter)')
     a = ap.parse_args()
     dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     gen = torch.Generator().manual_seed(0)
@@ -165,11 +177,11 @@ def main():
     if a.smoke:
         att = [(1, 40, 70, 8, 2, 16, 16, 3, 'float32', 'token', None),
                (1, 64, 64, 16, 1, 16, 16, 4, 'bfloat16', 'block', dict(chunk=2))]
-        s1 = [(1, 40, 90, dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=1), 3, 8,
-               2, 16)]
-        s1 = [(1, 40, 90, 8, 2, 16, s1[0][3], 3, False, 'float32')]
-        dec = [((50, 31), 8, 2, 16, dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1,
-                                         local_blocks=1), 3, 'float32')]
+        g16 = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=1)
+        s1 = [(1, 40, 90, 8, 2, 16, g16, 3, False, 'float32'),
+              (1, 40, 90, 8, 2, 16, dict(g16, selection='minicpm4.1'), 3, True, 'float32')]
+        dec = [((50, 31), 8, 2, 16, g16, 3, 'float32'),
+               ((50, 31), 8, 2, 16, dict(g16, selection='minicpm4.1'), 3, 'float32')]
     else:
         att = [  # B, T, N, H, Hkv, D, m, K, dtype, lists, config
             (2, 300, 300, 32, 2, 128, 64, 4, 'bfloat16', 'token', None),
@@ -186,16 +198,21 @@ def main():
             (1, 1000, 1500, 32, 2, 128, 64, 8, 'bfloat16', 'token',      # backward with another tile than forward
              dict(tile_tokens=4, fwd=dict(num_warps=8, PAIR=2), bwd_tile_tokens=8, chunk=128)),
         ]
-        s1 = [  # B, T, N, H, Hkv, D, geometry, topk, approx, dtype
+        G41 = dict(G64, selection='minicpm4.1')
+        s1 = [  # B, T, N, H, Hkv, D, geometry (+ selection, default 'minicpm4'), topk, approx, dtype
             (1, 2048, 4096, 32, 2, 128, dict(G64, local_blocks=4), 16, False, 'bfloat16'),
             (1, 2048, 4096, 32, 2, 128, dict(G64, local_blocks=4), 16, True, 'bfloat16'),
+            (1, 2048, 4096, 32, 2, 128, dict(G41, local_blocks=4), 16, True, 'bfloat16'),
             (2, 1000, 3000, 16, 2, 64, G64, 40, False, 'bfloat16'),
-            (1, 700, 9000, 32, 2, 128, G64, 96, True, 'bfloat16'),
+            (2, 1000, 3000, 16, 2, 64, G41, 40, False, 'bfloat16'),
+            (1, 700, 9000, 32, 2, 128, G64, 64, True, 'bfloat16'),              # the shipped config: 64 + 32
+            (1, 700, 9000, 32, 2, 128, G41, 64, True, 'bfloat16'),              # MiniCPM4.1's: 64, 34 forced
             (1, 300, 2000, 32, 2, 128, dict(G64, local_blocks=2), 8, False, 'float32'),
             (1, 1500, 6000, 32, 2, 128, G64, 96, True, 'bfloat16', dict(num_warps=4, NBC=32, KT=128, BM=4)),
             (1, 1500, 6000, 32, 2, 128, G64, 96, False, 'bfloat16', dict(num_warps=8, NBC=32, KT=128)),
         ]
-        dec = [((5000, 777, 12000), 32, 2, 128, G64, 96, 'bfloat16'),
+        dec = [((5000, 777, 12000), 32, 2, 128, G64, 64, 'bfloat16'),
+               ((5000, 777, 12000), 32, 2, 128, G41, 64, 'bfloat16'),
                ((3000,), 16, 2, 64, dict(G64, local_blocks=4), 16, 'bfloat16')]
     results = dict(device=torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu',
                    torch=torch.__version__, triton=__import__('triton').__version__, attention=[], stage1=[],
@@ -210,7 +227,8 @@ def main():
         r = check_stage1(c, dev, gen)
         results['stage1'].append(r)
         print('stage1', c[:6], 'approx' if c[8] else 'exact', f"rel {r['rel']:.1e} rows_same {r['rows_same']:.4f}",
-              'tie_rule', r['topk_tie_rule'], 'OK' if r['ok'] else 'FAIL', flush=True)
+              'tie_rule', r['topk_tie_rule'], 'lists', r['lists_ok'], c[6].get('selection', 'minicpm4'),
+              'OK' if r['ok'] else 'FAIL', flush=True)
     for c in dec:
         r = check_decode(c, dev, gen)
         results['decode'].append(r)
