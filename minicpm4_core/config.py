@@ -21,7 +21,10 @@ __all__ = ['SPARSE_CONFIG_DEFAULT', 'ROPE_TYPES', 'PRESETS', 'default_sparse_con
 
 # %% ../nbs/00_config.ipynb #e24ef5ba
 SPARSE_CONFIG_DEFAULT = dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=2048,
-                             topk=64, use_nope=False, dense_len=8192)
+                             topk=64, use_nope=False, dense_len=8192,
+                             # ours: which released block selection to follow (see notebook 10):
+                             # 'minicpm4' (June 2025 release: top-k beside a 32-block window) or 'minicpm4.1'
+                             selection='minicpm4')
 
 ROPE_TYPES = ('default', 'longrope')
 
@@ -96,7 +99,11 @@ class MiniCPM4Config:
         if rs is None: return
         if not isinstance(rs, dict):
             raise ValueError(f"rope_scaling must be a dict or None, got {type(rs).__name__}")
-        kind = rs.get('rope_type', rs.get('type'))
+        rs = dict(rs)
+        if 'rope_type' not in rs and 'type' in rs: rs['rope_type'] = rs.pop('type')  # older HF spelling
+        if rs.get('rope_type') == 'su': rs['rope_type'] = 'longrope'                  # Phi-3's first name for it
+        self.rope_scaling = rs
+        kind = rs.get('rope_type')
         if kind not in ROPE_TYPES:
             raise ValueError(f"rope_scaling: unknown rope type {kind!r}; accepted: {list(ROPE_TYPES)}")
         if kind == 'longrope':
@@ -111,7 +118,8 @@ class MiniCPM4Config:
 
     @property
     def rope_type(self) -> str:
-        return 'default' if self.rope_scaling is None else self.rope_scaling.get('rope_type', self.rope_scaling.get('type'))
+        rs = self.rope_scaling  # normalised to 'rope_type' when built; tolerate a dict assigned later
+        return 'default' if rs is None else rs.get('rope_type', rs.get('type'))
 
     @property
     def num_key_value_groups(self) -> int:
@@ -136,12 +144,36 @@ def _cfg_fields():
     return [f.name for f in fields(MiniCPM4Config) if f.name != 'extra']
 
 
+_OFFICIAL_DEFAULTS = dict(scale_emb=1, scale_depth=1, dim_model_base=1)  # the official MiniCPMConfig's defaults
+
+
+def _read_rope_parameters(d: dict):
+    "Fold a transformers-5 `rope_parameters` dict of `d` (in place) into `rope_theta` / `rope_scaling`."
+    rp = d.pop('rope_parameters', None)
+    if rp is None: return
+    if not isinstance(rp, dict):
+        raise ValueError(f"rope_parameters must be a dict, got {type(rp).__name__}")
+    if 'full_attention' in rp and isinstance(rp['full_attention'], dict): rp = rp['full_attention']  # per layer type
+    rp = dict(rp)
+    if 'rope_theta' in rp: d.setdefault('rope_theta', rp.pop('rope_theta'))
+    kind = rp.get('rope_type', rp.get('type', 'default'))
+    if kind != 'default' and d.get('rope_scaling') is None:
+        if 'original_max_position_embeddings' not in rp and 'original_max_position_embeddings' in d:
+            rp['original_max_position_embeddings'] = d.pop('original_max_position_embeddings')
+        d['rope_scaling'] = rp
+
+
 @classmethod
 def _from_dict(cls, d: dict) -> MiniCPM4Config:
     "Build from a `config.json` dictionary; unknown keys are kept in `.extra`."
     if not isinstance(d, dict):
         raise TypeError(f"from_dict expects a dict, got {type(d).__name__}")
     d = copy.deepcopy(d)
+    _read_rope_parameters(d)
+    if 'dtype' in d:  # transformers 5 name of torch_dtype
+        dt = d.pop('dtype')
+        if dt is not None: d.setdefault('torch_dtype', str(dt).removeprefix('torch.'))
+    for k, v in _OFFICIAL_DEFAULTS.items(): d.setdefault(k, v)
     known = {k: d.pop(k) for k in list(d) if k in _cfg_fields()}
     for k in _HF_FIXED: d.pop(k, None)
     return cls(**known, extra=d)

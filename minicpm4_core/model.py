@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +24,10 @@ import torch.nn.functional as F
 from .config import MiniCPM4Config
 
 # %% auto #0
-__all__ = ['RMSNorm', 'rope_cos_sin', 'apply_rope', 'AttentionInputs', 'dense_attention', 'attention_backend', 'LayerCache',
-           'KVCache', 'MiniCPM4Attention', 'MiniCPM4MLP', 'MiniCPM4DecoderLayer', 'MTPHead', 'MiniCPM4Model',
-           'MiniCPM4ForCausalLM', 'filtered_logits', 'sample_next', 'generate', 'save_pretrained',
-           'load_state_dict_files', 'load_pretrained', 'count_parameters']
+__all__ = ['REMOTE_CODE', 'AUTO_MAP', 'RMSNorm', 'rope_cos_sin', 'apply_rope', 'AttentionInputs', 'dense_attention',
+           'attention_backend', 'LayerCache', 'KVCache', 'MiniCPM4Attention', 'MiniCPM4MLP', 'MiniCPM4DecoderLayer',
+           'MTPHead', 'MiniCPM4Model', 'MiniCPM4ForCausalLM', 'filtered_logits', 'sample_next', 'generate',
+           'save_pretrained', 'load_state_dict_files', 'resolve_pretrained_path', 'load_pretrained', 'count_parameters']
 
 # %% ../nbs/01_model.ipynb #d0048296
 class RMSNorm(nn.Module):
@@ -42,23 +44,44 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 # %% ../nbs/01_model.ipynb #42b287c4
+def _longrope_factors(config: MiniCPM4Config, table_len: int) -> tuple[list, float]:
+    "LongRoPE (factors, scale) for a cos/sin table of `table_len` positions, as the official `MiniCPMLongRoPE`."
+    rs = config.rope_scaling
+    orig = rs['original_max_position_embeddings']
+    factors = rs['long_factor'] if table_len > orig else rs['short_factor']
+    # built from max_position_embeddings, never from the current length; not clamped to >= 1
+    scale = math.sqrt(1 + math.log(config.max_position_embeddings / orig) / math.log(orig))
+    return factors, scale
+
+
+_warned_factor_switch = set()
+
+
 def rope_cos_sin(config: MiniCPM4Config, positions: torch.Tensor, seq_len: int | None = None):
     """cos, sin of shape positions.shape + (head_dim,), float32.
 
-    positions: integer tensor, (T,) or (B, T). seq_len: total sequence length that picks LongRoPE's factor set
-    (defaults to max position + 1)."""
+    positions: integer tensor, (T,) or (B, T). seq_len: total length of the sequence (defaults to max position + 1);
+    it matters only beyond `max_position_embeddings`, where the official code rebuilds its table at `seq_len`."""
     D = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=positions.device) / D))
-    scale = 1.0
-    if config.rope_type == 'longrope':
-        rs = config.rope_scaling
-        orig = rs['original_max_position_embeddings']
-        if seq_len is None: seq_len = int(positions.max()) + 1 if positions.numel() else 1
-        factors = rs['long_factor'] if seq_len > orig else rs['short_factor']
-        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32, device=positions.device)
-        ratio = config.max_position_embeddings / orig
-        scale = math.sqrt(1 + math.log(ratio) / math.log(orig)) if ratio > 1 else 1.0
-    freqs = positions.float()[..., None] * inv_freq
+    dev = positions.device
+    # the small per-channel vectors on the CPU, as the official code builds them (CUDA's pow may round differently)
+    inv_freq = (1.0 / (config.rope_theta ** (torch.arange(0, D, 2).float() / D))).to(dev)
+    t = positions.float()[..., None]
+    if config.rope_type != 'longrope':
+        freqs = t * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+    if seq_len is None: seq_len = int(positions.max()) + 1 if positions.numel() else 1
+    table_len = max(config.max_position_embeddings, seq_len)
+    factors, scale = _longrope_factors(config, table_len)
+    orig = config.rope_scaling['original_max_position_embeddings']
+    if config.max_position_embeddings <= orig < table_len and id(config) not in _warned_factor_switch:
+        _warned_factor_switch.add(id(config))
+        warnings.warn(f"sequence length {seq_len} > max_position_embeddings={config.max_position_embeddings} and > "
+                      f"original_max_position_embeddings={orig}: LongRoPE switches to long_factor from here on (as "
+                      "the official code does), so keys cached earlier were rotated with short_factor")
+    recip = (1.0 / torch.tensor(factors, dtype=torch.float32)).to(dev)
+    freqs = (t * recip) * inv_freq                # this order, in float32, as the official table
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos() * scale, emb.sin() * scale
 
@@ -400,8 +423,41 @@ def _parse_size(s) -> int:
     return int(s)
 
 
-def save_pretrained(model: MiniCPM4ForCausalLM, path, max_shard_size: int | str = '2GB', dtype=None) -> Path:
-    "Write config.json + safetensors (sharded with an index when larger than max_shard_size) to `path`."
+_REMOTE_NOTE = '''"""Remote code of a MiniCPM4 folder written by minicpm4_core (https://github.com/minicpm4-core/minicpm4_core).
+
+A thin wrapper: the classes live in the `minicpm4_core` package, so this folder gives exactly that package's
+logits (dense or InfLLM v2). Install it where you load the folder: `pip install minicpm4_core`."""'''
+
+REMOTE_CODE = {
+    'configuration_minicpm.py': _REMOTE_NOTE + '''
+try:
+    from minicpm4_core.hf import MiniCPMConfig
+except ImportError as e:
+    raise ImportError("this MiniCPM4 folder was written by minicpm4_core; its remote code needs that package: "
+                      "pip install minicpm4_core") from e
+
+__all__ = ['MiniCPMConfig']
+''',
+    'modeling_minicpm.py': _REMOTE_NOTE + '''
+try:
+    from minicpm4_core.hf import MiniCPMConfig, MiniCPMForCausalLM
+except ImportError as e:
+    raise ImportError("this MiniCPM4 folder was written by minicpm4_core; its remote code needs that package: "
+                      "pip install minicpm4_core") from e
+
+__all__ = ['MiniCPMConfig', 'MiniCPMForCausalLM']
+'''}
+AUTO_MAP = {'AutoConfig': 'configuration_minicpm.MiniCPMConfig',
+            'AutoModelForCausalLM': 'modeling_minicpm.MiniCPMForCausalLM'}
+
+
+def save_pretrained(model: MiniCPM4ForCausalLM, path, max_shard_size: int | str = '2GB', dtype=None,
+                    remote_code: bool = True) -> Path:
+    """Write config.json + safetensors (sharded with an index when larger than max_shard_size) to `path`.
+
+    `torch_dtype` in config.json is the dtype of the stored tensors. With `remote_code`, also write `auto_map` and
+    the two remote-code files, so `transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`
+    loads the folder (through `minicpm4_core.hf`)."""
     from safetensors.torch import save_file
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -426,7 +482,14 @@ def save_pretrained(model: MiniCPM4ForCausalLM, path, max_shard_size: int | str 
         total = sum(v.numel() * v.element_size() for v in sd.values())
         (path / 'model.safetensors.index.json').write_text(
             json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))
-    cfg.save_pretrained(path)
+    out = MiniCPM4Config.from_dict(cfg.to_dict())   # a copy: the model's own config is left as it is
+    out.torch_dtype = str(sd['model.embed_tokens.weight'].dtype).removeprefix('torch.')
+    if remote_code:
+        out.extra['auto_map'] = dict(AUTO_MAP)
+        for name, text in REMOTE_CODE.items(): (path / name).write_text(text)
+    else:
+        out.extra.pop('auto_map', None)
+    out.save_pretrained(path)
     return path
 
 
@@ -446,9 +509,40 @@ def load_state_dict_files(path) -> dict[str, torch.Tensor]:
     return sd
 
 
+_HUB_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*')
+
+
+def resolve_pretrained_path(path) -> Path:
+    """A local folder as is; a hub name `owner/name` that is not a local folder through `huggingface_hub`'s cache
+    (then the hub itself unless HF_HUB_OFFLINE is set). Raises FileNotFoundError saying what to do otherwise."""
+    p = Path(path)
+    if p.exists() or not _HUB_NAME.fullmatch(str(path)): return p
+    name = str(path)
+    how = (f"download it on a machine with network (`huggingface-cli download {name} --local-dir <folder>`, or "
+           f"`hf download {name} --local-dir <folder>`), copy the folder here and pass its path")
+    try:
+        import huggingface_hub
+    except ImportError as e:
+        raise FileNotFoundError(f"'{name}' is not a local folder, and huggingface_hub is not installed to fetch it "
+                                f"from the hub (pip install huggingface_hub); or {how}") from e
+    offline = os.environ.get('HF_HUB_OFFLINE', '').strip().upper() in ('1', 'ON', 'YES', 'TRUE')
+    patterns = ['*.json', '*.safetensors', '*.py', '*.model', '*.txt']
+    errors = []
+    for local_only in ([True] if offline else [True, False]):   # the cache first
+        try:
+            return Path(huggingface_hub.snapshot_download(name, allow_patterns=patterns, local_files_only=local_only))
+        except Exception as e:  # not cached / no network / no such repo: all say the same to the user
+            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    where = 'HF_HUB_OFFLINE is set and it is not in the local cache' if offline else 'the hub could not provide it'
+    raise FileNotFoundError(f"'{name}' is not a local folder and {where} ({'; '.join(errors)}). To use it: {how}.")
+
+
 def load_pretrained(path, dtype: torch.dtype | None = None, device='cpu', config: MiniCPM4Config | None = None,
                     strict: bool = True) -> MiniCPM4ForCausalLM:
-    "Load a Hugging Face MiniCPM4 folder (config.json + safetensors) into `MiniCPM4ForCausalLM`, in eval mode."
+    """Load a Hugging Face MiniCPM4 folder (config.json + safetensors) into `MiniCPM4ForCausalLM`, in eval mode.
+
+    `path`: a local folder, or a hub name such as 'openbmb/MiniCPM4-0.5B' (see `resolve_pretrained_path`)."""
+    path = resolve_pretrained_path(path)
     config = config or MiniCPM4Config.from_pretrained(path)
     sd = load_state_dict_files(path)
     with torch.device('meta'):

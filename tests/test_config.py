@@ -42,7 +42,7 @@ def test_presets_round_trip(name, tmp_path):
 def test_8b_sparse_config_is_released_one():
     sc = MiniCPM4Config.minicpm4_8b().sparse_config
     assert sc == dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=2048, topk=64,
-                      use_nope=False, dense_len=8192)
+                      use_nope=False, dense_len=8192, selection="minicpm4")  # ours: the release's block selection
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -72,3 +72,42 @@ def test_bad_preset_and_missing_file(tmp_path):
 
 def test_default_sparse_config_overrides():
     assert default_sparse_config(topk=16)["topk"] == 16
+
+
+def test_transformers5_rope_parameters_and_dtype():
+    base = {k: v for k, v in RELEASED_0_5B.items() if k not in ("rope_scaling", "rope_theta", "torch_dtype")}
+    rs = RELEASED_0_5B["rope_scaling"]
+    want = MiniCPM4Config.from_dict(RELEASED_0_5B)
+    flat = {**base, "dtype": "bfloat16", "rope_parameters": {**rs, "rope_theta": 10000.0}}
+    nested = {**base, "torch_dtype": "bfloat16", "rope_parameters": {"full_attention": {**rs, "rope_theta": 10000.0}}}
+    orig_top = {**base, "torch_dtype": "bfloat16", "original_max_position_embeddings": 32768,
+                "rope_parameters": {k: v for k, v in rs.items() if k != "original_max_position_embeddings"}
+                | {"rope_theta": 10000.0}}
+    for d in (flat, nested, orig_top):
+        c = MiniCPM4Config.from_dict(d)
+        assert c == want, d.keys()
+    # plain RoPE through rope_parameters: no rope_scaling, theta read
+    c = MiniCPM4Config.from_dict({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
+    assert c.rope_scaling is None and c.rope_theta == 5e5 and c.rope_type == "default"
+    with pytest.raises(ValueError, match="rope_parameters must be a dict"):
+        MiniCPM4Config.from_dict({**base, "rope_parameters": 3})
+
+
+@pytest.mark.parametrize("spelling", ["type", "su"])
+def test_rope_scaling_old_spellings(spelling):
+    rs = {k: v for k, v in RELEASED_0_5B["rope_scaling"].items() if k != "rope_type"}
+    rs["type"] = "longrope" if spelling == "type" else "su"
+    c = MiniCPM4Config.from_dict({**RELEASED_0_5B, "rope_scaling": rs})
+    assert c.rope_type == "longrope" and c.rope_scaling["rope_type"] == "longrope" and "type" not in c.rope_scaling
+    assert c == MiniCPM4Config.from_dict(RELEASED_0_5B)
+
+
+def test_missing_mup_keys_default_to_official_ones():
+    d = {k: v for k, v in RELEASED_0_5B.items() if k not in ("scale_emb", "scale_depth", "dim_model_base")}
+    c = MiniCPM4Config.from_dict(d)
+    assert (c.scale_emb, c.scale_depth, c.dim_model_base) == (1, 1, 1)
+    assert c.residual_scale == pytest.approx(1 / 24 ** 0.5) and c.logit_scale == 1024
+    # given keys win; direct construction and presets keep our (released) defaults
+    assert MiniCPM4Config.from_dict(RELEASED_0_5B).scale_emb == 12
+    assert (MiniCPM4Config().scale_emb, MiniCPM4Config().dim_model_base) == (12.0, 256)
+    assert MiniCPM4Config.minicpm4_8b().scale_depth == 1.4

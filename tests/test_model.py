@@ -132,18 +132,124 @@ def test_each_mup_scale_factor():
         assert torch.allclose(logits, m.lm_head(m.model.norm(hid)) / (c.hidden_size / c.dim_model_base), atol=1e-6)
 
 
-def test_longrope_factors_and_scale():
+# The released 128K LongRoPE factors of MiniCPM4/4.1-8B (head_dim 128; the official README's `long_factor` list).
+RELEASED_FACTORS_128 = [
+    0.9982316082870437, 1.033048153422584, 1.0749920956484724, 1.1255096879436193, 1.1863348602111476,
+    1.259543828902579, 1.3476188888731149, 1.4535223827776373, 1.5807816745852985, 1.7335856049489526,
+    1.9168922912975785, 2.1365471404135326, 2.3994084200118646, 2.713475511863602, 3.0880118452194134,
+    3.533650295140154, 4.062463396503134, 4.687974098908333, 5.425075306704039, 6.289818967956352,
+    7.29902962722721, 8.6357018163639, 10.210822723989212, 12.053807765671676, 14.193944598909404,
+    16.65780676784363, 19.463620727694074, 22.628311203524586, 26.150106147261315, 30.02526691405111,
+    34.23183327975347, 38.73811934094828, 43.502489489729555, 48.47627117965394, 53.61139491762471,
+    58.857366522037935, 64.16798299215064, 69.51359464319125, 74.86555458220285, 80.21497790341579,
+    85.55322183307433, 90.89611806932027, 96.26245306514224, 101.68269304046481, 107.18619510219668,
+    112.82253283014026, 118.63764063163615, 119.88866203644656, 120.9462882391725, 121.837565139014,
+    122.58663780572562, 123.2147719894291, 123.74049454862576, 124.17980424685767, 124.54641761955492,
+    124.85202548028222, 125.10654406389756, 125.31835105170659, 125.49450117164764, 125.64091910903052,
+    125.76256945356558, 125.86360463815589, 125.94749252260765, 126.01712561287873]
+
+
+class OfficialLongRoPETable:
+    """Transcription of the official `MiniCPMLongRoPE` (modeling_minicpm.py), written from reading it: a float32
+    table built once for `max_pos` positions (rebuilt at `seq_len` only when a longer sequence comes), factor set
+    chosen by the table length, angles outer(t, 1/f) * inv_freq, cos/sin times the unclamped scale."""
+    def __init__(self, dim, max_pos, base, short_factor, long_factor, orig):
+        self.dim, self.base, self.short, self.long, self.orig = dim, base, short_factor, long_factor, orig
+        self.scaling_factor = math.sqrt(1 + math.log(max_pos / orig) / math.log(orig))
+        self.inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+        self.build(max_pos)
+
+    def build(self, seq_len):
+        self.cached = seq_len
+        t = torch.arange(seq_len, dtype=self.inv_freq.dtype)
+        ext = torch.tensor(self.long if seq_len > self.orig else self.short, dtype=torch.float32)
+        freqs = torch.mul(torch.outer(t, 1.0 / ext), self.inv_freq.to(torch.float32))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos() * self.scaling_factor, emb.sin() * self.scaling_factor
+
+    def __call__(self, seq_len):
+        if seq_len > self.cached: self.build(seq_len)
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
+def longrope_config(head_dim, orig, max_pos, short, long):
+    H = 2
+    rs = dict(rope_type="longrope", short_factor=list(short), long_factor=list(long),
+              original_max_position_embeddings=orig)
+    return MiniCPM4Config.tiny(hidden_size=H * head_dim, num_attention_heads=H, num_key_value_heads=1,
+                               rope_scaling=rs, max_position_embeddings=max_pos)
+
+
+@pytest.mark.parametrize("head_dim,orig,max_pos", [(64, 32768, 32768), (64, 32768, 131072),
+                                                   (128, 32768, 32768), (128, 32768, 131072),
+                                                   (128, 65536, 131072)])
+def test_longrope_tables_equal_official_bit_for_bit(head_dim, orig, max_pos):
+    g = torch.Generator().manual_seed(head_dim + max_pos)
+    if head_dim == 128:   # the released factors (the official README gives one list for both sets)
+        long = RELEASED_FACTORS_128
+        short = (torch.tensor(long) * (0.5 + torch.rand(64, generator=g))).clamp_min(1.0).tolist()
+    else:                 # no released list at hand for head_dim 64: random factors in [1, 60]
+        short, long = (1 + 59 * torch.rand(2, 32, generator=g, dtype=torch.float64)).tolist()
+    c = longrope_config(head_dim, orig, max_pos, short, long)
+    ref = OfficialLongRoPETable(head_dim, max_pos, c.rope_theta, short, long, orig)
+    cos_ref, sin_ref = ref(max_pos)
+    pos = torch.cat([torch.randint(0, max_pos, (300,), generator=g), torch.arange(max_pos - 64, max_pos)])
+    cos, sin = rope_cos_sin(c, pos, seq_len=17)        # the current length does not pick the factor set
+    assert torch.equal(cos, cos_ref[pos]) and torch.equal(sin, sin_ref[pos])
+    cos2, sin2 = rope_cos_sin(c, pos.view(4, -1))     # (B, T) positions
+    assert torch.equal(cos2, cos_ref[pos].view(4, -1, head_dim)) and torch.equal(sin2, sin_ref[pos].view(4, -1, head_dim))
+    # the algebraically equal t * (inv_freq / f) is measurably different at long positions (what we fixed)
+    if max_pos > orig:
+        far = torch.arange(max_pos - 4096, max_pos)
+        alt = far.float()[:, None] * (ref.inv_freq / torch.tensor(long))
+        assert (torch.cat([alt, alt], -1).cos() * ref.scaling_factor - cos_ref[far]).abs().max() > 1e-4
+
+
+def test_longrope_factor_choice_scale_and_growth():
     half = 16
-    rs = dict(rope_type="longrope", short_factor=[1.0 + i / 7 for i in range(half)],
-              long_factor=[3.0 + i for i in range(half)], original_max_position_embeddings=64)
-    c = MiniCPM4Config.tiny(rope_scaling=rs, max_position_embeddings=256)
-    mscale = math.sqrt(1 + math.log(256 / 64) / math.log(64))
+    short, long = [1.0 + i / 7 for i in range(half)], [3.0 + i for i in range(half)]
+    for max_pos, orig in [(256, 64), (64, 64), (32, 64)]:
+        c = longrope_config(32, orig, max_pos, short, long)
+        ref = OfficialLongRoPETable(32, max_pos, c.rope_theta, short, long, orig)
+        for T in (10, 40):
+            cos, sin = rope_cos_sin(c, torch.arange(T))
+            assert torch.equal(cos, ref(T)[0]) and torch.equal(sin, ref(T)[1])
+    # max_pos > orig: long factors even for a 10-token prompt
+    c = longrope_config(32, 64, 256, short, long)
     inv = 1.0 / (c.rope_theta ** (torch.arange(0, 32, 2).float() / 32))
-    for T, fac in [(40, rs["short_factor"]), (100, rs["long_factor"])]:
-        cos, sin = rope_cos_sin(c, torch.arange(T))
-        f = torch.arange(T).float()[:, None] * inv / torch.tensor(fac)
-        assert torch.allclose(cos, torch.cat([f, f], -1).cos() * mscale, atol=1e-5)
-        assert torch.allclose(sin, torch.cat([f, f], -1).sin() * mscale, atol=1e-5)
+    f = (torch.arange(10).float()[:, None] * (1.0 / torch.tensor(long))) * inv
+    mscale = math.sqrt(1 + math.log(256 / 64) / math.log(64))
+    assert torch.equal(rope_cos_sin(c, torch.arange(10))[0], torch.cat([f, f], -1).cos() * mscale)
+    # max_pos < orig: the scale is below 1 (not clamped)
+    c = longrope_config(32, 64, 32, short, long)
+    ratio = rope_cos_sin(c, torch.tensor([0]))[0][0, 0].item()     # cos(0) * scale
+    assert ratio == pytest.approx(math.sqrt(1 + math.log(32 / 64) / math.log(64)), rel=1e-6) and ratio < 1
+    # beyond max_pos (<= orig) the official table is rebuilt with the long factors: same here, with one warning
+    c = longrope_config(32, 64, 64, short, long)
+    ref = OfficialLongRoPETable(32, 64, c.rope_theta, short, long, 64)
+    with pytest.warns(UserWarning, match="switches to long_factor"):
+        cos, _ = rope_cos_sin(c, torch.arange(100))
+    assert torch.equal(cos, ref(100)[0])
+
+
+def test_longrope_cached_decoding_equals_full_forward():
+    half = 16
+    g = torch.Generator().manual_seed(7)
+    short, long = (1 + 59 * torch.rand(2, half, generator=g, dtype=torch.float64)).tolist()
+    rs = dict(rope_type="longrope", short_factor=short, long_factor=long, original_max_position_embeddings=16)
+    m = make_model(seed=8, rope_scaling=rs, max_position_embeddings=64)
+    ids = torch.randint(0, m.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache(2, 48)
+        parts = [m(ids[:, :5], cache=cache), m(ids[:, 5:20], cache=cache)]
+        parts += [m(ids[:, t:t + 1], cache=cache) for t in range(20, 40)]
+    inc = torch.cat(parts, 1)
+    assert (inc - full).abs().max() <= 1e-4 * full.abs().max()
+    # and the factors matter: plain RoPE gives other logits
+    m.config.rope_scaling = None
+    with torch.no_grad():
+        assert (m(ids) - full).abs().max() > 1e-3
 
 
 def test_incremental_decoding_equals_full_forward():
