@@ -25,10 +25,10 @@ def bf_compress(k, p, s):
     return torch.stack(out, 1) if out else k.new_zeros(B, 0, Hkv, D).double()
 
 
-def bf_block_scores(q, k, p, s, m, init_blocks, local_blocks, lse_coarse=None):
+def bf_block_scores(q, k, p, s, m, init_blocks, local_blocks, lse_coarse=None, selection='minicpm4'):
     """One query, one kv group at a time. Kernel j visible to position t iff j*s+p-1 <= t. lse_coarse=(pc, sc)
     replaces each head's normaliser with the logsumexp over the visible coarse kernels (exact LSE before any
-    coarse kernel is visible)."""
+    coarse kernel is visible). Fixed rules as PAPER.md section 2 item 5 states them for each release."""
     B, T, H, D = q.shape
     N, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -57,10 +57,14 @@ def bf_block_scores(q, k, p, s, m, init_blocks, local_blocks, lse_coarse=None):
                         ksum[j] += math.exp(min(logit[j] - lse, 50.0))
                 qblk = t // m
                 for blk in range(nb):
+                    in_window = (qblk - local_blocks < blk <= qblk if selection == 'minicpm4'
+                                 else qblk - local_blocks <= blk <= qblk)
                     if blk > qblk:
                         out[b, i, g, blk] = -math.inf
-                    elif blk < init_blocks or blk > qblk - local_blocks:
+                    elif blk < init_blocks:
                         out[b, i, g, blk] = math.inf
+                    elif in_window:
+                        out[b, i, g, blk] = -math.inf if selection == 'minicpm4' else math.inf
                     else:
                         lo, hi = blk * m, (blk + 1) * m  # token interval of the block
                         inter = [ksum[j] for j in vis if j * s < hi and j * s + p > lo]
@@ -79,6 +83,108 @@ def bf_select(scores, topk):
                 chosen = sorted(cand[:topk])
                 out[b, i, g, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- the official code
+# A transcription of the released block selection, written from reading OpenBMB/infllmv2_cuda_impl and the MiniCPM4
+# remote code (not copied; loops and float64, nothing shared with the module under test). Two versions:
+#   'minicpm4'   the June-2025 release: kernels up to commit bc581dc (csrc/max_pooling_1d.cuh with a separate -inf
+#                window rule; flash_blockmask.h fwdIterator with block_window_size), hub compressed_attention with
+#                `topk_idx[topk_idx >= q_idx] = -1`;
+#   'minicpm4.1' from commit 1706a4a "max pooling, fa no sliding window" (2025-08-25): one +inf rule, no attention
+#                window, compressed_attention with `topk_idx[topk_idx > q_idx] = -1`.
+# The pooling is hard-coded for kernel_size = 2 * kernel_stride (padding 1), so these tests use p = 2s.
+
+
+def official_stage1(q, kc, N, s):
+    """infllmv2_attn_stage1 -> score (B, Hkv, T, Nc): per query row and head a softmax over the compressed keys,
+    masked columns give probability 0, the heads of one kv group summed (mha_varlen_fwd_stage1 runs the group's
+    heads as the rows of one m-block). Causal rule of mask.h apply_mask_stage1: column j is kept iff
+    j < (t - stride + 1) / stride (C division), which is j*s + 2s - 1 <= t for p = 2s. compressed_attention calls
+    it with causal = (number of queries > 1): the one-query decoding step sees every compressed key. Rows are
+    absolute positions t = N - T + i (the official prefill has T = N)."""
+    B, T, H, D = q.shape
+    Nc, Hkv = kc.shape[1], kc.shape[2]
+    G = H // Hkv
+    score = torch.zeros(B, Hkv, T, Nc, dtype=torch.float64)
+    for b in range(B):
+        for i in range(T):
+            t = N - T + i
+            vis = list(range(Nc)) if T == 1 else [j for j in range(Nc) if j < int((t - s + 1) / s)]
+            if not vis:
+                continue
+            for g in range(Hkv):
+                for h in range(g * G, (g + 1) * G):
+                    logit = torch.stack([q[b, i, h].double() @ kc[b, j, g] for j in vis]) / math.sqrt(D)
+                    score[b, g, i, vis] += torch.softmax(logit, 0)
+    return score
+
+
+def official_max_pooling(score, N, T, m, s, init_blocks, local_blocks, variant):
+    """max_pooling_1d(score, cache_len=N-T, local_blocks, init_blocks, block_size=m, stride=s): the python wrapper
+    sets kernel_size = m/s + 1, stride = m/s, padding = 1, out_len = ceil((q_len + cache_len) / m); the CUDA kernel
+    (max_pooling_1d_kernel) per output block k, with off_bq = (row + cache_len) / m."""
+    B, Hkv, _, Nc = score.shape
+    ksz, stride, pad = m // s + 1, m // s, 1
+    out_len = -(-N // m)
+    out = torch.empty(B, Hkv, T, out_len, dtype=torch.float64)
+    for b in range(B):
+        for g in range(Hkv):
+            for i in range(T):
+                off_bq = (i + N - T) // m
+                for k in range(out_len):
+                    if variant == 'minicpm4':        # bc581dc: +inf first, then the -inf window
+                        inf = k < init_blocks
+                        neg = off_bq >= k and off_bq < k + local_blocks
+                    else:                            # 1706a4a: one +inf rule, window one block wider
+                        inf = k < init_blocks or (off_bq >= k and off_bq <= k + local_blocks)
+                        neg = False
+                    if inf:
+                        out[b, g, i, k] = math.inf
+                    elif neg:
+                        out[b, g, i, k] = -math.inf
+                    else:
+                        start, end = max(k * stride - pad, 0), min(k * stride - pad + ksz, Nc)
+                        out[b, g, i, k] = max(score[b, g, i, start:end].tolist()) if end > start else -math.inf
+    return out
+
+
+def official_selection(q, k, p, s, m, init_blocks, local_blocks, topk, variant):
+    """compressed_attention (hub modeling_minicpm.py) + the attention kernel's block visits. Returns
+    (block_score (B, T, Hkv, nb) float64, topk_idx (B, T, Hkv, min(topk, nb)), attended bool (B, T, Hkv, nb))."""
+    assert p == 2 * s and m % s == 0, 'the released pooling is written for kernel_size = 2 * kernel_stride'
+    B, T, H, D = q.shape
+    N = k.shape[1]
+    kc = bf_compress(k, p, s)                                   # CompressK: mean of each complete chunk
+    block_score = official_max_pooling(official_stage1(q, kc, N, s), N, T, m, s, init_blocks, local_blocks, variant)
+    nb = block_score.shape[-1]
+    topk_idx = block_score.topk(min(topk, nb), dim=-1).indices.sort(-1).values   # torch.topk: ties unspecified
+    q_idx = (torch.arange(N - T, N) // m)[None, None, :, None]
+    if variant == 'minicpm4':
+        topk_idx[topk_idx >= q_idx] = -1
+    else:
+        topk_idx[topk_idx > q_idx] = -1
+    Hkv = k.shape[2]
+    attended = torch.zeros(B, Hkv, T, nb, dtype=torch.bool)
+    for b in range(B):
+        for g in range(Hkv):
+            for i in range(T):
+                qb = (N - T + i) // m
+                for x in topk_idx[b, g, i].tolist():            # topk_to_uint64: -1 entries set no bit
+                    if 0 <= x <= qb:                            # causal: no key block past the query's
+                        attended[b, g, i, x] = True
+                if variant == 'minicpm4':                       # fwdIterator: [k_window_left, k_window_right]
+                    for x in range(max(qb - local_blocks + 1, 0), qb + 1):
+                        attended[b, g, i, x] = True
+    tr = lambda x: x.permute(0, 2, 1, 3)                         # noqa: E731  (B, Hkv, T, .) -> (B, T, Hkv, .)
+    return tr(block_score), tr(topk_idx), tr(attended)
+
+
+def as_mask(idx, nb):
+    "block lists (..., K) with -1 padding -> bool (..., nb)."
+    out = torch.zeros(*idx.shape[:-1], nb + 1, dtype=torch.bool)
+    out.scatter_(-1, torch.where(idx >= 0, idx.long(), nb), True)
+    return out[..., :nb]
 
 
 def bf_sparse(q, k, v, idx, m):
@@ -177,17 +283,18 @@ def test_intersection_rule():
     assert list(iv.kernels_of_block(5, 32, 16, 64)) == [19, 20, 21, 22, 23]  # 4b-1 .. 4b+3
 
 
+@pytest.mark.parametrize('selection', iv.SELECTIONS)
 @pytest.mark.parametrize('shape', SHAPES)
-def test_block_scores(shape):
+def test_block_scores(shape, selection):
     B, T, N, H, Hkv, D, p, s, m, init, local = shape
     q, k, _ = rand_qk(B, T, N, H, Hkv, D, seed=sum(shape))
     got = iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local,
-                          chunk_size=7)
+                          selection=selection, chunk_size=7)
     assert got.dtype == torch.float32 and got.shape == (B, T, Hkv, math.ceil(N / m))
-    finite_close(got, bf_block_scores(q, k, p, s, m, init, local))
+    finite_close(got, bf_block_scores(q, k, p, s, m, init, local, selection=selection))
     # chunking over queries does not change anything (up to float rounding of the batched matmul)
     finite_close(got, iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init,
-                                      local_blocks=local), tol=1e-6)
+                                      local_blocks=local, selection=selection), tol=1e-6)
 
 
 @pytest.mark.parametrize('shape', SHAPES[1:4])
@@ -222,24 +329,31 @@ def test_select_blocks(topk):
     assert (got[0, 0, 0] == -1).all()
 
 
+@pytest.mark.parametrize('selection', iv.SELECTIONS)
 @pytest.mark.parametrize('shape', SHAPES)
-def test_select_on_block_scores(shape):
+def test_select_on_block_scores(shape, selection):
     B, T, N, H, Hkv, D, p, s, m, init, local = shape
     q, k, _ = rand_qk(B, T, N, H, Hkv, D, seed=2 + sum(shape))
-    sc = iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local)
-    topk = init + local + 1
+    sc = iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local,
+                         selection=selection)
+    topk = init + local + 2
     got = iv.select_blocks(sc, topk)
     assert torch.equal(got, bf_select(sc, topk))
-    # forced blocks always selected, never a future block
+    lists = iv.attention_blocks(got, N, m, local, selection)
+    # sinks and the window always attended, never a future block; 'minicpm4' attends topk + window blocks at most
     for b in range(B):
         for i in range(T):
             t = N - T + i
             for g in range(Hkv):
-                row = [x for x in got[b, i, g].tolist() if x >= 0]
-                assert all(x <= t // m for x in row)
+                row = [x for x in lists[b, i, g].tolist() if x >= 0]
+                assert all(x <= t // m for x in row) and len(set(row)) == len(row)
+                lo = t // m - local + (1 if selection == 'minicpm4' else 0)
                 for x in range(t // m + 1):
-                    if x < init or x > t // m - local:
+                    if x < init or x >= lo:
                         assert x in row
+                chosen = [x for x in got[b, i, g].tolist() if x >= 0]
+                if selection == 'minicpm4':
+                    assert all(x < lo or x < init for x in chosen)        # the top-k never holds a window block
 
 
 @pytest.mark.parametrize('method', ['gather', 'mask'])
@@ -275,9 +389,12 @@ def test_full_topk_is_dense(shape):
     q, k, v = rand_qk(B, T, N, H, Hkv, D, seed=4 + sum(shape))
     sc = iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local)
     nb = math.ceil(N / m)
-    idx = iv.select_blocks(sc, nb + 2)
     dense = bf_dense(q, k, v)
-    assert rel(iv.sparse_attention_ref(q, k, v, idx, m), dense) < 1e-5
+    for sel in iv.SELECTIONS:
+        sc = iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init,
+                             local_blocks=max(local, 1), selection=sel)
+        idx = iv.attention_blocks(iv.select_blocks(sc, nb + 2), N, m, max(local, 1), sel)
+        assert rel(iv.sparse_attention_ref(q, k, v, idx, m), dense) < 1e-5
     assert rel(iv.dense_attention_ref(q, k, v), dense) < 1e-5
 
 
@@ -285,8 +402,8 @@ def test_full_topk_is_dense(shape):
 def test_gradients_match_dense_full_topk(method):
     q, k, v = rand_qk(2, 24, 40, 8, 2, 8, seed=21)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    idx = iv.select_blocks(iv.block_scores(q, k, kernel_size=8, kernel_stride=4, block_size=8, init_blocks=1,
-                                           local_blocks=1), 5)
+    idx = iv.attention_blocks(iv.select_blocks(iv.block_scores(q, k, kernel_size=8, kernel_stride=4, block_size=8,
+                                                               init_blocks=1, local_blocks=1), 5), 40, 8, 1)
     w = torch.randn(2, 24, 8, 8)
     (iv.sparse_attention_ref(q, k, v, idx, 8, chunk_size=5, method=method) * w).sum().backward()  # chunked + checkpointed
     gs = [x.grad.clone() for x in (q, k, v)]
@@ -322,14 +439,15 @@ def test_gradients_reach_qkv_sparse(method):
                                     (qs, ks, vs), fast_mode=True)
 
 
+@pytest.mark.parametrize('selection', iv.SELECTIONS)
 @pytest.mark.parametrize('use_lse', [False, True])
-def test_decode_equals_prefill(use_lse):
+def test_decode_equals_prefill(use_lse, selection):
     B, N, H, Hkv, D, p, s, m, init, local, topk = 2, 70, 8, 2, 8, 8, 4, 8, 1, 1, 4
     q, k, v = rand_qk(B, N, N, H, Hkv, D, seed=31)
-    geo = dict(kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local)
+    geo = dict(kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local, selection=selection)
     lse = dict(lse_approx=True, lse_kernel_size=16, lse_kernel_stride=8) if use_lse else {}
     pre = iv.block_scores(q, k, **geo, **lse)
-    pre_idx = iv.select_blocks(pre, topk)
+    pre_idx = iv.attention_blocks(iv.select_blocks(pre, topk), N, m, local, selection)
     pre_out = iv.sparse_attention_ref(q, k, v, pre_idx, m)
     cache = iv.CompressedKeyCache(p, s)
     coarse = iv.CompressedKeyCache(16, 8) if use_lse else None
@@ -346,7 +464,7 @@ def test_decode_equals_prefill(use_lse):
         nb = math.ceil(b / m)                      # blocks that exist after b keys; later ones are future anyway
         assert sc.shape[-1] == nb and torch.isneginf(pre[:, a:b, :, nb:]).all()
         finite_close(sc, pre[:, a:b, :, :nb], tol=1e-6)
-        idx = iv.select_blocks(sc, topk)
+        idx = iv.attention_blocks(iv.select_blocks(sc, topk), b, m, local, selection)
         assert torch.equal(idx, pre_idx[:, a:b])
         out = iv.sparse_attention_ref(q[:, a:b], k[:, :b], v[:, :b], idx, m)
         assert rel(out, pre_out[:, a:b]) < 1e-5
@@ -362,11 +480,24 @@ def test_lse_approx_selection_overlap_random():
 
 
 def test_sparse_settings():
+    from minicpm4_core.config import SPARSE_CONFIG_DEFAULT
     st = iv.SparseSettings.from_dict(dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64,
                                           window_size=2048, topk=64, use_nope=False, dense_len=8192))
     assert st.local_blocks == 32 and st.geometry()['local_blocks'] == 32
-    with pytest.raises(ValueError, match='topk'):
-        iv.SparseSettings.from_dict(dict(topk=16))
+    assert st.selection == 'minicpm4' and st.attended_blocks == 96                 # 64 + the 32-block window
+    assert iv.SparseSettings.from_dict(dict(SPARSE_CONFIG_DEFAULT)).selection == 'minicpm4'
+    st41 = iv.SparseSettings.from_dict(dict(selection='minicpm4.1'))
+    assert st41.attended_blocks == 64 and st41.geometry()['selection'] == 'minicpm4.1'
+    assert iv.SparseSettings.from_dict(dict(topk=16)).attended_blocks == 48        # fine for the release...
+    with pytest.raises(ValueError, match="topk .16. is smaller than the forced blocks of selection='minicpm4.1'"):
+        iv.SparseSettings.from_dict(dict(topk=16, selection='minicpm4.1'))       # ...not for 4.1 (34 forced)
+    iv.SparseSettings.from_dict(dict(topk=34, selection='minicpm4.1'))
+    with pytest.raises(ValueError, match='selection must be one of'):
+        iv.SparseSettings.from_dict(dict(selection='minicpm4.2'))
+    with pytest.raises(ValueError, match='window_size >= block_size'):
+        iv.SparseSettings.from_dict(dict(window_size=0))
+    with pytest.raises(ValueError, match='smaller than init_blocks'):
+        iv.SparseSettings.from_dict(dict(topk=1, init_blocks=2))
     with pytest.raises(ValueError, match='unknown'):
         iv.SparseSettings.from_dict(dict(kernel=3))
     with pytest.raises(ValueError, match='multiple of kernel_stride'):
@@ -394,8 +525,10 @@ def test_bad_arguments():
         iv.compress_keys(k.long(), 8, 4)
     with pytest.raises(ValueError, match='init_blocks'):
         iv.block_scores(q, k, **{**geo, 'init_blocks': -1})
-    sc = iv.block_scores(q, k, **geo)
-    with pytest.raises(ValueError, match='smaller than the number of forced blocks'):
+    with pytest.raises(ValueError, match='selection must be one of'):
+        iv.block_scores(q, k, **geo, selection='4.1')
+    sc = iv.block_scores(q, k, **geo, selection='minicpm4.1')
+    with pytest.raises(ValueError, match='smaller than the number of forced'):
         iv.select_blocks(sc, 1)
     idx = iv.select_blocks(sc, 3)
     with pytest.raises(ValueError, match='integer tensor'):
@@ -410,9 +543,131 @@ def test_bad_arguments():
         iv.sparse_attention_ref(q, k[..., :4], v[..., :4], idx, 8)
 
 
+# ---------------------------------------------------------------------------------------------- vs the official code
+
+# (B, T, N, H, Hkv, D, s, m, init, w, extra): p = 2s; topk = init + extra ('minicpm4') or init + w + 1 + extra
+# ('minicpm4.1'). GQA 2/4/16, T < N, N not a multiple of m, window longer than the context, init 0/1/2, decoding.
+OFFICIAL = [
+    (1, 60, 60, 4, 2, 8, 4, 16, 1, 2, 2),
+    (2, 50, 130, 8, 2, 8, 4, 16, 0, 1, 3),
+    (1, 40, 150, 16, 1, 8, 4, 8, 2, 3, 4),
+    (1, 30, 70, 2, 2, 8, 4, 16, 1, 8, 1),       # window (8 blocks = 128 tokens) longer than the context
+    (2, 1, 230, 8, 2, 8, 4, 16, 1, 2, 3),       # one decoding step: stage 1 runs non-causally
+    (1, 64, 100, 4, 1, 8, 8, 16, 2, 1, 2),      # s = 8: pooling window 3
+    (1, 40, 90, 4, 2, 8, 4, 16, 1, 0, 2),       # no window: 'minicpm4' drops the query's own block (ids >= q_idx)
+]
+
+
+def ours_selection(q, k, p, s, m, init, w, topk, variant):
+    sc = iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=w,
+                         selection=variant)
+    return sc, iv.attention_blocks(iv.select_blocks(sc, topk), k.shape[1], m, w, variant)
+
+
+def check_vs_official(q, k, p, s, m, init, w, topk, variant, min_clear=0.5):
+    """Our lists vs the transcription, tie-robust: the very same blocks on every row whose topk-th slot is not a tie
+    (the official torch.topk may break a tie either way); on the other rows every block that differs carries the
+    tied score itself."""
+    N, T = k.shape[1], q.shape[1]
+    sc, lists = ours_selection(q, k, p, s, m, init, w, topk, variant)
+    off_sc, _, off_att = official_selection(q, k, p, s, m, init, w, topk, variant)
+    nb = off_sc.shape[-1]
+    qb = (torch.arange(N - T, N) // m)[None, :, None, None]
+    future = torch.arange(nb)[None, None, None, :] > qb
+    # block scores: identical where the official code defines them; future blocks are -inf in ours (dropped there)
+    finite_close(sc.masked_fill(future, 0.0), off_sc.float().masked_fill(future, 0.0), tol=1e-5)
+    assert torch.isneginf(sc[future.expand_as(sc)]).all()
+    ours = as_mask(lists, nb)
+    assert torch.equal(ours.sum(-1), (lists >= 0).sum(-1))                # unique ids
+    assert ((lists[..., 1:] > lists[..., :-1]) | (lists[..., 1:] < 0)).all()   # ascending, -1 at the end
+    n_clear = 0
+    for b in range(q.shape[0]):
+        for i in range(T):
+            for g in range(k.shape[2]):
+                row = off_sc[b, i, g].masked_fill(future[0, i, 0], -math.inf)   # a future pick is dropped anyway
+                v = row.sort(descending=True).values
+                kk = min(topk, nb)
+                clear = kk >= nb or v[kk] == -math.inf or v[kk - 1] - v[kk] > 1e-5 * max(1.0, abs(float(v[kk])))
+                if clear:
+                    n_clear += 1
+                    assert torch.equal(ours[b, i, g], off_att[b, i, g]), (b, i, g)
+                else:
+                    diff = ours[b, i, g] ^ off_att[b, i, g]
+                    tied = (row - v[kk - 1]).abs() <= 1e-5 * max(1.0, abs(float(v[kk - 1])))
+                    assert (tied | ~diff).all(), (b, i, g, row, lists[b, i, g], off_att[b, i, g])
+    assert n_clear >= min_clear * q.shape[0] * T * k.shape[2], n_clear
+    return lists, off_att
+
+
+@pytest.mark.parametrize('variant', iv.SELECTIONS)
+@pytest.mark.parametrize('shape', OFFICIAL)
+def test_selection_matches_official(shape, variant):
+    B, T, N, H, Hkv, D, s, m, init, w, extra = shape
+    p = 2 * s
+    topk = init + extra + (w + 1 if variant == 'minicpm4.1' else 0)
+    q, k, v = rand_qk(B, T, N, H, Hkv, D, seed=7 + sum(shape))
+    lists, off_att = check_vs_official(q, k, p, s, m, init, w, topk, variant)
+    assert lists.shape[-1] == topk + (w if variant == 'minicpm4' else 0)
+    # attention on our lists = attention on the official blocks, wherever the two agree (all rows without a tie)
+    nb = off_att.shape[-1]
+    off_lists = torch.where(off_att, torch.arange(nb), -1)
+    same = (as_mask(lists, nb) == off_att).all(-1)                        # (B, T, Hkv)
+    got = iv.sparse_attention_ref(q, k, v, lists, m)
+    want = bf_sparse(q, k, v, off_lists, m)
+    G = H // Hkv
+    rows = same.repeat_interleave(G, -1)                                  # (B, T, H)
+    assert rows.float().mean() > 0.5 and rel(got[rows], want[rows]) < 1e-5
+
+
+@pytest.mark.parametrize('variant', iv.SELECTIONS)
+def test_selection_shipped_geometry(variant):
+    """The shipped 32/16/64 kernels and blocks with a shortened window: the decoding step of a 2000-token context."""
+    q, k, _ = rand_qk(1, 1, 2000, 16, 1, 16, seed=99)
+    init, w = 1, 4
+    topk = 8 if variant == 'minicpm4' else 8 + w + 1
+    lists, _ = check_vs_official(q, k, 32, 16, 64, init, w, topk, variant, min_clear=0.0)
+    assert (lists >= 0).sum() == (topk + w if variant == 'minicpm4' else topk)
+
+
+def test_tie_rule_lower_block_wins():
+    """Neighbouring blocks share a boundary kernel; make it the best kernel of both so they tie exactly. We keep the
+    lower block; the official torch.topk may keep either, and the tie-robust comparison accepts both."""
+    D, s, m = 8, 4, 16                                                     # p = 8: block b pools kernels 4b-1 .. 4b+3
+    g = torch.Generator().manual_seed(3)
+    N = 160
+    k = torch.randn(1, N, 1, D, generator=g) * 0.1
+    q = torch.zeros(1, 1, 1, D)
+    q[0, 0, 0, 0] = 4.0
+    k[0, 60:68, 0, 0] = 3.0                                                # kernel 15 = keys 60..67: blocks 3 and 4
+    init, w = 1, 1
+    sc, lists = ours_selection(q, k, 8, s, m, init, w, 2, 'minicpm4')
+    assert sc[0, 0, 0, 3] == sc[0, 0, 0, 4] and sc[0, 0, 0, 3] == sc[0, 0, 0, 1:8].max()  # the tie, at the top
+    assert lists[0, 0, 0].tolist() == [0, 3, 9]                           # sink, the lower of the tied pair, window
+    check_vs_official(q, k, 8, s, m, init, w, 2, 'minicpm4', min_clear=0.0)
+    # both selections and the plain select_blocks follow the same rule
+    assert iv.select_blocks(torch.tensor([[[[1.0, 2.0, 2.0, 0.5]]]]), 2).tolist() == [[[[1, 2]]]]
+    assert iv.select_blocks(torch.tensor([[[[1.0, 2.0, 2.0, 0.5]]]]), 1).tolist() == [[[[1]]]]
+
+
+def test_attention_blocks():
+    idx = torch.tensor([[[[0, 3, 5, -1]], [[1, 2, -1, -1]]]], dtype=torch.int32)   # queries at t = 94, 95 of 96
+    got = iv.attention_blocks(idx, 96, 16, 2)
+    assert got.shape == (1, 2, 1, 6) and got.dtype == torch.int32
+    assert got[0, 0, 0].tolist() == [0, 3, 4, 5, -1, -1] and got[0, 1, 0].tolist() == [1, 2, 4, 5, -1, -1]
+    assert torch.equal(iv.attention_blocks(idx, 96, 16, 2, 'minicpm4.1'), idx)
+    early = iv.attention_blocks(torch.tensor([[[[0, -1]]]]), 20, 16, 3)      # t = 19: window [-1, 1] -> [0, 1]
+    assert early[0, 0, 0].tolist() == [0, 1, -1, -1, -1]
+    no_window = iv.attention_blocks(torch.tensor([[[[0, 1]]]]), 20, 16, 0)   # w = 0: own block (1) dropped
+    assert no_window[0, 0, 0].tolist() == [0, -1]
+    per_row = iv.attention_blocks(torch.tensor([[[[0]]], [[[0]]]]), torch.tensor([96, 40]), 16, 1)
+    assert per_row[:, 0, 0].tolist() == [[0, 5], [0, 2]]
+    with pytest.raises(ValueError, match='selection must be one of'):
+        iv.attention_blocks(idx, 96, 16, 2, 'minicpm5')
+
+
 # ---------------------------------------------------------------------------------------------- model integration
 
-SPARSE = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=5, dense_len=64)
+SPARSE = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=3, dense_len=64)
 
 
 def tiny_model(**sc):
@@ -432,7 +687,7 @@ def test_model_sparse_is_config_switch():
     short = ids[:, :60]                                             # < dense_len: identical to dense
     assert torch.allclose(sparse(short), dense(short), atol=1e-5)
     a, b = sparse(ids), dense(ids)
-    assert torch.allclose(a[:, :80], b[:, :80], atol=1e-5)         # <= topk visible blocks (80 tokens): dense
+    assert torch.allclose(a[:, :80], b[:, :80], atol=1e-5)         # <= topk + window = 5 blocks (80 tokens): dense
     assert (a[:, 100:] - b[:, 100:]).abs().max() > 1e-3            # ...later ones are sparse
     # topk >= all blocks: exactly dense
     full = tiny_model(topk=20)

@@ -163,15 +163,16 @@ def test_bf16_interpreter():
     assert all(rel(a, b) <= 1e-2 for a, b in zip(grads, gref))
 
 
-def test_select_pipeline_feeds_attention():
-    """Stage 1 + top-k + attention end to end (lists with -1 padding for early queries)."""
+@pytest.mark.parametrize('selection', iv.SELECTIONS)
+def test_select_pipeline_feeds_attention(selection):
+    """Stage 1 + top-k + window + attention end to end (lists with -1 padding for early queries)."""
     g = torch.Generator().manual_seed(6)
-    geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=1)
-    q, k, v = torch.randn(1, 40, 8, 16, generator=g), torch.randn(1, 60, 2, 16, generator=g), \
-        torch.randn(1, 60, 2, 16, generator=g)
+    geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=1, selection=selection)
+    q, k, v = torch.randn(1, 80, 8, 16, generator=g), torch.randn(1, 90, 2, 16, generator=g), \
+        torch.randn(1, 90, 2, 16, generator=g)
     idx = sk.prefill_select(q, k, 3, **geo, tile_tokens=4)
-    ref_idx = iv.select_blocks(iv.block_scores(q, k, **geo), 3)
-    assert torch.equal(idx, ref_idx)
+    ref_idx = iv.attention_blocks(iv.select_blocks(iv.block_scores(q, k, **geo), 3), 90, 16, 1, selection)
+    assert torch.equal(idx, ref_idx) and idx.shape[-1] == (4 if selection == 'minicpm4' else 3)
     assert (idx == -1).any()
     o = sk.sparse_attention(q, k, v, idx, 16)
     assert rel(o, iv.sparse_attention_ref(q, k, v, ref_idx, 16)) < 1e-5
@@ -193,26 +194,30 @@ def test_bad_inputs_and_torch_backend():
 # ---------------------------------------------------------------------------------------------- stage 1
 
 
-S1_CASES = [  # B, T, N, H, Hkv, D, p, s, m, init, local, approx
-    (2, 37, 53, 8, 2, 16, 8, 4, 16, 1, 2, False),
-    (1, 30, 150, 6, 2, 16, 8, 4, 16, 1, 0, False),    # G=3, no local window, several chunks
-    (1, 20, 150, 16, 1, 16, 8, 4, 16, 2, 1, True),    # G=16, LSE approximation (coarse 32/16)
-    (2, 25, 90, 4, 4, 16, 12, 4, 16, 0, 1, True),     # G=1, p not a multiple of s (left = 2)
+S1_CASES = [  # B, T, N, H, Hkv, D, p, s, m, init, local, approx, selection
+    (2, 37, 53, 8, 2, 16, 8, 4, 16, 1, 2, False, 'minicpm4'),
+    (2, 37, 100, 8, 2, 16, 8, 4, 16, 1, 2, False, 'minicpm4.1'),
+    (1, 30, 150, 6, 2, 16, 8, 4, 16, 1, 0, False, 'minicpm4'),     # G=3, no local window, several chunks
+    (1, 30, 150, 6, 2, 16, 8, 4, 16, 1, 0, False, 'minicpm4.1'),
+    (1, 20, 150, 16, 1, 16, 8, 4, 16, 2, 1, True, 'minicpm4'),     # G=16, LSE approximation (coarse 32/16)
+    (2, 25, 90, 4, 4, 16, 12, 4, 16, 0, 1, True, 'minicpm4.1'),    # G=1, p not a multiple of s (left = 2)
 ]
 
 
-@pytest.mark.parametrize("B,T,N,H,Hkv,D,p,s,m,init,local,approx", S1_CASES)
-def test_block_scores(B, T, N, H, Hkv, D, p, s, m, init, local, approx):
+@pytest.mark.parametrize("B,T,N,H,Hkv,D,p,s,m,init,local,approx,selection", S1_CASES)
+def test_block_scores(B, T, N, H, Hkv, D, p, s, m, init, local, approx, selection):
     g = torch.Generator().manual_seed(N + T)
     q, k = torch.randn(B, T, H, D, generator=g), torch.randn(B, N, Hkv, D, generator=g)
-    geo = dict(kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local)
+    geo = dict(kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init, local_blocks=local,
+               selection=selection)
     a = sk.fused_block_scores(q, k, **geo, lse_approx=approx, config=dict(s1=dict(NBC=4)))
     b = iv.block_scores(q, k, **geo, lse_approx=approx)
     fa = torch.isfinite(a)
     assert torch.equal(fa, torch.isfinite(b)) and torch.equal(a[~fa], b[~fa])
     assert rel(a[fa], b[fa]) <= 1e-4
-    ia, ib = sk.topk_blocks(a, 4), iv.select_blocks(b, 4)
+    ia, ib = sk.topk_blocks(a, 4), iv.select_blocks(b, 4, check=False)
     assert torch.equal(ia, ib)
+    assert torch.isposinf(b).any() and (selection == 'minicpm4.1' or local == 0 or torch.isneginf(b).any())
 
 
 def test_topk_kernel_ties_and_padding():
@@ -228,10 +233,12 @@ def test_topk_kernel_ties_and_padding():
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-@pytest.mark.parametrize("H,Hkv,lens,per", [(8, 2, (90, 37), 2), (16, 1, (64, 17, 80), 1), (3, 3, (50,), 3)])
-def test_decode(H, Hkv, lens, per):
+@pytest.mark.parametrize("H,Hkv,lens,per,selection", [(8, 2, (90, 37), 2, 'minicpm4'), (3, 3, (50,), 3, 'minicpm4'),
+                                                       (16, 1, (64, 17, 80), 1, 'minicpm4.1'),
+                                                       (8, 2, (90, 37), 2, 'minicpm4.1')])
+def test_decode(H, Hkv, lens, per, selection):
     g = torch.Generator().manual_seed(sum(lens))
-    geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=1)
+    geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=1, selection=selection)
     B, Nmax, D = len(lens), max(lens) + 5, 16
     kc, vc = torch.randn(B, Nmax, Hkv, D, generator=g), torch.randn(B, Nmax, Hkv, D, generator=g)
     q = torch.randn(B, H, D, generator=g)
@@ -239,7 +246,8 @@ def test_decode(H, Hkv, lens, per):
     cache = iv.CompressedKeyCache(8, 4)
     cache.append(kc)                                            # kernels past a short sequence are ignored
     sc = sk.decode_block_scores(q, cache.kc, seq, **geo, num_blocks=-(-Nmax // 16))
-    idx = sk.topk_blocks(sc, 3)
+    idx = sk.decode_select(q, cache.kc, seq, 3, **geo, num_blocks=-(-Nmax // 16))
+    assert idx.shape == (B, Hkv, 4 if selection == 'minicpm4' else 3)
     o = sk.sparse_decode(q[:, None], kc, vc, idx[:, None], seq, 16, config=dict(dec=dict(PER=per)))
     assert o.shape == (B, 1, H, D)
     for b, L in enumerate(lens):
@@ -248,6 +256,8 @@ def test_decode(H, Hkv, lens, per):
         f = torch.isfinite(ref)
         assert torch.equal(torch.isfinite(sc[b, :, :nb]), f) and torch.isneginf(sc[b, :, nb:]).all()
         assert torch.equal(sc[b, :, :nb][~f], ref[~f]) and (not f.any() or rel(sc[b, :, :nb][f], ref[f]) < 1e-4)
+        ridx = iv.attention_blocks(iv.select_blocks(ref[None, None], 3, check=False), L, 16, 1, selection)[0, 0]
+        assert torch.equal(idx[b], ridx)
         oref = iv.sparse_attention_ref(q[b:b + 1, None], kc[b:b + 1, :L], vc[b:b + 1, :L], idx[b:b + 1, None], 16)
         assert rel(o[b], oref[0]) < 1e-4
 

@@ -597,14 +597,21 @@ def _s1_lse_kernel(Q, KC, KC2, LSE, sq_b, sq_t, sq_h, sc_b, sc_n, sc_h, s2_b, s2
     tl.store(LSE + (bh * NT + tile).to(tl.int64) * ROWS + r, lse)
 
 # %% ../../nbs/11_sparse_kernels.ipynb #1307acc4
+_SEL = {'minicpm4': 0, 'minicpm4.1': 1}       # selection -> the SEL constant of the kernels
+
+
 @triton.jit
-def _block_epilogue(sc, blocks, qb, INIT, LOCAL):
-    "Forced blocks -> +inf (init blocks and the local window), future blocks -> -inf."
+def _block_epilogue(sc, blocks, qb, INIT, LOCAL, SEL: tl.constexpr):
+    """The selection's fixed rules (the reference's `_force_blocks`). SEL 0 ('minicpm4'): sinks +inf, the window
+    (qb - LOCAL, qb] -inf; SEL 1 ('minicpm4.1'): sinks and [qb - LOCAL, qb] +inf. Future blocks -inf."""
     bb = blocks[None, :]
-    future = bb > qb[:, None]
-    forced = ((bb < INIT) | (bb > qb[:, None] - LOCAL)) & (bb <= qb[:, None])
-    sc = tl.where(forced, float('inf'), sc)
-    return tl.where(future, float('-inf'), sc)
+    q = qb[:, None]
+    if SEL == 0:
+        sc = tl.where((bb >= INIT) & (bb > q - LOCAL), float('-inf'), sc)
+        sc = tl.where(bb < INIT, float('inf'), sc)
+    else:
+        sc = tl.where((bb < INIT) | (bb >= q - LOCAL), float('inf'), sc)
+    return tl.where(bb > q, float('-inf'), sc)
 
 
 @triton.jit
@@ -612,7 +619,7 @@ def _s1_score_kernel(Q, KC, LSE, OUT, sq_b, sq_t, sq_h, sc_b, sc_n, sc_h, so_b, 
                      T, N, NC, NB, G, HKV, NT, qk_scale, KS, KSTR, INIT, LOCAL, CLAMP,
                      APPROX: tl.constexpr, BM: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                      R: tl.constexpr, LEFT: tl.constexpr, NBC: tl.constexpr, BLOCK: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, SEL: tl.constexpr):
     ROWS: tl.constexpr = BM * GP
     KT: tl.constexpr = NBC * R
     tile, bh, b, hk, r, pos, hh, t, row_ok, qpos = _group_tile(T, N, G, HKV, NT, BM, GP)
@@ -656,24 +663,27 @@ def _s1_score_kernel(Q, KC, LSE, OUT, sq_b, sq_t, sq_h, sc_b, sc_n, sc_h, so_b, 
         else:
             sc = tl.where(ii[None, :] == 0, carry[:, None], tl.zeros([BM, NBC], tl.float32))
             carry = tl.zeros([BM], tl.float32)
-        sc = _block_epilogue(sc, blocks, qb, INIT, LOCAL)
+        sc = _block_epilogue(sc, blocks, qb, INIT, LOCAL, SEL)
         tl.store(ob + blocks[None, :], sc, mask=ok1[:, None] & (blocks < NB)[None, :])
 
 # %% ../../nbs/11_sparse_kernels.ipynb #c74157ec
 def fused_block_scores(q, k, *, kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1, local_blocks=32,
-                       lse_approx=False, lse_kernel_size=None, lse_kernel_stride=None, scale=None, kc=None,
+                       selection='minicpm4', lse_approx=False, lse_kernel_size=None, lse_kernel_stride=None,
+                       scale=None, kc=None,
                        kc_coarse=None, backend='auto', tile_tokens=None, config=None):
     """Stage 1 of InfLLM v2, fused: q (B, T, H, D) (the last T of N positions), k (B, N, Hkv, D) ->
-    float32 (B, T, Hkv, ceil(N / block_size)), equal to `minicpm4_core.infllmv2.block_scores`.
+    float32 (B, T, Hkv, ceil(N / block_size)), equal to `minicpm4_core.infllmv2.block_scores` (same `selection`).
     `kc` / `kc_coarse` may pass precompressed kernels (as `compress_keys(k, ...)` would give)."""
     B, T, H, D, N, Hkv = _iv._check_qk(q, k, 'fused_block_scores')
     p, s, m, init_blocks, local_blocks = _iv.check_geometry(kernel_size, kernel_stride, block_size, init_blocks,
                                                            local_blocks)
+    _iv.check_selection(selection)
     pc = (lse_kernel_size or 4 * p) if lse_approx else p
     sc_ = (lse_kernel_stride or 4 * s) if lse_approx else s
     r, left = m // s, -(-p // s) - 1
     ok_geom = (r & (r - 1)) == 0 and left <= r and 16 * r <= 1024
-    geo = dict(kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init_blocks, local_blocks=local_blocks)
+    geo = dict(kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init_blocks, local_blocks=local_blocks,
+               selection=selection)
     if _backend('fused_block_scores', q, backend) == 'torch' or not ok_geom:
         if not ok_geom:
             _warn_once('geom', f"fused_block_scores: geometry p={p}, s={s}, m={m} not supported by the Triton kernel; "
@@ -711,7 +721,7 @@ def fused_block_scores(q, k, *, kernel_size=32, kernel_stride=16, block_size=64,
     h = _s1_score_kernel[grid](q, kc, lse, out, *q.stride()[:3], *kc.stride()[:3], *out.stride()[:3],
                            T, N, NC, NB, G, Hkv, NT, scale * LOG2E, p, s, init_blocks, local_blocks, 50.0 * LOG2E,
                            APPROX=bool(lse_approx), BM=BM, GP=GP, D=D, BD=BD, R=r, LEFT=left, NBC=NBC, BLOCK=m,
-                           PREC=prec, num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
+                           PREC=prec, SEL=_SEL[selection], num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
     _keep('s1_score', h)
     return out
 
@@ -775,8 +785,12 @@ def topk_blocks(scores, topk, backend='auto'):
 
 
 def prefill_select(q, k, topk, **kw):
-    "Stage 1 + top-k: q (B, T, H, D), k (B, N, Hkv, D) -> block_idx int32 (B, T, Hkv, topk). kw: see fused_block_scores."
-    return topk_blocks(fused_block_scores(q, k, **kw), topk)
+    """Stage 1 + top-k + window: q (B, T, H, D), k (B, N, Hkv, D) -> the attention lists int32 (B, T, Hkv, K) of
+    `minicpm4_core.infllmv2.attention_blocks` (K = topk, + local_blocks with selection='minicpm4').
+    kw: see fused_block_scores."""
+    idx = topk_blocks(fused_block_scores(q, k, **kw), topk)
+    return _iv.attention_blocks(idx, k.shape[1], kw.get('block_size', 64), kw.get('local_blocks', 32),
+                                kw.get('selection', 'minicpm4'))
 
 # %% ../../nbs/11_sparse_kernels.ipynb #be412803
 @triton.jit
@@ -941,7 +955,7 @@ def _dec_s1_logits_kernel(Q, KC, SEQ, S, PM, PL, sq_b, sq_h, sc_b, sc_n, sc_h, N
 @triton.jit
 def _dec_s1_blocks_kernel(S, PM, PL, SEQ, OUT, so_b, so_h, NCMAX, NCH, NB, G, HKV, INIT, LOCAL,
                           ROWS: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr, NBC: tl.constexpr,
-                          BLOCK: tl.constexpr, CHP: tl.constexpr):
+                          BLOCK: tl.constexpr, CHP: tl.constexpr, SEL: tl.constexpr):
     bh = tl.program_id(0)
     bc = tl.program_id(1)
     b = bh // HKV
@@ -970,12 +984,13 @@ def _dec_s1_blocks_kernel(S, PM, PL, SEQ, OUT, so_b, so_h, NCMAX, NCH, NB, G, HK
         best = tl.maximum(best, tl.sum(tl.exp2(s - lse[:, None]), 0))
     L = tl.load(SEQ + b)
     qb = tl.full([1], 0, tl.int32) + (L - 1) // BLOCK
-    sc = _block_epilogue(best[None, :], blocks, qb, INIT, LOCAL)
+    sc = _block_epilogue(best[None, :], blocks, qb, INIT, LOCAL, SEL)
     tl.store(OUT + b.to(tl.int64) * so_b + hk * so_h + blocks[None, :], sc, mask=(blocks < NB)[None, :])
 
 # %% ../../nbs/11_sparse_kernels.ipynb #52c5949b
 def decode_block_scores(q, kc, cache_seqlens, *, kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1,
-                        local_blocks=32, num_blocks=None, scale=None, backend='auto', config=None):
+                        local_blocks=32, selection='minicpm4', num_blocks=None, scale=None, backend='auto',
+                        config=None):
     """Stage 1 for one query per sequence. q (B, H, D) or (B, 1, H, D) at position cache_seqlens[b] - 1;
     kc (B, NCmax, Hkv, D) the compressed-key cache (compress_keys of each sequence's keys; entries past a
     sequence's complete kernels are ignored). Returns float32 (B, Hkv, num_blocks) (default ceil(max len / m)),
@@ -985,9 +1000,11 @@ def decode_block_scores(q, kc, cache_seqlens, *, kernel_size=32, kernel_stride=1
     H = q.shape[1]
     p, s, m, init_blocks, local_blocks = _iv.check_geometry(kernel_size, kernel_stride, block_size, init_blocks,
                                                            local_blocks)
+    _iv.check_selection(selection)
     NB = triton.cdiv(int(seq.max()), m) if num_blocks is None else _iv._as_int('num_blocks', num_blocks, 1)
     r, left = m // s, -(-p // s) - 1
-    geo = dict(kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init_blocks, local_blocks=local_blocks)
+    geo = dict(kernel_size=p, kernel_stride=s, block_size=m, init_blocks=init_blocks, local_blocks=local_blocks,
+               selection=selection)
     if _backend('decode_block_scores', q, backend) == 'torch':
         out = torch.full((B, Hkv, NB), float('-inf'), dtype=torch.float32, device=q.device)
         for bb in range(B):
@@ -1013,11 +1030,14 @@ def decode_block_scores(q, kc, cache_seqlens, *, kernel_size=32, kernel_stride=1
     NBC = 64
     _dec_s1_blocks_kernel[(B * Hkv, triton.cdiv(NB, NBC))](S, pm, pl, seq, out, *out.stride()[:2], max(NCmax, 1), NCH, NB,
                                                      G, Hkv, init_blocks, local_blocks, ROWS=ROWS, R=r, LEFT=left,
-                                                     NBC=NBC, BLOCK=m, CHP=min(64, _np2(NCH)),
+                                                     NBC=NBC, BLOCK=m, CHP=min(64, _np2(NCH)), SEL=_SEL[selection],
                                                      num_warps=c['num_warps'])
     return out
 
 
 def decode_select(q, kc, cache_seqlens, topk, **kw):
-    "Incremental stage 1 + top-k for one query per sequence -> block_idx int32 (B, Hkv, topk)."
-    return topk_blocks(decode_block_scores(q, kc, cache_seqlens, **kw), topk)
+    """Incremental stage 1 + top-k + window for one query per sequence -> the attention lists int32 (B, Hkv, K),
+    K = topk (+ local_blocks with selection='minicpm4'); no host sync (CUDA-graph friendly)."""
+    idx = topk_blocks(decode_block_scores(q, kc, cache_seqlens, **kw), topk)
+    return _iv.attention_blocks(idx[:, None], cache_seqlens, kw.get('block_size', 64), kw.get('local_blocks', 32),
+                                kw.get('selection', 'minicpm4'))[:, 0]
