@@ -15,13 +15,16 @@ import configparser
 import html
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
+from .io import atomic_write_json, atomic_write_text  # no torch import: the CLI stays quick
+
 # %% auto #0
-__all__ = ['find_project_root', 'profile_names', 'load_profile', 'log_metrics', 'logged_metrics', 'artifact_dir',
-           'list_notebooks', 'run_notebooks', 'write_report', 'render_readme', 'main']
+__all__ = ['RUNNER_KEYS', 'REPORT_STATES', 'find_project_root', 'profile_names', 'load_profile', 'log_metrics', 'logged_metrics',
+           'artifact_dir', 'list_notebooks', 'run_notebooks', 'write_report', 'render_readme', 'main']
 
 # %% ../nbs/04_runner.ipynb #13161865
 def find_project_root(start=None) -> Path:
@@ -33,9 +36,15 @@ def find_project_root(start=None) -> Path:
                             "run from the repository or pass --root")
 
 
-def _literal(v: str):
+RUNNER_KEYS = ('notebook_timeout',)   # profile keys the runner itself uses; not injected into notebooks
+
+
+def _literal(v: str, section: str = '?', key: str = '?'):
+    "A settings.ini value as a Python literal; anything else is an error naming where it is."
     try: return ast.literal_eval(v)
-    except (ValueError, SyntaxError): return v
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+        raise ValueError(f"settings.ini [{section}] {key} = {v!r} is not a Python literal ({type(e).__name__}); "
+                         "write numbers as numbers and strings in quotes, e.g. device = 'cpu'") from None
 
 
 def profile_names(root=None) -> list[str]:
@@ -48,7 +57,11 @@ def load_profile(name: str = 'ci', root=None) -> dict:
     cp = configparser.ConfigParser(); cp.read(find_project_root(root) / 'settings.ini')
     if name not in cp.sections():
         raise ValueError(f"unknown profile {name!r}; settings.ini defines {cp.sections()}")
-    return {k: _literal(v) for k, v in cp[name].items()}
+    p = {k: _literal(v, name, k) for k, v in cp[name].items()}
+    t = p.get('notebook_timeout')
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+        raise ValueError(f"settings.ini [{name}] notebook_timeout = {t!r}: must be seconds > 0 or None (no limit)")
+    return p
 
 # %% ../nbs/04_runner.ipynb #4404098c
 _METRICS_ENV, _ARTIFACTS_ENV, _PROFILE_ENV = 'MINICPM4_METRICS', 'MINICPM4_ARTIFACTS', 'MINICPM4_PROFILE'
@@ -71,7 +84,7 @@ def log_metrics(**metrics) -> dict:
         p = Path(path)
         cur = json.loads(p.read_text()) if p.exists() else {}
         cur.update(metrics)
-        p.write_text(json.dumps(cur, indent=2))
+        atomic_write_json(p, cur)   # the report never reads a half-written file
         return cur
     _in_memory.update(metrics)
     return dict(_in_memory)
@@ -107,21 +120,51 @@ def list_notebooks(root=None, only=None) -> list[Path]:
     return nbs
 
 
-def _error_summary(e: Exception) -> str:
+_ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
+
+
+def _error_summary(e: BaseException) -> str:
     ename, evalue = getattr(e, 'ename', type(e).__name__), getattr(e, 'evalue', str(e))
     return f"{ename}: {evalue}"[:500]
 
 
+def _cell_label(nb_path: Path, cell) -> str:
+    "'cell 7 (id ab12, `first line`)' with the position in the source notebook, or '' if unknown."
+    if cell is None: return ''
+    cid, first = cell.get('id'), next((l for l in cell.get('source', '').splitlines() if l.strip()), '')
+    try: ids = [c.get('id') for c in json.loads(nb_path.read_text())['cells']]
+    except (OSError, ValueError, KeyError): ids = []
+    where = f"cell {ids.index(cid)}" if cid in ids else 'injected parameters cell' if 'injected' in str(cid) else 'cell'
+    return f"{where} (id {cid}, `{first.strip()[:80]}`)"
+
+
+def _traceback_tail(e: BaseException, lines: int = 15) -> str:
+    import traceback as tb
+    raw = getattr(e, 'traceback', None)
+    text = '\n'.join(raw) if isinstance(raw, list) else ''.join(tb.format_exception(e))
+    return '\n'.join(_ANSI.sub('', text).rstrip().splitlines()[-lines:])
+
+
 def run_notebooks(profile: str = 'ci', only=None, root=None, out_dir=None, kernel_name: str = 'python3',
-                  log_output: bool = False) -> list[dict]:
-    "Execute the notebooks under `profile`; returns one record per notebook and writes report.md/.html/.json."
+                  log_output: bool = False, timeout: float | None = None) -> list[dict]:
+    """Execute the notebooks under `profile`; returns one record per notebook and writes report.md/.html/.json.
+
+    timeout: seconds per notebook (default: the profile's `notebook_timeout`; None: no limit). Ctrl-C writes the
+    report marked INTERRUPTED, then re-raises KeyboardInterrupt."""
     import papermill as pm
     root = find_project_root(root)
-    params = load_profile(profile, root)
+    params = load_profile(profile, root)            # malformed values fail here, before any notebook runs
+    timeout = timeout if timeout is not None else params.get('notebook_timeout')
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
+    params = {k: v for k, v in params.items() if k not in RUNNER_KEYS}
+    notebooks = list_notebooks(root, only)
     out = Path(out_dir or root / 'runs' / profile); out.mkdir(parents=True, exist_ok=True)
     art = out / 'artifacts'; art.mkdir(exist_ok=True)
     results = []
-    for nb in list_notebooks(root, only):
+    # from the first moment on, the report says this run is incomplete (a kill leaves it so, never the last run's)
+    write_report(results, out, profile, state='running', planned=[str(p.relative_to(root)) for p in notebooks])
+    for nb in notebooks:
         rel = nb.relative_to(root)
         dest = out / f"{nb.parent.name}__{nb.name}"
         metrics_path = dest.with_suffix('.metrics.json')
@@ -130,12 +173,24 @@ def run_notebooks(profile: str = 'ci', only=None, root=None, out_dir=None, kerne
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         print(f"[minicpm4 run] {rel} ...", flush=True)
-        t0, status, error = time.time(), 'ok', ''
+        t0, status, error, cell, tail, interrupted = time.time(), 'ok', '', '', '', False
+        running = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def cell_timeout(c):  # nbclient asks for each cell: the rest of the notebook's time (and tells us the cell)
+            running['cell'] = c
+            return None if deadline is None else max(1, int(deadline - time.monotonic() + 0.999))
         try:
             pm.execute_notebook(str(nb), str(dest), parameters=params, kernel_name=kernel_name, cwd=str(nb.parent),
-                                progress_bar=False, log_output=log_output)
+                                progress_bar=False, log_output=log_output, timeout_func=cell_timeout)
+        except KeyboardInterrupt:
+            status, error, interrupted = 'interrupted', 'Ctrl-C', True
+            cell = _cell_label(nb, running.get('cell'))   # (the traceback would only show the runner's own frames)
         except Exception as e:  # one failure must not hide the others
-            status, error = 'failed', _error_summary(e)
+            timed_out = type(e).__name__ == 'CellTimeoutError'   # what nbclient raises when our budget ran out
+            status = 'timeout' if timed_out else 'failed'
+            error = f"no result after {timeout} s (notebook_timeout)" if timed_out else _error_summary(e)
+            cell, tail = _cell_label(nb, running.get('cell')), _traceback_tail(e)
         finally:
             for k, v in old.items():
                 if v is None: os.environ.pop(k, None)
@@ -143,9 +198,17 @@ def run_notebooks(profile: str = 'ci', only=None, root=None, out_dir=None, kerne
         dt = time.time() - t0
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         results.append(dict(notebook=str(rel), status=status, seconds=round(dt, 1), metrics=metrics, error=error,
+                            cell=cell, traceback=tail,
                             output=str(dest.relative_to(root)) if dest.is_relative_to(root) else str(dest)))
-        print(f"[minicpm4 run] {rel}: {status} in {dt:.1f}s {error}", flush=True)
-    write_report(results, out, profile)
+        print(f"[minicpm4 run] {rel}: {status} in {dt:.1f}s {error} {cell}", flush=True)
+        if interrupted:
+            results += [dict(notebook=str(p.relative_to(root)), status='not run', seconds=0.0, metrics={}, error='',
+                             cell='', traceback='', output='') for p in notebooks[len(results):]]
+            write_report(results, out, profile, state='interrupted')
+            print(f"[minicpm4 run] interrupted; partial report in {out / 'report.md'}", flush=True)
+            raise KeyboardInterrupt
+        write_report(results, out, profile, state='running' if len(results) < len(notebooks) else 'complete',
+                     planned=[str(p.relative_to(root)) for p in notebooks])
     return results
 
 # %% ../nbs/04_runner.ipynb #25f0ffa5
@@ -158,29 +221,46 @@ def _fmt_metrics(m: dict, limit: int = 12) -> str:
     return ', '.join(items) + (' ...' if len(m) > limit else '')
 
 
-def write_report(results: list[dict], out_dir, profile: str) -> Path:
-    "Write report.md, report.html and summary.json into out_dir; returns the Markdown path."
+REPORT_STATES = {'complete': 'COMPLETE', 'running': 'IN PROGRESS (incomplete: this run has not finished)',
+                 'interrupted': 'INTERRUPTED (Ctrl-C): partial results'}
+
+
+def write_report(results: list[dict], out_dir, profile: str, state: str = 'complete', planned=None) -> Path:
+    """Write report.md, report.html and summary.json into out_dir (each atomically); returns the Markdown path.
+
+    state: 'complete', 'running' (written during the run; `planned` lists the notebooks still to come) or
+    'interrupted'."""
+    if state not in REPORT_STATES: raise ValueError(f"state must be one of {list(REPORT_STATES)}, got {state!r}")
     out_dir = Path(out_dir)
+    done = {r['notebook'] for r in results}
+    results = list(results) + [dict(notebook=n, status='pending', seconds=0.0, metrics={}, error='', cell='',
+                                    traceback='') for n in (planned or []) if n not in done]
     ok = sum(r['status'] == 'ok' for r in results)
     total_s = sum(r['seconds'] for r in results)
-    head = f"# minicpm4 run --profile {profile}\n\n{ok}/{len(results)} notebooks ok, {total_s:.0f} s in total.\n\n"
+    head = (f"# minicpm4 run --profile {profile}\n\n**{REPORT_STATES[state]}** - written "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{ok}/{len(results)} notebooks ok, {total_s:.0f} s in total.\n\n")
     rows = ["| notebook | status | seconds | metrics / error |", "|---|---|---|---|"]
     for r in results:
-        detail = r['error'] if r['status'] != 'ok' else _fmt_metrics(r['metrics'])
+        detail = (r['error'] + (f" in {r['cell']}" if r.get('cell') else '')) if r['status'] != 'ok' \
+            else _fmt_metrics(r['metrics'])
         rows.append(f"| {r['notebook']} | {r['status']} | {r['seconds']:.1f} | {detail.replace('|', '/')} |")
+    fails = [f"### {r['notebook']}: {r['status']}{' in ' + r['cell'] if r.get('cell') else ''}\n\n```\n{r['traceback']}\n```"
+             for r in results if r.get('traceback')]
     md = out_dir / 'report.md'
-    md.write_text(head + '\n'.join(rows) + '\n')
+    atomic_write_text(md, head + '\n'.join(rows) + '\n' + ('\n## Failures\n\n' + '\n\n'.join(fails) + '\n' if fails else ''))
     cells = ''.join(
         f"<tr class='{html.escape(r['status'])}'><td>{html.escape(r['notebook'])}</td><td>{html.escape(r['status'])}</td>"
-        f"<td>{r['seconds']:.1f}</td><td><pre>{html.escape(r['error'] or json.dumps(r['metrics'], indent=1))}</pre></td></tr>"
+        f"<td>{r['seconds']:.1f}</td><td><pre>{html.escape(r['error'] or json.dumps(r['metrics'], indent=1))}"
+        f"{html.escape(chr(10) + r['cell'] + chr(10) + r['traceback']) if r.get('traceback') else ''}</pre></td></tr>"
         for r in results)
-    (out_dir / 'report.html').write_text(
+    atomic_write_text(out_dir / 'report.html',
         f"<!doctype html><meta charset='utf-8'><title>minicpm4 run {html.escape(profile)}</title>"
         "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
-        "tr.failed{background:#fdd}pre{margin:0;font-size:11px}</style>"
-        f"<h1>minicpm4 run --profile {html.escape(profile)}</h1><p>{ok}/{len(results)} ok, {total_s:.0f} s</p>"
+        "tr.failed,tr.timeout,tr.interrupted{background:#fdd}pre{margin:0;font-size:11px}</style>"
+        f"<h1>minicpm4 run --profile {html.escape(profile)}</h1><p><b>{html.escape(REPORT_STATES[state])}</b></p>"
+        f"<p>{ok}/{len(results)} ok, {total_s:.0f} s</p>"
         f"<table><tr><th>notebook</th><th>status</th><th>s</th><th>metrics / error</th></tr>{cells}</table>")
-    (out_dir / 'summary.json').write_text(json.dumps(dict(profile=profile, results=results), indent=2))
+    atomic_write_json(out_dir / 'summary.json', dict(profile=profile, state=state, results=results))
     return md
 
 # %% ../nbs/04_runner.ipynb #c537f049
@@ -209,6 +289,8 @@ def main(argv=None) -> int:
     r.add_argument('--root', default=None, help='repository root (default: found from the current directory)')
     r.add_argument('--out', default=None, help='output folder (default: runs/<profile>)')
     r.add_argument('--log-output', action='store_true', help="stream the notebooks' output")
+    r.add_argument('--timeout', type=float, default=None,
+                   help="seconds per notebook (default: the profile's notebook_timeout)")
     sub.add_parser('profiles', help='list the profiles of settings.ini')
     rd = sub.add_parser('readme', help='write README.md from nbs/index.ipynb')
     rd.add_argument('--root', default=None)
@@ -222,7 +304,15 @@ def main(argv=None) -> int:
         return 0
     if a.profile not in profile_names(a.root):
         ap.error(f"--profile {a.profile!r} is not a section of settings.ini; choose from {profile_names(a.root)}")
-    res = run_notebooks(a.profile, a.only, a.root, a.out, log_output=a.log_output)
+    if a.timeout is not None and not a.timeout > 0: ap.error(f"--timeout must be seconds > 0, got {a.timeout}")
     out = Path(a.out) if a.out else find_project_root(a.root) / 'runs' / a.profile
+    try:
+        res = run_notebooks(a.profile, a.only, a.root, a.out, log_output=a.log_output, timeout=a.timeout)
+    except KeyboardInterrupt:
+        print(f"interrupted; the partial report (marked INTERRUPTED) is {out / 'report.md'}", file=sys.stderr)
+        return 130
+    except ValueError as e:  # a malformed settings.ini value, an --only that matches nothing
+        print(f"minicpm4 run: {e}", file=sys.stderr)
+        return 2
     print((out / 'report.md').read_text())
     return 0 if all(r['status'] == 'ok' for r in res) else 1

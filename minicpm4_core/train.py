@@ -9,6 +9,8 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/train.html.md"""
 # %% ../nbs/03_train.ipynb #7cdf8089
 from __future__ import annotations
 
+import copy
+import io
 import json
 import math
 import time
@@ -24,10 +26,14 @@ from tqdm.auto import tqdm
 from .config import MiniCPM4Config
 from .model import MiniCPM4ForCausalLM, save_pretrained, load_pretrained
 from . import data as D
+from .io import (IntegrityError, atomic_folder, write_manifest, verify_manifest, read_json,
+                              recover_folder, safe_torch_load, deferred_sigint)
 
 # %% auto #0
-__all__ = ['DECAY_SHAPES', 'wsd_lr', 'mup_param_groups', 'TrainConfig', 'TrainResult', 'lm_loss', 'eval_loss', 'save_checkpoint',
-           'train', 'answer_accuracy', 'pretrain_embedded', 'load_or_pretrain', 'profile_base_model']
+__all__ = ['DECAY_SHAPES', 'CKPT_FORMAT', 'CKPT_VERSION', 'RUN_FIELDS', 'SCHEDULE_FIELDS', 'wsd_lr', 'mup_param_groups',
+           'TrainConfig', 'TrainResult', 'lm_loss', 'eval_loss', 'NonFiniteError', 'rng_state', 'set_rng_state',
+           'rows_fingerprint', 'save_checkpoint', 'check_resume', 'load_checkpoint', 'train', 'answer_accuracy',
+           'pretrain_embedded', 'load_or_pretrain', 'profile_base_model']
 
 # %% ../nbs/03_train.ipynb #24070f02
 DECAY_SHAPES = ('exp', 'linear', 'cosine')
@@ -79,13 +85,27 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_dir: str | None = None
-    ckpt_every: int = 0           # 0: only at the end
+    ckpt_every: int = 0           # 0: only at the end (and on Ctrl-C)
     device: str = 'cpu'
     bf16: bool | None = None      # None: on CUDA only
     seed: int = 0
     progress: bool = True
 
     def steps_of(self, x) -> int: return int(round(x * self.steps)) if isinstance(x, float) and x < 1 else int(x)
+
+    def validate(self) -> 'TrainConfig':
+        "Raise ValueError naming the first field with a value that cannot work."
+        for name, ok, want in [('steps', isinstance(self.steps, int) and self.steps >= 1, 'an int >= 1'),
+                               ('batch_size', isinstance(self.batch_size, int) and self.batch_size >= 1, 'an int >= 1'),
+                               ('lr', isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf, 'a finite number > 0'),
+                               ('grad_clip', isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0,
+                                '>= 0 (0: no clipping)'),
+                               ('eval_every', isinstance(self.eval_every, int) and self.eval_every >= 1, 'an int >= 1'),
+                               ('ckpt_every', isinstance(self.ckpt_every, int) and self.ckpt_every >= 0,
+                                'an int >= 0 (0: only at the end)')]:
+            if not ok: raise ValueError(f"TrainConfig.{name} must be {want}, got {getattr(self, name)!r}")
+        wsd_lr(0, self.steps, self.steps_of(self.warmup), self.steps_of(self.decay), self.final_lr_ratio, self.decay_shape)
+        return self
 
 
 @dataclass
@@ -126,19 +146,162 @@ def eval_loss(model: MiniCPM4ForCausalLM, rows: torch.Tensor, batch_size: int = 
     model.train(was)
     return tot / max(n, 1)
 
+# %% ../nbs/03_train.ipynb #1dbe2154
+CKPT_FORMAT, CKPT_VERSION = 'minicpm4_core.train_checkpoint', 1
+# fields that define the run; the schedule ones are compared step by step instead (see above)
+RUN_FIELDS = ('batch_size', 'lr', 'weight_decay', 'grad_clip', 'mtp_weight', 'seed')
+SCHEDULE_FIELDS = ('steps', 'warmup', 'decay', 'final_lr_ratio', 'decay_shape')
 
-def save_checkpoint(path, model, opt, step: int, result: TrainResult, cfg: TrainConfig):
-    "Weights (Hugging Face folder) + trainer_state.pt (optimizer, step, history, config)."
+
+class NonFiniteError(FloatingPointError):
+    "Training met a NaN/Inf loss, gradient or weight; nothing non-finite was applied or saved."
+
+
+def rng_state(device=None) -> dict:
+    "RNG states of Python, NumPy and torch (CPU, and CUDA when `device` is CUDA), as weights_only-loadable objects."
+    import random
+    import numpy as np
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = dict(python=random.getstate(), numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=pos,
+                                                     has_gauss=has_gauss, gauss=gauss), torch=torch.get_rng_state())
+    if device is not None and torch.device(device).type == 'cuda': st['cuda'] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    "Restore what `rng_state` returned."
+    import random
+    import numpy as np
+    random.setstate(st['python'])
+    n = st['numpy']
+    np.random.set_state((n['name'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+    torch.set_rng_state(st['torch'])
+    if 'cuda' in st: torch.cuda.set_rng_state_all(st['cuda'])
+
+
+def rows_fingerprint(rows: torch.Tensor) -> dict:
+    "Shape, dtype and SHA-256 of the training rows (N, T+1): resuming on other data is refused."
+    import hashlib
+    h = hashlib.sha256(rows.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return dict(shape=list(rows.shape), dtype=str(rows.dtype), sha256=h)
+
+
+def _nonfinite_params(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
+def save_checkpoint(path, model, opt, step: int, result: TrainResult, cfg: TrainConfig, rng: dict | None = None,
+                    rows_fp: dict | None = None) -> Path:
+    "Write the checkpoint folder `path` as one unit (see the table above); refuses non-finite weights."
     path = Path(path)
-    save_pretrained(model, path)
-    torch.save(dict(optimizer=opt.state_dict(), step=step, history=result.history, tokens=result.tokens,
-                    train_config=asdict(cfg)), path / 'trainer_state.pt')
+    bad = _nonfinite_params(model)
+    if bad: raise NonFiniteError(f"not saving checkpoint {path} at step {step}: non-finite values in {bad[:5]}")
+    state = dict(format=CKPT_FORMAT, version=CKPT_VERSION, step=step, data_position=step, tokens=result.tokens,
+                 history=result.history, train_config=asdict(cfg), rows=rows_fp)
+    blob = io.BytesIO()
+    torch.save(dict(optimizer=opt.state_dict(), rng=rng or rng_state(cfg.device)), blob)
+    try:
+        with atomic_folder(path) as tmp:
+            save_pretrained(model, tmp)
+            (tmp / 'trainer_state.pt').write_bytes(blob.getvalue())
+            (tmp / 'trainer_state.json').write_text(json.dumps(state, indent=1))
+            write_manifest(tmp, format=CKPT_FORMAT, version=CKPT_VERSION, step=step)
+    except OSError: raise   # already names the folder
+    except Exception as e:  # e.g. safetensors' own error type for a full disk
+        raise OSError(f"could not write checkpoint {path} at step {step} ({type(e).__name__}: {e}); "
+                      "the previous checkpoint there is unchanged") from e
+    return path
+
+# %% ../nbs/03_train.ipynb #d4064911
+def _schedule_diff(old: dict, cfg: TrainConfig, upto: int) -> int | None:
+    "First step < upto where the WSD multipliers of the stored and the new config differ (None: same)."
+    o = TrainConfig(**{k: old[k] for k in SCHEDULE_FIELDS if k in old})
+    ow, od, nw, nd = o.steps_of(o.warmup), o.steps_of(o.decay), cfg.steps_of(cfg.warmup), cfg.steps_of(cfg.decay)
+    for s in range(upto):
+        a = wsd_lr(s, o.steps, ow, od, o.final_lr_ratio, o.decay_shape)
+        b = wsd_lr(s, cfg.steps, nw, nd, cfg.final_lr_ratio, cfg.decay_shape)
+        if a != b: return s
+    return None
+
+
+def check_resume(path, model, cfg: TrainConfig, rows_fp: dict | None = None, allow_changes: Iterable[str] = ()) -> dict:
+    "Verify checkpoint `path` against the run about to continue; returns its trainer_state.json (see the lesson above)."
+    path = recover_folder(Path(path))
+    if not path.exists(): raise FileNotFoundError(f"resume_from: checkpoint folder {path} does not exist")
+    verify_manifest(path, required=('config.json', 'trainer_state.pt', 'trainer_state.json'))
+    st = read_json(path / 'trainer_state.json', 'checkpoint state')
+    if st.get('format') != CKPT_FORMAT or st.get('version') != CKPT_VERSION:
+        raise IntegrityError(f"{path / 'trainer_state.json'} is not a {CKPT_FORMAT} v{CKPT_VERSION} checkpoint "
+                             f"(format {st.get('format')!r}, version {st.get('version')!r})")
+    allow, old = set(allow_changes), st['train_config']
+    unknown = allow - set(RUN_FIELDS) - set(SCHEDULE_FIELDS) - {'rows'}
+    if unknown: raise ValueError(f"allow_changes: unknown names {sorted(unknown)}; "
+                                 f"accepted: {list(RUN_FIELDS + SCHEDULE_FIELDS) + ['rows']}")
+    new = asdict(cfg)
+    for k in RUN_FIELDS:
+        if k not in allow and old.get(k) != new[k]:
+            raise ValueError(f"resume_from {path}: the checkpoint was trained with {k}={old.get(k)!r}, this run has "
+                             f"{k}={new[k]!r}; that changes the run. Use the same value, or pass "
+                             f"allow_changes=({k!r},) to continue anyway.")
+    if not set(SCHEDULE_FIELDS) <= allow:
+        s = _schedule_diff(old, cfg, st['step'])
+        if s is not None:
+            diff = [k for k in SCHEDULE_FIELDS if old.get(k) != new[k]]
+            raise ValueError(f"resume_from {path}: the learning-rate schedule changed ({', '.join(diff)}): step {s}, "
+                             f"already taken, would have had another learning rate. Change only what lies after step "
+                             f"{st['step']}, or pass allow_changes={tuple(diff)!r}.")
+    if rows_fp is not None and st.get('rows') and st['rows'] != rows_fp and 'rows' not in allow:
+        o, n = st['rows'], rows_fp
+        what = (f"seq_len {o['shape'][1] - 1} vs {n['shape'][1] - 1}" if o['shape'][1] != n['shape'][1] else
+                f"shape {o['shape']} vs {n['shape']}" if o['shape'] != n['shape'] else
+                f"dtype {o['dtype']} vs {n['dtype']}" if o['dtype'] != n['dtype'] else 'same shape, other content')
+        raise ValueError(f"resume_from {path}: the training rows differ from the checkpoint's ({what}); "
+                         "pass allow_changes=('rows',) to continue on other data.")
+    if st['step'] > cfg.steps:
+        raise ValueError(f"resume_from {path}: the checkpoint is at step {st['step']}, beyond steps={cfg.steps}")
+    mc = getattr(model, 'config', None)
+    if mc is not None and hasattr(mc, 'to_dict'):
+        saved, cur = read_json(path / 'config.json', 'model config'), json.loads(json.dumps(mc.to_dict()))
+        diff = sorted(k for k in set(saved) & set(cur) if saved[k] != cur[k])
+        if diff: raise ValueError(f"resume_from {path}: the model differs from the checkpoint's in "
+                                  + ', '.join(f"{k} ({saved[k]!r} vs {cur[k]!r})" for k in diff[:5]))
+    return st
+
+
+def load_checkpoint(path, model, opt, cfg: TrainConfig, rows_fp: dict | None = None,
+                    allow_changes: Iterable[str] = ()) -> dict:
+    "check_resume, then load weights and optimizer state into `model` and `opt`; returns the state (with 'rng')."
+    st = check_resume(path, model, cfg, rows_fp, allow_changes)
+    path = Path(path)
+    weights = load_pretrained(path).state_dict()
+    blob = safe_torch_load(path / 'trainer_state.pt')
+    snapshot = copy.deepcopy(opt.state_dict())
+    try: opt.load_state_dict(blob['optimizer'])
+    except (ValueError, KeyError, RuntimeError) as e:
+        opt.load_state_dict(snapshot)
+        raise IntegrityError(f"{path / 'trainer_state.pt'}: the optimizer state does not fit this model: {e}") from e
+    model.load_state_dict(weights)
+    return dict(st, rng=blob['rng'])
+
+# %% ../nbs/03_train.ipynb #f6c4d47a
+def _check_rows(rows, model, what='rows'):
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[1] < 2 or len(rows) == 0:
+        raise ValueError(f"{what} must be (N, seq_len + 1) with N >= 1 and seq_len >= 1, got "
+                         f"{tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__}")
+    if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+        raise ValueError(f"{what} must hold integer token ids, got dtype {rows.dtype}")
+    V = getattr(getattr(model, 'config', None), 'vocab_size', None)
+    lo, hi = int(rows.min()), int(rows.max())
+    if lo < 0 or (V is not None and hi >= V):
+        raise ValueError(f"{what} hold token ids in [{lo}, {hi}], the model's vocabulary is [0, {V})")
 
 
 def train(model: MiniCPM4ForCausalLM, rows: torch.Tensor, cfg: TrainConfig, valid_rows: torch.Tensor | None = None,
-          resume_from=None) -> TrainResult:
-    "Train `model` on packed rows (N, T+1) with AdamW + muP groups + WSD; returns the loss history."
-    if rows.dim() != 2 or rows.shape[1] < 2: raise ValueError(f"rows must be (N, seq_len + 1), got {tuple(rows.shape)}")
+          resume_from=None, allow_changes: Iterable[str] = ()) -> TrainResult:
+    "Train `model` on packed rows (N, T+1) with AdamW + muP groups + WSD; returns the loss history (see above)."
+    cfg.validate()
+    _check_rows(rows, model)
+    if valid_rows is not None: _check_rows(valid_rows, model, 'valid_rows')
     torch.manual_seed(cfg.seed)
     dev = torch.device(cfg.device)
     model.to(dev).train()
@@ -146,17 +309,27 @@ def train(model: MiniCPM4ForCausalLM, rows: torch.Tensor, cfg: TrainConfig, vali
     warmup, decay = cfg.steps_of(cfg.warmup), cfg.steps_of(cfg.decay)
     opt = torch.optim.AdamW(mup_param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     res, start = TrainResult(), 0
-    if resume_from is not None:
-        st = torch.load(Path(resume_from) / 'trainer_state.pt', map_location=dev, weights_only=False)
-        model.load_state_dict(load_pretrained(resume_from).state_dict())
-        opt.load_state_dict(st['optimizer']); start = st['step']; res.history = st['history']; res.tokens = st['tokens']
+    fp = rows_fingerprint(rows) if (cfg.ckpt_dir or resume_from is not None) else None
     data = D.batches(rows, cfg.batch_size, cfg.seed)
-    for _ in range(start): next(data)  # same data order as an uninterrupted run
-    t0 = time.time()
+    if resume_from is not None:
+        st = load_checkpoint(resume_from, model, opt, cfg, fp, allow_changes)
+        start, res.history, res.tokens = st['step'], st['history'], st['tokens']
+        for _ in range(st['data_position']): next(data)  # same data order as an uninterrupted run
+        set_rng_state(st['rng'])
+
+    def evaluate(done):
+        if valid_rows is None or not (done % cfg.eval_every == 0 or done == cfg.steps): return
+        if res.history['eval_step'][-1:] == [done]: return
+        v = eval_loss(model, valid_rows, cfg.batch_size, cfg.eval_batches, dev)
+        res.history['eval_step'].append(done); res.history['eval_loss'].append(v)   # both or neither
+
+    same_dir = resume_from is not None and cfg.ckpt_dir and Path(resume_from).resolve() == Path(cfg.ckpt_dir).resolve()
+    t0, done, saved, rng_at_done = time.time(), start, start if same_dir else None, None
     bar = tqdm(range(start, cfg.steps), disable=not cfg.progress, desc='train')
-    step = start
     try:
+        if start: evaluate(start)   # an evaluation cut off by Ctrl-C before the checkpoint
         for step in bar:
+            rng_at_done = rng_state(dev)   # the RNG state that belongs to a checkpoint at `done`
             mult = wsd_lr(step, cfg.steps, warmup, decay, cfg.final_lr_ratio, cfg.decay_shape)
             for g in opt.param_groups: g['lr'] = cfg.lr * g['lr_scale'] * mult
             batch = next(data).to(dev, non_blocking=True)
@@ -164,24 +337,33 @@ def train(model: MiniCPM4ForCausalLM, rows: torch.Tensor, cfg: TrainConfig, vali
                 loss, ntp, mtp = lm_loss(model, batch, cfg.mtp_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            res.tokens += batch[:, 1:].numel()
-            h = res.history
-            h['step'].append(step); h['loss'].append(float(ntp.detach())); h['lr'].append(cfg.lr * mult)
-            h['mtp_loss'].append(None if mtp is None else float(mtp.detach()))
-            if valid_rows is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                h['eval_step'].append(step + 1)
-                h['eval_loss'].append(eval_loss(model, valid_rows, cfg.batch_size, cfg.eval_batches, dev))
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            lval, gval = float(loss.detach()), float(gnorm)
+            if not (math.isfinite(lval) and math.isfinite(gval)):
+                bad = _nonfinite_params(model)
+                raise NonFiniteError(
+                    f"step {step}: loss {lval}, gradient norm {gval}; stopped before the optimizer step, "
+                    f"so the weights are those after {done} steps"
+                    + (f"; the model already holds non-finite parameters: {bad[:5]}" if bad else
+                       f". Lower the learning rate (lr={cfg.lr}) or check the data")
+                    + (f"; last checkpoint: {cfg.ckpt_dir} at step {saved}" if saved is not None else '') + '.')
+            with deferred_sigint():   # the step and its bookkeeping happen together or not at all
+                opt.step()
+                done, rng_at_done = step + 1, None
+                res.tokens += batch[:, 1:].numel()
+                h = res.history
+                h['step'].append(step); h['loss'].append(float(ntp.detach())); h['lr'].append(cfg.lr * mult)
+                h['mtp_loss'].append(None if mtp is None else float(mtp.detach()))
+            evaluate(done)
             bar.set_postfix(loss=f"{float(ntp.detach()):.3f}", lr=f"{cfg.lr * mult:.2e}")
-            if cfg.ckpt_dir and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
-                save_checkpoint(cfg.ckpt_dir, model, opt, step + 1, res, cfg)
-        step = cfg.steps
+            if cfg.ckpt_dir and cfg.ckpt_every and done % cfg.ckpt_every == 0:
+                save_checkpoint(cfg.ckpt_dir, model, opt, done, res, cfg, rng_state(dev), fp); saved = done
     except KeyboardInterrupt:
         res.interrupted = True
-        print(f"interrupted at step {step}" + (f"; checkpoint in {cfg.ckpt_dir}" if cfg.ckpt_dir else ''))
+        print(f"interrupted after {done} steps" + (f"; checkpoint in {cfg.ckpt_dir}" if cfg.ckpt_dir else ''))
     res.seconds = time.time() - t0
-    if cfg.ckpt_dir: save_checkpoint(cfg.ckpt_dir, model, opt, step, res, cfg)
+    if cfg.ckpt_dir and saved != done:
+        save_checkpoint(cfg.ckpt_dir, model, opt, done, res, cfg, rng_at_done or rng_state(dev), fp)
     return res
 
 # %% ../nbs/03_train.ipynb #1d003680
@@ -213,14 +395,15 @@ def pretrain_embedded(out_dir, preset: str = 'tiny', corpus_size='small', vocab_
     tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, device=device, seed=seed, progress=progress,
                      eval_every=max(1, steps // 8))
     res = train(model, rows, tc, valid)
-    out = Path(out_dir)
-    save_pretrained(model, out)
-    tok.save(out)
+    if res.interrupted: raise KeyboardInterrupt   # never publish a half-trained model as the profile's base model
     info = dict(preset=preset, corpus_size=corpus_size, vocab_size=vocab_size, seq_len=seq_len, steps=steps,
                 batch_size=batch_size, seed=seed, mtp=mtp, lr=lr, overrides=config_overrides,
                 final_eval_loss=res.final_eval_loss, unigram_entropy=D.unigram_entropy(rows), seconds=res.seconds)
-    (out / 'train_info.json').write_text(json.dumps(info, indent=2))
-    json.dump(res.history, open(out / 'history.json', 'w'))
+    with atomic_folder(out_dir) as tmp:   # model, tokenizer and train_info.json appear together or not at all
+        save_pretrained(model, tmp)
+        tok.save(tmp)
+        (tmp / 'history.json').write_text(json.dumps(res.history))
+        (tmp / 'train_info.json').write_text(json.dumps(info, indent=2))
     return model, tok, res
 
 
@@ -232,12 +415,14 @@ def load_or_pretrain(out_dir, **kw):
     want = {n: p.default for n, p in inspect.signature(pretrain_embedded).parameters.items()
             if p.default is not inspect.Parameter.empty and n not in ('device', 'progress')}
     want.update({k: v for k, v in kw.items() if k in want})
+    recover_folder(out)
     if info_p.exists():
-        info = json.loads(info_p.read_text())
+        try: info = read_json(info_p, 'training record')
+        except IntegrityError as e: print(f"{e}; training again"); info = {}
         if all(info.get(k) == v for k, v in want.items()):
             return load_pretrained(out, device=kw.get('device', 'cpu')), D.load_tokenizer(out), info
     pretrain_embedded(out, **kw)
-    return load_pretrained(out, device=kw.get('device', 'cpu')), D.load_tokenizer(out), json.loads(info_p.read_text())
+    return load_pretrained(out, device=kw.get('device', 'cpu')), D.load_tokenizer(out), read_json(info_p, 'training record')
 
 
 def profile_base_model(profile: str = 'ci', device: str | None = None):

@@ -1,5 +1,6 @@
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,11 @@ def test_run_reports_success_metrics_and_failure(tmp_path):
     assert [r["status"] for r in res] == ["ok", "failed"]
     assert res[0]["metrics"] == {"steps_seen": 6}          # the profile's parameter was injected
     assert "boom in notebook" in res[1]["error"]
+    assert res[1]["cell"] == "cell 0 (id c0, `raise RuntimeError('boom in notebook')`)"   # the failing cell, named
+    assert "RuntimeError" in res[1]["traceback"] and "boom in notebook" in res[1]["traceback"]
     report = (tmp_path / "runs" / "ci" / "report.md").read_text()
-    assert "1/2 notebooks ok" in report and "steps_seen=6" in report
+    assert "1/2 notebooks ok" in report and "steps_seen=6" in report and "COMPLETE" in report
+    assert "## Failures" in report and "02_bad.ipynb: failed in cell 0" in report
     assert (tmp_path / "runs" / "ci" / "report.html").exists()
     # the command line exits non-zero on failure
     cwd = os.getcwd()
@@ -70,3 +74,82 @@ def test_run_reports_success_metrics_and_failure(tmp_path):
         assert R.main(["run", "--profile", "ci"]) == 1
     finally:
         os.chdir(cwd)
+
+
+def _project(tmp_path, settings, notebooks):
+    (tmp_path / "nbs").mkdir()
+    (tmp_path / "settings.ini").write_text(settings)
+    for name, cells in notebooks.items():
+        (tmp_path / "nbs" / name).write_text(json.dumps(_nb(cells)))
+    return tmp_path
+
+
+def test_every_profile_parses():
+    for name in R.profile_names(ROOT):
+        p = R.load_profile(name, ROOT)
+        assert p["notebook_timeout"] is None or p["notebook_timeout"] > 0, name
+
+
+def test_malformed_setting_fails_before_any_notebook(tmp_path, capsys):
+    root = _project(tmp_path, "[ci]\nprofile = 'ci'\nsteps = 3x\n", {"01_ok.ipynb": [("x = 1", {})]})
+    with pytest.raises(ValueError, match=r"settings.ini \[ci\] steps = '3x' is not a Python literal"):
+        R.run_notebooks("ci", root=root)
+    assert not (root / "runs" / "ci" / "nbs__01_ok.ipynb").exists()
+    (root / "settings.ini").write_text("[ci]\nprofile = 'ci'\nnotebook_timeout = -5\n")
+    with pytest.raises(ValueError, match=r"\[ci\] notebook_timeout = -5"):
+        R.load_profile("ci", root)
+    assert R.main(["run", "--profile", "ci", "--root", str(root)]) == 2
+    assert "notebook_timeout = -5" in capsys.readouterr().err
+
+
+def test_timeout_stops_a_notebook_and_the_run_goes_on(tmp_path):
+    root = _project(tmp_path, "[ci]\nprofile = 'ci'\nnotebook_timeout = 3\n", {
+        "01_hang.ipynb": [("import time", {}), ("while True: time.sleep(0.1)", {})],
+        "02_ok.ipynb": [("from minicpm4_core.runner import log_metrics\nlog_metrics(done=1)", {})]})
+    t0 = time.time()
+    res = R.run_notebooks("ci", root=root)
+    assert [r["status"] for r in res] == ["timeout", "ok"] and time.time() - t0 < 60
+    assert "notebook_timeout" in res[0]["error"] and "cell 1 (id c1, `while True" in res[0]["cell"]
+    assert "02_ok" in res[1]["notebook"] and res[1]["metrics"] == {"done": 1}
+
+
+def test_report_is_marked_in_progress_while_running(tmp_path, monkeypatch):
+    import papermill as pm
+    root = _project(tmp_path, "[ci]\nprofile = 'ci'\n", {"01_a.ipynb": [("x = 1", {})], "02_b.ipynb": [("x = 1", {})]})
+    out = root / "runs" / "ci"; out.mkdir(parents=True)
+    (out / "report.md").write_text("# old run\n\n2/2 notebooks ok\n")     # a previous run's report
+    seen = []
+    def fake_execute(src, dest, **kw):
+        seen.append((out / "report.md").read_text())
+        Path(dest).write_text("{}")
+    monkeypatch.setattr(pm, "execute_notebook", fake_execute)
+    R.run_notebooks("ci", root=root)
+    assert all("IN PROGRESS" in s and "old run" not in s for s in seen) and "pending" in seen[0]
+    final = (out / "report.md").read_text()
+    assert "COMPLETE" in final and "IN PROGRESS" not in final
+    assert json.loads((out / "summary.json").read_text())["state"] == "complete"
+
+
+def test_ctrl_c_writes_an_interrupted_report(tmp_path):
+    import signal
+    import threading
+    root = _project(tmp_path, "[ci]\nprofile = 'ci'\n", {
+        "01_ok.ipynb": [("x = 1", {})],
+        "02_slow.ipynb": [("import time", {}), ("time.sleep(60)", {})],
+        "03_never.ipynb": [("x = 1", {})]})
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        def press_ctrl_c():  # once the slow notebook is running
+            while not (root / "runs" / "ci" / "nbs__02_slow.ipynb").exists():   # papermill writes it as it starts
+                time.sleep(0.1)
+            time.sleep(1.5)
+            os.kill(os.getpid(), signal.SIGINT)
+        threading.Thread(target=press_ctrl_c, daemon=True).start()
+        assert R.main(["run", "--profile", "ci", "--root", str(root)]) == 130
+    finally:
+        signal.signal(signal.SIGINT, old)
+    summary = json.loads((root / "runs" / "ci" / "summary.json").read_text())
+    assert summary["state"] == "interrupted"
+    assert [r["status"] for r in summary["results"]] == ["ok", "interrupted", "not run"]
+    assert "cell 1 (id c1, `time.sleep(60)`)" in summary["results"][1]["cell"]
+    assert "INTERRUPTED" in (root / "runs" / "ci" / "report.md").read_text()

@@ -74,9 +74,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     # ... and resumed into a differently initialised model: everything must come from the checkpoint
     m3, _ = _setup(seed=123)
     res3 = train(m3, rows, cfg, resume_from=tmp_path)
-    assert len(res3.history["step"]) == 12
+    assert res3.history["step"] == list(range(12))                    # no step repeated or skipped
     for (n, a), b in zip(m1.state_dict().items(), m3.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-5), n
+        assert torch.equal(a, b), n                                      # bit-identical, not merely close
 
 
 def test_train_rejects_bad_rows():
