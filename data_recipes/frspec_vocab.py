@@ -8,7 +8,6 @@ and writes one `freq_vocab_<k>.safetensors` per k (ids, counts, metadata; load w
     python data_recipes/frspec_vocab.py --tokenizer path/to/model --files a.jsonl b.jsonl --ks 8192 16384 --out out/
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -44,6 +43,7 @@ def main(argv=None) -> dict:
     cfg = parse(argv)
     from minicpm4_core import data as D
     from minicpm4_core import frspec as S
+    from minicpm4_core.io import atomic_path, atomic_write_json
     if cfg['tokenizer']:
         tok = D.load_tokenizer(cfg['tokenizer'])
     else:
@@ -67,13 +67,14 @@ def main(argv=None) -> dict:
         p = fv.save(out / f'freq_vocab_{k}.safetensors')
         report['subsets'][str(k)] = dict(path=str(p), coverage=fv.coverage, share_of_vocab=k / V)
         print(f"k={k:6d} ({k / V:6.1%} of the vocabulary) covers {fv.coverage:7.2%} of {report['tokens']} tokens -> {p}")
-    (out / 'coverage.json').write_text(json.dumps(report, indent=1))
+    atomic_write_json(out / 'coverage.json', report, indent=1)          # every file written whole or not at all
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     ax = S.plot_coverage(counts, mark=ks)
     ax.set_title(f"FR-Spec coverage: {report['ids_seen']} of {V} ids seen")
-    plt.tight_layout(); plt.savefig(out / 'coverage.png', dpi=110)
+    plt.tight_layout()
+    with atomic_path(out / 'coverage.png') as tmp: plt.savefig(tmp, dpi=110, format='png')
     return report
 
 

@@ -315,7 +315,8 @@ def parse_nlp_corpus(root: Path) -> Iterator[tuple[str, str, dict]]:
     files = sorted(root.glob('**/builds/doc-*.json'), key=lambda p: int(re.search(r'(\d+)', p.stem).group(1)))
     if not files: raise FileNotFoundError(f"no builds/doc-*.json under {root}")
     for p in files:
-        sents = json.loads(p.read_text(encoding='utf-8'))
+        try: sents = json.loads(p.read_text(encoding='utf-8'))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e: raise ValueError(f"{p}: not a UTF-8 JSON file: {e}") from None
         if not isinstance(sents, list): raise TypeError(f"{p}: expected a JSON list of strings, got {type(sents).__name__}")
         for i, s in enumerate(sents):
             if isinstance(s, str) and s.strip(): yield f'{p.stem}/{i:04d}', s.strip(), {}
@@ -498,15 +499,15 @@ def build_corpus(name: str, spec: dict, root: Path, heldout_fraction: float = 0.
         records[heldout_split(doc_id, heldout_fraction, split_salt)].append(
             dict(text=text, source=name, doc_id=doc_id, license=license_, meta=json.dumps(meta, ensure_ascii=False)))
     if not seen: raise ValueError(f"{name}: the parser found no documents in {src}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if man_path.exists(): man_path.unlink()      # outputs change below: the old manifest no longer describes them
-    outputs = {split: write_split(recs, out_dir / f'{split}.parquet') for split, recs in records.items()}
-    man = dict(name=name, about=spec['about'], quality=spec['quality'], license=license_, homepage=spec['homepage'],
-               inputs=inputs, params=params, outputs=outputs,
-               built=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), build_seconds=round(time.time() - t0, 1),
-               steps=dict(fetch='downloaded' if downloaded else 'cached', extract='done' if unpacked else 'cached',
-                          build='done'))
-    man_path.write_text(json.dumps(man, indent=1))
+    from minicpm4_core.io import atomic_folder, atomic_write_json
+    with atomic_folder(out_dir) as tmp:   # both splits and the manifest replace the old folder together, or not at all
+        outputs = {split: write_split(recs, tmp / f'{split}.parquet') for split, recs in records.items()}
+        man = dict(name=name, about=spec['about'], quality=spec['quality'], license=license_, homepage=spec['homepage'],
+                   inputs=inputs, params=params, outputs=outputs,
+                   built=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), build_seconds=round(time.time() - t0, 1),
+                   steps=dict(fetch='downloaded' if downloaded else 'cached', extract='done' if unpacked else 'cached',
+                              build='done'))
+        atomic_write_json(tmp / 'manifest.json', man, indent=1)
     log(f"{name}: built {sum(o['docs'] for o in outputs.values())} documents in {man['build_seconds']} s -> {out_dir}")
     return dict(man, status='built')
 
@@ -549,7 +550,10 @@ def parse(argv=None) -> dict:
     cfg = dict(DEFAULTS, packages={})
     if a.pop('config'):
         import yaml
-        loaded = yaml.safe_load(Path(ap.parse_args(argv).config).read_text()) or {}
+        cpath = Path(ap.parse_args(argv).config)
+        try: loaded = yaml.safe_load(cpath.read_text(encoding='utf-8')) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e: raise SystemExit(f"config {cpath}: {e}") from None
+        if not isinstance(loaded, dict): raise SystemExit(f"config {cpath}: expected a mapping of keys, got {type(loaded).__name__}")
         unknown = set(loaded) - set(DEFAULTS)
         if unknown: raise SystemExit(f"unknown config keys {sorted(unknown)}; accepted: {sorted(DEFAULTS)}")
         cfg.update(loaded)
@@ -584,10 +588,17 @@ def main(argv=None) -> dict:
         manifests[name] = build_corpus(name, spec, root, cfg['heldout_fraction'], cfg['split_salt'], cfg['force'],
                                        log=tqdm.write)
     # the root manifest lists every corpus built under root so far (a partial run keeps the others' entries)
+    # (rebuilt from each corpus folder's own manifest, so a damaged root manifest cannot hide or lose an entry)
+    from minicpm4_core.io import atomic_write_json
     top = root / 'manifest.json'
-    allm = json.loads(top.read_text()) if top.exists() else {}
+    allm = {}
+    for k in SOURCES:
+        m = root / k / 'manifest.json'
+        if k not in manifests and m.is_file():
+            try: allm[k] = json.loads(m.read_text(encoding='utf-8'))
+            except (UnicodeDecodeError, json.JSONDecodeError): warnings.warn(f"{m} is corrupt: {k} left out of {top}")
     allm.update({k: {kk: vv for kk, vv in v.items() if kk != 'status'} for k, v in manifests.items()})
-    top.write_text(json.dumps(allm, indent=1))
+    atomic_write_json(top, {k: allm[k] for k in SOURCES if k in allm}, indent=1)
     print(summary_table(manifests))
     print(f"{len(manifests)} corpora under {root} in {time.time() - t0:.1f} s; manifest: {top}")
     return manifests

@@ -11,14 +11,14 @@ size, but the corpus only ever uses 4,096 ids (so any k >= 4,096 covers 100% of 
 coverage effect). The draft: one EAGLE-style layer trained on the target's own greedy text with the project's
 training loop. All decoding methods run through `FastSpec` (one CUDA graph per token or per round).
 
-    PYTHONPATH=. python kernels/bench_frspec.py --out kernels/results          # GPU
-    PYTHONPATH=. python kernels/bench_frspec.py --smoke --out /tmp/frs         # CPU pipeline check, tiny shapes
+    python kernels/bench_frspec.py                       # GPU; writes kernels/results/frspec/<device>-<date>/
+    python kernels/bench_frspec.py --smoke --out /tmp/frs    # CPU pipeline check, tiny shapes
+
+(from the repository root, or anywhere after `pip install -e .`; timing and stamps come from `minicpm4_core.bench`)
 """
 import argparse
 import copy
 import json
-import math
-import platform
 import random
 import signal
 import sys
@@ -30,6 +30,8 @@ import torch._dynamo  # noqa: F401  (AdamW imports it on first use: do it before
 
 from minicpm4_core import data as D
 from minicpm4_core import frspec as S
+from minicpm4_core.bench import env_stamp, run_dir
+from minicpm4_core.io import atomic_write_json
 from minicpm4_core.config import MiniCPM4Config
 from minicpm4_core.model import MiniCPM4ForCausalLM
 from minicpm4_core.train import TrainConfig, train
@@ -61,16 +63,9 @@ class deadline:
         signal.alarm(0); signal.signal(signal.SIGALRM, self.old)
 
 
-def stamp(dev):
-    import triton
-    return dict(device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu',
-                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                date=time.strftime('%Y-%m-%d %H:%M:%S'))
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--out', default='kernels/results')
+    ap.add_argument('--out', default=None, help='folder (default: kernels/results/frspec/<device>-<date>/)')
     ap.add_argument('--smoke', action='store_true', help='tiny shapes on the CPU: checks the pipeline only')
     ap.add_argument('--layers', type=int, default=24)
     ap.add_argument('--docs', type=int, default=30000)
@@ -86,11 +81,12 @@ def main(argv=None):
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--replot-head', metavar='JSON', help='only redraw frspec_lm_head.png from a frspec_lm_head.json')
     a = ap.parse_args(argv)
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device('cpu' if a.smoke or not torch.cuda.is_available() else 'cuda')
+    out = Path(a.out) if a.out else run_dir('frspec', dev)
+    out.mkdir(parents=True, exist_ok=True)
     if a.replot_head:
         j = json.loads(Path(a.replot_head).read_text())
         return plot_lm_head(j['rows'], out / 'frspec_lm_head.png', f"{j['device']}, torch {j['torch']}. {j.get('note', '')[:90]}")
-    dev = torch.device('cpu' if a.smoke or not torch.cuda.is_available() else 'cuda')
     torch.manual_seed(a.seed); random.seed(a.seed)
     if a.smoke:
         torch.set_num_threads(1)
@@ -103,8 +99,8 @@ def main(argv=None):
         V, bpe, shape = V_MINICPM4, 4096, dict(num_hidden_layers=a.layers)
         head_sizes, head_ks, ks = (1024, 4096), (8192, 16384, 32768), (1024, 2048, 8192, 16384, 32768)
         seq, bs, new_distill = 256, 16, 224
-    res = dict(stamp(dev), args=vars(a))
-    save = lambda: (out / 'frspec_e2e.json').write_text(json.dumps(res, indent=1))
+    res = dict(env_stamp(dev), args=vars(a))
+    save = lambda: atomic_write_json(out / 'frspec_e2e.json', res, indent=1)
 
     # (a) the draft LM head
     if not a.skip_head:
@@ -115,7 +111,7 @@ def main(argv=None):
                                     dtype=torch.bfloat16 if dev.type == 'cuda' else torch.float32,
                                     reps=5 if a.smoke else 30, inner=4 if a.smoke else 16)
         res['lm_head'] = rows
-        (out / 'frspec_lm_head.json').write_text(json.dumps(dict(stamp(dev), rows=rows), indent=1))
+        atomic_write_json(out / 'frspec_lm_head.json', dict(env_stamp(dev), rows=rows), indent=1)
         plot_lm_head(rows, out / 'frspec_lm_head.png', f"{res['device']}, torch {res['torch']}")
         for x in rows:
             log(f"  rows {x['rows']} hidden {x['hidden']:5d} k {x['k']:6d}: matmul {x['matmul_ms'] * 1e3:7.1f} us "

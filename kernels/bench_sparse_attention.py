@@ -13,27 +13,24 @@ Block lists: one random choice per query block of 64 tokens and kv head (what a 
 by its 64 queries. The stage-1 selection of random q/k gives unrelated per-token lists instead; the pipeline
 rows 'own lists' measure that case too (the tile union is then much longer).
 
-    PYTHONPATH=. python kernels/bench_sparse_attention.py [--lengths 32768 65536 131072] [--out DIR] [--smoke]
+    python kernels/bench_sparse_attention.py [--lengths 32768 65536 131072] [--out DIR] [--smoke]
 
-Writes DIR/bench_sparse_attention.json and .png (DIR defaults to kernels/results), printing a table last.
+Writes DIR/bench_sparse_attention.json and .png (DIR defaults to kernels/results/infllmv2/<device>-<date>/),
+printing a table last. Timers, stamp and ceilings: `minicpm4_core.bench`.
 """
 import argparse
 import json
-import math
 import os
-import platform
-import statistics
-import sys
 import time
 import traceback
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, '..'))
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from minicpm4_core import infllmv2 as iv  # noqa: E402
-from minicpm4_core import kernels as sk  # noqa: E402
+from minicpm4_core import infllmv2 as iv
+from minicpm4_core import kernels as sk
+from minicpm4_core.bench import cuda_graph_time, env_stamp, event_time, roofline_ceilings, run_dir
+from minicpm4_core.io import atomic_write_json
 
 H, HKV, D, M, TOPK, INIT, LOCAL = 32, 2, 128, 64, 64, 1, 32
 K = TOPK + LOCAL                  # blocks per attention list: the top-k plus the window ('minicpm4')
@@ -45,8 +42,8 @@ OUT = None
 
 def save():
     if OUT:
-        with open(os.path.join(OUT, 'bench_sparse_attention.json'), 'w') as f:
-            json.dump(RES, f, indent=1, default=str)
+        atomic_write_json(os.path.join(OUT, 'bench_sparse_attention.json'), json.loads(json.dumps(RES, default=str)),
+                          indent=1)
 
 
 def sync():
@@ -54,41 +51,14 @@ def sync():
 
 
 def timeit(fn, budget_ms=1500.0, min_reps=3, max_reps=30, warmup=1):
-    "Median ms of fn() with CUDA events (wall clock on CPU); warm-up first, reps sized to the budget."
-    for _ in range(warmup): fn()
-    sync()
-    if not torch.cuda.is_available():
-        t = time.perf_counter(); fn(); return (time.perf_counter() - t) * 1e3
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record(); fn(); e.record(); e.synchronize()
-    t0 = s.elapsed_time(e)
-    n = int(min(max_reps, max(min_reps, budget_ms / max(t0, 1e-3))))
-    ts = []
-    for _ in range(n):
-        s.record(); fn(); e.record(); e.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
+    "Median ms of fn() (CUDA events; one wall-clock call on the CPU, where this script only smoke-tests)."
+    if not torch.cuda.is_available(): min_reps = max_reps = 1
+    return event_time(fn, budget_ms=budget_ms, min_reps=min_reps, max_reps=max_reps, warmup=warmup)
 
 
 def graph_time(fns, replays=20):
-    "Per-call ms of a CUDA graph that runs each fn of `fns` once (rotating inputs keeps the L2 cold)."
-    if not torch.cuda.is_available(): return float('nan')
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        for f in fns: f()
-    torch.cuda.current_stream().wait_stream(st)
-    sync()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns: f()
-    g.replay(); sync()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(replays):
-        s.record(); g.replay(); e.record(); e.synchronize()
-        ts.append(s.elapsed_time(e) / len(fns))
-    return statistics.median(ts)
+    "Per-call ms of a CUDA graph that runs each fn of `fns` once (rotating inputs keeps the L2 cold); NaN off CUDA."
+    return cuda_graph_time(fns, reps=replays) if torch.cuda.is_available() else float('nan')
 
 
 def attempt(name, fn, store):
@@ -161,17 +131,8 @@ def flex_blockmask(per_block, N, dev):
 
 
 def ceilings(dev):
-    out = {}
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    ms = timeit(lambda: y.copy_(x), budget_ms=300)
-    out['copy_GBps'] = 2 * x.numel() / ms / 1e6
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    ms = timeit(lambda: a @ b, budget_ms=300)
-    out['bf16_matmul_TFLOPs'] = 2 * 8192 ** 3 / ms / 1e9
-    del x, y, a, b
-    return out
+    "Measured copy bandwidth (GB/s) and bf16 matmul rate (TFLOP/s): the roofline of this run."
+    return roofline_ceilings(dev, copy_bytes=1 << 30, matmul_n=8192, budget_ms=300)
 
 
 def bench_length(N, dev, args):
@@ -462,7 +423,7 @@ def main():
     global OUT
     ap = argparse.ArgumentParser()
     ap.add_argument('--lengths', type=int, nargs='+', default=[32768, 65536, 131072])
-    ap.add_argument('--out', default=os.path.join(HERE, 'results'))
+    ap.add_argument('--out', default=None, help='folder (default: kernels/results/infllmv2/<device>-<date>/)')
     ap.add_argument('--budget', type=float, default=1500.0, help='ms of repeated timing per measurement')
     ap.add_argument('--variants', type=int, default=131072, help='length for the launch-setting variants (0: none)')
     ap.add_argument('--smoke', action='store_true')
@@ -483,12 +444,10 @@ def main():
                          b(4, dict(num_warps=4, num_stages=2, PAIR=1), dict(num_warps=8, num_stages=2)),
                          b(4, dict(num_warps=4, num_stages=3, PAIR=1), dict(num_warps=4, num_stages=2)),
                          b(8, dict(num_warps=8, num_stages=2, PAIR=1), dict(num_warps=8, num_stages=2), 128)]
-    OUT = args.out
-    os.makedirs(OUT, exist_ok=True)
     dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    import triton
-    RES.update(device=torch.cuda.get_device_name() if dev.type == 'cuda' else platform.processor() or 'cpu',
-               torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+    OUT = str(args.out or run_dir('infllmv2', dev))
+    os.makedirs(OUT, exist_ok=True)
+    RES.update(env_stamp(dev),
                shapes=dict(B=1, H=H, Hkv=HKV, D=D, block=M, topk=TOPK, blocks_per_query=K, init_blocks=INIT,
                            local_blocks=LOCAL, selection=GEO['selection'],
                            kernel_size=32, kernel_stride=16, dtype='bfloat16', lengths=args.lengths,

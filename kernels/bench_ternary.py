@@ -1,30 +1,28 @@
 """Benchmark the ternary (2-bit) kernels of `minicpm4_core.kernels.ternary` against bf16 `F.linear` (cuBLAS),
 measured in the same run, at the linear shapes of MiniCPM4-0.5B and -8B (from `MiniCPM4Config` presets).
 
-    PYTHONPATH=. python kernels/bench_ternary.py [--out DIR] [--quick] [--no-sweep]
+    python kernels/bench_ternary.py [--out DIR] [--quick] [--no-sweep]      (DIR: kernels/results/ternary/<device>-<date>/)
 
 Timing: every variant is captured in a CUDA graph of `inner` calls that rotate among enough copies of the weights
 (and inputs) that a call reads its weights from device memory rather than from L2 (capped at 64 copies, so the
 smallest 0.5B matrices stay L2-resident: flagged `l2_resident` in the JSON); the graph is replayed `reps` times
-and the median per-call time reported. Correctness of every timed variant is checked against the float32
+and the median per-call time reported (`minicpm4_core.bench.cuda_graph_time`). Correctness of every timed variant is checked against the float32
 reference on fresh random inputs. Writes ternary_bench.json (+ .png) and ternary_sweep.json into --out.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
+from minicpm4_core.bench import cuda_graph_time, env_stamp, roofline_ceilings, run_dir
 from minicpm4_core.config import MiniCPM4Config
+from minicpm4_core.io import atomic_write_json
 from minicpm4_core.kernels.ternary import (TernaryConfig, pack_ternary, pick_config, ternary_bytes, ternary_matmul,
                                            ternary_matmul_ref, kernel_scales, _num_sms)
 
@@ -48,24 +46,8 @@ def model_shapes() -> list[tuple[str, str, int, int]]:
 
 def graph_time(fns, inner: int, reps: int) -> tuple[float, float]:
     "Median and (max-min)/median of the per-call time in us of a CUDA graph cycling through `fns`."
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns[:3]: f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(inner): fns[i % len(fns)]()
-    g.replay(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / inner)
-    med = statistics.median(ts)
-    del g
-    return med, (max(ts) - min(ts)) / med
+    st = cuda_graph_time(fns, inner, reps, stats=True)
+    return st['median_ms'] * 1e3, st['spread']
 
 
 class Problem:
@@ -123,24 +105,9 @@ def time_bf16(P: Problem, M: int, gen, inner=None, reps=10):
 
 
 def ceilings() -> dict:
-    a = torch.empty(2**30 // 2, dtype=torch.bfloat16, device='cuda').normal_()
-    b = torch.empty_like(a)
-    for _ in range(3): b.copy_(a)
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(10): b.copy_(a)
-    e1.record(); e1.synchronize()
-    bw = 2 * a.numel() * 2 * 10 / (e0.elapsed_time(e1) * 1e-3) / 1e12
-    del a, b
-    x = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
-    for _ in range(3): x @ x
-    torch.cuda.synchronize()
-    e0.record()
-    for _ in range(10): x @ x
-    e1.record(); e1.synchronize()
-    tf = 2 * 8192**3 * 10 / (e0.elapsed_time(e1) * 1e-3) / 1e12
-    return dict(copy_TBps=round(bw, 3), bf16_matmul_TFLOPs=round(tf, 1))
+    "Measured copy bandwidth (TB/s) and bf16 matmul rate (TFLOP/s) of this GPU."
+    c = roofline_ceilings('cuda', copy_bytes=1 << 30, matmul_n=8192)
+    return dict(copy_TBps=round(c['copy_GBps'] / 1e3, 3), bf16_matmul_TFLOPs=round(c['bf16_matmul_TFLOPs'], 1))
 
 
 SWEEP = [  # decode candidates (M = 1): kernel, block_m, block_n, block_k, split_k, warps, stages, accumulators
@@ -171,7 +138,7 @@ def profile_one():
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument('--out', default='kernels/results')
+    ap.add_argument('--out', default=None, help='folder (default: kernels/results/ternary/<device>-<date>/)')
     ap.add_argument('--quick', action='store_true', help='fewer shapes and M values')
     ap.add_argument('--no-sweep', action='store_true')
     ap.add_argument('--no-prefill-sweep', action='store_true')
@@ -180,13 +147,12 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.profile_one:
         profile_one(); return []
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     assert torch.cuda.is_available(), 'needs a GPU'
+    out = Path(a.out) if a.out else run_dir('ternary', 'cuda')
+    out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device='cuda').manual_seed(0)
     t_start = time.time()
-    meta = dict(device=torch.cuda.get_device_name(), sm_count=_num_sms(torch.device('cuda')),
-                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                python=platform.python_version(), date=time.strftime('%Y-%m-%d %H:%M:%S'))
+    meta = env_stamp('cuda', sm_count=_num_sms(torch.device('cuda')))
     meta.update(ceilings())
     print(meta, flush=True)
     Ms = [int(m) for m in a.Ms.split(',')]
@@ -229,7 +195,7 @@ def main(argv=None):
             print('sweep', {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         if P is not None: del P
         torch.cuda.empty_cache()
-        (out / 'ternary_sweep.json').write_text(json.dumps(dict(**meta, sweep=sweep), indent=1))
+        atomic_write_json(out / 'ternary_sweep.json', dict(**meta, sweep=sweep), indent=1)
 
     results = []
     for model, layer, K, N in shapes:
@@ -249,11 +215,11 @@ def main(argv=None):
                     row = dict(model=model, layer=layer, K=K, N=N, M=M, group=group, error=repr(e)[:300])
                 results.append(row)
                 print('result', row, f"[{time.time() - t_start:.0f}s]", flush=True)
-            (out / 'ternary_bench.json').write_text(json.dumps(dict(**meta, partial=True, results=results), indent=1))
+            atomic_write_json(out / 'ternary_bench.json', dict(**meta, partial=True, results=results), indent=1)
             del P
             torch.cuda.empty_cache()
     meta['seconds'] = round(time.time() - t_start, 1)
-    (out / 'ternary_bench.json').write_text(json.dumps(dict(**meta, results=results), indent=1))
+    atomic_write_json(out / 'ternary_bench.json', dict(**meta, results=results), indent=1)
     plot(results, meta, out / 'ternary_bench.png')
 
     print(f"\n{meta['device']} torch {meta['torch']} triton {meta['triton']}; copy {meta['copy_TBps']} TB/s")

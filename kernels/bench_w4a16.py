@@ -9,15 +9,15 @@ For every (shape, M) the script tunes a small set of kernel configs (each checke
 before it is timed), then re-times the best one and the baselines with more repetitions, twice, and writes
 ``w4a16.json`` + ``w4a16.png`` under ``--out``. The last thing printed is the result table.
 
-    PYTHONPATH=. python kernels/bench_w4a16.py --out $OUT [--budget 300] [--no-prefill]
+    python kernels/bench_w4a16.py [--out DIR] [--budget 300] [--no-prefill]   (DIR: kernels/results/w4a16/<device>-<date>/)
+
+Timers, stamp and copy bandwidth: `minicpm4_core.bench`.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -25,8 +25,9 @@ from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
-import triton
 
+from minicpm4_core.bench import cuda_graph_time, env_stamp, event_time, roofline_ceilings, run_dir
+from minicpm4_core.io import atomic_write_json
 from minicpm4_core.kernels.w4a16 import (W4A16Config, default_config, dequantize_w4, w4a16_bytes, w4a16_matmul)
 
 SHAPES = [(4096, 4096), (4096, 16384), (16384, 4096)]
@@ -46,37 +47,14 @@ GEMM_PREFILL = [W4A16Config('gemm', bm, bn, bk, 1, w, st)
 
 
 def bench(fn, rep):
-    "Eager timing (L2 flushed between calls by do_bench; includes whatever launch overhead the GPU cannot hide)."
-    return triton.testing.do_bench(fn, warmup=max(5, rep // 4), rep=rep, return_mode='median')
+    "Eager timing, ms (L2 flushed before each call; includes whatever launch overhead the GPU cannot hide)."
+    return event_time(fn, budget_ms=rep, min_reps=10, max_reps=1000, warmup=5, flush=True)
 
 
 def graph_time(calls, reps=10):
     """Kernel time in us per call: the calls (over rotating weight copies larger than L2) are captured in one CUDA
     graph, which is replayed `reps` times; median over replays. No launch overhead, no L2 reuse between calls."""
-    seq = [calls[i % len(calls)] for i in range(max(64, len(calls)))]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in seq[:len(calls)]:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in seq:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / len(seq))
-    del g
-    return sorted(ts)[len(ts) // 2]
+    return cuda_graph_time(calls, inner=max(64, len(calls)), reps=reps) * 1e3
 
 
 def random_w4_cuda(K, N, seed):
@@ -87,30 +65,21 @@ def random_w4_cuda(K, N, seed):
     return qw, s, qz
 
 
-def env_stamp():
-    p = torch.cuda.get_device_properties(0)
-    return dict(device=torch.cuda.get_device_name(0), sms=p.multi_processor_count,
-                mem_gib=round(p.total_memory / 2**30, 1), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
-
-
 def copy_bandwidth():
-    a = torch.empty(2**28, dtype=torch.float32, device='cuda').uniform_()
-    b = torch.empty_like(a)
-    t = bench(lambda: b.copy_(a), 50)
-    return 2 * a.numel() * 4 / (t * 1e-3) / 1e9     # GB/s, bytes read + written
+    "Device-to-device copy bandwidth, GB/s (bytes read + written)."
+    return roofline_ceilings('cuda', copy_bytes=1 << 30, matmul_n=1024, budget_ms=50)['copy_GBps']
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('--out', default=os.environ.get('OUT', 'kernels/results'))
+    ap.add_argument('--out', default=os.environ.get('OUT'), help='folder (default: kernels/results/w4a16/<device>-<date>/)')
     ap.add_argument('--budget', type=float, default=200.0, help='seconds for the whole sweep')
     ap.add_argument('--no-prefill', action='store_true')
     args = ap.parse_args()
+    args.out = str(args.out or run_dir('w4a16', 'cuda'))
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
-    env = env_stamp()
+    env = env_stamp('cuda')
     print(json.dumps(env), flush=True)
     bw = copy_bandwidth()
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
@@ -212,8 +181,7 @@ def dump(env, bw, results, t_start, outdir):
                       'overhead); median of replays; eager_do_bench: triton do_bench, L2 flushed, launch overhead in',
                results=results,
                wall_s=time.time() - t_start)
-    with open(os.path.join(outdir, 'w4a16.json'), 'w') as f:
-        json.dump(out, f, indent=1)
+    atomic_write_json(os.path.join(outdir, 'w4a16.json'), out, indent=1)
     return out
 
 

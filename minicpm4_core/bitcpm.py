@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import MiniCPM4Config
-from .model import MiniCPM4ForCausalLM, load_state_dict_files
+from .model import MiniCPM4ForCausalLM
+from .io import (IntegrityError, atomic_folder, load_safetensors_file, read_config, save_safetensors_file,
+                              verify_manifest, write_manifest)
 from .kernels.ternary import pack_ternary, kernel_scales, ternary_matmul, packed_cols
 
 # %% auto #0
@@ -73,7 +75,7 @@ def _expand_scale(s: torch.Tensor, N: int, K: int) -> torch.Tensor:
     if s.shape[1] == 1: return s.expand(N, K)
     return s.repeat_interleave(K // s.shape[1], dim=1)
 
-
+# %% ../nbs/50_bitcpm.ipynb #44928184
 def ternary_quantize(w: torch.Tensor, granularity='per_channel', eps: float = 1e-8):
     "w (N, K) -> (q int8 (N, K) in {-1, 0, 1}, scale float32) with q = clamp(round(w / s), -1, 1), s = mean|w|."
     s = ternary_scale(w, granularity, eps)
@@ -146,25 +148,42 @@ class BitLinear(nn.Linear):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", granularity={self.granularity!r}, act_bits={self.act_bits}"
 
-
+# %% ../nbs/50_bitcpm.ipynb #c756877a
 def _converted_scope(name: str) -> bool:
     return name.startswith('model.layers.')
 
 
-def to_bitlinear(model: nn.Module, granularity='per_channel', act_bits: int | None = None) -> list[str]:
-    "Swap the nn.Linear layers of the decoder layers for BitLinear, in place; returns their names."
-    names = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
+def _linears_to_convert(model: nn.Module) -> list[tuple]:
+    "(parent, attribute, full name, layer) of every plain nn.Linear under model.layers.*"
+    out = []
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is nn.Linear and _converted_scope(full):
-                setattr(parent, child_name, BitLinear.from_linear(child, granularity, act_bits))
-                names.append(full)
-    if not names:
-        raise ValueError("to_bitlinear: no nn.Linear found under model.layers.* (is this a MiniCPM4ForCausalLM?)")
-    return names
+            if type(child) is nn.Linear and _converted_scope(full): out.append((parent, child_name, full, child))
+    return out
 
 
+def to_bitlinear(model: nn.Module, granularity='per_channel', act_bits: int | None = None) -> list[str]:
+    """Swap the nn.Linear layers of the decoder layers for BitLinear, in place; returns their names.
+    Every argument is checked against every layer before the first swap: on an error the model is unchanged."""
+    if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_granularity(granularity)
+    if act_bits not in (None, 8):
+        raise ValueError(f"act_bits={act_bits!r}; accepted: None (high-precision activations) or 8")
+    todo = _linears_to_convert(model)
+    if not todo:
+        done = any(isinstance(m, BitLinear) for m in model.modules())
+        raise ValueError("to_bitlinear: no nn.Linear found under model.layers.* " +
+                         ("(the model is already converted)" if done else "(is this a MiniCPM4ForCausalLM?)"))
+    if isinstance(granularity, int):
+        bad = [f"{full} (in_features={lin.in_features})" for _, _, full, lin in todo if lin.in_features % granularity]
+        if bad:
+            raise ValueError(f"to_bitlinear: granularity={granularity} does not divide the in_features of {len(bad)} "
+                             f"layer(s), e.g. {bad[:3]}; nothing was converted")
+    for parent, attr, _, lin in todo: setattr(parent, attr, BitLinear.from_linear(lin, granularity, act_bits))
+    return [full for _, _, full, _ in todo]
+
+# %% ../nbs/50_bitcpm.ipynb #d5dcdf45
 def bitlinear_to_dense(model: nn.Module) -> nn.Module:
     "The fake-quant reference: a copy whose BitLinear layers are plain nn.Linear holding q * s."
     ref = copy.deepcopy(model)
@@ -234,6 +253,9 @@ def run_qat_experiment(make_model, rows: torch.Tensor, valid_rows: torch.Tensor,
     # 1. trunk
     torch.manual_seed(exp.seed)
     trunk = make_model()
+    if isinstance(exp.granularity, int):   # refuse now, not after the trunk has trained
+        bad = [n for _, _, n, lin in _linears_to_convert(trunk) if lin.in_features % exp.granularity]
+        if bad: raise ValueError(f"granularity={exp.granularity} does not divide the in_features of {bad[:3]}")
     snaps, prev, trunk_hist = {}, None, None
     for s in tqdm(points, desc='FP trunk', disable=not exp.progress):
         ckpt = tmp / f'trunk_{s}'
@@ -277,7 +299,7 @@ def run_qat_experiment(make_model, rows: torch.Tensor, valid_rows: torch.Tensor,
                                                                loss=trunk_hist['loss'], lr=trunk_hist['lr']),
                 runs=runs, models=models)
 
-
+# %% ../nbs/50_bitcpm.ipynb #992a2326
 def qat_summary(result: dict) -> list[dict]:
     "One row per run: kind, QAT fraction, tokens of quantized training, final loss, gap to ternary-from-scratch."
     scratch = next(r['final_loss'] for r in result['runs'] if r['kind'] == 'scratch')
@@ -320,16 +342,16 @@ class TernaryLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
+# %% ../nbs/50_bitcpm.ipynb #55ca53e2
+_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-def export_ternary(model: MiniCPM4ForCausalLM, path, scale_dtype=torch.float16, dtype=None) -> Path:
-    "Write config.json + model.safetensors with packed ternary decoder linears; other tensors in `dtype` (default: as is)."
-    from safetensors.torch import save_file
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+
+def _ternary_state_dict(model: MiniCPM4ForCausalLM, scale_dtype, dtype) -> tuple:
+    "The tensors of the export (packed linears, their scales, everything else in `dtype`) and the one granularity."
     bit = {n: m for n, m in model.named_modules() if isinstance(m, BitLinear)}
     if not bit: raise ValueError("export_ternary: the model has no BitLinear layers; convert it with to_bitlinear first")
     grans = {m.granularity for m in bit.values()}
     if len(grans) != 1: raise ValueError(f"export_ternary: mixed granularities {grans}; use one for all layers")
-    gran = grans.pop()
     sd = {}
     for n, m in bit.items():
         t = TernaryLinear.from_bitlinear(m, scale_dtype)
@@ -342,44 +364,76 @@ def export_ternary(model: MiniCPM4ForCausalLM, path, scale_dtype=torch.float16, 
         if k in skip: continue
         if k == 'lm_head.weight' and model.config.tie_word_embeddings: continue
         sd[k] = v.detach().to(dtype or v.dtype).contiguous().cpu()
-    save_file(sd, str(path / 'model.safetensors'), metadata={'format': 'pt', 'quant_method': QUANT_METHOD})
+    return sd, grans.pop(), next(iter(bit.values())).act_bits
+
+# %% ../nbs/50_bitcpm.ipynb #9cfa3cf7
+def export_ternary(model: MiniCPM4ForCausalLM, path, scale_dtype=torch.float16, dtype=None) -> Path:
+    """Write config.json + model.safetensors (packed ternary decoder linears; other tensors in `dtype`, default as
+    is) + manifest.json to folder `path`. Atomic: `path` is replaced as a whole, or left as it was on any failure."""
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ValueError(f"scale_dtype={scale_dtype!r}; accepted: {[str(d) for d in _SCALE_DTYPES]}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype!r}; accepted: None (keep) or a floating torch.dtype")
+    sd, gran, act_bits = _ternary_state_dict(model, scale_dtype, dtype)   # everything in memory before any write
     cfg = copy.deepcopy(model.config)
     cfg.extra['quantization_config'] = dict(
         quant_method=QUANT_METHOD, bits=2, layout='planar-2bit: byte j of a row holds columns j + i*K4, i=0..3, code w+1',
         granularity=gran, group_size=group_size_of(gran), scale_dtype=str(scale_dtype).replace('torch.', ''),
-        act_bits=next(iter(bit.values())).act_bits, modules_in_high_precision=['model.embed_tokens', 'lm_head', 'mtp'])
-    cfg.save_pretrained(path)
-    return path
+        act_bits=act_bits, modules_in_high_precision=['model.embed_tokens', 'lm_head', 'mtp'])
+    with atomic_folder(path) as tmp:
+        save_safetensors_file(sd, tmp / 'model.safetensors', metadata={'format': 'pt', 'quant_method': QUANT_METHOD})
+        cfg.save_pretrained(tmp)
+        write_manifest(tmp, format=QUANT_METHOD)
+    return Path(path)
 
+# %% ../nbs/50_bitcpm.ipynb #942c64ee
+def _ternary_modules(model, sd: dict, G: int, device, file) -> None:
+    "Replace each nn.Linear with a `<name>.qweight` in `sd` by a TernaryLinear (popping its tensors), shapes checked."
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if not (isinstance(child, nn.Linear) and f'{full}.qweight' in sd): continue
+            q, s = sd.pop(f'{full}.qweight'), sd.pop(f'{full}.scale', None)
+            want = (child.out_features, packed_cols(child.in_features, G or 1))
+            ng = child.in_features // G if G else None
+            if q.dtype != torch.uint8 or tuple(q.shape) != want or s is None or s.shape[0] not in (1, want[0]) \
+                    or (ng is not None and s.shape[-1] != ng):
+                raise IntegrityError(f"{full} in {file}: qweight {q.dtype} {tuple(q.shape)} / scale "
+                                     f"{None if s is None else tuple(s.shape)} do not fit the config (expected uint8 "
+                                     f"{want}, scale rows 1 or {want[0]}{'' if ng is None else f', {ng} groups'})")
+            b = sd.pop(f'{full}.bias', None)
+            setattr(parent, child_name, TernaryLinear(q.to(device), s.to(device), child.in_features, G,
+                                                      None if b is None else b.to(device)))
 
+# %% ../nbs/50_bitcpm.ipynb #3311103f
 def load_ternary(path, device='cpu', dtype: torch.dtype | None = None) -> MiniCPM4ForCausalLM:
-    "Load an `export_ternary` folder into MiniCPM4ForCausalLM with TernaryLinear decoder linears, in eval mode."
-    config = MiniCPM4Config.from_pretrained(path)
+    """Load an `export_ternary` folder into MiniCPM4ForCausalLM with TernaryLinear decoder linears, in eval mode.
+    The folder's manifest is verified first (sizes and SHA-256): a torn or altered export is refused, naming the file."""
+    path = Path(path)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype!r}; accepted: None (as stored) or a floating torch.dtype")
+    if not path.is_dir(): raise FileNotFoundError(f"{path} is not a folder (load_ternary reads an export_ternary folder)")
+    config = read_config(path)
     qc = config.extra.get('quantization_config', {})
-    if qc.get('quant_method') != QUANT_METHOD:
+    if not isinstance(qc, dict) or qc.get('quant_method') != QUANT_METHOD:
         raise ValueError(f"{path} is not a BitCPM ternary export (quantization_config.quant_method = "
-                         f"{qc.get('quant_method')!r}, expected {QUANT_METHOD!r})")
+                         f"{qc.get('quant_method') if isinstance(qc, dict) else qc!r}, expected {QUANT_METHOD!r})")
+    verify_manifest(path, required=('config.json', 'model.safetensors'))
     if qc.get('act_bits'):
         warnings.warn("load_ternary: the model was trained with 8-bit activations; inference here keeps "
                       "activations in high precision")
     G = int(qc.get('group_size', 0))
-    sd = load_state_dict_files(path)
+    file = path / 'model.safetensors'
+    sd = load_safetensors_file(file)
     with torch.device('meta'):
         model = MiniCPM4ForCausalLM(config)
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, nn.Linear) and f'{full}.qweight' in sd:
-                setattr(parent, child_name, TernaryLinear(sd.pop(f'{full}.qweight').to(device),
-                                                          sd.pop(f'{full}.scale').to(device), child.in_features, G,
-                                                          sd.pop(f'{full}.bias').to(device) if f'{full}.bias' in sd else None))
+    _ternary_modules(model, sd, G, device, file)
     sd = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
     _, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left or unexpected:
-        raise ValueError(f"checkpoint at {path} does not match its config: not loaded {left[:10]}, "
-                         f"unexpected {unexpected[:10]}")
+        raise IntegrityError(f"{file} does not match its config: not loaded {left[:10]}, unexpected {unexpected[:10]}")
     return model.eval()
 
 # %% ../nbs/50_bitcpm.ipynb #97172770

@@ -11,30 +11,141 @@ from __future__ import annotations
 import copy
 import json
 import math
+import operator
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
-from typing import Any
+
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['SPARSE_CONFIG_DEFAULT', 'ROPE_TYPES', 'PRESETS', 'default_sparse_config', 'MiniCPM4Config', 'minicpm4_0_5b',
-           'minicpm4_8b', 'tiny', 'small', 'from_preset']
+__all__ = ['SELECTIONS', 'SPARSE_CONFIG_DEFAULT', 'ROPE_TYPES', 'PRESETS', 'check_geometry', 'check_selection', 'SparseSettings',
+           'default_sparse_config', 'MiniCPM4Config']
 
-# %% ../nbs/00_config.ipynb #e24ef5ba
-SPARSE_CONFIG_DEFAULT = dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=2048,
-                             topk=64, use_nope=False, dense_len=8192,
-                             # ours: which released block selection to follow (see notebook 10):
-                             # 'minicpm4' (June 2025 release: top-k beside a 32-block window) or 'minicpm4.1'
-                             selection='minicpm4')
+# %% ../nbs/00_config.ipynb #dd4ab9f9
+def _as_int(name, v, lo=0):
+    "`v` as a Python int >= `lo`, or a ValueError naming `name`."
+    try:
+        if isinstance(v, bool): raise TypeError
+        v = operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}") from None
+    if v < lo: raise ValueError(f"{name} must be an integer >= {lo}, got {v}")
+    return v
+
+
+def check_geometry(kernel_size, kernel_stride, block_size, init_blocks=0, local_blocks=0):
+    "Validate the InfLLM v2 lengths; returns them as ints `(p, s, m, init_blocks, local_blocks)`."
+    p = _as_int('kernel_size', kernel_size, 1)
+    s = _as_int('kernel_stride', kernel_stride, 1)
+    m = _as_int('block_size', block_size, 1)
+    init_blocks = _as_int('init_blocks', init_blocks, 0)
+    local_blocks = _as_int('local_blocks', local_blocks, 0)
+    if p < s:
+        raise ValueError(f"kernel_size ({p}) must be >= kernel_stride ({s}); otherwise the tokens between two "
+                         f"kernels are never summarised. Use kernel_size >= {s} or kernel_stride <= {p}.")
+    if m % s:
+        raise ValueError(f"block_size ({m}) must be a multiple of kernel_stride ({s}) so that every block starts "
+                         f"on a kernel boundary; e.g. block_size={max(s, m // s * s)} or {(m // s + 1) * s}.")
+    return p, s, m, init_blocks, local_blocks
+
+# %% ../nbs/00_config.ipynb #d83c41e0
+SELECTIONS = ('minicpm4', 'minicpm4.1')   # the released block selections (notebook 10, section 4)
+
+
+def check_selection(selection):
+    "`selection` if it names a released block selection, else a ValueError listing them."
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS} ('minicpm4': the June-2025 MiniCPM4 release, top-k "
+                         f"beside a sliding window; 'minicpm4.1': window inside the top-k), got {selection!r}")
+    return selection
+
+# %% ../nbs/00_config.ipynb #2df90682
+_OPTIONAL_SPARSE_KEYS = ('lse_approx', 'lse_kernel_size', 'lse_kernel_stride')   # written only when not default
+
+# %% ../nbs/00_config.ipynb #ce88123d
+@dataclass
+class SparseSettings:
+    "InfLLM v2's `sparse_config` (arXiv 2506.07900 §2): lengths in tokens, counts in blocks."
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    init_blocks: int = 1
+    block_size: int = 64
+    window_size: int = 2048
+    topk: int = 64
+    use_nope: bool = False
+    dense_len: int = 8192
+    lse_approx: bool = False
+    lse_kernel_size: int | None = None
+    lse_kernel_stride: int | None = None
+    selection: str = 'minicpm4'   # ours: which released block selection to follow (notebook 10)
+
+    @classmethod
+    def from_dict(cls, d) -> SparseSettings:
+        "Validated settings from a `sparse_config` dict (missing keys take the released defaults)."
+        if isinstance(d, cls): return d.validate()
+        if not isinstance(d, dict): raise ValueError(f"sparse_config must be a dict, got {type(d).__name__}")
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"sparse_config: unknown key(s) {sorted(unknown)}; accepted: "
+                             f"{sorted(cls.__dataclass_fields__)}")
+        return cls(**d).validate()
+
+    def to_dict(self) -> dict:
+        "The `config.json` form: every released key and `selection`; the LSE keys only when set."
+        d = asdict(self)
+        return {k: v for k, v in d.items()
+                if k not in _OPTIONAL_SPARSE_KEYS or v != SparseSettings.__dataclass_fields__[k].default}
+
+    @property
+    def local_blocks(self) -> int: return self.window_size // self.block_size
+
+    @property
+    def attended_blocks(self) -> int:
+        "Blocks a query attends to once the context is long: topk (+ the window with 'minicpm4')."
+        return self.topk + (self.local_blocks if self.selection == 'minicpm4' else 0)
+
+    def geometry(self) -> dict:
+        "kwargs for block_scores."
+        return dict(kernel_size=self.kernel_size, kernel_stride=self.kernel_stride, block_size=self.block_size,
+                    init_blocks=self.init_blocks, local_blocks=self.local_blocks, selection=self.selection)
+
+# %% ../nbs/00_config.ipynb #30858392
+@patch
+def validate(self: SparseSettings) -> SparseSettings:
+    "Check every rule of the block (raises ValueError naming the key); returns self."
+    check_geometry(self.kernel_size, self.kernel_stride, self.block_size, self.init_blocks, 0)
+    _as_int('window_size', self.window_size, 0); _as_int('dense_len', self.dense_len, 0)
+    topk = _as_int('topk', self.topk, 1)
+    for name in ('use_nope', 'lse_approx'):
+        if not isinstance(getattr(self, name), bool):
+            raise ValueError(f"sparse_config: {name} must be True or False, got {getattr(self, name)!r}")
+    if self.window_size % self.block_size:
+        raise ValueError(f"window_size ({self.window_size}) must be a multiple of block_size ({self.block_size})")
+    check_selection(self.selection)
+    if self.selection == 'minicpm4.1' and topk < self.init_blocks + self.local_blocks + 1:
+        raise ValueError(f"topk ({topk}) is smaller than the forced blocks of selection='minicpm4.1': init_blocks "
+                         f"({self.init_blocks}) + window_size/block_size + 1 ({self.local_blocks + 1}); raise topk "
+                         f"to >= {self.init_blocks + self.local_blocks + 1} or shrink window_size")
+    if self.selection == 'minicpm4':
+        if topk < self.init_blocks:
+            raise ValueError(f"topk ({topk}) is smaller than init_blocks ({self.init_blocks}); raise topk")
+        if self.local_blocks < 1:
+            raise ValueError(f"selection='minicpm4' needs window_size >= block_size ({self.block_size}), got "
+                             f"{self.window_size}: its top-k never holds the query's own block, the window does")
+    if self.lse_approx:
+        sc = self.lse_kernel_stride or 4 * self.kernel_stride
+        check_geometry(self.lse_kernel_size or 4 * self.kernel_size, sc, sc)
+    return self
+
+# %% ../nbs/00_config.ipynb #6f30f8ef
+SPARSE_CONFIG_DEFAULT = SparseSettings().to_dict()   # the released block, as it appears in config.json
 
 ROPE_TYPES = ('default', 'longrope')
 
 
 def default_sparse_config(**overrides) -> dict:
-    "The released InfLLM v2 `sparse_config` (PAPER.md §2), with `overrides` applied."
-    unknown = set(overrides) - set(SPARSE_CONFIG_DEFAULT)
-    if unknown:
-        raise ValueError(f"sparse_config: unknown key(s) {sorted(unknown)}; accepted: {sorted(SPARSE_CONFIG_DEFAULT)}")
-    return {**SPARSE_CONFIG_DEFAULT, **overrides}
+    "The released InfLLM v2 `sparse_config` (arXiv 2506.07900 §2), with `overrides` applied and validated."
+    return SparseSettings.from_dict(overrides).to_dict()
 
 # %% ../nbs/00_config.ipynb #93f4d708
 @dataclass
@@ -66,77 +177,88 @@ class MiniCPM4Config:
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys of a loaded config.json, written back as is
 
     def __post_init__(self):
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                                 f"{self.num_attention_heads}; set head_dim explicitly or change one of them")
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads',
-                     'head_dim', 'intermediate_size', 'max_position_embeddings', 'dim_model_base'):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.hidden_act != 'silu':
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; MiniCPM4 uses 'silu'")
+        _check_fields(self)
         self._check_rope()
-        if self.sparse_config is not None:
-            self.sparse_config = default_sparse_config(**self.sparse_config)
-            sc = self.sparse_config
-            if sc['kernel_size'] < sc['kernel_stride']:
-                raise ValueError(f"sparse_config: kernel_size={sc['kernel_size']} must be >= kernel_stride="
-                                 f"{sc['kernel_stride']}")
-            if sc['block_size'] % sc['kernel_stride']:
-                raise ValueError(f"sparse_config: block_size={sc['block_size']} must be a multiple of "
-                                 f"kernel_stride={sc['kernel_stride']}")
+        if self.sparse_config is not None:   # one schema: SparseSettings validates and normalises the block
+            self.sparse_config = SparseSettings.from_dict(self.sparse_config).to_dict()
 
-    def _check_rope(self):
-        rs = self.rope_scaling
-        if rs is None: return
-        if not isinstance(rs, dict):
-            raise ValueError(f"rope_scaling must be a dict or None, got {type(rs).__name__}")
-        rs = dict(rs)
-        if 'rope_type' not in rs and 'type' in rs: rs['rope_type'] = rs.pop('type')  # older HF spelling
-        if rs.get('rope_type') == 'su': rs['rope_type'] = 'longrope'                  # Phi-3's first name for it
-        self.rope_scaling = rs
-        kind = rs.get('rope_type')
-        if kind not in ROPE_TYPES:
-            raise ValueError(f"rope_scaling: unknown rope type {kind!r}; accepted: {list(ROPE_TYPES)}")
-        if kind == 'longrope':
-            half = self.head_dim // 2
-            for key in ('short_factor', 'long_factor'):
-                f = rs.get(key)
-                if f is None or len(f) != half:
-                    raise ValueError(f"rope_scaling['{key}'] must be a list of head_dim/2={half} floats, got "
-                                     f"{None if f is None else len(f)} values")
-            if 'original_max_position_embeddings' not in rs:
-                raise ValueError("rope_scaling needs 'original_max_position_embeddings' for longrope")
 
-    @property
-    def rope_type(self) -> str:
-        rs = self.rope_scaling  # normalised to 'rope_type' when built; tolerate a dict assigned later
-        return 'default' if rs is None else rs.get('rope_type', rs.get('type'))
+# %% ../nbs/00_config.ipynb #3d85cc3c
+_POSITIVE_INTS = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads',
+                  'intermediate_size', 'max_position_embeddings', 'dim_model_base')
+_POSITIVE_FLOATS = ('rms_norm_eps', 'rope_theta', 'scale_emb', 'scale_depth', 'initializer_range')
 
-    @property
-    def num_key_value_groups(self) -> int:
-        "Query heads per kv head."
-        return self.num_attention_heads // self.num_key_value_heads
 
-    @property
-    def residual_scale(self) -> float:
-        "muP: every residual branch is multiplied by scale_depth / sqrt(num_hidden_layers)."
-        return self.scale_depth / math.sqrt(self.num_hidden_layers)
+def _check_fields(c):
+    "Types, then positivity, then divisibility of a MiniCPM4Config's fields (fills head_dim); errors name the field."
+    for name in _POSITIVE_INTS + ('head_dim',) * (c.head_dim is not None):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        if v <= 0: raise ValueError(f"{name} must be a positive int, got {v}")
+    for name in _POSITIVE_FLOATS:
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+        if not v > 0: raise ValueError(f"{name} must be > 0, got {v}")
+    if c.head_dim is None:
+        if c.hidden_size % c.num_attention_heads:
+            raise ValueError(f"hidden_size={c.hidden_size} is not divisible by num_attention_heads="
+                             f"{c.num_attention_heads}; set head_dim explicitly or change one of them")
+        c.head_dim = c.hidden_size // c.num_attention_heads
+    if c.num_attention_heads % c.num_key_value_heads:
+        raise ValueError(f"num_attention_heads={c.num_attention_heads} must be a multiple of "
+                         f"num_key_value_heads={c.num_key_value_heads} (grouped-query attention)")
+    if c.head_dim % 2: raise ValueError(f"head_dim={c.head_dim} must be even for rotary embeddings")
+    if c.hidden_act != 'silu':
+        raise ValueError(f"hidden_act={c.hidden_act!r} is not supported; MiniCPM4 uses 'silu'")
 
-    @property
-    def logit_scale(self) -> float:
-        "muP: the final hidden state is divided by hidden_size / dim_model_base before the LM head."
-        return self.hidden_size / self.dim_model_base
+# %% ../nbs/00_config.ipynb #9a67a3fc
+@patch
+def _check_rope(self: MiniCPM4Config):
+    rs = self.rope_scaling
+    if rs is None: return
+    if not isinstance(rs, dict):
+        raise ValueError(f"rope_scaling must be a dict or None, got {type(rs).__name__}")
+    rs = dict(rs)
+    if 'rope_type' not in rs and 'type' in rs: rs['rope_type'] = rs.pop('type')  # older HF spelling
+    if rs.get('rope_type') == 'su': rs['rope_type'] = 'longrope'                  # Phi-3's first name for it
+    self.rope_scaling = rs
+    kind = rs.get('rope_type')
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling: unknown rope type {kind!r}; accepted: {list(ROPE_TYPES)}")
+    if kind == 'longrope':
+        half = self.head_dim // 2
+        for key in ('short_factor', 'long_factor'):
+            f = rs.get(key)
+            if f is None or len(f) != half:
+                raise ValueError(f"rope_scaling['{key}'] must be a list of head_dim/2={half} floats, got "
+                                 f"{None if f is None else len(f)} values")
+        if 'original_max_position_embeddings' not in rs:
+            raise ValueError("rope_scaling needs 'original_max_position_embeddings' for longrope")
 
-# %% ../nbs/00_config.ipynb #cdde9856
+@patch(as_prop=True)
+def rope_type(self: MiniCPM4Config) -> str:
+    rs = self.rope_scaling  # normalised to 'rope_type' when built; tolerate a dict assigned later
+    return 'default' if rs is None else rs.get('rope_type', rs.get('type'))
+
+@patch(as_prop=True)
+def num_key_value_groups(self: MiniCPM4Config) -> int:
+    "Query heads per kv head."
+    return self.num_attention_heads // self.num_key_value_heads
+
+@patch(as_prop=True)
+def residual_scale(self: MiniCPM4Config) -> float:
+    "muP: every residual branch is multiplied by scale_depth / sqrt(num_hidden_layers)."
+    return self.scale_depth / math.sqrt(self.num_hidden_layers)
+
+# %% ../nbs/00_config.ipynb #4716e78f
+@patch(as_prop=True)
+def logit_scale(self: MiniCPM4Config) -> float:
+    "muP: the final hidden state is divided by hidden_size / dim_model_base before the LM head."
+    return self.hidden_size / self.dim_model_base
+
+# %% ../nbs/00_config.ipynb #82023817
 _HF_FIXED = dict(architectures=['MiniCPMForCausalLM'], model_type='minicpm')
 
 
@@ -162,9 +284,9 @@ def _read_rope_parameters(d: dict):
             rp['original_max_position_embeddings'] = d.pop('original_max_position_embeddings')
         d['rope_scaling'] = rp
 
-
-@classmethod
-def _from_dict(cls, d: dict) -> MiniCPM4Config:
+# %% ../nbs/00_config.ipynb #d6c06989
+@patch(cls_method=True)
+def from_dict(cls: MiniCPM4Config, d: dict) -> MiniCPM4Config:
     "Build from a `config.json` dictionary; unknown keys are kept in `.extra`."
     if not isinstance(d, dict):
         raise TypeError(f"from_dict expects a dict, got {type(d).__name__}")
@@ -179,14 +301,15 @@ def _from_dict(cls, d: dict) -> MiniCPM4Config:
     return cls(**known, extra=d)
 
 
-def _to_dict(self) -> dict:
+@patch
+def to_dict(self: MiniCPM4Config) -> dict:
     "The `config.json` dictionary (Hugging Face keys)."
     d = {k: copy.deepcopy(getattr(self, k)) for k in _cfg_fields()}
     return {**_HF_FIXED, **copy.deepcopy(self.extra), **d}
 
 
-@classmethod
-def _from_pretrained(cls, path) -> MiniCPM4Config:
+@patch(cls_method=True)
+def from_pretrained(cls: MiniCPM4Config, path) -> MiniCPM4Config:
     "Read `path/config.json` (or `path` itself if it is a file)."
     p = Path(path)
     if p.is_dir(): p = p / 'config.json'
@@ -195,25 +318,22 @@ def _from_pretrained(cls, path) -> MiniCPM4Config:
     return cls.from_dict(json.loads(p.read_text()))
 
 
-def _save_pretrained(self, path) -> Path:
+@patch
+def save_pretrained(self: MiniCPM4Config, path) -> Path:
     "Write `path/config.json`; returns its path."
     p = Path(path); p.mkdir(parents=True, exist_ok=True)
     out = p / 'config.json'
     out.write_text(json.dumps(self.to_dict(), indent=2) + '\n')
     return out
 
-
-MiniCPM4Config.from_dict, MiniCPM4Config.to_dict = _from_dict, _to_dict
-MiniCPM4Config.from_pretrained, MiniCPM4Config.save_pretrained = _from_pretrained, _save_pretrained
-
-# %% ../nbs/00_config.ipynb #09968c6c
+# %% ../nbs/00_config.ipynb #21cb2d14
 def _longrope(head_dim: int, original_max: int) -> dict:
     return dict(rope_type='longrope', short_factor=[1.0] * (head_dim // 2), long_factor=[1.0] * (head_dim // 2),
                 original_max_position_embeddings=original_max)
 
 
-@classmethod
-def minicpm4_0_5b(cls, **kw) -> MiniCPM4Config:
+@patch(cls_method=True)
+def minicpm4_0_5b(cls: MiniCPM4Config, **kw) -> MiniCPM4Config:
     "MiniCPM4-0.5B: hidden 1024, 24 layers, 16/2 heads, tied embeddings."
     base = dict(vocab_size=73448, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                 num_key_value_heads=2, intermediate_size=4096, rms_norm_eps=1e-5, tie_word_embeddings=True,
@@ -221,8 +341,8 @@ def minicpm4_0_5b(cls, **kw) -> MiniCPM4Config:
     return cls(**{**base, **kw})
 
 
-@classmethod
-def minicpm4_8b(cls, **kw) -> MiniCPM4Config:
+@patch(cls_method=True)
+def minicpm4_8b(cls: MiniCPM4Config, **kw) -> MiniCPM4Config:
     "MiniCPM4-8B: hidden 4096, 32 layers, 32/2 heads (head_dim 128), untied head, InfLLM v2 sparse_config."
     base = dict(vocab_size=73448, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=2, intermediate_size=16384, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -230,17 +350,17 @@ def minicpm4_8b(cls, **kw) -> MiniCPM4Config:
                 sparse_config=default_sparse_config(), eos_token_id=[2, 73440])
     return cls(**{**base, **kw})
 
-
-@classmethod
-def tiny(cls, **kw) -> MiniCPM4Config:
+# %% ../nbs/00_config.ipynb #7f95b953
+@patch(cls_method=True)
+def tiny(cls: MiniCPM4Config, **kw) -> MiniCPM4Config:
     "A ~1M-parameter model for CPU teaching runs (4 layers, hidden 128, 4/2 heads)."
     base = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=384, dim_model_base=32, max_position_embeddings=4096, torch_dtype='float32')
     return cls(**{**base, **kw})
 
 
-@classmethod
-def small(cls, **kw) -> MiniCPM4Config:
+@patch(cls_method=True)
+def small(cls: MiniCPM4Config, **kw) -> MiniCPM4Config:
     "A ~30M-parameter model for one-GPU runs (8 layers, hidden 512, 8/2 heads)."
     base = dict(vocab_size=4096, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                 intermediate_size=1536, dim_model_base=64, max_position_embeddings=32768)
@@ -250,13 +370,9 @@ def small(cls, **kw) -> MiniCPM4Config:
 PRESETS = ('tiny', 'small', 'minicpm4_0_5b', 'minicpm4_8b')
 
 
-@classmethod
-def from_preset(cls, name: str, **kw) -> MiniCPM4Config:
+@patch(cls_method=True)
+def from_preset(cls: MiniCPM4Config, name: str, **kw) -> MiniCPM4Config:
     "One of `PRESETS` by name, with field overrides."
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; accepted: {list(PRESETS)}")
     return getattr(cls, name)(**kw)
-
-
-MiniCPM4Config.minicpm4_0_5b, MiniCPM4Config.minicpm4_8b = minicpm4_0_5b, minicpm4_8b
-MiniCPM4Config.tiny, MiniCPM4Config.small, MiniCPM4Config.from_preset = tiny, small, from_preset

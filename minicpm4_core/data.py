@@ -22,6 +22,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from .io import IntegrityError, atomic_path, read_json
+
 # %% auto #0
 __all__ = ['PROFESSIONS', 'COLORS', 'PETS', 'ATTRIBUTES', 'FILLER', 'LOW_QUALITY_KINDS', 'CORPUS_SIZES', 'SPECIAL_TOKENS',
            'REAL_CORPORA', 'RECIPE', 'SPLITS', 'Person', 'World', 'make_world', 'person_document', 'fact_questions',
@@ -59,7 +61,7 @@ class World:
 def _word(rng: random.Random, n: int) -> str:
     return ''.join(rng.choice(_SYLLABLES) for _ in range(n)).capitalize()
 
-
+# %% ../nbs/02_data.ipynb #cdb43a84
 def make_world(seed: int = 0, n_people: int = 60, n_cities: int = 12) -> World:
     "A deterministic world of `n_people` people living in `n_cities` invented cities."
     if n_people < 1 or n_cities < 1: raise ValueError("n_people and n_cities must be >= 1")
@@ -258,9 +260,10 @@ class Tokenizer:
     def save(self, path) -> Path:
         "Write `tokenizer.json` into folder `path` (as in a Hugging Face model folder)."
         p = Path(path); p.mkdir(parents=True, exist_ok=True)
-        self.tk.save(str(p / 'tokenizer.json')); return p / 'tokenizer.json'
+        with atomic_path(p / 'tokenizer.json') as tmp: self.tk.save(str(tmp))   # whole or not at all
+        return p / 'tokenizer.json'
 
-
+# %% ../nbs/02_data.ipynb #d4fdb178
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 2) -> Tokenizer:
     "Train a byte-level BPE tokenizer on `texts` with SPECIAL_TOKENS at ids 0..3."
     from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, decoders, trainers
@@ -281,29 +284,94 @@ def load_tokenizer(path) -> Tokenizer:
     p = Path(path)
     if p.is_dir(): p = p / 'tokenizer.json'
     if not p.exists(): raise FileNotFoundError(f"no tokenizer.json at {p}")
-    return Tokenizer(HFTokenizer.from_file(str(p)))
+    try: tk = HFTokenizer.from_file(str(p))
+    except Exception as e:   # the Rust library raises a bare Exception for every kind of damage
+        raise IntegrityError(f"{p} is not a readable tokenizer.json (corrupt or truncated): {e}") from e
+    return Tokenizer(tk)
 
 # %% ../nbs/02_data.ipynb #b9168688
 _BUILDERS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
 
 
+def _lines(p: Path) -> Iterator[tuple[int, int, bytes]]:
+    "(line number from 1, byte offset of the line, its bytes without the line break) of a file, streamed."
+    off = 0
+    with open(p, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            yield n, off, raw.rstrip(b'\n').rstrip(b'\r')
+            off += len(raw)
+
+
+def _decode(p: Path, n: int, off: int, raw: bytes) -> str:
+    try: return raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise UnicodeError(f"{p}: not UTF-8 at byte offset {off + e.start} (line {n}): byte "
+                           f"{raw[e.start:e.start + 1]!r}; re-encode the file as UTF-8") from None
+
+
+def _field(p: Path, where: str, rec, text_field: str) -> str:
+    if not isinstance(rec, dict): raise ValueError(f"{p}, {where}: expected a JSON object, got {type(rec).__name__}")
+    if text_field not in rec:
+        raise KeyError(f"{p}, {where}: records have no field {text_field!r}; fields: {sorted(rec)}")
+    t = rec[text_field]
+    if not isinstance(t, str):
+        raise TypeError(f"{p}, {where}: field {text_field!r} is {type(t).__name__} ({str(t)[:40]!r}), not a string")
+    return t
+
+# %% ../nbs/02_data.ipynb #7ac31815
+def _read_json_lines(p: Path, text_field: str) -> Iterator[str]:
+    for n, off, raw in _lines(p):
+        line = _decode(p, n, off, raw)
+        if not line.strip(): continue
+        try: rec = json.loads(line)
+        except json.JSONDecodeError as e: raise ValueError(f"{p}, line {n}: not valid JSON ({e.msg} at column "
+                                                           f"{e.colno}): {line[:60]!r}") from None
+        yield _field(p, f'line {n}', rec, text_field)
+
+
+def _read_json_array(p: Path, text_field: str) -> Iterator[str]:
+    raw = p.read_bytes()
+    try: recs = json.loads(raw.decode('utf-8'))
+    except UnicodeDecodeError as e: raise UnicodeError(f"{p}: not UTF-8 at byte offset {e.start}") from None
+    except json.JSONDecodeError as e: raise ValueError(f"{p}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    for i, rec in enumerate(recs): yield _field(p, f'record {i}', rec, text_field)
+
+
+def _read_parquet(p: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+    try: pf = pq.ParquetFile(p)
+    except Exception as e: raise IntegrityError(f"{p} is not a readable parquet file: {e}") from e   # ArrowInvalid, OSError
+    if text_field not in pf.schema_arrow.names:
+        raise KeyError(f"{p}: no column {text_field!r}; columns: {pf.schema_arrow.names}")
+    row = 0
+    try:
+        for batch in pf.iter_batches(columns=[text_field]):
+            for t in batch.column(0).to_pylist():
+                if not isinstance(t, str): raise TypeError(f"{p}, row {row}: column {text_field!r} holds {t!r}, not a string")
+                row += 1; yield t
+    except (OSError, ValueError) as e:
+        if isinstance(e, (TypeError, KeyError)) or str(p) in str(e): raise
+        raise IntegrityError(f"{p}: damaged after row {row}: {e}") from e
+
+# %% ../nbs/02_data.ipynb #a99f9c2a
 def read_texts(paths: str | Path | Sequence, text_field: str = 'text', streaming: bool = True) -> Iterator[str]:
-    "Yield the `text_field` of every record of local .txt/.jsonl/.json/.parquet files (one builder per call)."
+    """Yield the `text_field` of every record of local files, streamed: .txt (one record per line), .jsonl (one JSON
+    object per line), .json (a JSON array of objects, or JSON lines), .parquet. All files share one extension.
+    Errors name the file and the line, record or byte offset. (`streaming` is kept for compatibility: always on.)"""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if not paths: raise ValueError("read_texts: no paths given")
     exts = {p.suffix for p in paths}
     if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
         raise ValueError(f"read_texts: all files must share one extension among {list(_BUILDERS)}, got {sorted(exts)}")
     for p in paths:
-        if not p.exists(): raise FileNotFoundError(p)
-    import datasets
-    datasets.disable_progress_bars()
-    ds = datasets.load_dataset(_BUILDERS[paths[0].suffix], data_files=[str(p) for p in paths], split='train',
-                               streaming=streaming)
-    for rec in ds:
-        if text_field not in rec:
-            raise KeyError(f"read_texts: records have no field {text_field!r}; fields: {sorted(rec)}")
-        yield rec[text_field]
+        if not p.exists(): raise FileNotFoundError(f"read_texts: {p} does not exist")
+        if p.is_dir(): raise IsADirectoryError(f"read_texts: {p} is a folder; pass its files")
+        if p.stat().st_size == 0: raise ValueError(f"read_texts: {p} is empty (0 bytes)")
+    for p in paths:
+        if p.suffix == '.txt': yield from (_decode(p, n, off, raw) for n, off, raw in _lines(p))
+        elif p.suffix == '.parquet': yield from _read_parquet(p, text_field)
+        elif p.suffix == '.json' and p.read_bytes()[:4096].lstrip()[:1] == b'[': yield from _read_json_array(p, text_field)
+        else: yield from _read_json_lines(p, text_field)
 
 # %% ../nbs/02_data.ipynb #e3a07675
 REAL_CORPORA = {
@@ -336,7 +404,7 @@ def built_corpora(root: str | Path | None = None) -> dict[str, dict]:
     for name in REAL_CORPORA:
         m = base / name / 'manifest.json'
         if m.exists() and all((base / name / f'{s}.parquet').exists() for s in ('train', 'heldout')):
-            out[name] = json.loads(m.read_text())
+            out[name] = read_json(m, 'corpus manifest')
     return out
 
 # %% ../nbs/02_data.ipynb #4a0e1d6d
@@ -349,7 +417,18 @@ def _load_built(folder: Path, split: str, name: str) -> 'datasets.Dataset':
         raise FileNotFoundError(
             f"corpus {name!r} is not built (no {missing[0]}): run `{RECIPE} --corpora {name}` "
             f"(it writes to $MINICPM4_DATA or ~/.cache/minicpm4_core/corpora; with --out DIR pass root=DIR)")
-    return datasets.load_dataset('parquet', data_files=[str(f) for f in files], split='train')
+    if not (folder / 'manifest.json').is_file():   # the recipe writes the manifest with the splits, in one swap
+        raise FileNotFoundError(f"corpus {name!r} at {folder} is incomplete (no manifest.json): its build did not "
+                                f"finish; run `{RECIPE} --corpora {name}` again")
+    import pyarrow.parquet as pq
+    for f in files:
+        try: cols = pq.read_schema(f).names
+        except Exception as e: raise IntegrityError(f"{f} is not a readable parquet file: {e}") from e
+        lost = [c for c in ('text', 'doc_id') if c not in cols]
+        if lost: raise KeyError(f"{f}: no column(s) {lost}; columns: {cols} (rebuild with `{RECIPE} --corpora {name}`)")
+    try: return datasets.load_dataset('parquet', data_files=[str(f) for f in files], split='train')
+    except Exception as e: raise IntegrityError(f"corpus {name!r} ({', '.join(map(str, files))}) could not be "
+                                                f"read: {type(e).__name__}: {e}") from e
 
 
 def _split_rows(ds: 'datasets.Dataset', split: str, fraction: float, salt: str) -> 'datasets.Dataset':
@@ -357,7 +436,7 @@ def _split_rows(ds: 'datasets.Dataset', split: str, fraction: float, salt: str) 
     keep = [i for i, d in enumerate(ds['doc_id']) if heldout_split(d, fraction, salt) == split]
     return ds.select(keep)
 
-
+# %% ../nbs/02_data.ipynb #0266e814
 def load_corpus(name_or_paths: str | Path | Sequence, split: str = 'train', root: str | Path | None = None,
                 text_field: str = 'text', heldout_fraction: float = 0.05, salt: str = 'minicpm4_core',
                 hub_split: str = 'train', hub_config: str | None = None) -> 'datasets.Dataset':
@@ -428,6 +507,9 @@ def pack_documents(docs_ids: Iterable[Sequence[int]], seq_len: int, bos_id: int 
 def batches(rows: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
     "Endless shuffled batches (batch_size, seq_len + 1) of packed rows; reshuffled every epoch."
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or len(rows) == 0:
+        raise ValueError(f"rows must be a non-empty (n, seq_len + 1) tensor, got "
+                         f"{tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__}")
     g = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(len(rows), generator=g)
@@ -436,10 +518,13 @@ def batches(rows: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torc
         if len(rows) < batch_size:
             yield rows[torch.randint(0, len(rows), (batch_size,), generator=g)]
 
-
+# %% ../nbs/02_data.ipynb #9f21e5e4
 def unigram_entropy(ids: torch.Tensor | Sequence[int]) -> float:
     "Entropy (nats/token) of the unigram distribution of `ids`: the loss of a model that ignores context."
     ids = torch.as_tensor(ids).flatten()
+    if ids.numel() == 0 or ids.is_floating_point() or int(ids.min()) < 0:
+        raise ValueError(f"ids must be a non-empty sequence of token ids >= 0, got {ids.numel()} values of {ids.dtype}"
+                         f"{'' if ids.numel() == 0 or ids.is_floating_point() else f', min {int(ids.min())}'}")
     p = torch.bincount(ids).float()
     p = p[p > 0] / p.sum()
     return float(-(p * p.log()).sum())

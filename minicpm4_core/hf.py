@@ -20,6 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import MiniCPM4Config, _cfg_fields
 from .model import AUTO_MAP, REMOTE_CODE, MiniCPM4ForCausalLM, RMSNorm
+from .io import IntegrityError, atomic_write_json, atomic_write_text
 
 # %% auto #0
 __all__ = ['MiniCPMConfig', 'MiniCPMForCausalLM']
@@ -41,6 +42,17 @@ class MiniCPMConfig(PretrainedConfig):
             if k in _OWN_KEYS: setattr(self, k, v)
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        "transformers' reader (it names a config.json that is not JSON), then our checks, naming the file too."
+        d, rest = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        try: MiniCPM4Config.from_dict({k: v for k, v in d.items() if k in _OWN_KEYS})
+        except (ValueError, TypeError, KeyError) as e:
+            p = Path(str(pretrained_model_name_or_path))
+            where = p / 'config.json' if p.is_dir() else p
+            raise (type(e) if type(e) in (ValueError, TypeError, KeyError) else ValueError)(f"config {where}: {e}") from e
+        return d, rest
+
+    @classmethod
     def register_for_auto_class(cls, auto_class='AutoConfig'):
         "No-op: a folder carries our two thin remote-code files, not a copy of this package (see save_pretrained)."
 
@@ -52,6 +64,17 @@ class MiniCPMConfig(PretrainedConfig):
         return MiniCPM4Config.from_dict(d)
 
 # %% ../nbs/07_hf.ipynb #4bc22da4
+def _bad_safetensors(folder) -> Path:
+    "The first *.safetensors file of `folder` whose header cannot be read (else the folder itself)."
+    from safetensors import safe_open
+    p = Path(str(folder))
+    for f in sorted(p.glob('*.safetensors')) if p.is_dir() else []:
+        try:
+            with safe_open(str(f), 'pt') as h: [h.get_slice(k) for k in h.keys()]
+        except Exception: return f
+    return p
+
+
 class MiniCPMForCausalLM(PreTrainedModel, GenerationMixin):
     "transformers causal LM over `minicpm4_core.model.MiniCPM4ForCausalLM` (same modules, same logits)."
     config_class = MiniCPMConfig
@@ -80,6 +103,15 @@ class MiniCPMForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(module, RMSNorm): nn.init.ones_(module.weight)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        "transformers' loader; a damaged safetensors file (a bare SafetensorError there) is named."
+        try: return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as e:
+            if type(e).__name__ != 'SafetensorError': raise
+            raise IntegrityError(f"{_bad_safetensors(pretrained_model_name_or_path)} is not a readable safetensors "
+                                 f"file (truncated or corrupt): {e}") from e
+
+    @classmethod
     def register_for_auto_class(cls, auto_class='AutoModelForCausalLM'):
         "No-op: transformers would copy this package's modules into every saved folder; we write thin files instead."
 
@@ -89,8 +121,8 @@ class MiniCPMForCausalLM(PreTrainedModel, GenerationMixin):
         cfg = Path(save_directory) / 'config.json'
         d = json.loads(cfg.read_text())
         d['auto_map'] = dict(AUTO_MAP)
-        cfg.write_text(json.dumps(d, indent=2) + '\n')
-        for name, text in REMOTE_CODE.items(): (Path(save_directory) / name).write_text(text)
+        atomic_write_json(cfg, d)   # each file whole (the folder as a whole is transformers' to write)
+        for name, text in REMOTE_CODE.items(): atomic_write_text(Path(save_directory) / name, text)
 
     def get_input_embeddings(self): return self.model.embed_tokens
     def get_output_embeddings(self): return self.lm_head

@@ -25,7 +25,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['MANIFEST', 'IntegrityError', 'fsync_dir', 'remove_stale_siblings', 'atomic_path', 'atomic_write_bytes',
            'atomic_write_text', 'atomic_write_json', 'deferred_sigint', 'recover_folder', 'atomic_folder',
-           'sha256_file', 'write_manifest', 'read_json', 'verify_manifest', 'safe_torch_load', 'load_safetensors_file']
+           'sha256_file', 'write_manifest', 'read_json', 'verify_manifest', 'safe_torch_load', 'load_safetensors_file',
+           'save_safetensors_file', 'load_safetensors_folder', 'read_config', 'check_state_dict']
 
 # %% ../nbs/05_io.ipynb #67b3219d
 class IntegrityError(ValueError):
@@ -58,7 +59,7 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError: return True
     return True
 
-
+# %% ../nbs/05_io.ipynb #9667104b
 def remove_stale_siblings(path) -> None:
     "Remove temporary siblings of `path` left by processes that died (killed while writing)."
     path = Path(path)
@@ -97,7 +98,7 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     with atomic_path(path) as tmp, open(tmp, 'wb') as f: f.write(data)
     return path
 
-
+# %% ../nbs/05_io.ipynb #b4d76276
 def atomic_write_text(path, text: str, encoding: str = 'utf-8') -> Path:
     "Write `text` to `path` atomically."
     return atomic_write_bytes(path, text.encode(encoding))
@@ -164,7 +165,7 @@ def recover_folder(path) -> Path:
     remove_stale_siblings(path)
     return path
 
-
+# %% ../nbs/05_io.ipynb #d06a7d5e
 def _fsync_tree(folder: Path):
     for p in sorted(folder.rglob('*')):
         if p.is_file():
@@ -231,7 +232,7 @@ def read_json(path, what: str = 'JSON file') -> dict:
     except FileNotFoundError: raise FileNotFoundError(f"{what} {path} does not exist") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e: raise IntegrityError(f"{what} {path} is corrupt: {e}") from e
 
-
+# %% ../nbs/05_io.ipynb #41e91c66
 def verify_manifest(folder, name: str = MANIFEST, required: tuple = ()) -> dict:
     "Check every file listed in `folder/name` (and that `required` ones are listed); returns the manifest."
     folder = Path(folder)
@@ -276,3 +277,77 @@ def load_safetensors_file(path, device='cpu') -> dict:
     try: return load_file(path, device=str(device))
     except Exception as e:  # safetensors raises its own SafetensorError for every kind of damage
         raise IntegrityError(f"{path} is not a readable safetensors file (truncated or corrupt): {e}") from e
+
+
+def save_safetensors_file(tensors: dict, path, metadata: dict | None = None) -> Path:
+    """safetensors.torch.save_file, with a failed write raised as the OSError it is (errno kept, file named):
+    safetensors reports a full disk as a SafetensorError, which `atomic_folder` would not recognise as one."""
+    import re
+    from safetensors.torch import save_file
+    path = Path(path)
+    try: save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:
+        m = re.search(r'I/O error: (.*?) \(os error (\d+)\)', str(e))
+        if type(e).__name__ != 'SafetensorError' or not m: raise
+        raise OSError(int(m.group(2)), f"{m.group(1)} while writing {path}") from e
+    return path
+
+# %% ../nbs/05_io.ipynb #de8079f3
+def load_safetensors_folder(path, device='cpu') -> dict:
+    "All tensors of folder `path` (model.safetensors, or model.safetensors.index.json + shards); errors name the file."
+    path = Path(path)
+    if not path.is_dir(): raise FileNotFoundError(f"{path} is not a folder")
+    index = path / 'model.safetensors.index.json'
+    if not index.exists():
+        if not (path / 'model.safetensors').exists():
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        return load_safetensors_file(path / 'model.safetensors', device)
+    idx = read_json(index, 'safetensors index')
+    wm = idx.get('weight_map') if isinstance(idx, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise IntegrityError(f"safetensors index {index} has no 'weight_map' table of tensor name -> file name")
+    sd = {}
+    for f in sorted(set(wm.values())):
+        if Path(f).name != f: raise IntegrityError(f"safetensors index {index} names a file outside the folder: {f!r}")
+        if not (path / f).is_file(): raise IntegrityError(f"{path / f} is listed in {index} but missing")
+        sd.update(load_safetensors_file(path / f, device))
+    lost = sorted(set(wm) - set(sd))
+    if lost: raise IntegrityError(f"{index} lists tensors that no shard holds: {lost[:5]}")
+    return sd
+
+
+def read_config(path):
+    "MiniCPM4Config of folder `path` (or of a config.json file); errors name the file (missing, corrupt, invalid)."
+    from minicpm4_core.config import MiniCPM4Config   # here, not at the top: io imports nothing of the package
+    p = Path(path)
+    if p.is_dir(): p = p / 'config.json'
+    d = read_json(p, 'config')
+    if not isinstance(d, dict): raise IntegrityError(f"config {p} is not a JSON object (got {type(d).__name__})")
+    try: return MiniCPM4Config.from_dict(d)
+    except (ValueError, TypeError, KeyError) as e:   # exact class kept for the three plain ones, else ValueError
+        raise (type(e) if type(e) in (ValueError, TypeError, KeyError) else ValueError)(f"config {p}: {e}") from e
+
+# %% ../nbs/05_io.ipynb #26b7362d
+def check_state_dict(sd: dict, expected: dict, file=None, *, on_dtype: str = 'cast', strict: bool = True) -> dict:
+    """sd {name: tensor} vs expected {name: (shape, dtype)}: refuse missing/unexpected keys (strict) and other shapes;
+    floating tensors of another floating dtype are cast with one warning (on_dtype='cast') or refused ('error')."""
+    if on_dtype not in ('cast', 'error'): raise ValueError(f"on_dtype={on_dtype!r}; accepted: 'cast', 'error'")
+    where = f" in {file}" if file is not None else ''
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if strict and (missing or unexpected):
+        raise IntegrityError(f"state dict{where} does not match the model: missing {missing[:10]}"
+                             f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}")
+    out, cast = dict(sd), []
+    for k, (shape, dtype) in expected.items():
+        if k not in sd: continue
+        t = sd[k]
+        if tuple(t.shape) != tuple(shape):
+            raise IntegrityError(f"{k}{where}: shape {tuple(t.shape)}, the model expects {tuple(shape)}")
+        if dtype is None or t.dtype == dtype: continue
+        if on_dtype == 'error' or not (t.dtype.is_floating_point and dtype.is_floating_point):
+            raise IntegrityError(f"{k}{where}: dtype {t.dtype}, the model expects {dtype}")
+        out[k] = t.to(dtype); cast.append(f"{k} ({str(t.dtype).removeprefix('torch.')})")
+    if cast:
+        warnings.warn(f"{len(cast)} tensor(s){where} stored in another dtype than the model's, cast: "
+                      f"{', '.join(cast[:5])}{' ...' if len(cast) > 5 else ''}", stacklevel=2)
+    return out

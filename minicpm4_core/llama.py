@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import MiniCPM4Config
-from .model import MiniCPM4ForCausalLM, load_state_dict_files
+from .model import MiniCPM4ForCausalLM
+from .checks import check_ids as _check_ids   # (the notebook below has a variable check_ids)
+from .io import IntegrityError, load_safetensors_folder, read_json
 
 # %% auto #0
 __all__ = ['SMOLLM2_GGUF', 'minicpm4_config_from_llama', 'gguf_to_hf_name', 'unpermute_rope_rows', 'read_gguf',
@@ -44,13 +46,16 @@ def _llama_rope(d: dict) -> float:
         raise ValueError(f"partial_rotary_factor={d['partial_rotary_factor']} is not supported; accepted: 1.0")
     return float(theta)
 
-
+# %% ../nbs/06_llama.ipynb #50f4c10f
 def minicpm4_config_from_llama(cfg, torch_dtype: str = 'float32') -> MiniCPM4Config:
     """The MiniCPM4Config that computes exactly what the Llama `cfg` computes.
 
     cfg: a Llama `config.json` dict or a transformers `LlamaConfig`. muP knobs: scale_emb=1,
     scale_depth=sqrt(num_hidden_layers), dim_model_base=hidden_size (all three scale factors are then 1)."""
     d = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
+    need = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size')
+    lost = [k for k in need if d.get(k) is None]
+    if lost: raise KeyError(f"Llama config: missing {lost} (keys present: {sorted(d)[:20]})")
     if d.get('model_type', 'llama') != 'llama':
         raise ValueError(f"model_type={d['model_type']!r} is not supported by from_llama; accepted: 'llama'")
     for key in ('attention_bias', 'mlp_bias'):
@@ -102,13 +107,9 @@ def _gguf_meta(reader) -> dict:
     skip = ('tokenizer.ggml.tokens', 'tokenizer.ggml.merges', 'tokenizer.ggml.token_type', 'tokenizer.ggml.scores')
     return {k: f.contents() for k, f in reader.fields.items() if k not in skip}
 
-
-def read_gguf(path, progress: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    "A llama-architecture GGUF file -> (Llama config.json dict, float32 state dict with Hugging Face names)."
-    try: import gguf
-    except ImportError as e: raise ImportError("reading a GGUF file needs the `gguf` package: pip install gguf") from e
-    reader = gguf.GGUFReader(str(path))
-    meta = _gguf_meta(reader)
+# %% ../nbs/06_llama.ipynb #f73055cd
+def _gguf_config(meta: dict, path) -> dict:
+    "The Llama config.json dict of a GGUF's metadata, refusing what MiniCPM4 cannot compute (errors name the file)."
     arch = meta.get('general.architecture')
     if arch != 'llama':
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; accepted: 'llama'")
@@ -117,36 +118,56 @@ def read_gguf(path, progress: bool = True) -> tuple[dict, dict[str, torch.Tensor
     scaling = g('rope.scaling.type', 'none')
     if scaling not in ('none', None):
         raise ValueError(f"{path}: rope scaling {scaling!r} is not supported; accepted: none (plain RoPE)")
+    lost = [f'llama.{k}' for k in ('block_count', 'embedding_length', 'attention.head_count', 'feed_forward_length')
+            if g(k) is None]
+    if lost: raise IntegrityError(f"{path}: GGUF metadata lacks {lost}")
     H, hidden = g('attention.head_count'), g('embedding_length')
     if not isinstance(H, int):
         raise ValueError(f"{path}: per-layer head counts ({H!r}) are not supported; accepted: one int")
-    Hkv = g('attention.head_count_kv', H)
     D = g('attention.key_length', hidden // H)
     if g('rope.dimension_count', D) != D:
         raise ValueError(f"{path}: rope.dimension_count={g('rope.dimension_count')} != head_dim={D}; partial "
                          "rotary embeddings are not supported")
+    return dict(model_type='llama', vocab_size=g('vocab_size'), hidden_size=hidden, num_hidden_layers=g('block_count'),
+                num_attention_heads=H, num_key_value_heads=g('attention.head_count_kv', H), head_dim=D,
+                intermediate_size=g('feed_forward_length'), rms_norm_eps=g('attention.layer_norm_rms_epsilon', 1e-5),
+                rope_theta=g('rope.freq_base', 10000.0), max_position_embeddings=g('context_length', 2048),
+                hidden_act='silu', bos_token_id=meta.get('tokenizer.ggml.bos_token_id'),
+                eos_token_id=meta.get('tokenizer.ggml.eos_token_id'),
+                pad_token_id=meta.get('tokenizer.ggml.padding_token_id'))
+
+# %% ../nbs/06_llama.ipynb #da0d969a
+def read_gguf(path, progress: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    "A llama-architecture GGUF file -> (Llama config.json dict, float32 state dict with Hugging Face names)."
+    try: import gguf
+    except ImportError as e: raise ImportError("reading a GGUF file needs the `gguf` package: pip install gguf") from e
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path} does not exist")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        meta = _gguf_meta(reader)
+    except Exception as e:   # gguf/numpy raise ValueError, struct/index errors, ... for a damaged file
+        raise IntegrityError(f"{path} is not a readable GGUF file (truncated or corrupt): {type(e).__name__}: {e}") from e
+    cfg = _gguf_config(meta, path)
     names = {t.name: gguf_to_hf_name(t.name) for t in reader.tensors}
     unknown = [n for n, hf in names.items() if hf is None]
     if unknown:
         raise ValueError(f"{path}: tensors without a Llama counterpart (biases? rope_freqs? experts?): {unknown[:10]}")
+    if 'model.embed_tokens.weight' not in names.values(): raise IntegrityError(f"{path}: no token_embd.weight tensor")
     sd = {}
     for t in tqdm(reader.tensors, desc='dequantize GGUF', disable=not progress):
-        a = gguf.quants.dequantize(t.data, t.tensor_type).astype('float32', copy=False)
-        if not a.flags.writeable: a = a.copy()        # F32 tensors come back as read-only views of the file
-        w = torch.from_numpy(a.reshape([int(s) for s in reversed(t.shape)]))
+        try:
+            a = gguf.quants.dequantize(t.data, t.tensor_type).astype('float32', copy=False)
+            if not a.flags.writeable: a = a.copy()        # F32 tensors come back as read-only views of the file
+            w = torch.from_numpy(a.reshape([int(s) for s in reversed(t.shape)]))
+        except Exception as e:
+            raise IntegrityError(f"{path}: tensor {t.name} cannot be read ({type(e).__name__}: {e})") from e
         hf = names[t.name]
-        if hf.endswith('q_proj.weight'): w = unpermute_rope_rows(w, H)
-        elif hf.endswith('k_proj.weight'): w = unpermute_rope_rows(w, Hkv)
+        if hf.endswith('q_proj.weight'): w = unpermute_rope_rows(w, cfg['num_attention_heads'])
+        elif hf.endswith('k_proj.weight'): w = unpermute_rope_rows(w, cfg['num_key_value_heads'])
         sd[hf] = w.contiguous()
-    cfg = dict(model_type='llama', vocab_size=g('vocab_size', sd['model.embed_tokens.weight'].shape[0]),
-               hidden_size=hidden, num_hidden_layers=g('block_count'), num_attention_heads=H,
-               num_key_value_heads=Hkv, head_dim=D, intermediate_size=g('feed_forward_length'),
-               rms_norm_eps=g('attention.layer_norm_rms_epsilon', 1e-5), rope_theta=g('rope.freq_base', 10000.0),
-               max_position_embeddings=g('context_length', 2048), hidden_act='silu',
-               tie_word_embeddings='lm_head.weight' not in sd,
-               bos_token_id=meta.get('tokenizer.ggml.bos_token_id'),
-               eos_token_id=meta.get('tokenizer.ggml.eos_token_id'),
-               pad_token_id=meta.get('tokenizer.ggml.padding_token_id'))
+    if cfg['vocab_size'] is None: cfg['vocab_size'] = sd['model.embed_tokens.weight'].shape[0]
+    cfg['tie_word_embeddings'] = 'lm_head.weight' not in sd
     return cfg, sd
 
 # %% ../nbs/06_llama.ipynb #5ed7c797
@@ -198,7 +219,7 @@ def _tokenizer(folder, gguf_file=None):
                       f"({type(e).__name__}: {str(e)[:200]}); returning tokenizer=None")
         return None
 
-
+# %% ../nbs/06_llama.ipynb #56ce9c3b
 def from_llama(source, *, dtype: torch.dtype = torch.float32, device='cpu', tokenizer: bool = True,
                progress: bool = True):
     """A Llama -> (MiniCPM4ForCausalLM in eval mode, tokenizer or None).
@@ -219,14 +240,18 @@ def from_llama(source, *, dtype: torch.dtype = torch.float32, device='cpu', toke
             cfg_d, sd = read_gguf(p, progress=progress)
             if tokenizer: tok = _tokenizer(p.parent, p.name)
         elif p.is_dir() and (p / 'config.json').exists():
-            import json
-            cfg_d, sd = json.loads((p / 'config.json').read_text()), load_state_dict_files(p)
+            cfg_d, sd = read_json(p / 'config.json', 'config'), load_safetensors_folder(p)
+            if not isinstance(cfg_d, dict): raise IntegrityError(f"config {p / 'config.json'} is not a JSON object")
             if tokenizer: tok = _tokenizer(p)
         else:
             raise FileNotFoundError(f"source={str(source)!r} is neither a .gguf file nor a folder with config.json")
     else:
         raise TypeError(f"source must be a transformers Llama model, a folder or a .gguf path, got {type(source).__name__}")
-    config = minicpm4_config_from_llama(cfg_d, torch_dtype=dname)
+    try: config = minicpm4_config_from_llama(cfg_d, torch_dtype=dname)
+    except (KeyError, ValueError, TypeError) as e:
+        if isinstance(source, torch.nn.Module): raise
+        where = Path(source) if Path(source).is_file() else Path(source) / 'config.json'
+        raise type(e)(f"{where}: {e.args[0] if e.args else e}") from e
     return _build_from_state_dict(config, sd, dtype, device), tok
 
 # %% ../nbs/06_llama.ipynb #26997776
@@ -241,8 +266,10 @@ def perplexity(model, ids, *, window: int = 1024, stride: int | None = None, pro
 
     model: any causal LM whose forward on (1, T) gives logits (1, T, V) or an output with `.logits`.
     window: tokens per forward pass; stride: distance between window starts (default window // 2)."""
-    ids = torch.as_tensor(ids, dtype=torch.long)
+    vocab = getattr(getattr(model, 'config', None), 'vocab_size', None)
+    ids = torch.as_tensor(ids)
     if ids.dim() == 2 and ids.shape[0] == 1: ids = ids[0]
+    if ids.numel(): ids = _check_ids(ids, vocab or int(ids.max()) + 1, 'ids')   # float ids refused, not truncated
     if ids.dim() != 1: raise ValueError(f"ids must be (N,) or (1, N), got shape {tuple(ids.shape)}")
     N = ids.numel()
     if N < 2: raise ValueError(f"ids must hold at least 2 tokens, got {N}")

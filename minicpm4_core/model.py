@@ -20,14 +20,16 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from .config import MiniCPM4Config
+from .checks import check_ids, check_attention_mask, check_length, check_finite
 
 # %% auto #0
-__all__ = ['REMOTE_CODE', 'AUTO_MAP', 'RMSNorm', 'rope_cos_sin', 'apply_rope', 'AttentionInputs', 'dense_attention',
-           'attention_backend', 'LayerCache', 'KVCache', 'MiniCPM4Attention', 'MiniCPM4MLP', 'MiniCPM4DecoderLayer',
-           'MTPHead', 'MiniCPM4Model', 'MiniCPM4ForCausalLM', 'filtered_logits', 'sample_next', 'generate',
-           'save_pretrained', 'load_state_dict_files', 'resolve_pretrained_path', 'load_pretrained', 'count_parameters']
+__all__ = ['REMOTE_CODE', 'AUTO_MAP', 'RMSNorm', 'rope_cos_sin', 'apply_rope', 'attention_backend', 'LayerCache', 'KVCache',
+           'MiniCPM4Attention', 'MiniCPM4MLP', 'MiniCPM4DecoderLayer', 'MTPHead', 'MiniCPM4Model',
+           'MiniCPM4ForCausalLM', 'filtered_logits', 'sample_next', 'save_pretrained', 'load_state_dict_files',
+           'resolve_pretrained_path', 'load_pretrained', 'count_parameters']
 
 # %% ../nbs/01_model.ipynb #d0048296
 class RMSNorm(nn.Module):
@@ -56,7 +58,7 @@ def _longrope_factors(config: MiniCPM4Config, table_len: int) -> tuple[list, flo
 
 _warned_factor_switch = set()
 
-
+# %% ../nbs/01_model.ipynb #c220785d
 def rope_cos_sin(config: MiniCPM4Config, positions: torch.Tensor, seq_len: int | None = None):
     """cos, sin of shape positions.shape + (head_dim,), float32.
 
@@ -95,43 +97,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated * sin).to(x.dtype)
 
 # %% ../nbs/01_model.ipynb #e03ce9b3
-@dataclass
-class AttentionInputs:
-    "What an attention backend receives. Layout (batch, seq, heads, head_dim)."
-    q: torch.Tensor                       # (B, T, H, D) after RoPE
-    k: torch.Tensor                       # (B, N, Hkv, D) after RoPE, cache included
-    v: torch.Tensor                       # (B, N, Hkv, D)
-    config: MiniCPM4Config
-    layer_idx: int = 0
-    q_nope: torch.Tensor | None = None    # (B, T, H, D) before RoPE
-    k_nope_new: torch.Tensor | None = None  # (B, T, Hkv, D) before RoPE, new tokens only
-    key_mask: torch.Tensor | None = None  # (B, N) bool, False = padding
-    layer_cache: Any = None               # LayerCache or None
-
-
-def dense_attention(inp: AttentionInputs) -> torch.Tensor:
-    "Dense causal GQA attention through `scaled_dot_product_attention`; returns (B, T, H, D)."
-    q, k, v = inp.q.transpose(1, 2), inp.k.transpose(1, 2), inp.v.transpose(1, 2)
-    T, N = q.shape[2], k.shape[2]
-    mask, causal = None, False
-    if inp.key_mask is None and T == N:
-        causal = True
-    elif inp.key_mask is not None or T > 1:
-        qpos = torch.arange(N - T, N, device=q.device)
-        allowed = torch.arange(N, device=q.device)[None, :] <= qpos[:, None]           # (T, N)
-        if inp.key_mask is not None:
-            allowed = allowed[None] & inp.key_mask[:, None, :].bool()                   # (B, T, N)
-            allowed = allowed | ~allowed.any(-1, keepdim=True)  # padded query rows: keep finite (their output is unused)
-        mask = allowed[:, None] if allowed.dim() == 3 else allowed
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                       enable_gqa=q.shape[1] != k.shape[1])
-    return o.transpose(1, 2)
+from .attention import AttentionInputs, dense_attention   # the interface (re-exported here)
 
 
 def attention_backend(config: MiniCPM4Config) -> Callable[[AttentionInputs], torch.Tensor]:
     "Dense unless `config.sparse_config` is set, then InfLLM v2 (imported lazily from `minicpm4_core.infllmv2`)."
     if config.sparse_config is None: return dense_attention
-    from minicpm4_core.infllmv2 import infllmv2_attention
+    from minicpm4_core.infllmv2 import infllmv2_attention   # infllmv2 imports attention, never model: no circle
     return infllmv2_attention
 
 # %% ../nbs/01_model.ipynb #d995e8fe
@@ -206,7 +178,7 @@ class MiniCPM4MLP(nn.Module):
 
     def forward(self, x): return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-
+# %% ../nbs/01_model.ipynb #181eb070
 class MiniCPM4DecoderLayer(nn.Module):
     "Pre-norm block: h += attn(norm(h)) * r; h += mlp(norm(h)) * r, r = scale_depth / sqrt(num_layers)."
     def __init__(self, config: MiniCPM4Config, layer_idx: int):
@@ -257,7 +229,7 @@ def _positions(attention_mask, start: int, T: int, device):
     pos = attention_mask.long().cumsum(-1) - 1
     return pos[:, -T:].clamp_min(0)
 
-
+# %% ../nbs/01_model.ipynb #02f5feb2
 class MiniCPM4ForCausalLM(nn.Module):
     "MiniCPM4 decoder with LM head. forward(input_ids (B, T)) -> logits (B, T, vocab)."
     def __init__(self, config: MiniCPM4Config):
@@ -297,13 +269,18 @@ class MiniCPM4ForCausalLM(nn.Module):
         """input_ids (B, T) -> logits (B, T, vocab) [and hidden (B, T, hidden) before the final norm].
 
         With `cache`, the T tokens continue the cached sequence. attention_mask (B, cache.length + T), 1 = real token."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a (batch, seq) tensor, got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+        input_ids = check_ids(input_ids, self.config.vocab_size)   # integer dtype, range: never a bare IndexError
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if attention_mask is not None and attention_mask.shape != (B, start + T):
             raise ValueError(f"attention_mask must have shape (batch, cached + new) = {(B, start + T)}, "
                              f"got {tuple(attention_mask.shape)}")
+        attention_mask = check_attention_mask(attention_mask, input_ids, total=start + T)   # 0/1 only
+        check_length(start + T, self.config.max_position_embeddings, 'sequence length (cached + new tokens)',
+                     strict=False)   # a warning: LongRoPE models are often run past their trained length on purpose
         key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         pos = _positions(attention_mask, start, T, input_ids.device)
         cos, sin = rope_cos_sin(self.config, pos, seq_len=start + T)
@@ -351,7 +328,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     logits = filtered_logits(logits, temperature, top_k, top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
-
+# %% ../nbs/01_model.ipynb #dcc77c6e
 def _as_prompt_lists(prompts) -> list[list[int]]:
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1: prompts = prompts[None]
@@ -365,9 +342,10 @@ def _as_prompt_lists(prompts) -> list[list[int]]:
         return out
     raise ValueError("prompts must be a list of token ids, a list of such lists, or a (batch, seq) LongTensor")
 
-
+# %% ../nbs/01_model.ipynb #74f53eea
+@patch
 @torch.no_grad()
-def generate(self, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
+def generate(self: MiniCPM4ForCausalLM, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop_ids: int | Sequence[int] | None = None, pad_id: int | None = None,
              generator: torch.Generator | None = None, progress: bool = False) -> list[list[int]]:
     """Generate up to `max_new_tokens` after each prompt; returns the new tokens per prompt (stop token included).
@@ -375,7 +353,9 @@ def generate(self, prompts, max_new_tokens: int = 32, *, temperature: float = 0.
     prompts: list[int], list[list[int]] (different lengths are left-padded) or LongTensor (B, T).
     stop_ids: defaults to config.eos_token_id; pass [] to never stop early."""
     from tqdm.auto import tqdm
+    if isinstance(prompts, torch.Tensor): check_ids(prompts, self.config.vocab_size, 'prompts')   # .tolist() would truncate floats
     rows = _as_prompt_lists(prompts)
+    for i, r in enumerate(rows): check_ids(torch.tensor(r), self.config.vocab_size, f'prompts[{i}]')
     if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if stop_ids is None: stop_ids = self.config.eos_token_id
     stop = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), dtype=torch.long,
@@ -392,6 +372,7 @@ def generate(self, prompts, max_new_tokens: int = 32, *, temperature: float = 0.
     logits = self(ids, cache=cache, attention_mask=mask)[:, -1]
     out, done = [], torch.zeros(B, dtype=torch.bool, device=self.device)
     for step in tqdm(range(max_new_tokens), disable=not progress, desc='generate'):
+        check_finite(logits, f'logits at generate step {step} (NaN/Inf weights or activations?)')
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out.append(nxt)
@@ -409,9 +390,6 @@ def generate(self, prompts, max_new_tokens: int = 32, *, temperature: float = 0.
             if t in stop.tolist(): break
         res.append(keep)
     return res
-
-
-MiniCPM4ForCausalLM.generate = generate
 
 # %% ../nbs/01_model.ipynb #ac35975d
 def _parse_size(s) -> int:
@@ -450,7 +428,7 @@ __all__ = ['MiniCPMConfig', 'MiniCPMForCausalLM']
 AUTO_MAP = {'AutoConfig': 'configuration_minicpm.MiniCPMConfig',
             'AutoModelForCausalLM': 'modeling_minicpm.MiniCPMForCausalLM'}
 
-
+# %% ../nbs/01_model.ipynb #3f443332
 def save_pretrained(model: MiniCPM4ForCausalLM, path, max_shard_size: int | str = '2GB', dtype=None,
                     remote_code: bool = True) -> Path:
     """Write config.json + safetensors (sharded with an index when larger than max_shard_size) to `path`.
@@ -492,7 +470,7 @@ def save_pretrained(model: MiniCPM4ForCausalLM, path, max_shard_size: int | str 
     out.save_pretrained(path)
     return path
 
-
+# %% ../nbs/01_model.ipynb #bfddcc4c
 def load_state_dict_files(path) -> dict[str, torch.Tensor]:
     "All tensors of the safetensors file(s) in folder `path` (single file or index + shards)."
     from safetensors.torch import load_file
@@ -511,7 +489,7 @@ def load_state_dict_files(path) -> dict[str, torch.Tensor]:
 
 _HUB_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*')
 
-
+# %% ../nbs/01_model.ipynb #d892180d
 def resolve_pretrained_path(path) -> Path:
     """A local folder as is; a hub name `owner/name` that is not a local folder through `huggingface_hub`'s cache
     (then the hub itself unless HF_HUB_OFFLINE is set). Raises FileNotFoundError saying what to do otherwise."""
@@ -536,7 +514,7 @@ def resolve_pretrained_path(path) -> Path:
     where = 'HF_HUB_OFFLINE is set and it is not in the local cache' if offline else 'the hub could not provide it'
     raise FileNotFoundError(f"'{name}' is not a local folder and {where} ({'; '.join(errors)}). To use it: {how}.")
 
-
+# %% ../nbs/01_model.ipynb #05ef29cc
 def load_pretrained(path, dtype: torch.dtype | None = None, device='cpu', config: MiniCPM4Config | None = None,
                     strict: bool = True) -> MiniCPM4ForCausalLM:
     """Load a Hugging Face MiniCPM4 folder (config.json + safetensors) into `MiniCPM4ForCausalLM`, in eval mode.

@@ -22,6 +22,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .kernels.w4a16 import pack_int4, unpack_int4, resolve_group_size, w4a16_matmul
+from .checks import check_ids
+from .io import (IntegrityError, atomic_folder, atomic_write_json, check_state_dict,
+                              load_safetensors_file, save_safetensors_file,
+                              read_config, read_json, verify_manifest, write_manifest)
 
 # %% auto #0
 __all__ = ['BITS', 'STEPS', 'METHODS', 'grid_params', 'quantize_codes', 'QuantizedWeight', 'rtn_quantize', 'gptq_quantize',
@@ -83,10 +87,11 @@ class QuantizedWeight:
             W = out
         return W
 
-
+# %% ../nbs/70_pgptq.ipynb #e2d0b331
 def rtn_quantize(W: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False) -> QuantizedWeight:
     "Round-to-nearest: `W (N, K)` -> `QuantizedWeight`, one grid per row and group of `group_size` columns (-1: all)."
     _check_bits(bits)
+    if W.dim() != 2: raise ValueError(f"W must be (N, K), got shape {tuple(W.shape)}")
     W = W.detach().float()
     N, K = W.shape
     G = K if group_size == -1 else group_size
@@ -110,7 +115,7 @@ def _block_for_group(G: int, K: int, block_size: int) -> int:
     if G <= block_size: return G * max(1, block_size // G)
     return max(d for d in range(1, block_size + 1) if G % d == 0)
 
-
+# %% ../nbs/70_pgptq.ipynb #f37522d4
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> QuantizedWeight:
@@ -128,6 +133,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
         raise ValueError(f"group_size={group_size!r}; accepted: a positive int or -1 (one group per row)")
     maxq = 2 ** bits - 1
     dead = H.diagonal() == 0
+    if bool(dead.all()):
+        raise ValueError("H is all zeros (no calibration input reached this layer, e.g. every sequence no longer "
+                         "than the excluded prefix): GPTQ would set every weight to 0")
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     perm = None
@@ -238,7 +246,7 @@ def pack_quantized(qw: QuantizedWeight) -> dict:
     if qw.perm is not None: out['perm'] = qw.perm.to(torch.long)
     return out
 
-
+# %% ../nbs/70_pgptq.ipynb #3dde753e
 class QuantLinear(nn.Module):
     "Drop-in for a bias-free `nn.Linear(K, N)` with packed int4 weights; `forward(x (..., K)) -> (..., N)`."
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
@@ -298,7 +306,7 @@ def _batches(calib, batch_size: int):
     else:
         yield from calib
 
-
+# %% ../nbs/70_pgptq.ipynb #b630f47e
 @torch.no_grad()
 def _collect(model, calib, module: nn.Module, batch_size: int, prefix: int, sample: int = 2048, split: int = 4):
     """Run calib through `model` until `module`'s input. Returns (PrefixHessian split at `split`, mean |x| over
@@ -338,7 +346,7 @@ def _get(root: nn.Module, name: str) -> nn.Module:
     for part in name.split('.'): root = getattr(root, part)
     return root
 
-
+# %% ../nbs/70_pgptq.ipynb #98943ccc
 def _set(root: nn.Module, name: str, new: nn.Module):
     parent, _, leaf = name.rpartition('.')
     setattr(_get(root, parent) if parent else root, leaf, new)
@@ -376,7 +384,117 @@ class QuantReport:
                 f"{r['prefix_share']:12.3f} {r.get('alpha', float('nan')):6.2f}" for r in self.layers]
         return '\n'.join([head] + rows)
 
+# %% ../nbs/70_pgptq.ipynb #c7309082
+def _int_arg(name: str, v, lo: int):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name}={v!r}: accepted an int >= {lo}")
 
+
+def _check_linear(model_layers, li: int, name: str, pack: bool, group_size: int) -> None:
+    "The linear `name` of decoder layer `li` exists, is a plain nn.Linear, and (pack) fits the W4A16 format."
+    try: m = _get(model_layers[li], name)
+    except AttributeError: raise ValueError(f"model.layers.{li} has no {name}: not a MiniCPM4/Llama decoder layer") from None
+    if type(m) is not nn.Linear:
+        raise TypeError(f"model.layers.{li}.{name} is a {type(m).__name__}, not nn.Linear (already quantized?)")
+    N, K = m.weight.shape
+    G = K if group_size == -1 else group_size
+    if pack and (K % G or G % 8 or K % 8 or N % 8 or m.bias is not None):
+        raise ValueError(f"pack=True: model.layers.{li}.{name} (in_features {K}, out_features {N}"
+                         f"{', with a bias' if m.bias is not None else ''}) cannot be stored with group_size="
+                         f"{group_size}: the W4A16 format needs a group size that divides in_features and is a "
+                         "multiple of 8 (or -1), in/out features multiples of 8 and no bias; pass another "
+                         "group_size, or pack=False")
+
+# %% ../nbs/70_pgptq.ipynb #2afc1189
+def _calib_batches(model, calib, batch_size: int) -> list:
+    """calib as a list of (B, T) tensors, each checked: token ids in the vocabulary when the model has a config with
+    a vocab_size; any (B, T, ...) tensor otherwise (e.g. hidden states for a one-layer wrapper)."""
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2: raise ValueError(f"calib must be a LongTensor (n, T), got shape {tuple(calib.shape)}")
+        batches = list(calib.split(batch_size))
+    else:
+        if iter(calib) is calib:
+            raise TypeError("calib is a one-shot iterator (a generator?) but is read once per quantization step; "
+                            "pass a LongTensor (n, T) or a list of (B, T) batches")
+        batches = list(calib)
+    if not batches: raise ValueError("calib is empty: no calibration batch")
+    vocab = getattr(getattr(model, 'config', None), 'vocab_size', None)
+    for i, b in enumerate(batches):
+        if not isinstance(b, torch.Tensor) or b.dim() < 2 or 0 in b.shape[:2]:
+            raise ValueError(f"calib batch {i}: expected a non-empty (B, T) tensor, got "
+                             f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
+        if vocab: check_ids(b, vocab, f'calib batch {i}')   # a model with a vocabulary takes token ids only
+    return batches
+
+# %% ../nbs/70_pgptq.ipynb #c66401f9
+def _check_quantize_args(model, calib, method, bits, group_size, sym, prefix, act_order, smooth, damp, batch_size,
+                         pack, layers, smooth_grid, smooth_samples, report_prefix) -> tuple[list, list]:
+    "Every argument of `quantize_model` against the whole model, before anything changes -> (layer ids, batches)."
+    if method not in METHODS: raise ValueError(f"method={method!r}; accepted: {list(METHODS)}")
+    _check_bits(bits)
+    if pack and bits > 4: raise ValueError(f"pack=True needs bits <= 4, got {bits}; pass pack=False")
+    for name, v in (('sym', sym), ('act_order', act_order), ('smooth', smooth), ('pack', pack)):
+        if not isinstance(v, bool): raise TypeError(f"{name}={v!r}; accepted: True or False")
+    _int_arg('prefix', prefix, 0); _int_arg('report_prefix', report_prefix, 0); _int_arg('batch_size', batch_size, 1)
+    _int_arg('smooth_grid', smooth_grid, 1); _int_arg('smooth_samples', smooth_samples, 1)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1:
+        raise ValueError(f"damp={damp!r}: accepted 0 <= damp < 1 (fraction of the mean Hessian diagonal)")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
+        raise ValueError(f"group_size={group_size!r}; accepted: a positive int or -1 (one group per row)")
+    blocks = getattr(getattr(model, 'model', None), 'layers', None)
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+        raise TypeError(f"model ({type(model).__name__}) has no decoder layers at model.model.layers")
+    todo = list(range(len(blocks))) if layers is None else list(layers)
+    if not todo or len(set(todo)) != len(todo) or any(isinstance(l, bool) or not isinstance(l, int)
+                                                      or not 0 <= l < len(blocks) for l in todo):
+        raise ValueError(f"layers={layers!r}: accepted None or distinct decoder layer ids in [0, {len(blocks)})")
+    for li in todo:
+        for names in STEPS:
+            for n in names: _check_linear(blocks, li, n, pack, group_size)
+    batches = _calib_batches(model, calib, batch_size)
+    T = max(b.shape[1] for b in batches)
+    if (method == 'gptq' or smooth) and T <= prefix:
+        raise ValueError(f"prefix={prefix} leaves no calibration position: the longest calibration sequence has {T} "
+                         f"tokens, and the Hessian (and smoothing statistics) use positions >= prefix only, so GPTQ "
+                         f"would set every weight to 0. Pass sequences longer than {prefix} tokens, or prefix=0")
+    return todo, batches
+
+# %% ../nbs/70_pgptq.ipynb #490371e7
+def _quantize_layer(model, li: int, batches, qstore: dict, report: QuantReport, *, method, bits, group_size, sym,
+                    prefix, act_order, smooth, damp, smooth_grid, smooth_samples, report_prefix) -> None:
+    "Quantize decoder layer `li` in its four steps (fake-quantized in place; QuantizedWeights into `qstore`)."
+    layer = model.model.layers[li]
+    pre = f'model.layers.{li}.'
+    for si, names in enumerate(STEPS):
+        mods = [_get(layer, n) for n in names]
+        hess, act, xs = _collect(model, batches, mods[0], 1, prefix, smooth_samples,
+                                 prefix if prefix > 0 else report_prefix)
+        alpha = None
+        if smooth:
+            t, alpha = search_smooth_scales([m.weight for m in mods], xs, act, bits, group_size, sym, smooth_grid)
+            if _fold_smoothing(layer, si, t, qstore, pre):
+                for m in mods: m.weight.data *= t[None, :].to(m.weight)
+                inv = 1.0 / t.to(hess.rest)
+                hess.rest *= inv[:, None] * inv[None, :]
+                hess.head *= inv[:, None] * inv[None, :]
+            else:
+                alpha = None
+        H_all, H_rest = hess.hessian(False), hess.hessian(True)
+        H_head = hess.head / max(hess.n_prefix, 1)
+        for n, m in zip(names, mods):
+            W = m.weight.data.float()
+            if method == 'rtn': qw = rtn_quantize(W, bits, group_size, sym)
+            else: qw = gptq_quantize(W, H_rest if prefix > 0 else H_all, bits, group_size, sym, act_order, damp)
+            W_hat = qw.dequantize()
+            report.layers.append(dict(name=pre + n, err_all=output_error(W, W_hat, H_all),
+                                      err_rest=output_error(W, W_hat, H_rest),
+                                      err_prefix=output_error(W, W_hat, H_head) if hess.n_prefix else 0.0,
+                                      prefix_share=hess.prefix_share(),
+                                      alpha=alpha if alpha is not None else float('nan')))
+            m.weight.data.copy_(W_hat.to(m.weight))
+            qstore[pre + n] = qw
+
+# %% ../nbs/70_pgptq.ipynb #3ac5c6fe
 @torch.no_grad()
 def quantize_model(model: nn.Module, calib, *, method: str = 'gptq', bits: int = 4, group_size: int = 128,
                    sym: bool = False, prefix: int = 4, act_order: bool = False, smooth: bool = False,
@@ -389,96 +507,82 @@ def quantize_model(model: nn.Module, calib, *, method: str = 'gptq', bits: int =
     Hessians are still collected, for the error report). smooth=True: the S- variant. pack=True replaces the linears
     by `QuantLinear` (bits <= 4); otherwise the float weights are overwritten with their dequantized values.
     The report's errors split tokens at `prefix` (or at `report_prefix` when prefix=0), so GPTQ and P-GPTQ runs
-    are reported alike. Returns (model, QuantReport)."""
-    if method not in METHODS: raise ValueError(f"method={method!r}; accepted: {list(METHODS)}")
-    _check_bits(bits)
-    if pack and bits > 4: raise ValueError(f"pack=True needs bits <= 4, got {bits}; pass pack=False")
-    if not isinstance(prefix, int) or prefix < 0: raise ValueError(f"prefix={prefix!r}: accepted an int >= 0")
+    are reported alike. Every argument is checked against the whole model first: a bad one changes nothing.
+    Returns (model, QuantReport)."""
+    args = dict(method=method, bits=bits, group_size=group_size, sym=sym, prefix=prefix, act_order=act_order,
+                smooth=smooth, damp=damp, smooth_grid=smooth_grid, smooth_samples=smooth_samples,
+                report_prefix=report_prefix)
+    todo, batches = _check_quantize_args(model, calib, batch_size=batch_size, pack=pack, layers=layers, **args)
     model.eval()
-    n_layers = len(model.model.layers)
-    todo = list(range(n_layers)) if layers is None else list(layers)
     report = QuantReport(dict(method=method, bits=bits, group_size=group_size, sym=sym, prefix=prefix,
                               act_order=act_order, smooth=smooth, damp=damp))
     qstore: dict[str, QuantizedWeight] = {}
-    for li in tqdm(todo, desc=f"{method}{'-s' if smooth else ''} p={prefix} {bits}-bit", disable=not progress):
-        layer = model.model.layers[li]
-        pre = f'model.layers.{li}.'
-        for si, names in enumerate(STEPS):
-            mods = [_get(layer, n) for n in names]
-            hess, act, xs = _collect(model, calib, mods[0], batch_size, prefix, smooth_samples,
-                                     prefix if prefix > 0 else report_prefix)
-            alpha = None
-            if smooth:
-                t, alpha = search_smooth_scales([m.weight for m in mods], xs, act, bits, group_size, sym, smooth_grid)
-                if _fold_smoothing(layer, si, t, qstore, pre):
-                    for m in mods: m.weight.data *= t[None, :].to(m.weight)
-                    inv = 1.0 / t.to(hess.rest)
-                    hess.rest *= inv[:, None] * inv[None, :]
-                    hess.head *= inv[:, None] * inv[None, :]
-                else:
-                    alpha = None
-            H_all, H_rest = hess.hessian(False), hess.hessian(True)
-            H_head = hess.head / max(hess.n_prefix, 1)
-            for n, m in zip(names, mods):
-                W = m.weight.data.float()
-                if method == 'rtn':
-                    qw = rtn_quantize(W, bits, group_size, sym)
-                else:
-                    qw = gptq_quantize(W, H_rest if prefix > 0 else H_all, bits, group_size, sym, act_order, damp)
-                W_hat = qw.dequantize()
-                report.layers.append(dict(name=pre + n, err_all=output_error(W, W_hat, H_all),
-                                          err_rest=output_error(W, W_hat, H_rest),
-                                          err_prefix=output_error(W, W_hat, H_head) if hess.n_prefix else 0.0,
-                                          prefix_share=hess.prefix_share(),
-                                          alpha=alpha if alpha is not None else float('nan')))
-                m.weight.data.copy_(W_hat.to(m.weight))
-                qstore[pre + n] = qw
-    if pack:
-        for name, qw in qstore.items():
-            old = _get(model, name)
-            _set(model, name, QuantLinear.from_quantized(qw).to(old.weight.device))
+    try:
+        for li in tqdm(todo, desc=f"{method}{'-s' if smooth else ''} p={prefix} {bits}-bit", disable=not progress):
+            _quantize_layer(model, li, batches, qstore, report, **args)
+        if pack:
+            for name, qw in qstore.items():
+                old = _get(model, name)
+                _set(model, name, QuantLinear.from_quantized(qw).to(old.weight.device))
+    except BaseException as e:   # Ctrl-C or a failure half way: the model is partly quantized; say so, refuse to save it
+        model.quant_config = dict(incomplete=True)
+        e.add_note("quantize_model stopped after it began changing the model: its weights are now partly quantized; "
+                   "reload the model before using it (save_quantized refuses it)")
+        raise
     model.quant_config = dict(report.settings, modules=sorted(qstore), packed=pack)
     return model, report
 
 # %% ../nbs/70_pgptq.ipynb #5d6a830f
 def save_quantized(model: nn.Module, path) -> Path:
-    "Write config.json, quant_config.json and model.safetensors (packed linears) to `path`."
-    from safetensors.torch import save_file
+    """Write config.json, quant_config.json, model.safetensors (packed linears) and manifest.json to folder `path`.
+    Atomic: `path` is replaced as a whole, or left as it was on any failure (full disk, read-only, kill)."""
     qc = getattr(model, 'quant_config', None)
+    if isinstance(qc, dict) and qc.get('incomplete'):
+        raise ValueError("save_quantized: this model's quantization was interrupted (partly quantized); reload and "
+                         "quantize it again")
     if not qc or not qc.get('packed'):
         raise ValueError("save_quantized needs a model returned by quantize_model(..., pack=True)")
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
     sd, seen = {}, set()
     for k, v in model.state_dict().items():
         key = (v.data_ptr(), tuple(v.shape))
         if key in seen and k == 'lm_head.weight': continue       # tied to the embedding
         seen.add(key)
         sd[k] = v.detach().contiguous().cpu()
-    save_file(sd, str(path / 'model.safetensors'), metadata={'format': 'pt', 'quantization': 'w4a16'})
-    model.config.save_pretrained(path)
-    (path / 'quant_config.json').write_text(json.dumps(qc, indent=1))
-    return path
+    with atomic_folder(path) as tmp:
+        save_safetensors_file(sd, tmp / 'model.safetensors', metadata={'format': 'pt', 'quantization': 'w4a16'})
+        model.config.save_pretrained(tmp)
+        atomic_write_json(tmp / 'quant_config.json', qc, indent=1)
+        write_manifest(tmp, format='w4a16')
+    return Path(path)
+
+# %% ../nbs/70_pgptq.ipynb #4159e06d
+_QC_KEYS = {'bits': int, 'group_size': int, 'act_order': bool, 'modules': list}
 
 
 def load_quantized(path, device='cpu'):
-    "Load a folder written by `save_quantized` into a `MiniCPM4ForCausalLM` with `QuantLinear` layers, eval mode."
-    from safetensors.torch import load_file
-    from minicpm4_core.config import MiniCPM4Config
+    """Load a folder written by `save_quantized` into a `MiniCPM4ForCausalLM` with `QuantLinear` layers, eval mode.
+    The manifest is verified first; every file error names the file."""
     from minicpm4_core.model import MiniCPM4ForCausalLM
     path = Path(path)
-    qc = json.loads((path / 'quant_config.json').read_text())
-    config = MiniCPM4Config.from_pretrained(path)
+    if not path.is_dir(): raise FileNotFoundError(f"{path} is not a folder (load_quantized reads a save_quantized folder)")
+    verify_manifest(path, required=('config.json', 'quant_config.json', 'model.safetensors'))
+    qc = read_json(path / 'quant_config.json', 'quantization config')
+    bad = [k for k, t in _QC_KEYS.items() if not isinstance(qc, dict) or not isinstance(qc.get(k), t)]
+    if bad: raise IntegrityError(f"quantization config {path / 'quant_config.json'}: missing or mistyped {bad}")
+    config = read_config(path)
     model = MiniCPM4ForCausalLM(config)
     for name in qc['modules']:
-        old = _get(model, name)
+        try: old = _get(model, name)
+        except AttributeError: raise IntegrityError(f"{path / 'quant_config.json'} lists {name!r}, which the model "
+                                                    "of config.json does not have") from None
         _set(model, name, QuantLinear(old.in_features, old.out_features, qc['bits'], qc['group_size'],
                                       act_order=qc['act_order']))
-    sd = load_file(str(path / 'model.safetensors'))
-    if config.tie_word_embeddings: sd.pop('lm_head.weight', None)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == 'lm_head.weight')]
-    if missing or unexpected:
-        raise ValueError(f"{path}: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    file = path / 'model.safetensors'
+    sd = load_safetensors_file(file)
+    want = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings: sd.pop('lm_head.weight', None); want.pop('lm_head.weight', None)
+    sd = check_state_dict(sd, want, file, on_dtype='error')
+    model.load_state_dict(sd, strict=False)
     model.tie_weights()
     model.quant_config = qc
     return model.to(device).eval()

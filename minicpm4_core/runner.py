@@ -10,8 +10,7 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/runner.html.md"""
 from __future__ import annotations
 
 import argparse
-import ast
-import configparser
+import functools
 import html
 import json
 import os
@@ -23,103 +22,36 @@ from pathlib import Path
 from .io import atomic_write_json, atomic_write_text  # no torch import: the CLI stays quick
 
 # %% auto #0
-__all__ = ['RUNNER_KEYS', 'REPORT_STATES', 'find_project_root', 'profile_names', 'load_profile', 'log_metrics', 'logged_metrics',
-           'artifact_dir', 'list_notebooks', 'run_notebooks', 'write_report', 'render_readme', 'main']
+__all__ = ['REPORT_STATES', 'list_notebooks', 'declared_parameters', 'run_notebooks', 'machine_info', 'write_report',
+           'render_readme']
 
-# %% ../nbs/04_runner.ipynb #13161865
-def find_project_root(start=None) -> Path:
-    "The nearest folder at or above `start` (default: cwd) holding settings.ini and nbs/."
-    p = Path(start or Path.cwd()).resolve()
-    for d in [p, *p.parents]:
-        if (d / 'settings.ini').exists() and (d / 'nbs').is_dir(): return d
-    raise FileNotFoundError(f"no minicpm4_core checkout (settings.ini + nbs/) at or above {p}; "
-                            "run from the repository or pass --root")
+# %% ../nbs/04_runner.ipynb #c88279d4
+from .profiles import (  # noqa: F401 (re-exported: `from minicpm4_core.runner import log_metrics`)
+    RUNNER_KEYS, artifact_dir, find_project_root, load_profile, log_metrics, logged_metrics, profile_names)
+from .profiles import _ARTIFACTS_ENV, _METRICS_ENV, _PROFILE_ENV   # the runner sets these per notebook
 
-
-RUNNER_KEYS = ('notebook_timeout',)   # profile keys the runner itself uses; not injected into notebooks
-
-
-def _literal(v: str, section: str = '?', key: str = '?'):
-    "A settings.ini value as a Python literal; anything else is an error naming where it is."
-    try: return ast.literal_eval(v)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
-        raise ValueError(f"settings.ini [{section}] {key} = {v!r} is not a Python literal ({type(e).__name__}); "
-                         "write numbers as numbers and strings in quotes, e.g. device = 'cpu'") from None
-
-
-def profile_names(root=None) -> list[str]:
-    cp = configparser.ConfigParser(); cp.read(find_project_root(root) / 'settings.ini')
-    return cp.sections()
-
-
-def load_profile(name: str = 'ci', root=None) -> dict:
-    "Parameters of profile `name` from settings.ini, values parsed as Python literals."
-    cp = configparser.ConfigParser(); cp.read(find_project_root(root) / 'settings.ini')
-    if name not in cp.sections():
-        raise ValueError(f"unknown profile {name!r}; settings.ini defines {cp.sections()}")
-    p = {k: _literal(v, name, k) for k, v in cp[name].items()}
-    t = p.get('notebook_timeout')
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
-        raise ValueError(f"settings.ini [{name}] notebook_timeout = {t!r}: must be seconds > 0 or None (no limit)")
-    return p
-
-# %% ../nbs/04_runner.ipynb #4404098c
-_METRICS_ENV, _ARTIFACTS_ENV, _PROFILE_ENV = 'MINICPM4_METRICS', 'MINICPM4_ARTIFACTS', 'MINICPM4_PROFILE'
-_in_memory: dict = {}
-
-
-def _jsonable(v):
-    if hasattr(v, 'item') and getattr(v, 'ndim', 1) == 0: return v.item()
-    if isinstance(v, dict): return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)): return [_jsonable(x) for x in v]
-    return v
-
-
-def log_metrics(**metrics) -> dict:
-    "Record key figures of a notebook (JSON-serialisable values); returns everything recorded so far."
-    metrics = _jsonable(metrics)
-    json.dumps(metrics)  # fail here, with the offending value, rather than in the report
-    path = os.environ.get(_METRICS_ENV)
-    if path:
-        p = Path(path)
-        cur = json.loads(p.read_text()) if p.exists() else {}
-        cur.update(metrics)
-        atomic_write_json(p, cur)   # the report never reads a half-written file
-        return cur
-    _in_memory.update(metrics)
-    return dict(_in_memory)
-
-
-def logged_metrics() -> dict:
-    path = os.environ.get(_METRICS_ENV)
-    if path and Path(path).exists(): return json.loads(Path(path).read_text())
-    return dict(_in_memory)
-
-
-def artifact_dir(profile: str | None = None) -> Path:
-    "Folder for artifacts shared between notebooks of one profile (created if missing)."
-    if os.environ.get(_ARTIFACTS_ENV): p = Path(os.environ[_ARTIFACTS_ENV])
-    else:
-        profile = profile or os.environ.get(_PROFILE_ENV, 'ci')
-        try: p = find_project_root() / 'runs' / profile / 'artifacts'
-        except FileNotFoundError: p = Path.home() / '.cache' / 'minicpm4_core' / profile
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-# %% ../nbs/04_runner.ipynb #96f1a55c
+# %% ../nbs/04_runner.ipynb #287b13f9
 def list_notebooks(root=None, only=None) -> list[Path]:
-    "Notebooks the runner executes, in order; `only` keeps those whose file name contains one of the given names."
+    """Notebooks the runner executes, in order. `only` keeps those whose `folder/name` contains one of the given
+    strings: `03_train`, `nbs/0`, `tutorials/`."""
     root = find_project_root(root)
     nbs = sorted((root / 'nbs').glob('*.ipynb'), key=lambda p: (p.name != 'index.ipynb', p.name))
     nbs += sorted((root / 'tutorials').glob('*.ipynb')) if (root / 'tutorials').is_dir() else []
     if only:
         only = [only] if isinstance(only, str) else list(only)
-        sel = [p for p in nbs if any(o in p.stem for o in only)]
+        sel = [p for p in nbs if any(o in f'{p.parent.name}/{p.stem}' for o in only)]
         if not sel: raise ValueError(f"--only {only} matches no notebook; available: {[p.stem for p in nbs]}")
         nbs = sel
     return nbs
 
 
+def declared_parameters(nb_path, params: dict) -> dict:
+    "The subset of `params` that notebook `nb_path` declares in its `parameters` cell (nothing if it has none)."
+    import papermill as pm
+    declared = pm.inspect_notebook(str(nb_path))
+    return {k: v for k, v in params.items() if k in declared}
+
+# %% ../nbs/04_runner.ipynb #00dba8db
 _ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
 
 
@@ -144,123 +76,265 @@ def _traceback_tail(e: BaseException, lines: int = 15) -> str:
     text = '\n'.join(raw) if isinstance(raw, list) else ''.join(tb.format_exception(e))
     return '\n'.join(_ANSI.sub('', text).rstrip().splitlines()[-lines:])
 
+# %% ../nbs/04_runner.ipynb #e97b6a91
+_FIG_EXT = ('.png', '.svg', '.jpg')
+_SKIP_DIRS = {'.git', 'runs', 'docs', '__pycache__', '.ipynb_checkpoints', 'venv', '.venv'}
 
-def run_notebooks(profile: str = 'ci', only=None, root=None, out_dir=None, kernel_name: str = 'python3',
-                  log_output: bool = False, timeout: float | None = None) -> list[dict]:
-    """Execute the notebooks under `profile`; returns one record per notebook and writes report.md/.html/.json.
 
-    timeout: seconds per notebook (default: the profile's `notebook_timeout`; None: no limit). Ctrl-C writes the
-    report marked INTERRUPTED, then re-raises KeyboardInterrupt."""
+def _written_figures(root: Path, since: float) -> list[Path]:
+    "Image files under root (outside runs/, docs/, .git) modified at or after `since` (a time.time() stamp)."
+    found = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
+        found += [Path(dirpath) / f for f in files if f.endswith(_FIG_EXT) and (Path(dirpath) / f).stat().st_mtime >= since]
+    return sorted(found)
+
+
+def _save_outputs(dest: Path, out: Path) -> tuple[str, list[str]]:
+    "Executed notebook `dest` -> (its HTML file, the PNGs of its outputs), both relative to the report folder `out`."
+    import base64
+    import nbformat
+    from nbconvert import HTMLExporter
+    nb = nbformat.read(dest, as_version=4)
+    body, _ = HTMLExporter(template_name='lab').from_notebook_node(nb)
+    page = dest.with_suffix('.html'); atomic_write_text(page, body)
+    figs, fig_dir = [], out / 'figures'
+    for i, cell in enumerate(nb.cells):
+        for j, o in enumerate(cell.get('outputs', [])):
+            data = o.get('data', {}).get('image/png')
+            if not data: continue
+            fig_dir.mkdir(exist_ok=True)
+            f = fig_dir / f"{dest.stem}__cell{i}_{j}.png"
+            f.write_bytes(base64.b64decode(data)); figs.append(str(f.relative_to(out)))
+    return str(page.relative_to(out)), figs
+
+# %% ../nbs/04_runner.ipynb #327ec3f4
+def _execute_one(nb: Path, dest: Path, params: dict, timeout, kernel_name: str, verbose: bool) -> dict:
+    "Run one notebook with papermill; returns status, error, cell, traceback, interrupted."
     import papermill as pm
+    running, deadline = {}, None if timeout is None else time.monotonic() + timeout
+
+    def cell_timeout(c):  # nbclient asks for each cell: the rest of the notebook's time (and tells us the cell)
+        running['cell'] = c
+        return None if deadline is None else max(1, int(deadline - time.monotonic() + 0.999))
+    r = dict(status='ok', error='', cell='', traceback='', interrupted=False)
+    quiet = [] if verbose else ['--IPKernelApp.log_level=CRITICAL']   # its TCP warning, shutdown interrupt log
+    try:
+        pm.execute_notebook(str(nb), str(dest), parameters=declared_parameters(nb, params), kernel_name=kernel_name,
+                            cwd=str(nb.parent), progress_bar=False, log_output=verbose, timeout_func=cell_timeout,
+                            extra_arguments=quiet)
+    except KeyboardInterrupt:
+        r.update(status='interrupted', error='Ctrl-C', interrupted=True,
+                 cell=_cell_label(nb, running.get('cell')))   # (the traceback would only show the runner's own frames)
+    except Exception as e:  # one failure must not hide the others
+        timed_out = type(e).__name__ == 'CellTimeoutError'   # what nbclient raises when our budget ran out
+        r.update(status='timeout' if timed_out else 'failed', cell=_cell_label(nb, running.get('cell')),
+                 error=f"no result after {timeout} s (notebook_timeout)" if timed_out else _error_summary(e),
+                 traceback=_traceback_tail(e))
+    return r
+
+# %% ../nbs/04_runner.ipynb #0c9eda8b
+def _record(nb: Path, dest: Path, root: Path, out: Path, r: dict, seconds: float, t0: float) -> dict:
+    "One notebook's row of the report: status, time, metrics, executed HTML and figures."
+    metrics_path = dest.with_suffix('.metrics.json')
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    html_page, figures = '', []
+    if dest.exists():
+        try: html_page, figures = _save_outputs(dest, out)
+        except Exception as e:   # a broken HTML export must not hide the notebook's own result
+            r['error'] = (r['error'] + f" (HTML export failed: {_error_summary(e)})").strip()
+    written = [str(p.relative_to(root)) for p in _written_figures(root, t0)]
+    return dict(notebook=str(nb.relative_to(root)), status=r['status'], seconds=round(seconds, 1), metrics=metrics,
+                error=r['error'], cell=r['cell'], traceback=r['traceback'],
+                output=str(dest.relative_to(root)) if dest.is_relative_to(root) else str(dest),
+                html=html_page, figures=figures, written=written)
+
+# %% ../nbs/04_runner.ipynb #8a2770da
+def _plan(profile, only, root, out_dir, timeout):
+    "Everything checked before the first notebook runs: (root, params, timeout, notebooks, out folder)."
     root = find_project_root(root)
     params = load_profile(profile, root)            # malformed values fail here, before any notebook runs
     timeout = timeout if timeout is not None else params.get('notebook_timeout')
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ValueError(f"timeout must be seconds > 0 or None, got {timeout!r}")
     params = {k: v for k, v in params.items() if k not in RUNNER_KEYS}
-    notebooks = list_notebooks(root, only)
-    out = Path(out_dir or root / 'runs' / profile); out.mkdir(parents=True, exist_ok=True)
-    art = out / 'artifacts'; art.mkdir(exist_ok=True)
-    results = []
-    # from the first moment on, the report says this run is incomplete (a kill leaves it so, never the last run's)
-    write_report(results, out, profile, state='running', planned=[str(p.relative_to(root)) for p in notebooks])
-    for nb in notebooks:
-        rel = nb.relative_to(root)
-        dest = out / f"{nb.parent.name}__{nb.name}"
-        metrics_path = dest.with_suffix('.metrics.json')
-        metrics_path.unlink(missing_ok=True)
-        env = {_METRICS_ENV: str(metrics_path), _ARTIFACTS_ENV: str(art), _PROFILE_ENV: profile}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        print(f"[minicpm4 run] {rel} ...", flush=True)
-        t0, status, error, cell, tail, interrupted = time.time(), 'ok', '', '', '', False
-        running = {}
-        deadline = None if timeout is None else time.monotonic() + timeout
+    out = Path(out_dir or root / 'runs' / profile); (out / 'artifacts').mkdir(parents=True, exist_ok=True)
+    return root, params, timeout, list_notebooks(root, only), out
 
-        def cell_timeout(c):  # nbclient asks for each cell: the rest of the notebook's time (and tells us the cell)
-            running['cell'] = c
-            return None if deadline is None else max(1, int(deadline - time.monotonic() + 0.999))
-        try:
-            pm.execute_notebook(str(nb), str(dest), parameters=params, kernel_name=kernel_name, cwd=str(nb.parent),
-                                progress_bar=False, log_output=log_output, timeout_func=cell_timeout)
-        except KeyboardInterrupt:
-            status, error, interrupted = 'interrupted', 'Ctrl-C', True
-            cell = _cell_label(nb, running.get('cell'))   # (the traceback would only show the runner's own frames)
-        except Exception as e:  # one failure must not hide the others
-            timed_out = type(e).__name__ == 'CellTimeoutError'   # what nbclient raises when our budget ran out
-            status = 'timeout' if timed_out else 'failed'
-            error = f"no result after {timeout} s (notebook_timeout)" if timed_out else _error_summary(e)
-            cell, tail = _cell_label(nb, running.get('cell')), _traceback_tail(e)
-        finally:
-            for k, v in old.items():
-                if v is None: os.environ.pop(k, None)
-                else: os.environ[k] = v
-        dt = time.time() - t0
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-        results.append(dict(notebook=str(rel), status=status, seconds=round(dt, 1), metrics=metrics, error=error,
-                            cell=cell, traceback=tail,
-                            output=str(dest.relative_to(root)) if dest.is_relative_to(root) else str(dest)))
-        print(f"[minicpm4 run] {rel}: {status} in {dt:.1f}s {error} {cell}", flush=True)
-        if interrupted:
-            results += [dict(notebook=str(p.relative_to(root)), status='not run', seconds=0.0, metrics={}, error='',
-                             cell='', traceback='', output='') for p in notebooks[len(results):]]
-            write_report(results, out, profile, state='interrupted')
-            print(f"[minicpm4 run] interrupted; partial report in {out / 'report.md'}", flush=True)
+
+def _with_env(env: dict, fn):
+    "fn() with os.environ updated by `env`, restored afterwards (the notebook's kernel inherits it)."
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try: return fn()
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+# %% ../nbs/04_runner.ipynb #8c196c3b
+def run_notebooks(profile: str = 'ci', only=None, root=None, out_dir=None, kernel_name: str = 'python3',
+                  verbose: bool = False, timeout: float | None = None, log_output: bool | None = None) -> list[dict]:
+    """Execute the notebooks under `profile`; returns one record per notebook and writes report.md/.html/.json.
+
+    timeout: seconds per notebook (default: the profile's `notebook_timeout`; None: no limit). verbose: stream the
+    notebooks' output and papermill's log (`log_output` is its old name). Ctrl-C writes the report marked
+    INTERRUPTED, then re-raises KeyboardInterrupt."""
+    import logging
+    from tqdm.auto import tqdm
+    verbose = bool(verbose or log_output)
+    root, params, timeout, notebooks, out = _plan(profile, only, root, out_dir, timeout)
+    planned, results = [str(p.relative_to(root)) for p in notebooks], []
+    logging.getLogger('papermill').setLevel(logging.INFO if verbose else logging.ERROR)
+    # from the first moment on, the report says this run is incomplete (a kill leaves it so, never the last run's)
+    write_report(results, out, profile, state='running', planned=planned, root=root)
+    bar = tqdm(notebooks, desc=f'minicpm4 run --profile {profile}', unit='nb', disable=None)
+    for nb in bar:
+        dest = out / f"{nb.parent.name}__{nb.name}"
+        dest.with_suffix('.metrics.json').unlink(missing_ok=True)
+        env = {_METRICS_ENV: str(dest.with_suffix('.metrics.json')), _ARTIFACTS_ENV: str(out / 'artifacts'),
+               _PROFILE_ENV: profile}
+        bar.set_postfix_str(nb.name)
+        t0 = time.time()
+        r = _with_env(env, lambda nb=nb, dest=dest: _execute_one(nb, dest, params, timeout, kernel_name, verbose))
+        results.append(_record(nb, dest, root, out, r, time.time() - t0, t0))
+        tqdm.write(f"[minicpm4 run] {results[-1]['notebook']}: {r['status']} in {time.time() - t0:.1f} s"
+                   + (f" - {r['error']} {r['cell']}" if r['status'] != 'ok' else ''))
+        if r['interrupted']:
+            bar.close()
+            results += [dict(_ROW_DEFAULTS, notebook=n, status='not run') for n in planned[len(results):]]
+            write_report(results, out, profile, state='interrupted', root=root)
+            tqdm.write(f"[minicpm4 run] interrupted; partial report in {out / 'report.html'}")
             raise KeyboardInterrupt
         write_report(results, out, profile, state='running' if len(results) < len(notebooks) else 'complete',
-                     planned=[str(p.relative_to(root)) for p in notebooks])
+                     planned=planned, root=root)
     return results
 
-# %% ../nbs/04_runner.ipynb #25f0ffa5
+# %% ../nbs/04_runner.ipynb #5c1a0be7
+def _fmt_value(v, width: int = 6) -> str:
+    "A metric as a person reads it: 0.1235, 1,083,136, [0.5, 0.25, ... (10 values)], {a: 1, b: 2}."
+    if isinstance(v, bool) or v is None: return str(v)
+    if isinstance(v, int): return f"{v:,}"
+    if isinstance(v, float): return f"{v:.4g}"
+    if isinstance(v, dict): return '{' + ', '.join(f"{k}: {_fmt_value(x, 3)}" for k, x in list(v.items())[:width]) \
+                                   + (', ...' if len(v) > width else '') + '}'
+    if isinstance(v, (list, tuple)):
+        return '[' + ', '.join(_fmt_value(x, 3) for x in v[:width]) + (f", ... ({len(v)} values)" if len(v) > width else '') + ']'
+    return str(v)
+
+
+def _is_table(v) -> bool:
+    "A list of dicts (rows), as notebooks log their result tables."
+    return isinstance(v, list) and bool(v) and all(isinstance(r, dict) for r in v)
+
+
 def _fmt_metrics(m: dict, limit: int = 12) -> str:
-    items = []
-    for k, v in list(m.items())[:limit]:
-        if isinstance(v, float): v = f"{v:.4g}"
-        elif isinstance(v, (dict, list)): v = json.dumps(v)[:80]
-        items.append(f"{k}={v}")
+    "One line of key figures for the Markdown report (tables counted, not dumped)."
+    items = [f"{k}={'table of %d rows' % len(v) if _is_table(v) else _fmt_value(v)}" for k, v in list(m.items())[:limit]]
     return ', '.join(items) + (' ...' if len(m) > limit else '')
 
+# %% ../nbs/04_runner.ipynb #dc2b7390
+@functools.lru_cache(maxsize=1)
+def machine_info() -> dict:
+    "Where a run happened: host, OS, CPUs, Python and the versions that matter (read without importing torch)."
+    import platform
+    import shutil
+    import subprocess
+    from importlib import metadata
+    def ver(p):
+        try: return metadata.version(p)
+        except metadata.PackageNotFoundError: return None
+    gpu = None
+    if shutil.which('nvidia-smi'):
+        try: gpu = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError): gpu = None
+    return dict(host=platform.node(), os=platform.platform(), cpus=os.cpu_count(), python=platform.python_version(),
+                gpu=gpu, **{p: ver(p) for p in ('minicpm4_core', 'torch', 'triton', 'papermill', 'nbconvert')})
 
+# %% ../nbs/04_runner.ipynb #d3ad7b6a
 REPORT_STATES = {'complete': 'COMPLETE', 'running': 'IN PROGRESS (incomplete: this run has not finished)',
                  'interrupted': 'INTERRUPTED (Ctrl-C): partial results'}
+_ROW_DEFAULTS = dict(status='pending', seconds=0.0, metrics={}, error='', cell='', traceback='', output='', html='',
+                     figures=[], written=[])
 
 
-def write_report(results: list[dict], out_dir, profile: str, state: str = 'complete', planned=None) -> Path:
-    """Write report.md, report.html and summary.json into out_dir (each atomically); returns the Markdown path.
-
-    state: 'complete', 'running' (written during the run; `planned` lists the notebooks still to come) or
-    'interrupted'."""
-    if state not in REPORT_STATES: raise ValueError(f"state must be one of {list(REPORT_STATES)}, got {state!r}")
-    out_dir = Path(out_dir)
-    done = {r['notebook'] for r in results}
-    results = list(results) + [dict(notebook=n, status='pending', seconds=0.0, metrics={}, error='', cell='',
-                                    traceback='') for n in (planned or []) if n not in done]
-    ok = sum(r['status'] == 'ok' for r in results)
-    total_s = sum(r['seconds'] for r in results)
+def _report_md(results, profile, state, machine) -> str:
+    ok, total_s = sum(r['status'] == 'ok' for r in results), sum(r['seconds'] for r in results)
     head = (f"# minicpm4 run --profile {profile}\n\n**{REPORT_STATES[state]}** - written "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{ok}/{len(results)} notebooks ok, {total_s:.0f} s in total.\n\n")
-    rows = ["| notebook | status | seconds | metrics / error |", "|---|---|---|---|"]
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{ok}/{len(results)} notebooks ok, {total_s:.0f} s in total.\n\n"
+            f"Machine: {', '.join(f'{k} {v}' for k, v in machine.items() if v)}\n\n")
+    rows = ["| notebook | status | seconds | key figures / error |", "|---|---|---|---|"]
     for r in results:
         detail = (r['error'] + (f" in {r['cell']}" if r.get('cell') else '')) if r['status'] != 'ok' \
             else _fmt_metrics(r['metrics'])
         rows.append(f"| {r['notebook']} | {r['status']} | {r['seconds']:.1f} | {detail.replace('|', '/')} |")
     fails = [f"### {r['notebook']}: {r['status']}{' in ' + r['cell'] if r.get('cell') else ''}\n\n```\n{r['traceback']}\n```"
              for r in results if r.get('traceback')]
+    return head + '\n'.join(rows) + '\n' + ('\n## Failures\n\n' + '\n\n'.join(fails) + '\n' if fails else '')
+
+# %% ../nbs/04_runner.ipynb #2c09ad6a
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}"
+        "th{background:#f3f3f3}tr.failed,tr.timeout,tr.interrupted{background:#fdd}tr.pending,tr.not.run{color:#888}"
+        "td.num{text-align:right}dl{margin:0}dt{font-family:monospace;font-size:12px;color:#555}dd{margin:0 0 2px 1em}"
+        "pre{font-size:12px;background:#f7f7f7;padding:8px;overflow-x:auto}img{max-width:360px;border:1px solid #ddd;margin:4px}"
+        "table.m td,table.m th{font-size:12px;padding:1px 6px}.ok{color:#070}")
+
+
+def _html_metrics(m: dict) -> str:
+    e, parts = html.escape, []
+    for k, v in m.items():
+        if _is_table(v):
+            cols = list(dict.fromkeys(c for row in v for c in row))
+            body = ''.join('<tr>' + ''.join(f"<td>{e(_fmt_value(row.get(c, '')))}</td>" for c in cols) + '</tr>' for row in v)
+            parts.append(f"<dt>{e(k)}</dt><dd><table class='m'><tr>{''.join(f'<th>{e(c)}</th>' for c in cols)}</tr>{body}</table></dd>")
+        else: parts.append(f"<dt>{e(k)}</dt><dd>{e(_fmt_value(v))}</dd>")
+    return f"<dl>{''.join(parts)}</dl>" if parts else ''
+
+# %% ../nbs/04_runner.ipynb #654ff34c
+def _report_html(results, profile, state, machine, out_dir: Path, root: Path | None) -> str:
+    e = html.escape
+    ok, total_s = sum(r['status'] == 'ok' for r in results), sum(r['seconds'] for r in results)
+    def link(r):
+        return f"<a href='{e(r['html'])}'>{e(r['notebook'])}</a>" if r.get('html') else e(r['notebook'])
+    def err(r):
+        return f"<b>{e(r['error'])}</b><br>{e(r['cell'])}" if r['status'] not in ('ok', 'pending', 'not run') else ''
+    rows = ''.join(f"<tr class='{e(r['status'])}'><td>{link(r)}</td><td>{e(r['status'])}</td><td class='num'>"
+                   f"{r['seconds']:.1f}</td><td>{err(r)}{_html_metrics(r['metrics'])}</td></tr>" for r in results)
+    figs = []
+    for r in results:
+        srcs = list(r.get('figures', [])) + ([os.path.relpath(root / w, out_dir) for w in r.get('written', [])] if root else [])
+        if srcs: figs.append(f"<h3>{link(r)}</h3>" + ''.join(f"<a href='{e(s)}'><img src='{e(s)}' alt='{e(s)}'></a>" for s in srcs))
+    fails = [f"<h3>{link(r)}: {e(r['status'])} in {e(r['cell'])}</h3><pre>{e(r['traceback'])}</pre>"
+             for r in results if r.get('traceback')]
+    mach = ''.join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in machine.items() if v)
+    return (f"<!doctype html><html lang='en'><meta charset='utf-8'><title>minicpm4 run {e(profile)}</title>"
+            f"<style>{_CSS}</style><h1>minicpm4 run --profile {e(profile)}</h1><p><b>{e(REPORT_STATES[state])}</b>"
+            f" - written {time.strftime('%Y-%m-%d %H:%M:%S')}. <span class='ok'>{ok}/{len(results)} notebooks ok</span>,"
+            f" {total_s:.0f} s in total.</p><table><tr><th>notebook</th><th>status</th><th>s</th><th>key figures</th></tr>"
+            f"{rows}</table>" + ('<h2>Failures</h2>' + ''.join(fails) if fails else '')
+            + ('<h2>Figures</h2>' + ''.join(figs) if figs else '')
+            + f"<h2>Machine</h2><table>{mach}</table></html>")
+
+# %% ../nbs/04_runner.ipynb #0e14b30d
+def write_report(results: list[dict], out_dir, profile: str, state: str = 'complete', planned=None, root=None) -> Path:
+    """Write report.md, report.html and summary.json into out_dir (each atomically); returns the Markdown path.
+
+    state: 'complete', 'running' (written during the run; `planned` lists the notebooks still to come) or
+    'interrupted'. root: the checkout, to link the figures notebooks wrote into it (default: found from out_dir)."""
+    if state not in REPORT_STATES: raise ValueError(f"state must be one of {list(REPORT_STATES)}, got {state!r}")
+    out_dir = Path(out_dir)
+    if root is None:
+        try: root = find_project_root(out_dir)
+        except FileNotFoundError: root = None
+    done = {r['notebook'] for r in results}
+    results = [{**_ROW_DEFAULTS, **r} for r in results] + [dict(_ROW_DEFAULTS, notebook=n) for n in (planned or [])
+                                                           if n not in done]
+    machine = machine_info()
     md = out_dir / 'report.md'
-    atomic_write_text(md, head + '\n'.join(rows) + '\n' + ('\n## Failures\n\n' + '\n\n'.join(fails) + '\n' if fails else ''))
-    cells = ''.join(
-        f"<tr class='{html.escape(r['status'])}'><td>{html.escape(r['notebook'])}</td><td>{html.escape(r['status'])}</td>"
-        f"<td>{r['seconds']:.1f}</td><td><pre>{html.escape(r['error'] or json.dumps(r['metrics'], indent=1))}"
-        f"{html.escape(chr(10) + r['cell'] + chr(10) + r['traceback']) if r.get('traceback') else ''}</pre></td></tr>"
-        for r in results)
-    atomic_write_text(out_dir / 'report.html',
-        f"<!doctype html><meta charset='utf-8'><title>minicpm4 run {html.escape(profile)}</title>"
-        "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
-        "tr.failed,tr.timeout,tr.interrupted{background:#fdd}pre{margin:0;font-size:11px}</style>"
-        f"<h1>minicpm4 run --profile {html.escape(profile)}</h1><p><b>{html.escape(REPORT_STATES[state])}</b></p>"
-        f"<p>{ok}/{len(results)} ok, {total_s:.0f} s</p>"
-        f"<table><tr><th>notebook</th><th>status</th><th>s</th><th>metrics / error</th></tr>{cells}</table>")
-    atomic_write_json(out_dir / 'summary.json', dict(profile=profile, state=state, results=results))
+    atomic_write_text(md, _report_md(results, profile, state, machine))
+    atomic_write_text(out_dir / 'report.html', _report_html(results, profile, state, machine, out_dir, root))
+    atomic_write_json(out_dir / 'summary.json', dict(profile=profile, state=state, machine=machine, results=results))
     return md
 
 # %% ../nbs/04_runner.ipynb #c537f049
@@ -277,42 +351,3 @@ def render_readme(index_nb) -> str:
         if not body: continue
         parts.append(body if c['cell_type'] == 'markdown' else f"```python\n{body}\n```")
     return '\n\n'.join(parts) + '\n'
-
-# %% ../nbs/04_runner.ipynb #7c44191a
-def main(argv=None) -> int:
-    "Entry point of the `minicpm4` console script."
-    ap = argparse.ArgumentParser(prog='minicpm4', description='minicpm4_core command line')
-    sub = ap.add_subparsers(dest='cmd', required=True)
-    r = sub.add_parser('run', help='execute the notebooks with papermill under a profile and write a report')
-    r.add_argument('--profile', default='ci', help='a section of settings.ini: ci (CPU, tiny), gpu, edge')
-    r.add_argument('--only', nargs='+', default=None, help='run only notebooks whose name contains one of these')
-    r.add_argument('--root', default=None, help='repository root (default: found from the current directory)')
-    r.add_argument('--out', default=None, help='output folder (default: runs/<profile>)')
-    r.add_argument('--log-output', action='store_true', help="stream the notebooks' output")
-    r.add_argument('--timeout', type=float, default=None,
-                   help="seconds per notebook (default: the profile's notebook_timeout)")
-    sub.add_parser('profiles', help='list the profiles of settings.ini')
-    rd = sub.add_parser('readme', help='write README.md from nbs/index.ipynb')
-    rd.add_argument('--root', default=None)
-    a = ap.parse_args(argv)
-    if a.cmd == 'profiles':
-        for name in profile_names(): print(name, load_profile(name))
-        return 0
-    if a.cmd == 'readme':
-        root = find_project_root(a.root)
-        (root / 'README.md').write_text(render_readme(root / 'nbs' / 'index.ipynb'))
-        return 0
-    if a.profile not in profile_names(a.root):
-        ap.error(f"--profile {a.profile!r} is not a section of settings.ini; choose from {profile_names(a.root)}")
-    if a.timeout is not None and not a.timeout > 0: ap.error(f"--timeout must be seconds > 0, got {a.timeout}")
-    out = Path(a.out) if a.out else find_project_root(a.root) / 'runs' / a.profile
-    try:
-        res = run_notebooks(a.profile, a.only, a.root, a.out, log_output=a.log_output, timeout=a.timeout)
-    except KeyboardInterrupt:
-        print(f"interrupted; the partial report (marked INTERRUPTED) is {out / 'report.md'}", file=sys.stderr)
-        return 130
-    except ValueError as e:  # a malformed settings.ini value, an --only that matches nothing
-        print(f"minicpm4 run: {e}", file=sys.stderr)
-        return 2
-    print((out / 'report.md').read_text())
-    return 0 if all(r['status'] == 'ok' for r in res) else 1

@@ -31,9 +31,9 @@ from .io import (IntegrityError, atomic_folder, write_manifest, verify_manifest,
 
 # %% auto #0
 __all__ = ['DECAY_SHAPES', 'CKPT_FORMAT', 'CKPT_VERSION', 'RUN_FIELDS', 'SCHEDULE_FIELDS', 'wsd_lr', 'mup_param_groups',
-           'TrainConfig', 'TrainResult', 'lm_loss', 'eval_loss', 'NonFiniteError', 'rng_state', 'set_rng_state',
-           'rows_fingerprint', 'save_checkpoint', 'check_resume', 'load_checkpoint', 'train', 'answer_accuracy',
-           'pretrain_embedded', 'load_or_pretrain', 'profile_base_model']
+           'TrainConfig', 'TrainResult', 'lm_loss', 'eval_loss', 'rng_state', 'set_rng_state', 'rows_fingerprint',
+           'save_checkpoint', 'check_resume', 'load_checkpoint', 'train', 'answer_accuracy', 'pretrain_embedded',
+           'load_or_pretrain', 'profile_base_model']
 
 # %% ../nbs/03_train.ipynb #24070f02
 DECAY_SHAPES = ('exp', 'linear', 'cosine')
@@ -107,7 +107,7 @@ class TrainConfig:
         wsd_lr(0, self.steps, self.steps_of(self.warmup), self.steps_of(self.decay), self.final_lr_ratio, self.decay_shape)
         return self
 
-
+# %% ../nbs/03_train.ipynb #782c85f2
 @dataclass
 class TrainResult:
     history: dict = field(default_factory=lambda: dict(step=[], loss=[], lr=[], mtp_loss=[], eval_step=[], eval_loss=[]))
@@ -153,8 +153,7 @@ RUN_FIELDS = ('batch_size', 'lr', 'weight_decay', 'grad_clip', 'mtp_weight', 'se
 SCHEDULE_FIELDS = ('steps', 'warmup', 'decay', 'final_lr_ratio', 'decay_shape')
 
 
-class NonFiniteError(FloatingPointError):
-    "Training met a NaN/Inf loss, gradient or weight; nothing non-finite was applied or saved."
+from .checks import NonFiniteError   # one class for training and generate (notebook 05a)
 
 
 def rng_state(device=None) -> dict:
@@ -185,7 +184,7 @@ def rows_fingerprint(rows: torch.Tensor) -> dict:
     h = hashlib.sha256(rows.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     return dict(shape=list(rows.shape), dtype=str(rows.dtype), sha256=h)
 
-
+# %% ../nbs/03_train.ipynb #70ba78b4
 def _nonfinite_params(model) -> list[str]:
     return [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
@@ -223,7 +222,7 @@ def _schedule_diff(old: dict, cfg: TrainConfig, upto: int) -> int | None:
         if a != b: return s
     return None
 
-
+# %% ../nbs/03_train.ipynb #a5fd41b0
 def check_resume(path, model, cfg: TrainConfig, rows_fp: dict | None = None, allow_changes: Iterable[str] = ()) -> dict:
     "Verify checkpoint `path` against the run about to continue; returns its trainer_state.json (see the lesson above)."
     path = recover_folder(Path(path))
@@ -267,7 +266,7 @@ def check_resume(path, model, cfg: TrainConfig, rows_fp: dict | None = None, all
                                   + ', '.join(f"{k} ({saved[k]!r} vs {cur[k]!r})" for k in diff[:5]))
     return st
 
-
+# %% ../nbs/03_train.ipynb #6dedb70d
 def load_checkpoint(path, model, opt, cfg: TrainConfig, rows_fp: dict | None = None,
                     allow_changes: Iterable[str] = ()) -> dict:
     "check_resume, then load weights and optimizer state into `model` and `opt`; returns the state (with 'rng')."
@@ -295,7 +294,7 @@ def _check_rows(rows, model, what='rows'):
     if lo < 0 or (V is not None and hi >= V):
         raise ValueError(f"{what} hold token ids in [{lo}, {hi}], the model's vocabulary is [0, {V})")
 
-
+# %% ../nbs/03_train.ipynb #6dd47990
 def train(model: MiniCPM4ForCausalLM, rows: torch.Tensor, cfg: TrainConfig, valid_rows: torch.Tensor | None = None,
           resume_from=None, allow_changes: Iterable[str] = ()) -> TrainResult:
     "Train `model` on packed rows (N, T+1) with AdamW + muP groups + WSD; returns the loss history (see above)."
@@ -406,7 +405,7 @@ def pretrain_embedded(out_dir, preset: str = 'tiny', corpus_size='small', vocab_
         (tmp / 'train_info.json').write_text(json.dumps(info, indent=2))
     return model, tok, res
 
-
+# %% ../nbs/03_train.ipynb #b120bea0
 def load_or_pretrain(out_dir, **kw):
     "Load (model, tokenizer, info) from out_dir if it was trained with the same settings, else train it first."
     import inspect
@@ -429,7 +428,7 @@ def profile_base_model(profile: str = 'ci', device: str | None = None):
     """The base model notebook 03 trains under `profile` (trained now if missing): (model, tokenizer, info).
 
     Later notebooks start from it; the settings come from the profile in settings.ini."""
-    from minicpm4_core.runner import load_profile, artifact_dir
+    from minicpm4_core.profiles import load_profile, artifact_dir   # profiles, not the runner: train stays a leaf
     p = load_profile(profile)
     return load_or_pretrain(artifact_dir(profile) / 'base', preset=p['model_preset'], corpus_size=p['corpus_size'],
                             vocab_size=p['vocab_size'], seq_len=p['seq_len'], steps=p['train_steps'],

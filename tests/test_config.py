@@ -52,8 +52,8 @@ def test_8b_sparse_config_is_released_one():
     (dict(rope_scaling={"rope_type": "yarn"}), "unknown rope type"),
     (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0],
                         "original_max_position_embeddings": 8}), "head_dim/2=16"),
-    (dict(sparse_config={"kernel_size": 8, "kernel_stride": 16}), "kernel_size=8 must be >= kernel_stride"),
-    (dict(sparse_config={"block_size": 40}), "block_size=40 must be a multiple of kernel_stride"),
+    (dict(sparse_config={"kernel_size": 8, "kernel_stride": 16}), "kernel_size (8) must be >= kernel_stride (16)"),
+    (dict(sparse_config={"block_size": 40}), "block_size (40) must be a multiple of kernel_stride (16)"),
     (dict(sparse_config={"topkk": 3}), "unknown key"),
     (dict(vocab_size=0), "vocab_size must be a positive int"),
     (dict(hidden_act="gelu"), "silu"),
@@ -111,3 +111,35 @@ def test_missing_mup_keys_default_to_official_ones():
     assert MiniCPM4Config.from_dict(RELEASED_0_5B).scale_emb == 12
     assert (MiniCPM4Config().scale_emb, MiniCPM4Config().dim_model_base) == (12.0, 256)
     assert MiniCPM4Config.minicpm4_8b().scale_depth == 1.4
+
+
+@pytest.mark.parametrize("kw, err, words", [
+    (dict(hidden_size="128"), TypeError, "hidden_size must be an int, got str '128'"),
+    (dict(num_hidden_layers=2.0), TypeError, "num_hidden_layers must be an int"),
+    (dict(vocab_size=True), TypeError, "vocab_size must be an int"),
+    (dict(rope_theta=0.0), ValueError, "rope_theta must be > 0"),
+    (dict(rope_theta="1e4"), TypeError, "rope_theta must be a number"),
+    (dict(rms_norm_eps=-1e-6), ValueError, "rms_norm_eps must be > 0"),
+    (dict(num_key_value_heads=0), ValueError, "num_key_value_heads must be a positive int"),
+    (dict(sparse_config={"window_size": 100}), ValueError, "window_size (100) must be a multiple of block_size (64)"),
+    (dict(sparse_config={"use_nope": "yes"}), ValueError, "use_nope must be True or False"),
+])
+def test_config_validates_once_with_named_errors(kw, err, words):
+    with pytest.raises(err, match=words.replace("(", r"\(").replace(")", r"\)")):
+        MiniCPM4Config.tiny(**kw)
+
+
+def test_sparse_settings_is_the_one_schema():
+    from minicpm4_core.config import SparseSettings, SPARSE_CONFIG_DEFAULT
+    from minicpm4_core import infllmv2, infllmv2_ref
+    assert infllmv2.SparseSettings is SparseSettings is infllmv2_ref.SparseSettings
+    # the released block round-trips unchanged; the optional LSE keys appear only when set
+    assert SparseSettings.from_dict(SPARSE_CONFIG_DEFAULT).to_dict() == SPARSE_CONFIG_DEFAULT
+    assert "lse_approx" not in SPARSE_CONFIG_DEFAULT
+    d = default_sparse_config(lse_approx=True, topk=8)
+    assert d["lse_approx"] is True and d["topk"] == 8 and "lse_kernel_size" not in d
+    c = MiniCPM4Config.tiny(sparse_config=dict(topk=8, lse_approx=True))
+    assert c.sparse_config == d
+    assert MiniCPM4Config.from_dict(c.to_dict()) == c
+    st = SparseSettings.from_dict(c.sparse_config)
+    assert (st.local_blocks, st.attended_blocks) == (32, 40)

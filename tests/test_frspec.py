@@ -75,6 +75,35 @@ def test_count_frequencies_and_force_eos(tmp_path):
     assert cov[0] == pytest.approx(15 / float(counts.sum())) and cov[-1] == pytest.approx(1.0)
 
 
+def test_freq_vocab_file_errors_name_the_file(tmp_path):
+    "The save is atomic (no temporary left; a failed save keeps the old file); bad files raise naming the path."
+    from minicpm4_core.io import IntegrityError
+    counts = torch.randint(1, 50, (40,), generator=torch.Generator().manual_seed(3))
+    p = S.build_freq_vocab(counts, 8, eos_ids=2).save(tmp_path / 'sub' / 'v.safetensors')
+    assert sorted(x.name for x in p.parent.iterdir()) == ['v.safetensors']
+    good = p.read_bytes()
+    bad = S.FreqVocab(torch.arange(3), counts, meta={'x': object()})            # metadata that is not JSON
+    with pytest.raises(TypeError): bad.save(p)
+    assert p.read_bytes() == good and sorted(x.name for x in p.parent.iterdir()) == ['v.safetensors']
+    with pytest.raises(FileNotFoundError, match='absent.safetensors'): S.FreqVocab.load(tmp_path / 'absent.safetensors')
+    p.write_bytes(good[: len(good) // 2])                                        # truncated
+    with pytest.raises(IntegrityError, match='v.safetensors'): S.FreqVocab.load(p)
+    from safetensors.torch import save_file
+    save_file({'ids': torch.arange(3)}, str(p))                                  # not a vocabulary: no counts
+    with pytest.raises(IntegrityError, match="v.safetensors.*'counts'"): S.FreqVocab.load(p)
+
+
+def test_fast_path_on_an_infllmv2_target_while_dense(pair):
+    "A sparse target whose contexts stay below dense_len runs on the static path, token for token as its own."
+    dense, draft = pair
+    sparse = MiniCPM4ForCausalLM(tiny_cfg(sparse_config=dict(kernel_size=4, kernel_stride=2, block_size=4,
+                                                             window_size=8, topk=4, dense_len=128))).eval()
+    sparse.load_state_dict(dense.state_dict())
+    eng = S.FastSpec(sparse, draft, method='tree', depth=3, topk=3, tree_size=8, max_len=96)
+    ref = sparse.generate(PROMPTS[0], 24, stop_ids=[])[0]
+    assert eng.generate(PROMPTS[0], 24) == ref and eng.generate(PROMPTS[0], 24, speculative=False) == ref
+
+
 def test_bad_arguments(pair):
     target, draft = pair
     counts = torch.tensor([5, 3, 0, 1])

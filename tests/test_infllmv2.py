@@ -738,3 +738,48 @@ def test_model_generate_sparse_matches_teacher_forcing():
     full = torch.cat([prompt, torch.tensor([out[:-1]])], 1)
     pred = m(full)[0, 99:].argmax(-1).tolist()
     assert pred == out
+
+
+# ---- the loop definitions (infllmv2_ref.naive_*) are the ground truth of the memory-bounded reference ----
+@pytest.mark.parametrize("sel", ["minicpm4", "minicpm4.1"])
+@pytest.mark.parametrize("p, s, m, T", [(8, 4, 8, 40), (10, 4, 8, 17)])
+def test_naive_block_scores_match_reference(sel, p, s, m, T):
+    g = torch.Generator().manual_seed(hash((sel, p, T)) % 2**31)
+    N = 61
+    q, k = torch.randn(2, T, 4, 8, generator=g), torch.randn(2, N, 2, 8, generator=g)
+    w = 2
+    ref = iv.block_scores(q, k, kernel_size=p, kernel_stride=s, block_size=m, init_blocks=1, local_blocks=w,
+                          selection=sel, chunk_size=7)
+    nv = iv.naive_block_scores(q, k, p, s, m, 1, w, sel)
+    assert ref.shape == nv.shape
+    assert torch.equal(torch.isinf(ref), torch.isinf(nv.float())) and torch.equal(ref.sign(), nv.float().sign())
+    fin = torch.isfinite(ref)
+    assert fin.any() and torch.allclose(ref[fin].double(), nv[fin], atol=1e-5)
+    # the top-k + window rule on the same scores
+    topk = 3 if sel == "minicpm4" else 4
+    a = iv.attention_blocks(iv.select_blocks(ref, topk), N, m, w, sel).long()
+    b = iv.naive_attention_blocks(ref, topk, N, m, w, sel)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["gather", "mask"])
+def test_naive_sparse_attention_matches_reference_fwd_bwd(method):
+    g = torch.Generator().manual_seed(7)
+    B, T, N, H, Hkv, D, m = 2, 13, 45, 4, 2, 8, 8
+    q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, N, Hkv, D, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, N, Hkv, D, generator=g, dtype=torch.float64, requires_grad=True)
+    sc = iv.block_scores(q.detach(), k.detach(), kernel_size=8, kernel_stride=4, block_size=m, init_blocks=1,
+                         local_blocks=1)
+    idx = iv.attention_blocks(iv.select_blocks(sc, 2), N, m, 1)
+    idx[0, 0, 0] = -1                                      # a row with no block at all -> zeros in both
+    go = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    outs = []
+    for fn in (lambda: iv.naive_sparse_attention(q, k, v, idx, m),
+               lambda: iv.sparse_attention_ref(q, k, v, idx, m, method=method, chunk_size=5)):
+        o = fn()
+        gq, gk, gv = torch.autograd.grad((o * go).sum(), (q, k, v))
+        outs.append((o.detach(), gq, gk, gv))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-10), (a - b).abs().max()
+    assert outs[0][0][0, 0, :2].abs().max() == 0

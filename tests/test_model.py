@@ -355,3 +355,22 @@ def test_cache_truncate_rolls_back():
         assert (out - m(ids)[:, 7:]).abs().max() < 1e-4
     with pytest.raises(ValueError):
         cache.truncate(99)
+
+
+def test_model_boundary_checks():
+    "Bad ids, masks and NaN weights are answered clearly at the model's boundary (issue 14), never silently."
+    from minicpm4_core.checks import NonFiniteError
+    torch.manual_seed(0)
+    m = MiniCPM4ForCausalLM(MiniCPM4Config.from_preset('tiny', vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with pytest.raises((ValueError, TypeError), match='input_ids'):
+        m(ids.float())                                     # float ids: refused, not truncated
+    with pytest.raises((ValueError, IndexError), match='input_ids'):
+        m(torch.full((1, 3), 64))                          # outside the vocabulary: named, not a bare IndexError
+    with pytest.raises(ValueError, match='attention_mask'):
+        m(ids, attention_mask=torch.full((2, 7), 2))       # a mask of 2s would shift positions
+    with pytest.raises((ValueError, TypeError), match='prompts'):
+        m.generate(torch.tensor([[5.7, 9.9]]), 3)
+    with torch.no_grad(): m.model.layers[0].mlp.down_proj.weight[0, 0] = float('nan')
+    with pytest.raises(NonFiniteError, match='logits'):
+        m.generate([1, 2, 3], 3)

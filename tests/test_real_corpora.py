@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import tarfile
 import time
@@ -328,3 +329,30 @@ def test_real_austen_from_debian(tmp_path):
     assert 700_000 < sum(len(t.split()) for t in list(ds["text"])) < 740_000
     pp1 = ds[list(ds["doc_id"]).index("austen/prideprejudice/001")]["text"]
     assert pp1.startswith("It is a truth universally acknowledged, that a single man in possession of a good fortune")
+
+
+def test_interrupted_rebuild_keeps_the_old_corpus_and_bad_configs_name_the_file(tmp_path, packages, monkeypatch):
+    out = tmp_path / "corpora"
+    pk = {"gcide": packages["gcide"]}
+    RC.main(_argv(out, pk))
+    before = {p.name: p.read_bytes() for p in (out / "gcide").iterdir()}
+    calls = []
+    orig = RC.write_split
+    def fail_second(records, path):              # the held-out split fails after the train split was written
+        calls.append(path)
+        if len(calls) == 2: raise OSError(28, "No space left on device")
+        return orig(records, path)
+    monkeypatch.setattr(RC, "write_split", fail_second)
+    with pytest.raises(OSError, match=r"gcide.*unchanged"):
+        RC.main(_argv(out, pk, "--force"))
+    assert {p.name: p.read_bytes() for p in (out / "gcide").iterdir()} == before     # not a mix of old and new
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".gcide")) == []
+    monkeypatch.setattr(RC, "write_split", orig)
+    # a damaged root manifest is rebuilt from the corpus folders, not trusted
+    (out / "manifest.json").write_text('{"gcide": ')
+    assert RC.main(_argv(out, pk))["gcide"]["status"] == "cached"
+    assert list(json.loads((out / "manifest.json").read_text())) == ["gcide"]
+    for text, msg in (("corpora: [brown", "while parsing"), ("- a\n- b\n", "expected a mapping")):
+        cfg = tmp_path / "c.yaml"; cfg.write_text(text)
+        with pytest.raises(SystemExit, match="config " + re.escape(str(cfg)) + ": " + msg):
+            RC.parse(["--config", str(cfg)])

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from minicpm4_core import runner as R
+from minicpm4_core import cli as C
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,8 +71,8 @@ def test_run_reports_success_metrics_and_failure(tmp_path):
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)
-        assert R.main(["run", "--profile", "ci", "--only", "01_ok"]) == 0
-        assert R.main(["run", "--profile", "ci"]) == 1
+        assert C.main(["run", "--profile", "ci", "--only", "01_ok"]) == 0
+        assert C.main(["run", "--profile", "ci"]) == 1
     finally:
         os.chdir(cwd)
 
@@ -98,7 +99,7 @@ def test_malformed_setting_fails_before_any_notebook(tmp_path, capsys):
     (root / "settings.ini").write_text("[ci]\nprofile = 'ci'\nnotebook_timeout = -5\n")
     with pytest.raises(ValueError, match=r"\[ci\] notebook_timeout = -5"):
         R.load_profile("ci", root)
-    assert R.main(["run", "--profile", "ci", "--root", str(root)]) == 2
+    assert C.main(["run", "--profile", "ci", "--root", str(root)]) == 2
     assert "notebook_timeout = -5" in capsys.readouterr().err
 
 
@@ -140,12 +141,16 @@ def test_ctrl_c_writes_an_interrupted_report(tmp_path):
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         def press_ctrl_c():  # once the slow notebook is running
-            while not (root / "runs" / "ci" / "nbs__02_slow.ipynb").exists():   # papermill writes it as it starts
+            dest = root / "runs" / "ci" / "nbs__02_slow.ipynb"   # papermill rewrites it after every cell
+            while True:   # wait until cell 0 has run, so the sleep of cell 1 is under way (slow kernels on a busy box)
+                try:
+                    if json.loads(dest.read_text())["cells"][0].get("execution_count"): break
+                except (OSError, ValueError, KeyError, IndexError): pass
                 time.sleep(0.1)
-            time.sleep(1.5)
+            time.sleep(1.0)
             os.kill(os.getpid(), signal.SIGINT)
         threading.Thread(target=press_ctrl_c, daemon=True).start()
-        assert R.main(["run", "--profile", "ci", "--root", str(root)]) == 130
+        assert C.main(["run", "--profile", "ci", "--root", str(root)]) == 130
     finally:
         signal.signal(signal.SIGINT, old)
     summary = json.loads((root / "runs" / "ci" / "summary.json").read_text())
@@ -153,3 +158,42 @@ def test_ctrl_c_writes_an_interrupted_report(tmp_path):
     assert [r["status"] for r in summary["results"]] == ["ok", "interrupted", "not run"]
     assert "cell 1 (id c1, `time.sleep(60)`)" in summary["results"][1]["cell"]
     assert "INTERRUPTED" in (root / "runs" / "ci" / "report.md").read_text()
+
+
+def test_profiles_module_imports_no_torch_and_runner_reexports():
+    import subprocess
+    import sys
+    code = ("import sys, minicpm4_core.profiles as P, minicpm4_core.runner as R; "
+            "assert 'torch' not in sys.modules and 'papermill' not in sys.modules, 'heavy import'; "
+            "assert R.log_metrics is P.log_metrics and R.load_profile is P.load_profile")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_quiet_run_injects_declared_parameters_and_writes_a_readable_report(tmp_path, capfd):
+    plot = "import matplotlib.pyplot as plt\nplt.figure(figsize=(2, 2)); plt.plot([3, 1, 2]); plt.show()"
+    root = _project(tmp_path, "[ci]\nprofile = 'ci'\nsteps = 7\nunused_key = 'x'\n", {
+        "01_plot.ipynb": [("steps = 1", {"tags": ["parameters"]}), (plot, {}),
+                          ("from minicpm4_core.profiles import log_metrics\n"
+                           "log_metrics(loss=0.123456789, tokens=1234567, table=[{'bits': 4, 'err': 0.0312}, "
+                           "{'bits': 3, 'err': 0.0917}], steps_seen=steps)", {})],
+        "02_bad.ipynb": [("x = 1", {}), ("raise ValueError('bad value in cell two')", {})]})
+    res = R.run_notebooks("ci", root=root)
+    out = capfd.readouterr()
+    log = out.out + out.err
+    assert "unknown parameter" not in log.lower() and "over TCP" not in log, log   # quiet by default
+    assert sum(line.startswith("[minicpm4 run] nbs/") for line in log.splitlines()) == 2   # one line per notebook
+    run = root / "runs" / "ci"
+    injected = json.loads((run / "nbs__01_plot.ipynb").read_text())["cells"][1]
+    assert "injected-parameters" in injected["metadata"]["tags"]
+    assert "steps = 7" in "".join(injected["source"]) and "unused_key" not in "".join(injected["source"])
+    assert "injected-parameters" not in json.dumps(json.loads((run / "nbs__02_bad.ipynb").read_text())["cells"][0])
+    assert res[0]["metrics"]["steps_seen"] == 7 and res[0]["html"] == "nbs__01_plot.html"
+    assert (run / res[0]["html"]).exists() and len(res[0]["figures"]) == 1 and (run / res[0]["figures"][0]).exists()
+    page = (run / "report.html").read_text()
+    assert "href='nbs__01_plot.html'" in page and f"src='{res[0]['figures'][0]}'" in page    # linked, figure shown
+    assert "0.1235" in page and "1,234,567" in page and "<th>bits</th>" in page        # numbers, not JSON dumps
+    assert "0.123456789" not in page and '"bits"' not in page
+    assert "bad value in cell two" in page and "cell 1 (id c1" in page and "ValueError" in page   # failure, traceback
+    assert "python" in page and "papermill" in page                                    # machine and versions
+    md = (run / "report.md").read_text()
+    assert "loss=0.1235" in md and "table=table of 2 rows" in md and "## Failures" in md

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from minicpm4_core import infllmv2 as iv  # noqa: E402
-from minicpm4_core import kernels as sk  # noqa: E402
+from minicpm4_core.kernels import sparse as sk  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sk.interpreter_active(), reason="needs TRITON_INTERPRET=1 before triton import")
 
@@ -287,10 +287,29 @@ def test_model_path_uses_kernels_and_matches_reference(monkeypatch):
             gen = model.generate([ids[0, :70].tolist()], 6, stop_ids=[])
         return logits.detach(), grads, gen
 
-    lr, gr, genr = run('ref')
+    lr, gr, genr = run('torch')
     assert not calls
     lt, gt, gent = run('triton')
     assert calls                                                    # the kernels really ran
     assert rel(lt, lr) <= 1e-4
     assert len(gt) == len(gr) and all(rel(a, b) <= 1e-3 for a, b in zip(gt, gr))
     assert gent == genr
+
+
+@pytest.mark.parametrize("bad, words", [("dup", "repeats a block id"), ("high", "only have"), ("low", "only have")])
+def test_bad_block_ids_one_rule_both_paths(bad, words):
+    "Duplicate and out-of-range block ids are refused by the reference and the kernel alike, naming block_idx."
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 6, 4, 16, generator=g), torch.randn(1, 40, 2, 16, generator=g),
+               torch.randn(1, 40, 2, 16, generator=g))
+    idx = torch.tensor([0, 1, -1], dtype=torch.int32).expand(1, 6, 2, 3).clone()   # 40 keys: blocks 0..2 of 16
+    idx[0, 2, 1] = {"dup": torch.tensor([1, 1, -1]), "high": torch.tensor([0, 3, -1]),
+                    "low": torch.tensor([-2, 0, 1])}[bad].to(torch.int32)
+    for fn in (iv.sparse_attention_ref, sk.sparse_attention):
+        with pytest.raises(ValueError, match=words) as e:
+            fn(q, k, v, idx, 16)
+        assert "block_idx" in str(e.value)
+    good = torch.tensor([[0, 1, -1], [1, -1, -1], [-1, -1, -1]], dtype=torch.int32)[torch.arange(6) % 3]
+    good = good[None, :, None].expand(1, 6, 2, 3).contiguous()                     # -1 may repeat
+    assert torch.allclose(sk.sparse_attention(q, k, v, good, 16), iv.sparse_attention_ref(q, k, v, good, 16),
+                          atol=1e-5)

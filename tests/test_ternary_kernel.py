@@ -184,3 +184,27 @@ def test_config_validation():
         TernaryConfig('mv', 16, 48, 64)
     with pytest.raises(ValueError, match=">= 16"):
         TernaryConfig('mv', 1, 64, 64)
+
+
+def test_one_backend_vocabulary():
+    "ternary, w4a16 and sparse share BACKENDS; the old spellings (None, 'ref') still work, with a DeprecationWarning."
+    from minicpm4_core.attention import BACKENDS
+    from minicpm4_core.kernels import sparse, ternary, w4a16
+    assert ternary.BACKENDS == w4a16.BACKENDS == sparse.BACKENDS == BACKENDS == ('auto', 'triton', 'torch')
+    x, qw, s = _problem(2, 16, 64, 0)
+    with pytest.warns(DeprecationWarning, match="backend=None is deprecated"):
+        y = ternary_matmul(x, qw, s, 64, backend=None, config=TernaryConfig('mma', 16, 16, 16))
+    assert rel(y, ternary_matmul_ref(x, qw, s, 64)) < 1e-5
+    with pytest.warns(DeprecationWarning, match="backend='ref' is deprecated"):
+        assert torch.equal(ternary_matmul(x, qw, s, 64, backend='ref'), ternary_matmul_ref(x, qw, s, 64))
+    from minicpm4_core import infllmv2
+    from minicpm4_core.attention import check_backend
+    with pytest.warns(DeprecationWarning, match="SPARSE_IMPL='ref'"):
+        assert check_backend('ref', 'SPARSE_IMPL') == 'torch'
+    old = infllmv2.SPARSE_IMPL
+    try:
+        infllmv2.SPARSE_IMPL = 'gpu'
+        with pytest.raises(ValueError, match="SPARSE_IMPL must be one of"):
+            infllmv2._kernels(x)
+    finally:
+        infllmv2.SPARSE_IMPL = old

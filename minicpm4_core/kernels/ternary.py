@@ -18,12 +18,12 @@ import triton
 import triton.language as tl
 
 # one interpreter test and one set of warn-once keys for all kernel modules
-from . import _warn_once, interpreter_active
+from ._common import BACKENDS, _warn_once, interpreter_active, num_sms, resolve_backend  # noqa: F401
 
 # %% auto #0
-__all__ = ['KERNELS', 'BACKENDS', 'DEQUANT_MIN_M', 'SPLIT_TARGET', 'ternary_bytes', 'packed_cols', 'pack_ternary',
-           'unpack_ternary', 'dequantize_ternary', 'ternary_matmul_ref', 'TernaryConfig', 'pick_config',
-           'kernel_scales', 'ternary_dequantize', 'ternary_matmul']
+__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'SPLIT_TARGET', 'ternary_bytes', 'packed_cols', 'pack_ternary', 'unpack_ternary',
+           'dequantize_ternary', 'ternary_matmul_ref', 'TernaryConfig', 'pick_config', 'kernel_scales',
+           'ternary_dequantize', 'ternary_matmul']
 
 # %% ../../nbs/51_ternary_kernel.ipynb #82e732f5
 def ternary_bytes(M: int, K: int, N: int, group_size: int = 0, act_bytes: int = 2, scale_bytes: int = 2) -> dict:
@@ -153,7 +153,7 @@ def _k_tiles(pid_k, K4, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     t_lo = pid_k * per
     return t_lo, tl.minimum(t_lo + per, n_tiles)
 
-
+# %% ../../nbs/51_ternary_kernel.ipynb #b10f7151
 @triton.jit
 def _ternary_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, K4, stride_xm, stride_wn, stride_sn, stride_ym,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -362,7 +362,6 @@ def _ternary_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, K4, stride_xm, stride
 
 # %% ../../nbs/51_ternary_kernel.ipynb #ce4fc6cf
 KERNELS = ('mv', 'mma', 'fma', 'dequant')
-BACKENDS = ('triton', 'torch')
 
 
 @dataclass(frozen=True)
@@ -395,20 +394,13 @@ class TernaryConfig:
             raise ValueError(f"n_acc={self.n_acc}: accepted 1, or 4 with block_m <= 32")
 
 
-_SM_COUNT: dict = {}
-
-
-def _num_sms(dev) -> int:
-    if dev.type != 'cuda': return 132
-    i = dev.index if dev.index is not None else torch.cuda.current_device()
-    if i not in _SM_COUNT: _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SM_COUNT[i]
+_num_sms = num_sms   # shared launch helper (minicpm4_core.kernels._common)
 
 
 DEQUANT_MIN_M = 1024  # from M = DEQUANT_MIN_M on, unpack once and use cuBLAS
 SPLIT_TARGET = 2     # decode: split K while the grid stays within this many programs per SM (slices >= 2 tiles)
 
-
+# %% ../../nbs/51_ternary_kernel.ipynb #51148798
 def pick_config(M: int, N: int, K4: int, group_size: int = 0, n_sm: int = 132) -> TernaryConfig:
     "Default launch for x (M, K) @ W.T with W packed to (N, K4) bytes."
     if M <= 16:
@@ -451,7 +443,7 @@ def _tile_counters(dev, n: int) -> torch.Tensor:
         _COUNTERS[key] = c
     return c
 
-
+# %% ../../nbs/51_ternary_kernel.ipynb #3a77e732
 def _launch(x2, qweight, s, y, K, K4, group_size, cfg: TernaryConfig):
     M, N = x2.shape[0], qweight.shape[0]
     bk = cfg.block_k if not group_size else min(cfg.block_k, group_size)
@@ -481,7 +473,7 @@ def _launch(x2, qweight, s, y, K, K4, group_size, cfg: TernaryConfig):
                                    SPLIT_K=cfg.split_k, EVEN=even, num_warps=cfg.num_warps,
                                    num_stages=cfg.num_stages)
 
-
+# %% ../../nbs/51_ternary_kernel.ipynb #bb915714
 def ternary_dequantize(qweight: torch.Tensor, scale: torch.Tensor, in_features: int, group_size: int = 0,
                        dtype=torch.bfloat16, config: TernaryConfig | None = None) -> torch.Tensor:
     "The dense weight (N, in_features) in `dtype`, unpacked by `_ternary_dequant_kernel` (CUDA or interpreter)."
@@ -496,14 +488,12 @@ def ternary_dequantize(qweight: torch.Tensor, scale: torch.Tensor, in_features: 
                                   INTERP=interpreter_active(), num_warps=cfg.num_warps, num_stages=1)
     return out
 
-
+# %% ../../nbs/51_ternary_kernel.ipynb #e3655fa9
 def ternary_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, in_features: int,
-                   group_size: int = 0, *, backend: str | None = None,
+                   group_size: int = 0, *, backend: str = 'auto',
                    config: TernaryConfig | None = None) -> torch.Tensor:
     """x (..., K) @ W.T with W given packed: qweight uint8 (N, K4), scale (N or 1, 1) or (N, >= ceil(K/G)).
-    Returns (..., N) in x.dtype. backend: None (auto), 'triton' or 'torch'."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; accepted: None (auto), {', '.join(map(repr, BACKENDS))}")
+    Returns (..., N) in x.dtype. backend: 'auto', 'triton' or 'torch' (see `minicpm4_core.attention.BACKENDS`)."""
     if qweight.dtype != torch.uint8 or qweight.dim() != 2:
         raise TypeError(f"qweight: expected a 2-D uint8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
     N, K4 = qweight.shape
@@ -513,11 +503,8 @@ def ternary_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     if not 0 < K <= 4 * K4 or K4 < -(-K // 4):
         raise ValueError(f"in_features={K} does not fit qweight with {K4} bytes per row")
     _check_scale(scale, N, K, group_size)
-    if backend is None:
-        backend = 'triton' if (x.is_cuda or interpreter_active()) else 'torch'
-        if backend == 'torch':
-            _warn_once('ternary_matmul cpu', "ternary_matmul: CPU tensors and no Triton interpreter; using the torch reference "
-                              "(set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)")
+    backend = resolve_backend('ternary_matmul', x, backend, reference="the torch reference (set TRITON_INTERPRET=1 "
+                              "before importing triton to run the kernels on CPU)")
     if backend == 'triton' and group_size and (group_size < 16 or group_size & (group_size - 1) or K4 % group_size):
         _warn_once(f'ternary_matmul g{group_size}', f"ternary_matmul: group_size={group_size} with {K4} bytes per row has no Triton "
                                      "path (needs a power of two >= 16 dividing K4: pack with align=group_size); "
@@ -525,9 +512,6 @@ def ternary_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
         backend = 'torch'
     if backend == 'torch':
         return ternary_matmul_ref(x, qweight, scale, K, group_size)
-    if not x.is_cuda and not interpreter_active():
-        raise RuntimeError("ternary_matmul(backend='triton') on CPU tensors needs the Triton interpreter: set "
-                           "TRITON_INTERPRET=1 before triton is imported, or use backend='torch'")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x: dtype {x.dtype} not supported; accepted: float32, float16, bfloat16")
     lead = x.shape[:-1]

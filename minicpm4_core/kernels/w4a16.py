@@ -9,7 +9,6 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/w4a16_kernel.html.md"""
 # %% ../../nbs/71_w4a16_kernel.ipynb #fbc647a8
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, asdict
 
 import torch
@@ -17,11 +16,11 @@ import triton
 import triton.language as tl
 
 # one interpreter test and one set of warn-once keys for all kernel modules
-from . import _warn_once, interpreter_active
+from ._common import BACKENDS, interpreter_active, num_sms, resolve_backend  # noqa: F401 (re-exported)
 
 # %% auto #0
-__all__ = ['BACKENDS', 'w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size', 'dequantize_w4', 'w4a16_matmul_naive',
-           'W4A16Config', 'default_config', 'w4a16_matmul', 'random_w4', 'self_check']
+__all__ = ['w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size', 'dequantize_w4', 'w4a16_matmul_naive', 'W4A16Config',
+           'default_config', 'w4a16_matmul', 'random_w4', 'self_check']
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #2b12b3f0
 def w4a16_bytes(M: int, K: int, N: int, group_size: int = 128, act_bytes: int = 2) -> dict:
@@ -107,7 +106,7 @@ def _gemv_tile(qw_ptrs, x_ptrs, s_ptrs, z_ptrs, mask_n, k, stride_qk, stride_sg,
     zw = tl.load(z_ptrs + (k // GROUP) * stride_zg, mask=mask_n, other=0)
     return qw, x0, x1, x2, x3, x4, x5, x6, x7, s, zw
 
-
+# %% ../../nbs/71_w4a16_kernel.ipynb #1030a93f
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr,
                        N, K, k_per_split, split_k, stride_qk, stride_sg, stride_zg, m0, m1, m2, m3,
@@ -278,11 +277,9 @@ def _largest_pow2_divisor(G: int, cap: int) -> int:
 
 
 def _num_sms(device) -> int:
-    if isinstance(device, torch.device) and device.type == 'cuda':
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
+    return 132 if device is None else num_sms(device)   # shared launch helper (minicpm4_core.kernels._common)
 
-
+# %% ../../nbs/71_w4a16_kernel.ipynb #602247ce
 def _pick_split(tiles: int, K: int, block_k: int, sms: int, per_sm: int = 2) -> int:
     split = 1
     while tiles * split < per_sm * sms and K // (split * 2) >= 2 * block_k and split < 32:
@@ -310,7 +307,6 @@ def default_config(M: int, N: int, K: int, group_size: int = 128, device=None) -
 # %% ../../nbs/71_w4a16_kernel.ipynb #0d579f81
 _LOCKS: dict = {}
 _MAGIC = tuple((150 - 4 * jj) << 23 for jj in range(4))   # float32 bits of 2^23, 2^19, 2^15, 2^11
-BACKENDS = ('triton', 'torch')
 
 
 def _lock_buffer(device, n: int) -> torch.Tensor:
@@ -344,9 +340,9 @@ def _check_w4a16_args(x, qweight, scales, qzeros, group_size):
         raise ValueError(f"x, qweight, scales and qzeros must be on one device, got {sorted(map(str, devs))}")
     return K, N, G
 
-
+# %% ../../nbs/71_w4a16_kernel.ipynb #75a864c8
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-                 group_size: int = 128, *, backend: str | None = None, config: W4A16Config | None = None,
+                 group_size: int = 128, *, backend: str = 'auto', config: W4A16Config | None = None,
                  out: torch.Tensor | None = None):
     "`y (..., N) = x (..., K) @ W` with `W` stored as packed int4 (see `dequantize_w4`); output in `x.dtype` (or `out`)."
     K, N, G = _check_w4a16_args(x, qweight, scales, qzeros, group_size)
@@ -354,19 +350,10 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*x.shape[:-1], N)} on {x.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; accepted: None (auto), {', '.join(map(repr, BACKENDS))}")
-    if backend is None:
-        backend = 'triton' if (x.is_cuda or interpreter_active()) else 'torch'
-        if backend == 'torch':
-            _warn_once('w4a16_matmul cpu', "w4a16_matmul: CPU tensors and no Triton interpreter; using the torch "
-                                           "reference (dequantize + matmul)")
+    backend = resolve_backend('w4a16_matmul', x, backend, reference="the torch reference (dequantize + matmul)")
     if backend == 'torch':
         y = w4a16_matmul_naive(x, qweight, scales, qzeros, G)
         return y if out is None else out.copy_(y)
-    if not x.is_cuda and not interpreter_active():
-        raise RuntimeError("w4a16_matmul(backend='triton') on CPU tensors needs the Triton interpreter: set "
-                           "TRITON_INTERPRET=1 before triton is imported, or use backend='torch'")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:

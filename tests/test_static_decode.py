@@ -1,0 +1,113 @@
+"""minicpm4_core.static_decode: the static-shape forward equals the model's (fp32, CPU, random weights, fresh ids)."""
+import pytest
+import torch
+
+from minicpm4_core.config import MiniCPM4Config
+from minicpm4_core.model import MiniCPM4ForCausalLM
+from minicpm4_core.static_decode import StaticDecoder, StaticStack, check_static_support
+
+pytestmark = pytest.mark.usefixtures('one_thread')     # tests/conftest.py
+TINY = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, initializer_range=0.3, torch_dtype='float32')
+SPARSE = dict(kernel_size=4, kernel_stride=2, block_size=4, window_size=8, topk=4, dense_len=16)   # 6 blocks of 4
+
+
+def longrope(max_pos, orig, half=8):
+    return dict(max_position_embeddings=max_pos,
+                rope_scaling=dict(rope_type='longrope', original_max_position_embeddings=orig,
+                                  short_factor=[1.0 + 0.2 * i for i in range(half)],
+                                  long_factor=[3.0 + 0.5 * i for i in range(half)]))
+
+
+def model_of(seed=0, **kw):
+    torch.manual_seed(seed)
+    return MiniCPM4ForCausalLM(MiniCPM4Config.tiny(**{**TINY, **kw})).eval()
+
+
+def check_against_forward(model, max_len, T, n_prefill, seed):
+    "prefill + steps of a StaticDecoder vs the model's full forward over the same fresh random ids."
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (T,), generator=g)
+    with torch.no_grad():
+        full = model(ids[None])[0]
+    dec = StaticDecoder(model, max_len)
+    dec.prefill(torch.randint(0, model.config.vocab_size, (max_len // 2,), generator=g))   # stale slots: reset must hide them
+    pre = dec.prefill(ids[:n_prefill].tolist())
+    steps = torch.stack([dec.step(int(t)).clone() for t in ids[n_prefill:]])
+    torch.testing.assert_close(pre, full[:n_prefill], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(steps, full[n_prefill:], rtol=1e-4, atol=1e-4)
+    assert dec.n == T and int(dec.pos) == T
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(num_key_value_heads=4), dict(num_key_value_heads=1)],
+                         ids=['gqa', 'mha', 'mqa'])
+def test_dense_prefill_and_steps_equal_forward(kw):
+    check_against_forward(model_of(1, **kw), max_len=40, T=23, n_prefill=7, seed=2)
+
+
+def test_greedy_equals_model_generate():
+    m = model_of(3)
+    p = torch.randint(0, 97, (5,), generator=torch.Generator().manual_seed(4)).tolist()
+    dec = StaticDecoder(m, 32)
+    assert dec.generate(p, 20) == m.generate(p, 20, stop_ids=[])[0]
+    assert dec.generate(p[:2], 3) == m.generate(p[:2], 3, stop_ids=[])[0]        # a second prompt on the same buffer
+
+
+def test_sparse_model_while_dense():
+    m = model_of(5, sparse_config=SPARSE)
+    check_against_forward(m, max_len=24, T=22, n_prefill=5, seed=6)              # ceil(24/4) = 6 attended blocks
+    with pytest.raises(ValueError, match='dense targets.*max_len=64'): StaticDecoder(m, 64)
+    check_static_support(model_of(5, sparse_config=dict(SPARSE, dense_len=65)).config, 64)
+
+
+def test_longrope_guard_and_agreement():
+    short = model_of(7, **longrope(max_pos=64, orig=64))                # short factors up to 64
+    check_against_forward(short, max_len=48, T=30, n_prefill=4, seed=8)
+    long_ = model_of(7, **longrope(max_pos=64, orig=16))                # long factors everywhere: max_len > orig is fine
+    check_against_forward(long_, max_len=48, T=30, n_prefill=4, seed=9)
+    with pytest.raises(ValueError, match='original_max_position_embeddings=64'):
+        StaticDecoder(short, 80)                                         # the model would switch factors at 65
+    # the same two models differ (the factors matter), so the agreement above is not trivial
+    with torch.no_grad():
+        ids = torch.randint(0, 97, (1, 12))
+        assert not torch.allclose(short(ids), long_(ids), atol=1e-3)
+
+
+def test_step_is_graph_capturable():
+    "The captured step must not read device values on the host nor copy fresh CPU tensors in."
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__(); self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    dec = StaticDecoder(model_of(10), 16)
+    dec.prefill([1, 2, 3])
+    with Record() as r:
+        with torch.no_grad(): dec._step_static()
+    bad = {o for o in r.ops if o.startswith(('aten.lift_fresh', 'aten._local_scalar_dense', 'aten.nonzero', 'aten.item'))}
+    assert not bad and int(dec.pos) == 4
+
+
+def test_bad_arguments():
+    m = model_of(11)
+    dec = StaticDecoder(m, 8)
+    with pytest.raises(ValueError, match='prefill'): dec.step(1)
+    with pytest.raises(ValueError, match='ids must be'): dec.prefill([])
+    with pytest.raises(ValueError, match='ids must be'): dec.prefill(torch.randn(3))
+    with pytest.raises(ValueError, match=r'\[0, vocab_size=97\)'): dec.prefill([1, 97])
+    with pytest.raises(ValueError, match='exceeds max_len'): dec.prefill(list(range(9)))
+    dec.prefill(list(range(7)))
+    dec.step(3)
+    with pytest.raises(ValueError, match='full'): dec.step(3)
+    with pytest.raises(ValueError, match='max_len must'): StaticDecoder(m, 0)
+    with pytest.raises(ValueError, match='model must'): StaticDecoder(torch.nn.Linear(2, 2), 8)
+    with pytest.raises(ValueError, match='max_new_tokens'): StaticDecoder(m, 8).generate([1], 0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='graphs=True'): StaticDecoder(m, 8, graphs=True)
+        with pytest.raises(RuntimeError, match='CUDA'): StaticDecoder(m, 8).capture()
+    assert isinstance(StaticDecoder(m, 8).stack, StaticStack)
