@@ -196,16 +196,13 @@ def score_items(model, items: list, batch_size: int = 16) -> tuple[list, list]:
 def record_density():
     """Collect attention density while active: yields a list that receives, per selection call (one per sparse
     layer and forward), a dict(n_keys, pairs, last_query) (see `infllmv2.attention_density`)."""
-    got, orig = [], IV2.select_auto
+    got = []
 
-    def measured(q, keys, kc, kc_coarse, n_keys, st):
-        idx = orig(q, keys, kc, kc_coarse, n_keys, st)
+    def measured(idx, n_keys, st):
         got.append(dict(n_keys=int(n_keys), pairs=IV2.attention_density(idx, n_keys, st.block_size),
                         last_query=IV2.attention_density(idx[:, -1:], n_keys, st.block_size)))
-        return idx
-    IV2.select_auto = measured
-    try: yield got
-    finally: IV2.select_auto = orig
+    with IV2.observe_selections(measured):
+        yield got
 
 # %% ../nbs/12_long_context.ipynb #a454f56b
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -24,6 +24,7 @@ from fastcore.basics import patch
 
 from .config import MiniCPM4Config
 from .checks import check_ids, check_attention_mask, check_length, check_finite
+from .io import check_state_dict
 
 # %% auto #0
 __all__ = ['REMOTE_CODE', 'AUTO_MAP', 'RMSNorm', 'rope_cos_sin', 'apply_rope', 'attention_backend', 'LayerCache', 'KVCache',
@@ -429,6 +430,11 @@ AUTO_MAP = {'AutoConfig': 'configuration_minicpm.MiniCPMConfig',
             'AutoModelForCausalLM': 'modeling_minicpm.MiniCPMForCausalLM'}
 
 # %% ../nbs/01_model.ipynb #3f443332
+# the files save_pretrained owns in a folder (everything else there is kept)
+_MODEL_FILES = re.compile(r'model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json|'
+                          r'configuration_minicpm\.py|modeling_minicpm\.py')
+
+
 def save_pretrained(model: MiniCPM4ForCausalLM, path, max_shard_size: int | str = '2GB', dtype=None,
                     remote_code: bool = True) -> Path:
     """Write config.json + safetensors (sharded with an index when larger than max_shard_size) to `path`.
@@ -436,8 +442,10 @@ def save_pretrained(model: MiniCPM4ForCausalLM, path, max_shard_size: int | str 
     `torch_dtype` in config.json is the dtype of the stored tensors. With `remote_code`, also write `auto_map` and
     the two remote-code files, so `transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`
     loads the folder (through `minicpm4_core.hf`)."""
-    from safetensors.torch import save_file
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    import contextlib
+    import shutil
+    from minicpm4_core.io import atomic_folder, save_safetensors_file
+    path = Path(path)
     cfg = model.config
     sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings: sd.pop('lm_head.weight', None)
@@ -448,26 +456,36 @@ def save_pretrained(model: MiniCPM4ForCausalLM, path, max_shard_size: int | str 
         if cur and size + nbytes > limit: shards.append(cur); cur, size = {}, 0
         cur[k] = v; size += nbytes
     shards.append(cur)
-    for old in path.glob('model*.safetensors*'): old.unlink()
-    if len(shards) == 1:
-        save_file(shards[0], path / 'model.safetensors', metadata={'format': 'pt'})
-    else:
-        weight_map, n = {}, len(shards)
-        for i, shard in enumerate(shards):
-            fname = f'model-{i + 1:05d}-of-{n:05d}.safetensors'
-            save_file(shard, path / fname, metadata={'format': 'pt'})
-            weight_map.update({k: fname for k in shard})
-        total = sum(v.numel() * v.element_size() for v in sd.values())
-        (path / 'model.safetensors.index.json').write_text(
-            json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))
     out = MiniCPM4Config.from_dict(cfg.to_dict())   # a copy: the model's own config is left as it is
     out.torch_dtype = str(sd['model.embed_tokens.weight'].dtype).removeprefix('torch.')
-    if remote_code:
-        out.extra['auto_map'] = dict(AUTO_MAP)
-        for name, text in REMOTE_CODE.items(): (path / name).write_text(text)
-    else:
-        out.extra.pop('auto_map', None)
-    out.save_pretrained(path)
+    # the folder changes as a whole or not at all: a full disk or a kill mid-save leaves the previous model loadable
+    # (an empty folder, e.g. one that an enclosing atomic write just made, has nothing to protect: written in place)
+    empty = path.is_dir() and not any(path.iterdir())
+    with (contextlib.nullcontext(path) if empty else atomic_folder(path)) as tmp:
+        if path.is_dir():   # keep what is not ours (a tokenizer, a README): hard links, no copies
+            for f in path.iterdir():
+                if _MODEL_FILES.fullmatch(f.name): continue
+                if f.is_dir(): shutil.copytree(f, tmp / f.name)
+                else:
+                    try: os.link(f, tmp / f.name)
+                    except OSError: shutil.copy2(f, tmp / f.name)
+        if len(shards) == 1:
+            save_safetensors_file(shards[0], tmp / 'model.safetensors', metadata={'format': 'pt'})
+        else:
+            weight_map, n = {}, len(shards)
+            for i, shard in enumerate(shards):
+                fname = f'model-{i + 1:05d}-of-{n:05d}.safetensors'
+                save_safetensors_file(shard, tmp / fname, metadata={'format': 'pt'})
+                weight_map.update({k: fname for k in shard})
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            (tmp / 'model.safetensors.index.json').write_text(
+                json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))
+        if remote_code:
+            out.extra['auto_map'] = dict(AUTO_MAP)
+            for name, text in REMOTE_CODE.items(): (tmp / name).write_text(text)
+        else:
+            out.extra.pop('auto_map', None)
+        out.save_pretrained(tmp)
     return path
 
 # %% ../nbs/01_model.ipynb #bfddcc4c
@@ -532,6 +550,12 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device='cpu', config
         raise ValueError(f"checkpoint at {path} does not match the config: missing keys {missing[:20]}"
                          f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
                          f"{' ...' if len(unexpected) > 20 else ''}")
+    # shapes against the config, and one dtype throughout (a stray tensor of another float dtype: cast, one warning)
+    want = getattr(torch, str(config.torch_dtype), None) if config.torch_dtype else None
+    meta = model.state_dict()
+    sd = check_state_dict({k: v for k, v in sd.items() if k in expected},
+                          {k: (tuple(meta[k].shape), want if meta[k].is_floating_point() else None)
+                           for k in expected if k in sd}, path, strict=False)
     sd = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items() if k in expected}
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()

@@ -1089,3 +1089,41 @@ def test_hf_remote_code_reading_names_the_file(tmp_path):
     cut = tmp_path / 'cut'; shutil.copytree(good, cut); _truncate(cut / 'model.safetensors')
     with pytest.raises(IO.IntegrityError, match=re.escape(str(cut / 'model.safetensors')) + ' is not a readable'):
         transformers.AutoModelForCausalLM.from_pretrained(str(cut), trust_remote_code=True)
+
+
+SAVE_SCRIPT = r'''
+import resource, signal, sys, torch
+from pathlib import Path
+from minicpm4_core.config import MiniCPM4Config
+from minicpm4_core.model import MiniCPM4ForCausalLM, save_pretrained
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # a full disk answers EFBIG instead of killing us
+out = Path(sys.argv[1])
+torch.manual_seed(1)
+b = MiniCPM4ForCausalLM(MiniCPM4Config.from_preset('tiny', vocab_size=300))
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))   # the weights (~0.5 MB) cannot be written
+try: save_pretrained(b, out); print('NO ERROR')
+except OSError as e: print('OSError', e)
+'''
+
+
+def test_save_pretrained_is_atomic_and_keeps_other_files(tmp_path):
+    "A full disk during save_pretrained leaves the previous model loadable; files that are not the model's stay."
+    import subprocess
+    from minicpm4_core.model import load_pretrained, save_pretrained
+    torch.manual_seed(0)
+    a = MiniCPM4ForCausalLM(MiniCPM4Config.from_preset('tiny', vocab_size=300))
+    save_pretrained(a, tmp_path / 'm')
+    (tmp_path / 'm' / 'tokenizer.json').write_text('{"keep": true}')
+    r = subprocess.run([sys.executable, '-c', SAVE_SCRIPT, str(tmp_path / 'm')], capture_output=True, text=True,
+                       timeout=300)
+    assert 'OSError' in r.stdout, r.stdout + r.stderr[-2000:]
+    back = load_pretrained(tmp_path / 'm')
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), back.state_dict().values()))
+    assert (tmp_path / 'm' / 'tokenizer.json').read_text() == '{"keep": true}'
+    torch.manual_seed(2)
+    c = MiniCPM4ForCausalLM(MiniCPM4Config.from_preset('tiny', vocab_size=300))
+    save_pretrained(c, tmp_path / 'm')                    # a successful save replaces the model, keeps the tokenizer
+    back = load_pretrained(tmp_path / 'm')
+    assert all(torch.equal(x, y) for x, y in zip(c.state_dict().values(), back.state_dict().values()))
+    assert (tmp_path / 'm' / 'tokenizer.json').exists()

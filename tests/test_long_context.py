@@ -147,17 +147,10 @@ def _tiny(tok, seed=0):
 def test_density_matches_an_independent_count(tok, hay):
     cfg = LC.LCConfig.for_profile('ci', long_len=256, dense_len=64)
     m = LC.set_attention(_tiny(tok), cfg.sparse_config()).eval()
-    seen, orig = [], IV2.select_auto
-
-    def capture(q, keys, kc, kcc, n, st):
-        idx = orig(q, keys, kc, kcc, n, st)
-        seen.append((idx.clone(), n)); return idx
-    IV2.select_auto = capture
-    try:
+    seen = []
+    with IV2.observe_selections(lambda idx, n, st: seen.append((idx.clone(), n))):
         with LC.record_density() as got, torch.no_grad():
             m(torch.randint(4, tok.vocab_size, (1, 256)))
-    finally:
-        IV2.select_auto = orig
     assert len(got) == len(seen) == m.config.num_hidden_layers
     bs = cfg.block_size
     for g, (idx, n) in zip(got, seen):

@@ -374,3 +374,23 @@ def test_model_boundary_checks():
     with torch.no_grad(): m.model.layers[0].mlp.down_proj.weight[0, 0] = float('nan')
     with pytest.raises(NonFiniteError, match='logits'):
         m.generate([1, 2, 3], 3)
+
+
+def test_load_pretrained_checks_shapes_and_dtypes(tmp_path):
+    "A tensor stored in another dtype is cast with one warning; a tensor of another shape is refused, naming it."
+    import warnings
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    m = MiniCPM4ForCausalLM(MiniCPM4Config.from_preset('tiny', vocab_size=64))
+    save_pretrained(m, tmp_path / 'a')
+    sd = load_file(tmp_path / 'a' / 'model.safetensors')
+    sd['model.norm.weight'] = sd['model.norm.weight'].to(torch.float16)
+    save_file(sd, tmp_path / 'a' / 'model.safetensors', metadata={'format': 'pt'})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        back = load_pretrained(tmp_path / 'a')
+    assert back.model.norm.weight.dtype == torch.float32 and any('model.norm.weight' in str(x.message) for x in w)
+    sd['model.norm.weight'] = torch.randn(7)
+    save_file(sd, tmp_path / 'a' / 'model.safetensors', metadata={'format': 'pt'})
+    with pytest.raises(ValueError, match='model.norm.weight'):
+        load_pretrained(tmp_path / 'a')
