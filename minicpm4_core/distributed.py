@@ -36,7 +36,7 @@ from . import data as D
 from .config import MiniCPM4Config
 from .io import IntegrityError, atomic_folder, read_json, recover_folder, verify_manifest, write_manifest
 from .model import MiniCPM4ForCausalLM, save_pretrained
-from .train import (RUN_FIELDS, SCHEDULE_FIELDS, NonFiniteError, TrainConfig, TrainResult, eval_loss, lm_loss,
+from .train import (NonFiniteError, check_resume, TrainConfig, TrainResult, eval_loss, lm_loss,
                     mup_param_groups, rng_state, rows_fingerprint, set_rng_state, wsd_lr)
 
 # %% auto #0
@@ -179,32 +179,10 @@ def _gather(obj, ctx):
 
 # %% ../nbs/08_distributed.ipynb #b7f4b42b
 def check_sharded_resume(path, model, cfg: TrainConfig, rows_fp: dict | None = None) -> dict:
-    "Verify a sharded checkpoint against the run about to continue (same rules as `train.check_resume`)."
-    from minicpm4_core.train import _schedule_diff
-    path = recover_folder(Path(path))
-    if not path.exists(): raise FileNotFoundError(f"resume_from: checkpoint folder {path} does not exist")
-    verify_manifest(path, required=('trainer_state.json', 'config.json', 'dcp/.metadata'))
-    st = read_json(path / 'trainer_state.json', 'checkpoint state')
-    if st.get('format') != FSDP_CKPT_FORMAT or st.get('version') != FSDP_CKPT_VERSION:
-        raise IntegrityError(f"{path / 'trainer_state.json'} is not a {FSDP_CKPT_FORMAT} v{FSDP_CKPT_VERSION} "
-                             f"checkpoint (format {st.get('format')!r}, version {st.get('version')!r})")
-    old, new = st['train_config'], asdict(cfg)
-    for k in RUN_FIELDS:
-        if old.get(k) != new[k]:
-            raise ValueError(f"resume_from {path}: the checkpoint was trained with {k}={old.get(k)!r}, this run has "
-                             f"{k}={new[k]!r}; that changes the run")
-    s = _schedule_diff(old, cfg, st['step'])
-    if s is not None:
-        raise ValueError(f"resume_from {path}: the learning-rate schedule changed at step {s}, already taken")
-    if rows_fp is not None and st.get('rows') and st['rows'] != rows_fp:
-        raise ValueError(f"resume_from {path}: the training rows differ from the checkpoint's")
-    saved, cur = read_json(path / 'config.json', 'model config'), json.loads(json.dumps(model.config.to_dict()))
-    diff = sorted(k for k in set(saved) & set(cur) if saved[k] != cur[k])
-    if diff: raise ValueError(f"resume_from {path}: the model differs from the checkpoint's in "
-                              + ', '.join(f"{k} ({saved[k]!r} vs {cur[k]!r})" for k in diff[:5]))
-    if st['step'] > cfg.steps:
-        raise ValueError(f"resume_from {path}: the checkpoint is at step {st['step']}, beyond steps={cfg.steps}")
-    return st
+    "Verify a sharded checkpoint against the run about to continue: `train.check_resume`'s rules, this layout's files."
+    return check_resume(path, model, cfg, rows_fp, kind=(FSDP_CKPT_FORMAT, FSDP_CKPT_VERSION),
+                        required=('trainer_state.json', 'config.json', 'dcp/.metadata'))
+
 
 # %% ../nbs/08_distributed.ipynb #c677f511
 def load_sharded_checkpoint(path, model, opt, cfg: TrainConfig, ctx: DistContext, rows_fp: dict | None = None) -> dict:

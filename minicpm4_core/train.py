@@ -223,14 +223,19 @@ def _schedule_diff(old: dict, cfg: TrainConfig, upto: int) -> int | None:
     return None
 
 # %% ../nbs/03_train.ipynb #a5fd41b0
-def check_resume(path, model, cfg: TrainConfig, rows_fp: dict | None = None, allow_changes: Iterable[str] = ()) -> dict:
-    "Verify checkpoint `path` against the run about to continue; returns its trainer_state.json (see the lesson above)."
+def check_resume(path, model, cfg: TrainConfig, rows_fp: dict | None = None, allow_changes: Iterable[str] = (), *,
+                 kind: tuple = (CKPT_FORMAT, CKPT_VERSION),
+                 required: tuple = ('config.json', 'trainer_state.pt', 'trainer_state.json')) -> dict:
+    """Verify checkpoint `path` against the run about to continue; returns its trainer_state.json (see the lesson above).
+    `kind` (format, version) and `required` files let other checkpoint layouts (the sharded ones of notebook 08) share
+    the same rules."""
+    fmt, version = kind
     path = recover_folder(Path(path))
     if not path.exists(): raise FileNotFoundError(f"resume_from: checkpoint folder {path} does not exist")
-    verify_manifest(path, required=('config.json', 'trainer_state.pt', 'trainer_state.json'))
+    verify_manifest(path, required=required)
     st = read_json(path / 'trainer_state.json', 'checkpoint state')
-    if st.get('format') != CKPT_FORMAT or st.get('version') != CKPT_VERSION:
-        raise IntegrityError(f"{path / 'trainer_state.json'} is not a {CKPT_FORMAT} v{CKPT_VERSION} checkpoint "
+    if st.get('format') != fmt or st.get('version') != version:
+        raise IntegrityError(f"{path / 'trainer_state.json'} is not a {fmt} v{version} checkpoint "
                              f"(format {st.get('format')!r}, version {st.get('version')!r})")
     allow, old = set(allow_changes), st['train_config']
     unknown = allow - set(RUN_FIELDS) - set(SCHEDULE_FIELDS) - {'rows'}
