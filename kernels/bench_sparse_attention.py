@@ -231,6 +231,12 @@ def bench_length(N, dev, args):
             del m2
             attempt('sparse_fwd_own_lists_ms',
                     lambda: timeit(lambda: sk.sparse_attention(q, k, v, own, M, config=cfg), budget, max_reps=5), R)
+            def own_bwd():
+                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                with torch.enable_grad():
+                    o = sk.sparse_attention(qg, kg, vg, own, M, config=cfg)
+                return timeit(lambda: torch.autograd.grad(o, (qg, kg, vg), do, retain_graph=True), budget, max_reps=3)
+            attempt('sparse_bwd_own_lists_ms', own_bwd, R)
             attempt('prefill_approx_own_lists_ms',
                     lambda: timeit(lambda: sk.sparse_attention(q, k, v, sk.prefill_select(
                         q, k, TOPK, **GEO, lse_approx=True, config=cfg), M, config=cfg), budget, max_reps=5), R)
@@ -277,6 +283,23 @@ def bench_length(N, dev, args):
                                                           enable_gqa=True) for c in caches]
     se_fns = [lambda c=c, kc_=kc_: sk.decode_select(c[2], kc_, seq, TOPK, **GEO, num_blocks=nbk, config=cfg)
               for c, kc_ in zip(caches, kcs)]
+    st_fns = [lambda c=c, kc_=kc_: sk.sparse_decode(c[2], c[0], c[1], sk.decode_select(
+        c[2], kc_, seq, TOPK, **GEO, num_blocks=nbk, config=cfg), seq, M, config=cfg) for c, kc_ in zip(caches, kcs)]
+    ds_fns = [lambda c=c, kc_=kc_: sk.decode_step(c[2], c[2], c[0], c[1], kc_, seq, TOPK, **GEO, num_blocks=nbk,
+                                                  config=cfg) for c, kc_ in zip(caches, kcs)]
+    attempt('decode_step_graph_us', lambda: 1e3 * graph_time(ds_fns), R)      # selection + attention, one step
+    attempt('decode_step_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in ds_fns], 200) / nrot, R)
+    attempt('decode_wrappers_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in st_fns], 200) / nrot, R)
+
+    def host_us(fns, n=10):   # Python + launch time on the host alone (the GPU queue absorbs the work)
+        sync(); t0 = time.perf_counter()
+        for _ in range(n):
+            for f in fns: f()
+        t = time.perf_counter() - t0; sync()
+        return 1e6 * t / (n * len(fns))
+    for nm, fns in (('decode_step', ds_fns), ('decode_wrappers', st_fns), ('decode_select', se_fns),
+                    ('sparse_decode', sp_fns), ('dense', de_fns)):
+        attempt(f'host_us_{nm}', lambda fns=fns: host_us(fns), R)
     attempt('decode_sparse_graph_us', lambda: 1e3 * graph_time(sp_fns), R)
     attempt('decode_dense_graph_us', lambda: 1e3 * graph_time(de_fns), R)
     attempt('decode_select_graph_us', lambda: 1e3 * graph_time(se_fns), R)
@@ -296,6 +319,106 @@ def bench_length(N, dev, args):
         attempt(f'decode_dense_{be_name.lower()}_eager_us', dense_be, R)
     del caches, kcs
     torch.cuda.empty_cache()
+
+
+def smooth_q(N, dev, dt, width=64, seed=0):
+    """Synthetic queries whose neighbours overlap like a real model's (NOT a model's q): a moving sum of `width`
+    i.i.d. normals, so tokens t and t+d share 1 - d/width of their terms; scaled to unit variance."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    e = torch.randn(1, N + width, H, D, device=dev, generator=g)
+    c = e.cumsum(1)
+    return ((c[:, width:] - c[:, :N]) / width ** 0.5).to(dt)
+
+
+def per_token(N, dev, args):
+    """Per-token lists (what the model computes) from stage 1 on (a) random q/k and (b) smooth synthetic q: the
+    tile union and the forward/backward time per tile size (tokens per tile x 16 heads)."""
+    P = RES.setdefault('per_token', {}).setdefault(str(N), {})
+    dt = torch.bfloat16
+    torch.manual_seed(N + 7)
+    k = torch.randn(1, N, HKV, D, device=dev, dtype=dt)
+    v = torch.randn(1, N, HKV, D, device=dev, dtype=dt)
+    do = torch.randn(1, N, H, D, device=dev, dtype=dt)
+    for src in ('random', 'smooth'):
+        q = torch.randn(1, N, H, D, device=dev, dtype=dt) if src == 'random' else smooth_q(N, dev, dt)
+        S = P.setdefault(src, {})
+        with torch.no_grad():
+            lists = sk.prefill_select(q, k, TOPK, **GEO, lse_approx=True)
+            S['useful_keys_per_head'] = useful_keys(lists, N)
+            for tt in args.tiles:
+                m_ = sk._Meta(q, k, lists, M, None, tt)
+                S[f'union_mean_blocks_tt{tt}'] = float(m_.cnt.float().mean())
+                del m_
+                attempt(f'fwd_ms_tt{tt}', lambda tt=tt: timeit(lambda: sk.sparse_attention(
+                    q, k, v, lists, M, tile_tokens=tt), args.budget, max_reps=5), S)
+        for tt in args.bwd_tiles:
+            def bwd(tt=tt):
+                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                o = sk.sparse_attention(qg, kg, vg, lists, M, tile_tokens=tt)
+                return timeit(lambda: torch.autograd.grad(o, (qg, kg, vg), do, retain_graph=True), args.budget,
+                              max_reps=3)
+            attempt(f'bwd_ms_tt{tt}', bwd, S)
+        del q, lists
+        torch.cuda.empty_cache()
+
+
+def model_level(dev, args):
+    """8B-shape MiniCPM4ForCausalLM (random bf16 weights): forward with vs without sparse_config, and cached greedy
+    decoding steps (eager) at a long context."""
+    from minicpm4_core.config import MiniCPM4Config
+    from minicpm4_core.model import MiniCPM4ForCausalLM
+    from minicpm4_core.config import default_sparse_config
+    MR = RES.setdefault('model', {})
+    for L, layers in args.model_prefill:
+        cfg = MiniCPM4Config.minicpm4_8b(num_hidden_layers=layers, max_position_embeddings=max(32768, L + 1024))
+        torch.manual_seed(0)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(dev):
+            model = MiniCPM4ForCausalLM(cfg).eval()
+        torch.set_default_dtype(old)
+        ids = torch.randint(3, cfg.vocab_size, (1, L), device=dev)
+        R = MR.setdefault(f'prefill_{L}', dict(layers=layers))
+        for name, sc in (('dense', None), ('sparse', default_sparse_config())):
+            model.config.sparse_config = sc
+            with torch.no_grad():
+                attempt(f'{name}_ms', lambda: timeit(lambda: model(ids), 1, min_reps=2, max_reps=2), R)
+        R['x'] = R['dense_ms'] / R['sparse_ms'] if all(isinstance(R.get(f'{n}_ms'), float) for n in ('dense', 'sparse')) else None
+        print(f'  model prefill {L} ({layers} layers): x {R["x"]}', flush=True)
+        if L in args.model_decode:
+            D_ = MR.setdefault(f'decode_{L}', dict(layers=layers, steps=args.decode_steps))
+            try:
+                decode_at(model, cfg, ids, L, D_, dev, args)
+            except Exception as ex:   # record and carry on
+                D_['error'] = f'{type(ex).__name__}: {str(ex)[:300]}'
+                traceback.print_exc(limit=3)
+            print(f'  model decode {L}: {D_}', flush=True)
+        save()
+        del model
+        torch.cuda.empty_cache()
+
+
+def decode_at(model, cfg, ids, L, D_, dev, args):
+    "Prefill L tokens (dense) into a cache, then time eager greedy steps: dense, then sparse (after 2 warm-up steps)."
+    from minicpm4_core.config import default_sparse_config
+    if True:
+            cache = model.new_cache(1, L + 2 * args.decode_steps + 8)
+            model.config.sparse_config = None
+            with torch.no_grad():
+                model(ids, cache=cache)
+                tok = torch.randint(3, cfg.vocab_size, (1, 2 * args.decode_steps + 8), device=dev)
+                j = 0
+                for name, sc in (('dense', None), ('sparse', default_sparse_config())):
+                    model.config.sparse_config = sc
+                    for _ in range(2):                                # warm-up (the sparse one builds its cache)
+                        model(tok[:, j:j + 1], cache=cache); j += 1
+                    sync(); t0 = time.perf_counter()
+                    for _ in range(args.decode_steps):
+                        model(tok[:, j:j + 1], cache=cache); j += 1
+                    sync()
+                    D_[f'{name}_ms_per_token'] = 1e3 * (time.perf_counter() - t0) / args.decode_steps
+            D_['x'] = D_['dense_ms_per_token'] / D_['sparse_ms_per_token']
+            del cache
 
 
 def variants(N, dev, args):
@@ -383,11 +506,19 @@ def table():
             decode_dense_us=g('decode_dense_graph_us'), decode_sparse_us=g('decode_sparse_graph_us'),
             decode_x=g('decode_dense_graph_us') / g('decode_sparse_graph_us'),
             decode_select_us=g('decode_select_graph_us'),
+            decode_step_us=g('decode_step_graph_us'), decode_step_eager_us=g('decode_step_eager_us'),
+            decode_dense_eager_us=g('decode_dense_eager_us'),
+            decode_step_x_graph=g('decode_dense_graph_us') / g('decode_step_graph_us'),
+            decode_step_x_eager=g('decode_dense_eager_us') / g('decode_step_eager_us'),
             TFLOPs_dense_fwd=Fl['dense_fwd'] / dense_f / 1e9, TFLOPs_sparse_fwd=Fl['sparse_fwd'] / g('sparse_fwd_ms') / 1e9,
             TFLOPs_dense_bwd=Fl['dense_bwd'] / dense_b / 1e9, TFLOPs_sparse_bwd=Fl['sparse_bwd'] / g('sparse_bwd_ms') / 1e9,
             TFLOPs_flex_fwd=Fl['sparse_fwd'] / g('flex_fwd_ms') / 1e9,
             TFLOPs_stage1_exact=2 * Fl['stage1_pass'] / g('stage1_exact_ms') / 1e9,
-            own_lists_fwd_ms=g('sparse_fwd_own_lists_ms'), own_lists_prefill_ms=g('prefill_approx_own_lists_ms')))
+            own_lists_fwd_ms=g('sparse_fwd_own_lists_ms'), own_lists_prefill_ms=g('prefill_approx_own_lists_ms'),
+            own_lists_bwd_ms=g('sparse_bwd_own_lists_ms'),
+            own_lists_prefill_x=dense_f / g('prefill_approx_own_lists_ms'),
+            own_lists_bwd_x=dense_b / g('sparse_bwd_own_lists_ms'),
+            own_lists_fwd_vs_flex=g('flex_fwd_ms') / g('sparse_fwd_own_lists_ms')))
     RES['table'] = rows
     save()
     return rows
@@ -419,6 +550,42 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+def summary(folder):
+    "issue12_summary.png from folder's bench_sparse_attention.json (table) and per_token_model.json (model level)."
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    m = json.load(open(os.path.join(folder, 'bench_sparse_attention.json')))
+    pm = json.load(open(os.path.join(folder, 'per_token_model.json')))
+    rows = m['table']
+    Ns = [r['N'] // 1024 for r in rows]
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.5))
+    for key, lab in (('dense_fwd_ms', 'dense SDPA fwd'), ('flex_fwd_ms', 'FlexAttention (block-shared lists)'),
+                     ('sparse_fwd_ms', 'ours fwd, block-shared lists'), ('own_lists_fwd_ms', 'ours fwd, per-token lists'),
+                     ('own_lists_prefill_ms', 'ours stage1+topk+fwd, per-token')):
+        ax[0].plot(Ns, [r[key] for r in rows], 'o-', label=lab)
+    ax[0].set(xlabel='context (K tokens)', ylabel='ms', title='prefill forward', yscale='log')
+    for key, lab in (('dense_bwd_ms', 'dense SDPA bwd'), ('sparse_bwd_ms', 'ours bwd, block-shared'),
+                     ('own_lists_bwd_ms', 'ours bwd, per-token')):
+        ax[1].plot(Ns, [r[key] for r in rows], 'o-', label=lab)
+    ax[1].set(xlabel='context (K tokens)', ylabel='ms', title='backward', yscale='log')
+    for key, lab in (('decode_dense_us', 'dense decode (graph)'), ('decode_step_us', 'sparse step (graph)'),
+                     ('decode_dense_eager_us', 'dense decode (eager)'), ('decode_step_eager_us', 'sparse step (eager)')):
+        ax[2].plot(Ns, [r[key] for r in rows], 'o-', label=lab)
+    ax[2].set(xlabel='cache (K tokens)', ylabel='us per step', title='decode step: selection + attention', yscale='log')
+    names, vals = [], []
+    for k_, v_ in pm.get('model', {}).items():
+        if isinstance(v_.get('x'), float): names.append(f"{k_}\n({v_['layers']} layers)"); vals.append(v_['x'])
+    ax[3].bar(range(len(vals)), vals, color=['tab:blue' if v >= 1 else 'tab:red' for v in vals])
+    ax[3].axhline(1.0, color='k', lw=0.8)
+    ax[3].set_xticks(range(len(vals)), names, fontsize=8)
+    ax[3].set(ylabel='dense time / sparse time', title='8B-shape model, random weights')
+    for a in ax[:3]: a.legend(fontsize=7)
+    fig.suptitle(f"InfLLM v2, issue 12, {m['device']}: B=1 H=32 Hkv=2 D=128 bf16, 64 top-k + 32 window blocks of 64")
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, 'issue12_summary.png'), dpi=100)
+
+
 def main():
     global OUT
     ap = argparse.ArgumentParser()
@@ -428,7 +595,17 @@ def main():
     ap.add_argument('--variants', type=int, default=131072, help='length for the launch-setting variants (0: none)')
     ap.add_argument('--smoke', action='store_true')
     ap.add_argument('--sections', nargs='+', default=['dense', 'sparse', 'stage1', 'flex', 'decode'])
+    ap.add_argument('--per-token', type=int, nargs='*', default=[], help='lengths for the per-token tile sweep')
+    ap.add_argument('--tiles', type=int, nargs='+', default=[1, 2, 4, 8])
+    ap.add_argument('--bwd-tiles', type=int, nargs='*', default=[8])
+    ap.add_argument('--model-prefill', nargs='*', default=[], help='L:layers pairs, e.g. 32768:32 131072:8')
+    ap.add_argument('--model-decode', type=int, nargs='*', default=[], help='prefill lengths that also decode')
+    ap.add_argument('--decode-steps', type=int, default=16)
+    ap.add_argument('--check-only', action='store_true', help='only the per-token / model parts (no main table)')
+    ap.add_argument('--summary', default=None, help='only draw issue12_summary.png from the JSONs in this folder')
     args = ap.parse_args()
+    if args.summary: return summary(args.summary)
+    args.model_prefill = [tuple(int(x) for x in p.split(':')) for p in args.model_prefill]
     if args.smoke:   # a quick dry run of the script itself (CPU interpreter): tiny heads
         global H, HKV, D, G, LOCAL, K, TOPK
         H, HKV, D, LOCAL, TOPK = 4, 2, 32, 2, 4
@@ -457,6 +634,13 @@ def main():
         attempt('ceilings', lambda: ceilings(dev), RES)
     if args.variants:
         variants(args.variants, dev, args)
+    if args.model_prefill:
+        model_level(dev, args)
+    for N in args.per_token:
+        per_token(N, dev, args)
+    if args.check_only:
+        RES['finished'] = time.strftime('%Y-%m-%d %H:%M:%S'); save()
+        print(json.dumps({k: RES.get(k) for k in ('per_token', 'model')}, indent=0, default=str)); return
     for N in args.lengths:
         bench_length(N, dev, args)
     rows = table()

@@ -39,11 +39,15 @@ ROTATE_BYTES = 256 * 2**20      # each timed graph cycles through weight copies 
 GEMV = [W4A16Config('gemv', 1, bn, bk, sk, w, 1)
         for (bn, bk, w) in [(128, 128, 4), (64, 128, 4), (256, 128, 8), (128, 64, 4), (256, 64, 4), (128, 128, 8)]
         for sk in (1, 2, 4, 8, 16)]
+GEMV16 = [W4A16Config('gemv16', 1, bn, bk, sk, w, st)        # fp16-lane (Marlin-style) conversion, session 3
+          for (bn, bk, w, st) in [(128, 128, 4, 2), (64, 128, 4, 2), (256, 64, 4, 2), (128, 64, 4, 3)]
+          for sk in (1, 2, 4, 8)]
 GEMM_SMALL = [W4A16Config('gemm', 16, bn, bk, sk, w, st)
               for (bn, bk, w, st) in [(64, 128, 4, 3), (32, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 4, 3)]
               for sk in (1, 2, 4, 8)]
 GEMM_PREFILL = [W4A16Config('gemm', bm, bn, bk, 1, w, st)
                 for (bm, bn, bk, w, st) in [(128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4)]]
+DEQUANT = [W4A16Config('dequant', 1, bn, 64, 1, w, 1) for (bn, w) in [(64, 4), (128, 4), (128, 8)]]  # + cuBLAS
 
 
 def bench(fn, rep):
@@ -98,7 +102,7 @@ def main():
         for M in Ms:
             x = torch.randn(M, K, device='cuda').to(torch.bfloat16)
             ref = (x.float() @ Wf).double()
-            cands = GEMV + GEMM_SMALL if M == 1 else GEMM_SMALL if M <= 16 else GEMM_PREFILL
+            cands = GEMV + GEMV16 + GEMM_SMALL if M == 1 else GEMM_SMALL if M <= 16 else GEMM_PREFILL + DEQUANT
             dflt = default_config(M, N, K, G, torch.device('cuda'))
             cands = [dflt] + [c for c in cands if c != dflt]
             case_budget = (args.budget - (time.time() - t_start)) / (n_cases - len(results))
@@ -126,6 +130,10 @@ def main():
                     rec['error'] = f"{type(e).__name__}: {str(e)[:300]}"
                 tried.append(rec)
             ok = [r for r in tried if 'us' in r and r.get('rel_err_2nd', 1) <= 1e-2]
+            by_kernel = {}                                            # the best time of each kernel family
+            for r in ok:
+                k = r['config']['kernel']
+                if k not in by_kernel or r['us'] < by_kernel[k]['us']: by_kernel[k] = dict(us=r['us'], config=r['config'])
             if not ok:
                 print(f"K={K} N={N} M={M}: no config passed; errors: {[r.get('error') for r in tried][:3]}")
                 results.append(dict(K=K, N=N, M=M, candidates=tried, failed=True))
@@ -146,13 +154,15 @@ def main():
                        w4a16_us=t_q, bf16_linear_us=t_l, bf16_matmul_us=t_m, speedup=tb / tq,
                        ideal_speedup_bytes=by['bf16'] / by['w4a16'], w4a16_GBps=by['w4a16'] / (tq * 1e-6) / 1e9,
                        bf16_GBps=by['bf16'] / (tb * 1e-6) / 1e9, rel_err=best['rel_err'], eager_do_bench=eager,
-                       rotating_sets=dict(w4a16=n_q, bf16=n_b), candidates=tried)
+                       rotating_sets=dict(w4a16=n_q, bf16=n_b), best_by_kernel=by_kernel, candidates=tried)
             results.append(row)
             print(f"K={K:>5} N={N:>5} M={M:>4}: w4a16 {tq:8.1f} us  bf16 {tb:8.1f} us  x{tb / tq:5.2f}  "
                   f"(best {best['config']['kernel']} bm={best['config']['block_m']} bn={best['config']['block_n']} "
                   f"bk={best['config']['block_k']} split={best['config']['split_k']} w={best['config']['num_warps']} "
                   f"st={best['config']['num_stages']}; default {t_d:.1f} us; eager {eager['w4a16_us']:.1f} vs "
                   f"{eager['bf16_linear_us']:.1f} us; {len(ok)}/{len(tried)} timed; {time.time() - t_start:.0f} s)",
+                  flush=True)
+            print('    best per kernel: ' + ', '.join(f"{k} {v['us']:.1f} us (x{tb / v['us']:.2f})" for k, v in by_kernel.items()),
                   flush=True)
             del ref
             dump(env, bw, results, t_start, args.out)

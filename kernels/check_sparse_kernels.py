@@ -159,7 +159,24 @@ def check_decode(case, dev, gen):
         ea = rel(o[b], oref)
         res['score_rel'].append(e); res['same_sel'].append(same); res['attn_rel'].append(ea)
         ok = ok and pat and e <= 1e-2 and same and ea <= 1e-2
-    res['ok'] = ok
+    # the model's fused path: decode_step == decode_select + sparse_decode, bit for bit (same kernels)
+    o2, idx2 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m))
+    res['decode_step_same'] = bool(torch.equal(idx2, idx)) and bool(torch.equal(o2, o))
+    # T = 3 new tokens of each sequence as 3 query rows of one cache row (cached steps of a few tokens)
+    T = 3
+    q3 = torch.randn(B * T, H, D, generator=gen).to(dev, dt)
+    seq3 = (seq[:, None] - T + 1 + torch.arange(T, device=dev)[None]).reshape(-1).int()
+    o3, idx3 = sk.decode_step(q3, q3, kc, vc, comp, seq3, topk, **geo, num_blocks=-(-Nmax // m), queries_per_row=T)
+    same3, e3 = True, 0.0
+    for b, L in enumerate(lens):
+        qq = q3[b * T:(b + 1) * T][None]
+        ridx = iv.attention_blocks(iv.select_blocks(iv.block_scores(qq, kc[b:b + 1, :L], **geo), topk), L, m,
+                                   geo['local_blocks'], sel)[0]
+        same3 = same3 and bool(torch.equal(idx3[b * T:(b + 1) * T], ridx))
+        oref = iv.sparse_attention_ref(qq.float(), kc[b:b + 1, :L].float(), vc[b:b + 1, :L].float(), ridx[None], m)[0]
+        e3 = max(e3, rel(o3[b * T:(b + 1) * T], oref))
+    res['qper3_same_sel'], res['qper3_attn_rel'] = same3, e3
+    res['ok'] = ok and res['decode_step_same'] and same3 and e3 <= 1e-2
     return res
 
 
@@ -231,7 +248,8 @@ def main():
         r = check_decode(c, dev, gen)
         results['decode'].append(r)
         print('decode', c[0], 'scores', ['%.1e' % e for e in r['score_rel']], 'same_sel', r['same_sel'],
-              'attn', ['%.1e' % e for e in r['attn_rel']], 'OK' if r['ok'] else 'FAIL', flush=True)
+              'attn', ['%.1e' % e for e in r['attn_rel']], 'decode_step', r['decode_step_same'], 'T=3 rows',
+              r['qper3_same_sel'], '%.1e' % r['qper3_attn_rel'], 'OK' if r['ok'] else 'FAIL', flush=True)
     results['all_ok'] = all(r['ok'] for k in ('attention', 'stage1', 'decode') for r in results[k])
     results['seconds'] = time.time() - t0
     print('ALL OK' if results['all_ok'] else 'SOME CHECKS FAILED', f"({results['seconds']:.0f} s)")

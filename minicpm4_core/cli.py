@@ -18,9 +18,34 @@ from .runner import render_readme, run_notebooks
 # %% auto #0
 __all__ = ['main']
 
+# %% ../nbs/04c_cli.ipynb #1450ee0a
+def _generate_parser(sub) -> None:
+    g = sub.add_parser('generate', help='generate text with the inference engine (notebook 80) from a model folder')
+    g.add_argument('--model', required=True, help='a MiniCPM4 folder (config.json + safetensors) or a hub name')
+    g.add_argument('--prompt', default=None, help='prompt text (needs a tokenizer in the folder, or --tokenizer)')
+    g.add_argument('--prompt-ids', default=None, help="prompt token ids instead of text, e.g. '1,2,3'")
+    g.add_argument('--max-new-tokens', type=int, default=32)
+    g.add_argument('--quant', choices=['none', 'w4a16', 'ternary'], default='none',
+                   help='pack the linears (round-to-nearest int4 / absmean ternary) unless the folder is packed')
+    g.add_argument('--sparse', choices=['auto', 'dense', 'on'], default='auto',
+                   help="auto: the model's attention; dense: force dense; on: require InfLLM v2")
+    g.add_argument('--spec', default=None, metavar='DRAFT', help='FR-Spec: a trained EagleDraft state-dict file')
+    g.add_argument('--spec-vocab', default=None, metavar='FILE', help='its FreqVocab file (default: full LM head)')
+    g.add_argument('--temperature', type=float, default=0.0)
+    g.add_argument('--top-k', type=int, default=None)
+    g.add_argument('--top-p', type=float, default=None)
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--no-stop', action='store_true', help='ignore the end-of-sequence token')
+    g.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
+    g.add_argument('--dtype', choices=['auto', 'float32', 'bfloat16', 'float16'], default='auto')
+    g.add_argument('--max-len', type=int, default=None, help='KV slots (default: prompt + new tokens + draft room)')
+    g.add_argument('--chunk', type=int, default=1024, help='prefill chunk (tokens)')
+    g.add_argument('--tokenizer', default=None, help='tokenizer folder (default: the model folder)')
+    g.add_argument('--json', action='store_true', help='print one JSON object (ids, text, timing, memory)')
+
 # %% ../nbs/04c_cli.ipynb #442eaf01
 def _parser() -> argparse.ArgumentParser:
-    "The `minicpm4` command line: run, docs, profiles, readme."
+    "The `minicpm4` command line: run, docs, profiles, readme, generate."
     ap = argparse.ArgumentParser(prog='minicpm4', description='minicpm4_core command line')
     sub = ap.add_subparsers(dest='cmd', required=True)
     r = sub.add_parser('run', help='execute the notebooks with papermill under a profile and write a report')
@@ -43,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument('--screenshots', default=None, metavar='DIR',
                    help='then open the index, a technique page and the report in headless Chromium; PNGs into DIR')
     d.add_argument('--verbose', action='store_true', help="show mkdocs' log")
+    _generate_parser(sub)
     return ap
 
 # %% ../nbs/04c_cli.ipynb #334d5947
@@ -62,12 +88,74 @@ def _docs_command(a) -> int:
                   + ''.join(f"\n    missing: {m}" for m in s['missing']))
     return 1 if bad else 0
 
+# %% ../nbs/04c_cli.ipynb #7c11ce7b
+def _parse_ids(s: str) -> list[int]:
+    try: ids = [int(t) for t in s.replace(',', ' ').split()]
+    except ValueError: raise ValueError(f"--prompt-ids must be integers separated by commas or spaces, got {s!r}") from None
+    if not ids: raise ValueError("--prompt-ids is empty")
+    return ids
+
+
+def _load_tokenizer(path):
+    try:
+        from transformers import AutoTokenizer
+        # trust_remote_code=False: a folder with auto_map (ours) would otherwise prompt on stdin
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:   # no tokenizer files, no transformers, a broken file: one message
+        raise ValueError(f"--prompt needs a tokenizer in {path} (tokenizer.json / tokenizer_config.json) and the "
+                         f"transformers package ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                         "pass --tokenizer DIR, or --prompt-ids") from None
+
+# %% ../nbs/04c_cli.ipynb #d3c0ff01
+def _generate_command(a) -> int:
+    import json, time
+    import torch
+    from minicpm4_core.engine import Engine, load_draft
+    from minicpm4_core.model import load_pretrained
+    def fail(msg):
+        print(f"minicpm4 generate: {msg}", file=sys.stderr); return 2
+    if (a.prompt is None) == (a.prompt_ids is None): return fail("give exactly one of --prompt TEXT and --prompt-ids IDS")
+    if a.max_new_tokens < 1: return fail(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if a.spec_vocab and not a.spec: return fail("--spec-vocab needs --spec DRAFT")
+    dev = a.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if dev not in ('cpu', 'cuda') and not dev.startswith('cuda:'): return fail(f"--device must be cpu or cuda, got {dev!r}")
+    if dev.startswith('cuda') and not torch.cuda.is_available(): return fail("--device cuda, but no CUDA device is visible")
+    try:
+        tok = _load_tokenizer(a.tokenizer or a.model) if a.prompt is not None else None
+        ids = tok.encode(a.prompt) if tok is not None else _parse_ids(a.prompt_ids)
+        dtype = None if a.dtype == 'auto' else getattr(torch, a.dtype)
+        model = load_pretrained(a.model, dtype=dtype, device=dev)
+        spec = None
+        if a.spec:
+            from minicpm4_core.frspec import FreqVocab
+            spec = (load_draft(a.spec, model), FreqVocab.load(a.spec_vocab).ids if a.spec_vocab else None)
+        room = 64 if spec else 0                                   # the draft tree's slots past the last token
+        eng = Engine(model, a.max_len or len(ids) + a.max_new_tokens + room, quant=None if a.quant == 'none' else a.quant,
+                     sparse={'on': True}.get(a.sparse, a.sparse), spec=spec, chunk=a.chunk)
+        gen = torch.Generator(device=dev).manual_seed(a.seed)
+        t0 = time.perf_counter()
+        out = eng.generate([ids], a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                           stop_ids=[] if a.no_stop else None, generator=gen)[0]
+        if dev.startswith('cuda'): torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        return fail(str(e))
+    text = tok.decode(out) if tok is not None else None
+    if a.json:
+        print(json.dumps(dict(prompt_ids=ids, new_ids=out, text=text, seconds=round(secs, 4),
+                              tokens_per_s=round(len(out) / secs, 2), backend=eng.pick_backend(1), quant=eng.quant,
+                              memory=eng.memory(), spec_stats=getattr(eng, 'spec_stats', None)), default=str))
+    else:
+        print(text if text is not None else ' '.join(map(str, out)))
+    return 0
+
 # %% ../nbs/04c_cli.ipynb #79e8bf04
 def main(argv=None) -> int:
     "Entry point of the `minicpm4` console script."
     ap = _parser()
     a = ap.parse_args(argv)
     if a.cmd == 'docs': return _docs_command(a)
+    if a.cmd == 'generate': return _generate_command(a)
     if a.cmd == 'profiles':
         for name in profile_names(): print(name, load_profile(name))
         return 0

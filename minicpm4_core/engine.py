@@ -9,6 +9,8 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/engine.html.md"""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
+import time
 from typing import Sequence
 
 import torch
@@ -17,12 +19,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .attention import dense_attention
-from .model import (KVCache, LayerCache, MiniCPM4ForCausalLM, _as_prompt_lists, rope_cos_sin,
-                                 sample_next)
-from .static_decode import StaticDecoder, check_static_support
+from .model import (KVCache, LayerCache, MiniCPM4ForCausalLM, _as_prompt_lists, register_fast_generate,
+                                 rope_cos_sin, sample_next)
+from .checks import check_finite
+from .static_decode import StaticDecoder, bucket_sizes, check_static_support
 
 # %% auto #0
-__all__ = ['dequantized_weight', 'quant_linear', 'convert_quant', 'Engine', 'eager_prefill', 'static_prefill', 'generate_fast']
+__all__ = ['dequantized_weight', 'quant_linear', 'convert_quant', 'Engine', 'eager_prefill', 'static_prefill', 'load_draft',
+           'fast_refusal', 'generate_fast']
 
 # %% ../nbs/80_engine.ipynb #656468bd
 def _quant_kind(m: nn.Module) -> str | None:
@@ -37,16 +41,19 @@ def dequantized_weight(m: nn.Module, dtype) -> torch.Tensor:
     kind = _quant_kind(m)
     if kind == 'w4a16': return m.dequantize().to(dtype)
     if kind == 'ternary':
-        from minicpm4_core.kernels.ternary import dequantize_ternary
+        from minicpm4_core.kernels.ternary import dequantize_ternary, ternary_dequantize
+        if m.qweight.is_cuda:            # one Triton pass straight to `dtype` (the prefill path)
+            return ternary_dequantize(m.qweight, m.scale, m.in_features, m.group_size, dtype)
         return dequantize_ternary(m.qweight, m.scale, m.in_features, m.group_size).to(dtype)
     raise ValueError(f"dequantized_weight: expected a QuantLinear or TernaryLinear, got {type(m).__name__}")
 
 
 def quant_linear(m: nn.Module, x: torch.Tensor, gemv_rows: int = 8) -> torch.Tensor:
     """x (..., K) -> (..., N) through a packed linear, the kernel picked by shape: at most `gemv_rows` rows (decode)
-    the module's own fused GEMV path; more rows (prefill) dequantize once and run a dense matmul (cuBLAS on GPU)."""
+    the module's own fused GEMV path; more rows (prefill) dequantize once and run a dense matmul (cuBLAS on GPU).
+    W4A16 modules dispatch inside `w4a16_matmul` (GEMV / tiled GEMM / dequantize + cuBLAS from `DEQUANT_MIN_M` rows)."""
     rows = x.numel() // x.shape[-1]
-    if rows <= gemv_rows: return type(m).forward(m, x)
+    if rows <= gemv_rows or _quant_kind(m) == 'w4a16': return type(m).forward(m, x)
     y = F.linear(x, dequantized_weight(m, x.dtype))
     return y if getattr(m, 'bias', None) is None else y + m.bias.to(y.dtype)
 
@@ -90,10 +97,11 @@ class Engine:
     dtype: cast the model (in place) first. quant: None | 'w4a16' | 'ternary' (packs the model in place when needed).
     sparse: 'auto' (the model's attention), 'dense' (force dense attention), or True (require an InfLLM v2 model).
     spec: None or (draft, vocab_ids) for FR-Spec (greedy, batch 1, dense context). chunk: prefill chunk length.
-    backend: 'auto' | 'static' | 'eager' (tests force one)."""
+    backend: 'auto' | 'static' | 'eager' (tests force one). length_mode / min_bucket: the static stack's attended length
+    ('static': all max_len slots, one CUDA graph; 'bucket': buckets min_bucket * 2^i, one graph each; `bucket_sizes`)."""
     def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, max_batch: int = 1, dtype=None, quant=None,
                  sparse='auto', spec=None, chunk: int = 1024, backend: str = 'auto', graphs: bool | None = None,
-                 spec_kw: dict | None = None):
+                 spec_kw: dict | None = None, length_mode: str = 'static', min_bucket: int = 256):
         if not isinstance(model, MiniCPM4ForCausalLM):
             raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
         for name, v, lo in (('max_len', max_len, 2), ('max_batch', max_batch, 1), ('chunk', chunk, 1)):
@@ -106,14 +114,16 @@ class Engine:
             raise ValueError("sparse=True needs a model built with sparse_config (InfLLM v2); this one is dense")
         if backend not in ('auto', 'static', 'eager'):
             raise ValueError(f"backend must be 'auto', 'static' or 'eager', got {backend!r}")
+        bucket_sizes(max_len, length_mode, min_bucket)          # validates length_mode / min_bucket
         if dtype is not None and dtype != model.dtype: model.to(dtype)
         self.n_quant = convert_quant(model, quant)
         self.quant = quant or next((k for k in map(_quant_kind, model.modules()) if k), None)
         self.model, self.config, self.max_len, self.max_batch = model.eval(), model.config, max_len, max_batch
         self.sparse, self.chunk, self.backend, self.graphs = sparse, chunk, backend, graphs
+        self.length_mode, self.min_bucket = length_mode, min_bucket
         self.spec = self._check_spec(spec, spec_kw or {})
-        self.cache = model.new_cache(max_batch, max_len)      # the one static KV allocation (eager path)
-        self._static = None                                   # StaticDecoder, built on first batch-1 use
+        self._cache = None      # the one static KV allocation of the eager path, made on its first use
+        self._static = None     # StaticDecoder (its own static KV buffer), built on first batch-1 use
         if backend == 'static':
             why = self.static_refusal(1)
             if why: raise ValueError(f"backend='static' is not possible: {why}")
@@ -142,15 +152,23 @@ def _static_refusal(self: Engine, batch: int) -> str | None:
     "Why the batch-1 static stack cannot run this engine (None when it can)."
     if batch != 1: return f"the static stack decodes batch 1 (got {batch} prompts)"
     if self.quant is not None: return f"the static stack reads dense weights (quant={self.quant!r})"
-    if self.sparse == 'dense' and self.config.sparse_config is not None:
-        return "sparse='dense' on an InfLLM v2 model (the static stack follows the model's config)"
-    try: check_static_support(self.config, self.max_len)
+    # sparse='dense' asks for dense attention: the static stack's own computation, whatever the config says
+    cfg = replace(self.config, sparse_config=None) if self.sparse == 'dense' else self.config
+    try: check_static_support(cfg, self.max_len)
     except ValueError as e: return str(e)
     return None
 
 Engine.static_refusal = _static_refusal
 
 # %% ../nbs/80_engine.ipynb #542f90c8
+def _engine_cache(self: Engine) -> KVCache:
+    "The eager path's static KV buffer (max_batch, max_len), allocated on first use: a batch-1 static run never pays it."
+    if self._cache is None: self._cache = self.model.new_cache(self.max_batch, self.max_len)
+    return self._cache
+
+Engine.cache = property(_engine_cache)
+
+
 def _cache_view(self: Engine, B: int) -> KVCache:
     "A KVCache over the first B rows of the engine's static buffer (no new allocation; fresh backend state)."
     c = KVCache.__new__(KVCache)
@@ -212,7 +230,9 @@ def static_prefill(self: Engine, ids: torch.Tensor) -> torch.Tensor:
     T, ar = ids.numel(), d.ar
     for s in range(0, T, self.chunk):
         e = min(T, s + self.chunk)
-        x = d.stack.run(F.embedding(ids[s:e], d.embed_w) * d.scale_emb, ar[s:e], ar[s:e], ar[None, :] <= ar[s:e, None])
+        span = e                     # eager, no graph: a chunk attends slots [0, e) only, in either length_mode
+        x = d.stack.run(F.embedding(ids[s:e], d.embed_w) * d.scale_emb, ar[s:e], ar[s:e],
+                        ar[None, :span] <= ar[s:e, None], span)
     d.pos.fill_(T); d.n = T
     return F.linear(F.rms_norm(x[-1:], (d.H,), d.norm_w, d.eps), d.head_w)
 
@@ -260,9 +280,12 @@ def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, tempera
     if kind == 'static' and self.static_refusal(B): raise ValueError(f"backend='static': {self.static_refusal(B)}")
     stop_t = torch.tensor(stop, dtype=torch.long, device=dev)
     out, done, mask = [], torch.zeros(B, dtype=torch.bool, device=dev), None
+    t0 = _clock(dev)
     with self._mode():
         if kind == 'static':
-            if self._static is None: self._static = StaticDecoder(self.model, self.max_len, graphs=self.graphs)
+            if self._static is None:
+                self._static = StaticDecoder(self.model, self.max_len, graphs=self.graphs, dense=self.sparse == 'dense',
+                                             length_mode=self.length_mode, min_bucket=self.min_bucket)
             logits = self.static_prefill(torch.tensor(rows[0], device=dev))
             nxt_fn = lambda tok, mask: self._static.step(tok)[None]
         else:
@@ -274,14 +297,26 @@ def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, tempera
             logits = self.eager_prefill(ids, mask, cache)
             nxt_fn = lambda tok, mask: self.model(tok[:, None], cache=cache, attention_mask=mask)[:, -1]
         for step in tqdm(range(max_new_tokens), disable=not progress, desc=f'engine ({kind})'):
+            check_finite(logits, f'logits at engine step {step} (NaN/Inf weights or activations?)')   # as the model
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out.append(nxt)
             done = done | torch.isin(nxt, stop_t)
+            if step == 0: t1 = _clock(dev)
             if bool(done.all()) or step == max_new_tokens - 1: break
             if mask is not None: mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             logits = nxt_fn(nxt, mask)
+    t2 = _clock(dev)
+    # time to the first token (prefill + one sample) and the decode steps after it, for benchmarks
+    self.last_timing = dict(backend=kind, batch=B, prompt_len=T0, ttft_s=t1 - t0, decode_s=t2 - t1,
+                            decode_steps=len(out) - 1)
     return [_cut(r, stop) for r in torch.stack(out, 1).tolist()]
+
+
+def _clock(dev) -> float:
+    "Wall-clock seconds after the device finished its queued work."
+    if dev.type == 'cuda': torch.cuda.synchronize(dev)
+    return time.perf_counter()
 
 
 def _cut(row: list[int], stop: list[int]) -> list[int]:
@@ -307,12 +342,32 @@ def _spec_generate(self: Engine, rows, max_new_tokens: int, temperature: float, 
 
 Engine._spec_generate = _spec_generate
 
+# %% ../nbs/80_engine.ipynb #332e435f
+def load_draft(path, target: MiniCPM4ForCausalLM):
+    "An `EagleDraft` for `target` from a state-dict file (.safetensors or torch.save), on the target's device/dtype."
+    from pathlib import Path
+    from minicpm4_core.frspec import EagleDraft
+    p = Path(path)
+    if not p.is_file(): raise FileNotFoundError(f"no draft state dict at {p} (a .safetensors or torch.save file)")
+    if p.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        sd = load_file(str(p))
+    else:
+        sd = torch.load(p, map_location='cpu', weights_only=True)
+    draft = EagleDraft(target.config)
+    try: draft.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"draft {p} does not fit this target (an EagleDraft of hidden_size="
+                         f"{target.config.hidden_size}): {str(e).splitlines()[0][:300]}") from None
+    return draft.to(target.device, target.dtype).eval()
+
 # %% ../nbs/80_engine.ipynb #592ed4ec
 def _memory(self: Engine) -> dict:
     "Bytes held: weights (incl. packed buffers), the static KV buffer, the static stack's fused copies and buffer."
     m = self.model
     w = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
-    kv = sum(l.k.numel() * l.k.element_size() * 2 for l in self.cache.layers)
+    c = self.config    # the eager path's buffer as sized (allocated on its first use)
+    kv = 2 * c.num_hidden_layers * self.max_batch * self.max_len * c.num_key_value_heads * c.head_dim * m.dtype.itemsize
     st = 0
     if self._static is not None:
         s = self._static.stack
@@ -323,30 +378,59 @@ def _memory(self: Engine) -> dict:
 Engine.memory = _memory
 
 
+# %% ../nbs/80_engine.ipynb #259ad50c
 _FAST_NOTED: set = set()
 
 
-def _weights_key(model) -> tuple:
-    "Changes whenever a parameter is replaced or modified in place (the static stack holds fused copies)."
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+def _note_once(why: str) -> None:
+    if why not in _FAST_NOTED:
+        _FAST_NOTED.add(why); print(f"model.generate: its own loop, not the engine ({why})")
 
 
-def generate_fast(model: MiniCPM4ForCausalLM, prompts, max_new_tokens: int = 32, **kw):
-    """`model.generate` through a cached Engine (static stack + CUDA graphs) when it can help: CUDA, eval mode, one
-    prompt, a dense context. Returns None otherwise, saying why once (the caller then runs its own loop).
-    The Engine is kept on the model for max_len buckets of powers of two and rebuilt when the weights change."""
-    if model.device.type != 'cuda' or model.training: return None
+class _FastSlot:
+    "Holds the cached engine on the model; copies and pickles of the model get an empty slot (graphs do not copy)."
+    def __init__(self): self.key, self.versions, self.engine = None, None, None
+    def __deepcopy__(self, memo): return _FastSlot()
+    def __reduce__(self): return (_FastSlot, ())
+
+
+def fast_refusal(model: MiniCPM4ForCausalLM, rows: list, logits_processor=None) -> str | None:
+    "Why the engine cannot reproduce `model.generate` for these prompts before any engine exists (None: it may)."
+    if logits_processor is not None: return "a logits_processor: the engine samples from the raw logits"
+    if len(rows) != 1: return f"the static stack decodes batch 1, got {len(rows)} prompts"
+    return None
+
+# %% ../nbs/80_engine.ipynb #962d38da
+def generate_fast(model: MiniCPM4ForCausalLM, prompts, max_new_tokens: int = 32, *, logits_processor=None,
+                  length_mode: str = 'static', **kw) -> list[list[int]] | None:
+    """`model.generate` through a cached Engine's static path (CUDA graphs on CUDA, eager on the CPU), or None - after
+    saying why, once per reason - when the engine cannot reproduce the model's loop. kw: `Engine.generate`'s."""
     rows = _as_prompt_lists(prompts)
-    if len(rows) != 1: return None
+    why = fast_refusal(model, rows, logits_processor)
+    if why: _note_once(why); return None
     need = len(rows[0]) + max_new_tokens
-    bucket = 1 << max(need - 1, 63).bit_length()                     # >= need, at least 64
-    key = (bucket, model.dtype, _weights_key(model))
-    eng = getattr(model, '_engine_fast', None)
-    if eng is None or eng[0] != key:
-        e = Engine(model, bucket)
+    max_len = 1 << max(need - 1, 63).bit_length()                    # >= need, at least 64
+    key = (max_len, model.dtype, str(model.device), length_mode, repr(model.config.sparse_config),
+           tuple(p.data_ptr() for p in model.parameters()))
+    slot = model.__dict__.setdefault('_engine_fast', _FastSlot())
+    was_training = model.training                                     # the Engine puts the model in eval mode
+    try: return _run_fast(model, slot, key, rows, max_new_tokens, length_mode, kw)
+    finally: model.train(was_training)
+
+
+def _run_fast(model, slot: _FastSlot, key: tuple, rows, max_new_tokens: int, length_mode: str, kw: dict):
+    max_len = key[0]
+    if slot.key != key:
+        slot.key = slot.engine = None                                 # drop the old engine (and its memory) first
+        e = Engine(model, max_len, backend='auto', length_mode=length_mode)
         why = e.static_refusal(1)
-        if why:
-            if why not in _FAST_NOTED: _FAST_NOTED.add(why); print(f"model.generate: eager loop ({why})")
-            return None
-        model._engine_fast = eng = (key, e)
-    return eng[1].generate(rows, max_new_tokens, **kw)
+        if why: _note_once(why); return None
+        slot.key, slot.engine, slot.versions = key, e, None
+    versions = tuple(p._version for p in model.parameters())
+    if slot.versions is not None and slot.versions != versions and slot.engine._static is not None:
+        slot.engine._static.refresh()                                 # in-place updates: same buffers, new values
+    slot.versions = versions
+    return slot.engine.generate(rows, max_new_tokens, **kw)
+
+
+register_fast_generate(generate_fast)      # model.generate's fast path, now that the engine exists

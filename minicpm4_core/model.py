@@ -29,8 +29,8 @@ from .io import check_state_dict
 # %% auto #0
 __all__ = ['REMOTE_CODE', 'AUTO_MAP', 'RMSNorm', 'rope_cos_sin', 'apply_rope', 'attention_backend', 'LayerCache', 'KVCache',
            'MiniCPM4Attention', 'MiniCPM4MLP', 'MiniCPM4DecoderLayer', 'MTPHead', 'MiniCPM4Model',
-           'MiniCPM4ForCausalLM', 'filtered_logits', 'sample_next', 'save_pretrained', 'load_state_dict_files',
-           'resolve_pretrained_path', 'load_pretrained', 'count_parameters']
+           'MiniCPM4ForCausalLM', 'filtered_logits', 'sample_next', 'register_fast_generate', 'save_pretrained',
+           'load_state_dict_files', 'resolve_pretrained_path', 'load_pretrained', 'count_parameters']
 
 # %% ../nbs/01_model.ipynb #d0048296
 class RMSNorm(nn.Module):
@@ -344,20 +344,54 @@ def _as_prompt_lists(prompts) -> list[list[int]]:
     raise ValueError("prompts must be a list of token ids, a list of such lists, or a (batch, seq) LongTensor")
 
 # %% ../nbs/01_model.ipynb #74f53eea
+_FAST_GENERATE: list = []   # [fn]: the engine's fast path; the engine registers it (it imports this module, not back)
+_FAST_NOTE: list = []
+
+
+def register_fast_generate(fn) -> None:
+    """Make fn(model, rows, max_new_tokens, **generate_kwargs) -> tokens, or None to decline, the fast path of
+    `generate` (what `minicpm4_core.engine` does when imported); None removes it."""
+    _FAST_GENERATE[:] = [] if fn is None else [fn]
+
+
 @patch
 @torch.no_grad()
 def generate(self: MiniCPM4ForCausalLM, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop_ids: int | Sequence[int] | None = None, pad_id: int | None = None,
-             generator: torch.Generator | None = None, progress: bool = False) -> list[list[int]]:
+             generator: torch.Generator | None = None, progress: bool = False,
+             logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             fast: bool | None = None) -> list[list[int]]:
     """Generate up to `max_new_tokens` after each prompt; returns the new tokens per prompt (stop token included).
 
     prompts: list[int], list[list[int]] (different lengths are left-padded) or LongTensor (B, T).
-    stop_ids: defaults to config.eos_token_id; pass [] to never stop early."""
+    stop_ids: defaults to config.eos_token_id; pass [] to never stop early.
+    logits_processor: fn(ids (B, t), logits (B, V)) -> logits (B, V), applied before sampling; ids are the (padded)
+    prompts and the tokens generated so far.
+    fast: None = through the inference engine (`minicpm4_core.engine.generate_fast`: static KV cache, CUDA graphs) on
+    CUDA when it can reproduce this loop, else this loop with a one-time note saying why; True = the engine on any
+    device (the CPU runs its static path eagerly); False = this loop."""
     from tqdm.auto import tqdm
     if isinstance(prompts, torch.Tensor): check_ids(prompts, self.config.vocab_size, 'prompts')   # .tolist() would truncate floats
     rows = _as_prompt_lists(prompts)
     for i, r in enumerate(rows): check_ids(torch.tensor(r), self.config.vocab_size, f'prompts[{i}]')
-    if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if fast not in (None, True, False): raise ValueError(f"fast must be None (auto), True or False, got {fast!r}")
+    if logits_processor is not None and not callable(logits_processor):
+        raise ValueError(f"logits_processor must be a callable (ids, logits) -> logits, got {type(logits_processor).__name__}")
+    if fast or (fast is None and self.device.type == 'cuda'):
+        if _FAST_GENERATE:                                    # the engine's generate_fast, registered by its module
+            res = _FAST_GENERATE[0](self, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    stop_ids=stop_ids, pad_id=pad_id, generator=generator, progress=progress,
+                                    logits_processor=logits_processor)
+            if res is not None: return res                    # None: it said once why it cannot; the loop below runs
+        elif fast:
+            raise ValueError("fast=True needs the inference engine: `import minicpm4_core.engine` first (importing "
+                             "it registers the engine with generate; this module does not import it)")
+        elif not _FAST_NOTE:
+            _FAST_NOTE.append(1)
+            print("model.generate: its own loop; `import minicpm4_core.engine` to decode through its static cache "
+                  "and CUDA graphs")
     if stop_ids is None: stop_ids = self.config.eos_token_id
     stop = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), dtype=torch.long,
                         device=self.device)
@@ -374,6 +408,8 @@ def generate(self: MiniCPM4ForCausalLM, prompts, max_new_tokens: int = 32, *, te
     out, done = [], torch.zeros(B, dtype=torch.bool, device=self.device)
     for step in tqdm(range(max_new_tokens), disable=not progress, desc='generate'):
         check_finite(logits, f'logits at generate step {step} (NaN/Inf weights or activations?)')
+        if logits_processor is not None:
+            logits = logits_processor(torch.cat([ids, *[t[:, None] for t in out]], 1), logits)
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out.append(nxt)

@@ -9,11 +9,15 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/modeltunnel.html.md"""
 # %% ../nbs/30_modeltunnel.ipynb #mt003
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import math
 import re
+import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +27,15 @@ from .config import MiniCPM4Config
 from .model import MiniCPM4ForCausalLM, apply_rope
 from .train import mup_param_groups, wsd_lr
 from . import data as D
+from .io import atomic_write_json
 
 # %% auto #0
-__all__ = ['PARAMETRIZATIONS', 'transfer', 'build_model', 'width_mult', 'make_optimizer', 'mup_table', 'batch_at', 'lm_loss',
-           'valid_loss', 'Schedule', 'run_steps', 'train_proxy', 'activation_sizes', 'coord_check', 'coord_spread',
-           'SweepResult', 'search_hparams', 'wsd_branches', 'scalingbench_items', 'scalingbench_loss', 'task_accuracy',
-           'sigmoid_acc', 'SigmoidFit', 'fit_sigmoid']
+__all__ = ['PARAMETRIZATIONS', 'TINY', 'STAGES', 'transfer', 'build_model', 'width_mult', 'make_optimizer', 'mup_table',
+           'batch_at', 'lm_loss', 'valid_loss', 'Schedule', 'run_steps', 'train_proxy', 'activation_sizes',
+           'coord_check', 'coord_spread', 'plot_coord', 'SweepResult', 'search_hparams', 'plot_lr', 'wsd_branches',
+           'scalingbench_items', 'scalingbench_loss', 'task_accuracy', 'evaluate_model', 'plot_wsd', 'sigmoid_acc',
+           'SigmoidFit', 'fit_sigmoid', 'predict_accuracy', 'residuals_by', 'plot_scalingbench', 'MTConfig',
+           'PreparedTokenizer', 'prepare_data', 'load_prepared', 'run_experiment', 'summary_lines', 'main']
 
 # %% ../nbs/30_modeltunnel.ipynb #mt006
 PARAMETRIZATIONS = ('mup', 'sp')
@@ -73,8 +80,10 @@ def width_mult(model_or_config) -> float:
 
 
 def make_optimizer(model: MiniCPM4ForCausalLM, lr: float, weight_decay: float = 0.1) -> torch.optim.AdamW:
-    "AdamW over `mup_param_groups` with the betas/eps of `train.train` (SP models get one global LR: m = 1)."
-    return torch.optim.AdamW(mup_param_groups(model, lr, weight_decay), lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    """AdamW over `mup_param_groups` with the betas/eps of `train.train` (SP models get one global LR: m = 1); the
+    fused kernel on CUDA (small proxies are launch-bound: one kernel per step instead of one per tensor list)."""
+    fused = True if next(model.parameters()).is_cuda else None
+    return torch.optim.AdamW(mup_param_groups(model, lr, weight_decay), lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 # %% ../nbs/30_modeltunnel.ipynb #mt010
 def mup_table(model, lr: float = 1.0) -> list[dict]:
@@ -101,20 +110,33 @@ def mup_table(model, lr: float = 1.0) -> list[dict]:
     return rows
 
 # %% ../nbs/30_modeltunnel.ipynb #mt016
+_PERMS: dict = {}
+
+
+def _epoch_perm(n: int, seed: int, epoch: int, device) -> torch.Tensor:
+    """The shuffle of epoch `epoch`, drawn on the CPU (the same on every device) and cached on `device`: a sweep asks
+    for the same few epochs thousands of times, and a copy to the GPU per step would make the CPU wait for it."""
+    key = (n, seed, epoch, str(device))
+    if key not in _PERMS:
+        if len(_PERMS) > 256: _PERMS.clear()
+        _PERMS[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).to(device)
+    return _PERMS[key]
+
+
 def batch_at(rows: torch.Tensor, step: int, batch_size: int, seed: int = 0) -> torch.Tensor:
     "Batch number `step` (batch_size, T+1) of a seeded epoch-wise shuffle: any step can be (re)started anywhere."
     n = len(rows)
     if batch_size > n: raise ValueError(f"batch_size={batch_size} exceeds the {n} rows")
     per_epoch = n // batch_size
     epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return rows[perm[i * batch_size:(i + 1) * batch_size]]
+    return rows[_epoch_perm(n, seed, epoch, rows.device)[i * batch_size:(i + 1) * batch_size]]
 
 
 def lm_loss(model, batch):
-    "Mean next-token loss (nats) of batch (B, T+1)."
+    "Mean next-token loss (nats) of batch (B, T+1); bf16 autocast on CUDA (weights and AdamW state stay fp32)."
     batch = batch.to(model.device)
-    logits = model(batch[:, :-1])
+    with torch.autocast('cuda', torch.bfloat16, enabled=batch.is_cuda):
+        logits = model(batch[:, :-1])
     return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
 
 
@@ -155,22 +177,29 @@ class Schedule:
 
 
 def run_steps(model, opt, rows, lr: float, schedule, start: int, stop: int, batch_size: int, seed: int = 0,
-              grad_clip: float = 1.0, on_step=None) -> list[float]:
-    "Optimizer steps [start, stop) on `batch_at(rows, step)` with LR lr * group lr_scale * schedule(step); inf = diverged."
+              grad_clip: float = 1.0, on_step=None, check_every: int | None = None) -> list[float]:
+    """Optimizer steps [start, stop) on `batch_at(rows, step)` with LR lr * group lr_scale * schedule(step); inf = diverged.
+    The loss is read (and checked for divergence) every `check_every` steps: default 1 on CPU, 50 on CUDA, where
+    reading it makes the CPU wait for the GPU and a launch-bound proxy would lose its overlap."""
     model.train()
-    losses = []
+    check_every = check_every or (50 if model.device.type == 'cuda' else 1)
+    losses, pending = [], []
     for step in range(start, stop):
         mult = schedule(step)
         for g in opt.param_groups: g['lr'] = lr * g.get('lr_scale', 1.0) * mult
         loss = lm_loss(model, batch_at(rows, step, batch_size, seed))
         if on_step is not None: on_step(step)
-        if not math.isfinite(float(loss.detach())):
-            losses.append(math.inf); break
+        pending.append(loss.detach())
+        if len(pending) >= check_every or step == stop - 1:
+            vals, pending = torch.stack(pending).float().tolist(), []
+            bad = next((j for j, v in enumerate(vals) if not math.isfinite(v)), None)
+            if bad is not None:   # stop at the first non-finite loss (later steps of the block ran on NaN weights)
+                return losses + vals[:bad] + [math.inf]
+            losses += vals
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        losses.append(float(loss.detach()))
     return losses
 
 
@@ -246,6 +275,20 @@ def coord_spread(record: dict, t: int = -1) -> dict:
     widths = list(record)
     return {q: max(record[w][q][t] for w in widths) / min(record[w][q][t] for w in widths) for q in record[widths[0]]}
 
+# %% ../nbs/30_modeltunnel.ipynb #mt021b
+def plot_coord(coord: dict, widths, steps: int):
+    "Mean |x| of every coordinate-check quantity after the last step against width, muP and SP side by side."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, par in zip(axes, ('mup', 'sp')):
+        for q in coord[par][widths[0]]:
+            ax.plot(widths, [coord[par][w][q][-1] for w in widths], 'o-', label=q)
+        ax.set(xscale='log', yscale='log', xlabel='width', title=f"{par}: mean |x| after {steps} steps")
+        ax.set_xticks(widths, [str(w) for w in widths]); ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    axes[0].set_ylabel('mean |x|'); axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
 # %% ../nbs/30_modeltunnel.ipynb #mt029
 @dataclass
 class SweepResult:
@@ -305,6 +348,24 @@ def search_hparams(make_model, widths, lrs, rows, valid_rows, *, steps: int, bat
             bar.update(1); bar.set_postfix(width=w, lr=f"{lr:.2g}", loss=f"{r['valid_loss']:.3f}")
     bar.close()
     return res
+
+# %% ../nbs/30_modeltunnel.ipynb #mt030b
+def plot_lr(sweep: dict, steps: int):
+    "Validation loss against peak LR per width, muP and SP side by side; dotted: the refined optima."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, par in zip(axes, ('mup', 'sp')):
+        tab, best = sweep[par].table, sweep[par].best()
+        cap = max(r['valid_loss'] for r in tab if math.isfinite(r['valid_loss'])) + 0.2   # diverged runs drawn at the top
+        for w in dict.fromkeys(r['width'] for r in tab):
+            rs = sorted((r for r in tab if r['width'] == w), key=lambda r: r['lr'])
+            line = ax.plot([r['lr'] for r in rs], [min(r['valid_loss'], cap) for r in rs], 'o-', label=f'width {w}')[0]
+            ax.axvline(best[w][1], color=line.get_color(), ls=':', lw=1)
+        ax.set(xscale='log', xlabel='peak learning rate', title=f"{par}: validation loss after {steps} steps")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter()); ax.legend(fontsize=8)
+    axes[0].set_ylabel('validation loss (nats)')
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/30_modeltunnel.ipynb #mt035
 def wsd_branches(model, rows, *, lr: float, branch_at, decay_frac: float = 0.2, warmup: int = 10, batch_size: int = 16,
@@ -413,37 +474,84 @@ def task_accuracy(model, tok, items, batch_size: int = 128, per_kind: bool = Fal
     tot = sum(h[0] for h in hits.values()) / len(items)
     return {k: a / b for k, (a, b) in hits.items()} | {'all': tot} if per_kind else tot
 
+# %% ../nbs/30_modeltunnel.ipynb #mt037b
+def evaluate_model(model, tok, items, valid_rows=None, acc_batch: int = 128) -> dict:
+    """ScalingBench loss and task accuracy per item kind ('all': every item), the item counts, and (valid_rows given)
+    the plain validation text loss: {'sb_loss': {kind: L}, 'acc': {kind: a}, 'n': {kind: n}, 'text_loss': L}."""
+    n = {}
+    for it in items: n[it['kind']] = n.get(it['kind'], 0) + 1
+    out = dict(sb_loss=scalingbench_loss(model, tok, items, batch_size=acc_batch, per_kind=True),
+               acc=task_accuracy(model, tok, items, batch_size=acc_batch, per_kind=True), n=n | {'all': len(items)})
+    if valid_rows is not None: out['text_loss'] = valid_loss(model, valid_rows)
+    return out
+
+# %% ../nbs/30_modeltunnel.ipynb #mt040b
+def plot_wsd(ladder: dict, cosine: dict, tok_per_step: int, cosine_width: int):
+    "Text loss against tokens: stable checkpoints and decayed branches per width, separate cosine runs as stars."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for w, br in ladder.items():
+        line = ax.plot([b['step'] * tok_per_step for b in br], [b['stable']['text_loss'] for b in br], 'o--', alpha=.6,
+                       label=f'width {w}: stable checkpoints')[0]
+        ax.plot([b['total'] * tok_per_step for b in br], [b['decayed']['text_loss'] for b in br], 's-',
+                color=line.get_color(), label=f'width {w}: decayed branches')
+    ax.plot([int(T) * tok_per_step for T in cosine], [v['text_loss'] for v in cosine.values()], 'k*', ms=12,
+            label=f'width {cosine_width}: separate cosine runs')
+    ax.set(xscale='log', xlabel='training tokens', ylabel='validation text loss (nats)', title='WSD branches vs cosine')
+    ax.legend(fontsize=7); fig.tight_layout()
+    return fig
+
 # %% ../nbs/30_modeltunnel.ipynb #mt043
 def sigmoid_acc(L, c: float, g: float, l: float, d: float):
     "acc = c / (1 + exp(-g (L - l))) + d  (g < 0: accuracy falls as loss rises)."
     return c / (1 + torch.exp(-g * (torch.as_tensor(L, dtype=torch.float64) - l))) + d
 
 
+def _quantiles(v: torch.Tensor, level: float) -> tuple[float, float]:
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(v.double(), q).tolist()
+    return lo, hi
+
+
 @dataclass
 class SigmoidFit:
-    "A fitted loss -> accuracy sigmoid: params (c, g, l, d) and the same fit on bootstrap resamples of the points."
+    """A fitted loss -> accuracy sigmoid: params (c, g, l, d) and the same fit on bootstrap resamples. `method`
+    'robust' (soft-L1, resampled points) or 'binomial' (likelihood of k right out of n items, parametric resamples);
+    `dispersion`: chi^2 / dof of the binomial fit (1 = scatter as binomial noise predicts)."""
     params: dict
     boot: torch.Tensor          # (n_boot, 4) c, g, l, d
     residual: float             # robust scale (median |residual|) of the fit on all points
+    method: str = 'robust'
+    dispersion: float | None = None
 
     def predict(self, L):
         p = self.params
         return sigmoid_acc(L, p['c'], p['g'], p['l'], p['d'])
 
-    def interval(self, L, level: float = 0.9) -> tuple[float, float]:
-        "Central `level` interval of the bootstrap predictions at loss L."
+    def boot_predict(self, L) -> torch.Tensor:
+        "(n_boot,) predictions at loss L, one per bootstrap fit."
         b = self.boot
-        pred = sigmoid_acc(float(L), b[:, 0], b[:, 1], b[:, 2], b[:, 3])
-        q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-        lo, hi = torch.quantile(pred, q).tolist()
-        return lo, hi
+        return sigmoid_acc(float(L), b[:, 0], b[:, 1], b[:, 2], b[:, 3]).clamp(0, 1)
+
+    def interval(self, L, level: float = 0.9) -> tuple[float, float]:
+        "Central `level` interval of the curve at loss L (bootstrap): where the *expected* accuracy lies."
+        return _quantiles(self.boot_predict(L), level)
+
+    def prediction_interval(self, L, n_items: int, level: float = 0.9, seed: int = 0) -> tuple[float, float]:
+        """Central `level` interval of the accuracy *measured on n_items items* by a model of loss L: the curve's
+        bootstrap spread plus the measurement's own binomial noise (what a comparison with one measurement needs)."""
+        p = self.boot_predict(L).repeat(max(1, 4000 // len(self.boot)))   # several measurements per curve: smooth tails
+        meas = torch.binomial(torch.full_like(p, float(n_items)), p, generator=torch.Generator().manual_seed(seed))
+        return _quantiles(meas / n_items, level)
 
 
-def _fit_batch(x, y, w, iters: int = 300, delta: float = 0.02):
-    """Robust (soft-L1, scale delta) weighted fits of the sigmoid, vectorised over a batch of weightings w (B, N) and
-    several starting points; returns (B, 4) parameters in the original units of x."""
+def _fit_batch(x, y, w, iters: int = 300, delta: float = 0.02, loss: str = 'robust'):
+    """Fits of the sigmoid, vectorised over a batch of B problems and several starting points. x (N,); y (N,) or
+    (B, N) accuracies; w (B, N): point weights ('robust': soft-L1 with scale delta) or items per point ('binomial':
+    negative log-likelihood of y * w right answers out of w). Returns (B, 4) parameters in the original units of x."""
     mu, sd = float(x.mean()), float(x.std().clamp_min(1e-8))
     z = (x - mu) / sd
+    y = y.expand(w.shape) if y.dim() == 1 else y
     lo, hi = float(y.min()), float(y.max())
     starts = [(l0, g0) for l0 in (-1.0, 0.0, 1.0) for g0 in (1.0, 4.0)]
     B, K = w.shape[0], len(starts)
@@ -462,8 +570,12 @@ def _fit_batch(x, y, w, iters: int = 300, delta: float = 0.02):
     def loss_of(p):
         c, g, l, d = unpack(p)
         pred = c[..., None] / (1 + torch.exp(-g[..., None] * (z - l[..., None]))) + d[..., None]   # (B, K, N)
-        r = (pred - y) / delta
-        return (w[:, None, :] * 2 * (torch.sqrt(1 + r * r) - 1)).sum(-1)                           # (B, K)
+        yy, ww = y[:, None, :], w[:, None, :]
+        if loss == 'binomial':
+            q = pred.clamp(1e-9, 1 - 1e-9)
+            return -(ww * (yy * torch.log(q) + (1 - yy) * torch.log1p(-q))).sum(-1)               # (B, K)
+        r = (pred - yy) / delta
+        return (ww * 2 * (torch.sqrt(1 + r * r) - 1)).sum(-1)                                      # (B, K)
 
     for _ in range(iters):
         opt.zero_grad(); loss_of(p).sum().backward(); opt.step(); sched.step()
@@ -473,20 +585,476 @@ def _fit_batch(x, y, w, iters: int = 300, delta: float = 0.02):
         return torch.stack([c, g / sd, mu + l * sd, d], -1)
 
 
-def fit_sigmoid(loss, acc, n_boot: int = 200, seed: int = 0, delta: float = 0.02) -> SigmoidFit:
-    """Robust fit of acc = c / (1 + exp(-g (L - l))) + d to points (loss, acc) with 0 <= d, c + d <= 1, g < 0;
-    uncertainty from `n_boot` bootstrap resamples of the points (vectorised, one optimisation for all)."""
+def fit_sigmoid(loss, acc, n_boot: int = 200, seed: int = 0, delta: float = 0.02, n_items=None) -> SigmoidFit:
+    """Fit acc = c / (1 + exp(-g (L - l))) + d to points (loss, acc) with 0 <= d, c + d <= 1, g < 0.
+    n_items=None: robust (soft-L1) fit, uncertainty from `n_boot` resamples of the points.
+    n_items (int or one per point): each accuracy is k right out of n items - maximum binomial likelihood, and a
+    parametric bootstrap that redraws every point's accuracy from the fitted curve with binomial noise (inflated by
+    the fit's dispersion when the points scatter more than binomially). Vectorised: one optimisation for all fits."""
     x = torch.as_tensor(loss, dtype=torch.float64).flatten(); y = torch.as_tensor(acc, dtype=torch.float64).flatten()
     if x.shape != y.shape or len(x) < 4:
         raise ValueError(f"fit_sigmoid needs >= 4 (loss, acc) pairs of equal length, got {len(x)} and {len(y)}")
     if not (bool(torch.isfinite(x).all()) and bool(((y >= 0) & (y <= 1)).all())):
         raise ValueError("fit_sigmoid: losses must be finite and accuracies in [0, 1]")
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(x), (n_boot, len(x)), generator=g)
-    w = torch.zeros(n_boot + 1, len(x), dtype=torch.float64)
-    w[0] = 1
-    w[1:].scatter_add_(1, idx, torch.ones(n_boot, len(x), dtype=torch.float64))
-    P = _fit_batch(x, y, w, delta=delta)
-    c, gg, l, d = P[0].tolist()
-    res = float((sigmoid_acc(x, c, gg, l, d) - y).abs().median())
-    return SigmoidFit(dict(c=c, g=gg, l=l, d=d), P[1:], res)
+    if n_items is None:
+        idx = torch.randint(0, len(x), (n_boot, len(x)), generator=g)
+        w = torch.zeros(n_boot + 1, len(x), dtype=torch.float64)
+        w[0] = 1
+        w[1:].scatter_add_(1, idx, torch.ones(n_boot, len(x), dtype=torch.float64))
+        P = _fit_batch(x, y, w, delta=delta)
+        c, gg, l, d = P[0].tolist()
+        res = float((sigmoid_acc(x, c, gg, l, d) - y).abs().median())
+        return SigmoidFit(dict(c=c, g=gg, l=l, d=d), P[1:], res)
+    n = torch.as_tensor(n_items, dtype=torch.float64).flatten().expand(len(x)).clone()
+    if not bool((n >= 1).all()) or not bool((n == n.round()).all()):
+        raise ValueError(f"n_items must be a positive int (or one per point), got {n_items!r}")
+    c, gg, l, d = _fit_batch(x, y, n[None], loss='binomial')[0].tolist()
+    p = sigmoid_acc(x, c, gg, l, d).clamp(1e-6, 1 - 1e-6)
+    disp = float((((y - p) ** 2) / (p * (1 - p) / n)).sum() / max(len(x) - 4, 1))
+    n_eff = (n / max(disp, 1.0)).round().clamp_min(1)          # quasi-binomial: overdispersed points count as fewer items
+    ys = torch.binomial(n_eff.expand(n_boot, -1).contiguous(), p.expand(n_boot, -1).contiguous(), generator=g) / n_eff
+    P = _fit_batch(x, ys, n_eff.expand(n_boot, -1), loss='binomial')
+    res = float((p - y).abs().median())
+    return SigmoidFit(dict(c=c, g=gg, l=l, d=d), P, res, 'binomial', disp)
+
+# %% ../nbs/30_modeltunnel.ipynb #mt043b
+def _loss_of(ev: dict, key: str, kind: str) -> float:
+    v = ev[key]
+    return v[kind] if isinstance(v, dict) else v
+
+
+def predict_accuracy(points, held, key: str = 'sb_loss', kinds=None, method: str = 'binomial', n_boot: int = 200,
+                     seed: int = 0, level: float = 0.9) -> dict:
+    """Predict `held`'s task accuracy from its loss `key` alone, with sigmoids fitted on the ladder `points` (each an
+    `evaluate_model` result). One sigmoid per item kind (`kinds`: default every kind but 'all'; ['all'] = one sigmoid
+    for the whole benchmark), each on that kind's own loss (a scalar loss such as text_loss serves every kind),
+    combined with the held-out's item counts. Returns pred; the curve's `level` interval (lo, hi); the interval of a
+    *measurement* on the held-out's items (plo, phi: curve spread + binomial noise); measured; err = pred - measured;
+    se, the binomial standard error of the measurement; and per_kind details (fit params, dispersion)."""
+    if method not in ('binomial', 'robust'): raise ValueError(f"method must be 'binomial' or 'robust', got {method!r}")
+    kinds = list(kinds) if kinds is not None else [k for k in held['acc'] if k != 'all']
+    bad = [k for k in kinds if k not in held['acc'] or any(k not in p['acc'] for p in points)]
+    if bad or not kinds: raise ValueError(f"kinds {bad or kinds} not in every evaluation; they have {sorted(held['acc'])}")
+    N = sum(held['n'][k] for k in kinds)
+    g = torch.Generator().manual_seed(seed)
+    per, curve, meas, var = {}, 0.0, 0.0, 0.0
+    for k in kinds:
+        x, y = [_loss_of(p, key, k) for p in points], [p['acc'][k] for p in points]
+        fit = fit_sigmoid(x, y, n_boot=n_boot, seed=seed,
+                          n_items=[p['n'][k] for p in points] if method == 'binomial' else None)
+        L, nk = _loss_of(held, key, k), held['n'][k]
+        pk, bp = float(fit.predict(L).clamp(0, 1)), fit.boot_predict(L)
+        curve = curve + nk * bp
+        reps = bp.repeat(max(1, 4000 // n_boot))        # several measurements per bootstrap curve: smooth tails
+        meas = meas + torch.binomial(torch.full_like(reps, float(nk)), reps, generator=g)
+        var += nk * pk * (1 - pk)
+        per[k] = dict(pred=pk, measured=held['acc'][k], err=pk - held['acc'][k], n=nk, loss=L, params=fit.params,
+                      dispersion=fit.dispersion, interval=fit.interval(L, level))
+    pred = sum(held['n'][k] * per[k]['pred'] for k in kinds) / N
+    measured = sum(held['n'][k] * held['acc'][k] for k in kinds) / N
+    (lo, hi), (plo, phi) = _quantiles(curve / N, level), _quantiles(meas / N, level)
+    return dict(key=key, method=method, kinds=kinds, level=level, pred=pred, lo=lo, hi=hi, plo=plo, phi=phi,
+                measured=measured, err=pred - measured, se=math.sqrt(var) / N, per_kind=per)
+
+
+def residuals_by(points, groups, pred: dict, kind: str) -> dict:
+    """{group: mean over its points of (measured - curve) / binomial SE} for item kind `kind` under the curve of a
+    `predict_accuracy` result: ~0 everywhere when the loss alone sets the accuracy; a trend over groups (widths,
+    stable vs decayed) is what a loss-only predictor cannot see."""
+    prm, key = pred['per_kind'][kind]['params'], pred['key']
+    out = {}
+    for ev, gr in zip(points, groups):
+        p = float(sigmoid_acc(_loss_of(ev, key, kind), **prm).clamp(1e-6, 1 - 1e-6))
+        out.setdefault(str(gr), []).append((ev['acc'][kind] - p) / math.sqrt(p * (1 - p) / ev['n'][kind]))
+    return {g: sum(v) / len(v) for g, v in out.items()}
+
+# %% ../nbs/30_modeltunnel.ipynb #mt045b
+def plot_scalingbench(points, held: dict, preds: dict):
+    """One panel per (loss key, item kind): the ladder's accuracy against its loss, the fitted sigmoid, the held-out's
+    prediction with the curve's interval, and its measured accuracy."""
+    import matplotlib.pyplot as plt
+    keys = list(preds); kinds = preds[keys[0]]['kinds']
+    names = {'sb_loss': 'ScalingBench loss', 'text_loss': 'validation text loss'}
+    fig, axes = plt.subplots(len(keys), len(kinds), figsize=(4.4 * len(kinds), 3.4 * len(keys)), squeeze=False, sharey='col')
+    for i, key in enumerate(keys):
+        for j, k in enumerate(kinds):
+            ax, pk = axes[i][j], preds[key]['per_kind'][k]
+            x = [_loss_of(p, key, k) for p in points]
+            ax.plot(x, [p['acc'][k] for p in points], 'o', ms=4, label='ladder models')
+            xs = torch.linspace(min(x + [pk['loss']]) - 0.05, max(x + [pk['loss']]) + 0.05, 100)
+            ax.plot(xs, sigmoid_acc(xs, **pk['params']), '-', label='sigmoid fit')
+            lo, hi = pk['interval']
+            ax.errorbar([pk['loss']], [pk['pred']], yerr=[[pk['pred'] - lo], [hi - pk['pred']]], fmt='s', color='C2',
+                        label='held-out: predicted')
+            ax.plot([pk['loss']], [pk['measured']], 'r*', ms=11, label='held-out: measured')
+            ax.set(xlabel=f"{names.get(key, key)}" + (f" ({k})" if isinstance(held[key], dict) else ''), title=f"{k} ({pk['n']} items): error {100 * pk['err']:+.1f} points")
+        axes[i][0].set_ylabel('task accuracy')
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(' | '.join(f"from {names.get(k, k)}: {100 * preds[k]['err']:+.1f} points overall" for k in keys), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/30_modeltunnel.ipynb #mt049b
+@dataclass
+class MTConfig:
+    "Every knob of the ModelTunnel experiment; the defaults are the `ci` profile's (= the notebook's parameters cell)."
+    profile: str = 'ci'
+    device: str = 'cpu'
+    seed: int = 0
+    corpus_size: str = 'small'
+    vocab_size: int = 512
+    model_preset: str = 'tiny'
+    seq_len: int = 64                   # tokens per training row
+    layers: int = 2                     # depth of the proxies
+    coord_widths: list = field(default_factory=lambda: [32, 64, 128, 256])
+    coord_steps: int = 10
+    coord_lr: float = 0.01
+    coord_batch: int = 4
+    lr_widths: list = field(default_factory=lambda: [32, 64, 128])
+    sp_widths: list = field(default_factory=lambda: [32, 128])
+    lrs: list = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.04, 0.08])
+    sweep_steps: int = 40
+    sweep_batch: int = 8
+    check_batches: list = field(default_factory=lambda: [16])
+    check_depths: list = field(default_factory=lambda: [4])
+    check_lrs: list = field(default_factory=lambda: [0.02, 0.04, 0.08])
+    ladder_widths: list = field(default_factory=lambda: [32, 64])
+    branch_at: list = field(default_factory=lambda: [30, 60, 90, 120, 180, 240])
+    decay_frac: float = 0.2
+    warmup: int = 10                    # warmup steps of every ladder / held-out / cosine run
+    ladder_batch: int = 16
+    heldout_width: int = 128
+    heldout_steps: int = 150
+    cosine_budgets: list = field(default_factory=lambda: [75, 150])
+    boot: int = 200
+    n_arith: int = 96                   # ScalingBench additions (plus the world's 240 fact questions)
+    max_digits: int = 2
+    acc_batch: int = 128                # prompts per greedy-generation batch
+
+    @classmethod
+    def for_profile(cls, profile: str = 'ci', root=None, **overrides) -> 'MTConfig':
+        "The profile's values from settings.ini (its shared keys and its `mt_*` keys), then `overrides` (field names)."
+        from minicpm4_core.profiles import load_profile
+        p, names = load_profile(profile, root), set(cls.__dataclass_fields__)
+        kw = {k: p[k] for k in ('profile', 'device', 'seed', 'corpus_size', 'vocab_size', 'model_preset') if k in p}
+        extra = sorted(k for k in p if k.startswith('mt_') and k[3:] not in names and k not in _NOTEBOOK_ONLY)
+        if extra: raise ValueError(f"settings.ini [{profile}] has unknown ModelTunnel keys {extra}; MTConfig fields: {sorted(names)}")
+        kw |= {k[3:]: v for k, v in p.items() if k.startswith('mt_') and k[3:] in names}
+        unknown = sorted(set(overrides) - names)
+        if unknown: raise ValueError(f"unknown MTConfig fields {unknown}; accepted: {sorted(names)}")
+        return cls(**{**kw, **overrides})
+
+
+_NOTEBOOK_ONLY = ('mt_mup_check',)   # parameters only the notebook reads (the `mup` package cross-check)
+
+# a CPU smoke test of the whole gpu path in seconds (`--tiny`)
+TINY = dict(device='cpu', corpus_size=400, vocab_size=300, model_preset='tiny', seq_len=32, layers=1, coord_widths=[32, 64],
+            coord_steps=2, lr_widths=[32, 64], sp_widths=[32, 64], lrs=[0.01, 0.04], sweep_steps=3, sweep_batch=4,
+            check_batches=[8], check_depths=[2], check_lrs=[0.01, 0.04], ladder_widths=[32], branch_at=[6, 8, 10, 12],
+            warmup=2, ladder_batch=4, heldout_width=64, heldout_steps=10, cosine_budgets=[10], boot=16, n_arith=8)
+
+# %% ../nbs/30_modeltunnel.ipynb #mt049h
+def _byte_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet, character -> byte: printable bytes stand for themselves, the other 68 bytes for
+    the characters from chr(256) on, in byte order (the mapping GPT-2's tokenizer introduced)."""
+    keep = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    out, extra = {chr(b): b for b in keep}, 0
+    for b in range(256):
+        if b not in keep: out[chr(256 + extra)] = b; extra += 1
+    return out
+
+
+class PreparedTokenizer:
+    """A tokenizer for a machine without the `tokenizers` package: `encode` looks up the texts it was prepared with
+    (the ScalingBench prompts and prompt + target), `decode` works for any ids (byte-level BPE: the token strings
+    joined, each character turned back into its byte, special tokens skipped)."""
+    def __init__(self, vocab: list, encoded: dict, bos_id: int, eos_id: int, pad_id: int, special_ids):
+        self.vocab, self.encoded, self.special = list(vocab), dict(encoded), set(special_ids)
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self._byte = _byte_alphabet()
+
+    @property
+    def vocab_size(self) -> int: return len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        if text not in self.encoded:
+            raise KeyError(f"PreparedTokenizer encodes only the {len(self.encoded)} texts it was prepared with, not {text[:60]!r}")
+        return list(self.encoded[text])
+
+    def decode(self, ids) -> str:
+        s = ''.join(self.vocab[i] for i in ids if i not in self.special)
+        return bytes(self._byte[c] for c in s).decode('utf-8', errors='replace')
+
+
+def prepare_data(cfg: 'MTConfig', path) -> Path:
+    """Everything of `cfg`'s experiment that needs the `tokenizers` package, computed here and saved to `path`
+    (torch.save): training / validation rows (int16), the ScalingBench items with their token ids, the vocabulary.
+    The device then runs with `--data path` and never imports `tokenizers`."""
+    tok, rows, valid, _, items = _setup(replace(cfg, device='cpu'))
+    if tok.vocab_size > 32767: raise ValueError(f"vocab_size {tok.vocab_size} does not fit the int16 rows")
+    enc = {t: tok.encode(t) for it in items for t in (it['prompt'], it['prompt'] + it['target'])}
+    vocab = [None] * tok.vocab_size
+    for s, i in tok.tk.get_vocab().items(): vocab[i] = s
+    special = [tok.tk.token_to_id(s) for s in D.SPECIAL_TOKENS if tok.tk.token_to_id(s) is not None]
+    obj = dict(key=_data_key(cfg), rows=rows.to(torch.int16), valid=valid.to(torch.int16), items=items, encoded=enc,
+               vocab=vocab, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, special_ids=special)
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    return path
+
+
+def _data_key(cfg) -> dict:
+    "The MTConfig fields that decide the prepared data."
+    return {k: getattr(cfg, k) for k in ('seed', 'corpus_size', 'vocab_size', 'seq_len', 'n_arith', 'max_digits')}
+
+
+def load_prepared(cfg: 'MTConfig', path):
+    "(tokenizer, rows, valid, items) from `prepare_data`'s file, checked against `cfg`."
+    obj = torch.load(path, weights_only=True)
+    if obj['key'] != _data_key(cfg):
+        raise ValueError(f"{path} was prepared for {obj['key']}, but the run asks for {_data_key(cfg)}: prepare it again")
+    tok = PreparedTokenizer(obj['vocab'], obj['encoded'], obj['bos_id'], obj['eos_id'], obj['pad_id'], obj['special_ids'])
+    return tok, obj['rows'].long(), obj['valid'].long(), obj['items']
+
+# %% ../nbs/30_modeltunnel.ipynb #mt049c
+def _setup(cfg: MTConfig, data=None):
+    """Tokenizer, training / validation rows (on cfg.device), the proxy family and the ScalingBench items of `cfg`;
+    from `prepare_data`'s file when `data` is given (no `tokenizers` package needed)."""
+    if data is not None: tok, rows, valid, items = load_prepared(cfg, data)
+    else:
+        corpus = D.embedded_corpus(cfg.seed, cfg.corpus_size)
+        try: tok = D.train_tokenizer(corpus['train'], cfg.vocab_size)
+        except ImportError as e: raise ImportError(f"{e}: without the tokenizers package, run `--prepare FILE` where it is "
+                                                   "installed and pass `--data FILE` here") from e
+        rows = D.pack_documents(tok.encode_batch(corpus['train']), cfg.seq_len, tok.bos_id, tok.eos_id)
+        valid = D.pack_documents(tok.encode_batch(corpus['valid']), cfg.seq_len, tok.bos_id, tok.eos_id)[:64]
+        items = scalingbench_items(D.make_world(cfg.seed), n_arith=cfg.n_arith, max_digits=cfg.max_digits)
+    family = MiniCPM4Config.from_preset(cfg.model_preset, vocab_size=tok.vocab_size, num_hidden_layers=cfg.layers,
+                                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                                        max_position_embeddings=max(256, 2 * cfg.seq_len))
+    return tok, rows.to(cfg.device), valid.to(cfg.device), family, items
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+STAGES = ('coord', 'lr', 'sb', 'checks')
+_STAGE_KEYS = dict(coord='coord_check', lr='lr_transfer', sb='scalingbench', checks='checks')
+_DATA_FIELDS = ('seed', 'corpus_size', 'vocab_size', 'model_preset', 'seq_len', 'layers')
+_STAGE_FIELDS = dict(coord=('coord_widths', 'coord_steps', 'coord_lr', 'coord_batch'),
+                     lr=('lr_widths', 'sp_widths', 'lrs', 'sweep_steps', 'sweep_batch'),
+                     sb=('ladder_widths', 'branch_at', 'decay_frac', 'warmup', 'ladder_batch', 'heldout_width', 'heldout_steps',
+                         'cosine_budgets', 'boot', 'n_arith', 'max_digits', 'lr_widths', 'lrs', 'sweep_steps', 'sweep_batch'),
+                     checks=('check_batches', 'check_depths', 'check_lrs', 'lr_widths', 'sweep_steps', 'sweep_batch'))
+
+
+def run_experiment(cfg: MTConfig, out=None, progress: bool = True, stages=None, log=print, data=None, resume=None) -> dict:
+    """The whole experiment of this notebook as one call (what `main` runs on the gpu profile), in order of the goals:
+    'coord' coordinate check, 'lr' LR transfer muP vs SP, 'sb' WSD ladder + ScalingBench held-out prediction,
+    'checks' what does not transfer (batch, depth). With `out`, modeltunnel.json (+ a PNG per stage) is rewritten
+    after every stage, so a run cut short keeps what it finished. `data`: a `prepare_data` file (for a machine
+    without the `tokenizers` package). `resume`: an earlier result JSON of the same configuration whose finished
+    stages are kept (stages default to the ones it lacks; the ladder's LR comes from its sweep)."""
+    prev = json.loads(Path(resume).read_text()) if resume else {}
+    if prev:
+        done = [s for s, k in _STAGE_KEYS.items() if k in prev]
+        fields = {f for s in done for f in _STAGE_FIELDS[s]} | set(_DATA_FIELDS)
+        diff = {f: (prev['config'].get(f), getattr(cfg, f)) for f in sorted(fields) if prev['config'].get(f) != getattr(cfg, f)}
+        if diff: raise ValueError(f"resume={resume}: its finished stages {done} ran with other settings {diff} (then, now)")
+    stages = list(stages) if stages is not None else [s for s in STAGES if _STAGE_KEYS[s] not in prev]
+    bad = [s for s in stages if s not in STAGES]
+    if bad: raise ValueError(f"stages must be among {STAGES}, got {bad}")
+    t_all = time.time()
+    out = None if out is None else Path(out)
+    if out is not None: out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    tok, rows, valid, family, items = _setup(cfg, data)
+    res = {k: v for k, v in prev.items() if k not in [_STAGE_KEYS[s] for s in stages] and k != 'env'}
+    res.update(config=asdict(cfg), rows=len(rows), items=len(items), params=res.get('params', {}),
+               seconds=res.get('seconds', {}) | {'setup': round(time.time() - t_all, 1)},
+               calls=res.get('calls', []) + [dict(stages=stages, resumed=str(resume) if resume else None)])
+    log(f"setup: {len(rows)} rows x {cfg.seq_len} tokens, {len(items)} ScalingBench items, {res['seconds']['setup']} s")
+
+    def proxy(w, parametrization='mup', **kw):
+        c = transfer(replace(family, **kw) if kw else family, w, kv_group=family.num_key_value_groups)
+        return build_model(c, parametrization, seed=cfg.seed).to(cfg.device)
+
+    def save(figs=()):
+        if out is None: return
+        res['seconds']['total'] = round(time.time() - t_all, 1)
+        res['calls'][-1]['seconds'] = res['seconds']['total']
+        try:
+            from minicpm4_core.bench import env_stamp
+            res['env'] = env_stamp(cfg.device)
+        except Exception as e: res['env'] = dict(device=cfg.device, error=repr(e))   # the stamp must never lose a result
+        atomic_write_json(out / 'modeltunnel.json', _jsonable(res), indent=1)
+        for name, fig in figs:
+            fig.savefig(out / f'{name}.png', dpi=90)
+            import matplotlib.pyplot as plt
+            plt.close(fig)
+
+    sweep = None
+    if 'coord' in stages:
+        t0 = time.time()
+        coord = {par: coord_check(lambda w, par=par: proxy(w, par), cfg.coord_widths, rows, steps=cfg.coord_steps,
+                                  lr=cfg.coord_lr, batch_size=cfg.coord_batch, seed=cfg.seed, progress=progress,
+                                  desc=f'coord check {par}') for par in ('mup', 'sp')}
+        spread = {par: coord_spread(coord[par]) for par in coord}
+        res['coord_check'] = dict(widths=cfg.coord_widths, steps=cfg.coord_steps, lr=cfg.coord_lr, spread=spread,
+                                  mup_max_spread=max(spread['mup'].values()), sp_max_spread=max(spread['sp'].values()),
+                                  width_range=cfg.coord_widths[-1] / cfg.coord_widths[0],
+                                  sizes={p: {str(w): v for w, v in c.items()} for p, c in coord.items()})
+        res['seconds']['coord'] = round(time.time() - t0, 1)
+        save([('coord', plot_coord(coord, cfg.coord_widths, cfg.coord_steps))])
+    if 'lr' in stages:
+        t0 = time.time()
+        sweep = {'mup': search_hparams(lambda w: proxy(w, 'mup'), cfg.lr_widths, cfg.lrs, rows, valid, steps=cfg.sweep_steps,
+                                       batch_size=cfg.sweep_batch, seed=cfg.seed, progress=progress, desc='lr sweep mup')}
+        sp_only = [w for w in cfg.sp_widths if w != family.dim_model_base]   # at the base width SP is the muP model
+        sp = search_hparams(lambda w: proxy(w, 'sp'), sp_only, cfg.lrs, rows, valid, steps=cfg.sweep_steps,
+                            batch_size=cfg.sweep_batch, seed=cfg.seed, progress=progress, desc='lr sweep sp')
+        sp.table = [r for r in sweep['mup'].table if r['width'] == family.dim_model_base and r['width'] in cfg.sp_widths] + sp.table
+        sweep['sp'] = sp
+        res['lr_transfer'] = dict(mup={str(w): b for w, b in sweep['mup'].best().items()},
+                                  sp={str(w): b for w, b in sp.best().items()}, mup_gap=sweep['mup'].transfer_gap(),
+                                  sp_gap=sp.transfer_gap(), mup_width_range=cfg.lr_widths[-1] / cfg.lr_widths[0],
+                                  sp_width_range=max(cfg.sp_widths) / min(cfg.sp_widths), table=sweep['mup'].table + sp.table)
+        res['params'] |= {str(r['width']): r['params'] for r in sweep['mup'].table}
+        res['seconds']['lr'] = round(time.time() - t0, 1)
+        save([('lr_transfer', plot_lr(sweep, cfg.sweep_steps))])
+    # the proxy's optimum, transferred unchanged (from a resumed sweep, else the middle of the grid, said once)
+    if sweep: lr_star = sweep['mup'].best()[cfg.lr_widths[0]][1]
+    elif 'lr_transfer' in res: lr_star = res['lr_transfer']['mup'][str(cfg.lr_widths[0])][1]
+    else:
+        lr_star = sorted(cfg.lrs)[len(cfg.lrs) // 2]
+        log(f"no LR sweep in this run or the resumed one: the ladder uses the middle of the grid, {lr_star}")
+    if 'sb' in stages:
+        t0 = time.time()
+        evaluate = lambda m: evaluate_model(m, tok, items, valid, acc_batch=cfg.acc_batch)   # noqa: E731
+        ladder = {w: wsd_branches(proxy(w), rows, lr=lr_star, branch_at=cfg.branch_at, decay_frac=cfg.decay_frac,
+                                  warmup=cfg.warmup, batch_size=cfg.ladder_batch, seed=cfg.seed, evaluate=evaluate,
+                                  progress=progress) for w in cfg.ladder_widths}
+        cosine = {}
+        for T in cfg.cosine_budgets:
+            m = proxy(cfg.ladder_widths[0])
+            train_proxy(m, rows, lr=lr_star, steps=T, batch_size=cfg.ladder_batch, seed=cfg.seed,
+                        schedule=Schedule.cosine(T, cfg.warmup))
+            cosine[T] = evaluate(m)
+        held = proxy(cfg.heldout_width)
+        train_proxy(held, rows, lr=lr_star, steps=cfg.heldout_steps, batch_size=cfg.ladder_batch, seed=cfg.seed,
+                    schedule=Schedule(cfg.heldout_steps, cfg.warmup, cfg.decay_frac))
+        held_ev = evaluate(held)
+        pts = [b[k] for br in ladder.values() for b in br for k in ('stable', 'decayed')] + list(cosine.values())
+        pred = {key: predict_accuracy(pts, held_ev, key, n_boot=cfg.boot, seed=cfg.seed) for key in ('sb_loss', 'text_loss')}
+        w0 = cfg.ladder_widths[0]
+        pred_all = {key: predict_accuracy(pts, held_ev, key, kinds=['all'], method='robust', n_boot=cfg.boot, seed=cfg.seed)
+                    for key in ('sb_loss', 'text_loss')}   # last session's method: one robust sigmoid for all items
+        res['wsd'] = dict(lr=lr_star, ladder={str(w): br for w, br in ladder.items()}, cosine={str(T): v for T, v in cosine.items()},
+                          vs_cosine={str(T): [next((b['decayed']['text_loss'] for b in ladder[w0] if b['total'] == T), None),
+                                              v['text_loss']] for T, v in cosine.items()})
+        by_width = [w for w, br in ladder.items() for b in br for _ in range(2)] + [w0] * len(cosine) + [f'held-out {cfg.heldout_width}']
+        by_phase = [ph for br in ladder.values() for b in br for ph in ('stable', 'decayed')] + ['cosine'] * len(cosine) + ['held-out']
+        resid = {k: dict(width=residuals_by(pts + [held_ev], by_width, pred['sb_loss'], k),
+                         phase=residuals_by(pts + [held_ev], by_phase, pred['sb_loss'], k)) for k in pred['sb_loss']['kinds']}
+        res['scalingbench'] = dict(heldout=held_ev, heldout_width=cfg.heldout_width, heldout_steps=cfg.heldout_steps,
+                                   n_points=len(pts), pred=pred, pred_one_sigmoid_robust=pred_all, residuals=resid)
+        res['seconds']['sb'] = round(time.time() - t0, 1)
+        save([('wsd', plot_wsd(ladder, cosine, cfg.ladder_batch * cfg.seq_len, w0)),
+              ('scalingbench', plot_scalingbench(pts, held_ev, pred))])
+    if 'checks' in stages:
+        t0 = time.time()
+        w_chk, checks = cfg.lr_widths[0], {}
+        for bs in cfg.check_batches:
+            checks[f'batch {bs}'] = search_hparams(lambda w: proxy(w), [w_chk], cfg.check_lrs, rows, valid, steps=cfg.sweep_steps,
+                                                   batch_size=bs, seed=cfg.seed, progress=progress, desc=f'batch {bs}')
+        for L in cfg.check_depths:
+            checks[f'depth {L}'] = search_hparams(lambda w, L=L: proxy(w, num_hidden_layers=L), [w_chk], cfg.check_lrs, rows,
+                                                  valid, steps=cfg.sweep_steps, batch_size=cfg.sweep_batch, seed=cfg.seed,
+                                                  progress=progress, desc=f'depth {L}')
+        ref = lr_star if (sweep or 'lr_transfer' in res) else None
+        res['checks'] = {k: dict(best=v.best()[w_chk], ref_lr=ref, grid_steps=None if ref is None else math.log2(v.best()[w_chk][1] / ref),
+                                 table=v.table) for k, v in checks.items()}
+        res['seconds']['checks'] = round(time.time() - t0, 1)
+        save()
+    res['seconds']['total'] = round(time.time() - t_all, 1)
+    save()
+    return res
+
+# %% ../nbs/30_modeltunnel.ipynb #mt049d
+def summary_lines(res: dict) -> list[str]:
+    "One line per goal (and the time) from a `run_experiment` result or its stored JSON."
+    out = []
+    ok = lambda b: 'MET' if b else 'MISSED'   # noqa: E731
+    if 'coord_check' in res:
+        c = res['coord_check']
+        out.append(f"coordinate check over {c['width_range']:.0f}x width, {c['steps']} steps: muP max spread "
+                   f"{c['mup_max_spread']:.2f}x (goal <= 2x: {ok(c['mup_max_spread'] <= 2)}), SP {c['sp_max_spread']:.1f}x")
+    if 'lr_transfer' in res:
+        r = res['lr_transfer']
+        out.append(f"LR transfer over {r['mup_width_range']:.0f}x width: muP {r['mup_gap']:+.2f} grid steps (goal |gap| <= 1: "
+                   f"{ok(abs(r['mup_gap']) <= 1)}), SP {r['sp_gap']:+.2f} over {r.get('sp_width_range', 0):.0f}x; best LR per "
+                   f"width muP {({w: round(b[1], 4) for w, b in r['mup'].items()})}, SP {({w: round(b[1], 4) for w, b in r['sp'].items()})}")
+    if 'scalingbench' in res:
+        s = res['scalingbench']; p, t = s['pred']['sb_loss'], s['pred']['text_loss']
+        met = abs(p['err']) <= 0.03 and abs(p['err']) < abs(t['err'])
+        out.append(f"ScalingBench: held-out width {s['heldout_width']} predicted {100 * p['pred']:.1f}% (90% curve "
+                   f"{100 * p['lo']:.1f}-{100 * p['hi']:.1f}%, measurement {100 * p['plo']:.1f}-{100 * p['phi']:.1f}%), measured "
+                   f"{100 * p['measured']:.1f}% (binomial SE {100 * p['se']:.1f} on {s['heldout']['n']['all']} items): error "
+                   f"{100 * p['err']:+.1f} points vs text-loss predictor {100 * t['err']:+.1f} (goal within 3 and better: {ok(met)}); "
+                   + ', '.join(f"{k} {100 * v['err']:+.1f}" for k, v in p['per_kind'].items()))
+        if 'residuals' in s:
+            out.append("ScalingBench residuals (measured - curve) / binomial SE, mean per group: " + '; '.join(
+                f"{k} " + ', '.join(f"{g} {z:+.2f}" for g, z in {**r['width'], **r['phase']}.items()) for k, r in s['residuals'].items()))
+    if 'wsd' in res:
+        out.append("WSD branch vs separate cosine run (text loss): " + ', '.join(
+            f"{T} steps {a:.3f} vs {b:.3f}" if a is not None else f"{T} steps (no branch) vs {b:.3f}" for T, (a, b) in res['wsd']['vs_cosine'].items()))
+    if 'checks' in res:
+        out.append("what else transfers (narrowest width, best LR vs the sweep's): " + ', '.join(
+            f"{k} {v['grid_steps']:+.2f} grid steps" if v['grid_steps'] is not None else f"{k} best {v['best'][1]:.3g}"
+            for k, v in res['checks'].items()))
+    out.append(f"seconds: {res.get('seconds')}")
+    return out
+
+
+def main(argv=None) -> int:
+    """`python -m minicpm4_core.modeltunnel --profile gpu --out DIR [--data FILE] [--tiny] [--stages ...] [--set field=value ...]`;
+    `--prepare FILE` (where the `tokenizers` package is installed) writes the data file that `--data` reads."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument('--profile', default='gpu')
+    ap.add_argument('--out', help='folder of the results (required unless --prepare)')
+    ap.add_argument('--prepare', help='write the tokenized data of the run to this file and stop')
+    ap.add_argument('--data', help='a --prepare file: run without the tokenizers package')
+    ap.add_argument('--tiny', action='store_true', help='tiny CPU sizes (a smoke test of the same code path)')
+    ap.add_argument('--stages', nargs='*', default=None, help=f'subset of {STAGES} (default: all, or those --resume lacks)')
+    ap.add_argument('--resume', help="an earlier modeltunnel.json of the same settings: keep its stages, run the others")
+    ap.add_argument('--set', nargs='*', default=[], help='MTConfig overrides as field=python-literal')
+    a = ap.parse_args(argv)
+    import ast
+    over = dict(TINY) if a.tiny else {}
+    for kv in a.set:
+        k, _, v = kv.partition('=')
+        try: over[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError): over[k] = v
+    cfg = MTConfig.for_profile(a.profile, **over)
+    if a.prepare:
+        p = prepare_data(cfg, a.prepare)
+        print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB) for {_data_key(cfg)}")
+        return 0
+    if not a.out: ap.error('--out is required (unless --prepare)')
+    if cfg.device.startswith('cuda'):
+        if not torch.cuda.is_available(): raise SystemExit(f"device {cfg.device!r} asked for, but CUDA is not available (use --tiny or --set device=cpu)")
+        torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True   # fp32 evaluation matmuls
+    else: torch.set_num_threads(1)   # tiny models: one thread is as fast
+    import matplotlib
+    matplotlib.use('Agg')
+    res = run_experiment(cfg, a.out, progress=True, stages=a.stages, data=a.data, resume=a.resume)
+    lines = summary_lines(res)
+    (Path(a.out) / 'summary.txt').write_text('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+    return 0
+
+
+if __name__ == '__main__' and 'IPython' not in sys.modules:
+    raise SystemExit(main())

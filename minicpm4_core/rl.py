@@ -28,7 +28,9 @@ from .train import mup_param_groups
 # %% auto #0
 __all__ = ['TASK_CHARS', 'TASK_SPECIALS', 'CharTokenizer', 'worked_solution', 'digit_weights', 'AdditionTask', 'task_model',
            'sft', 'ChunkOut', 'rollout_chunk', 'sequence_logprobs', 'group_advantages', 'keep_groups', 'grpo_loss',
-           'RLConfig', 'Sample', 'RolloutBuffer', 'train_rl', 'heldout_accuracy']
+           'RLConfig', 'Sample', 'RolloutBuffer', 'train_rl', 'heldout_scores', 'heldout_accuracy',
+           'accuracy_by_digits', 'sampled_reward', 'RLExperiment', 'rollout_throughput', 'summarise', 'run_experiment',
+           'summary_lines', 'plot_record', 'main']
 
 # %% ../nbs/40_chunked_rl.ipynb #2f49866e
 TASK_CHARS = '0123456789+=,>'
@@ -103,14 +105,19 @@ class AdditionTask:
         text = self.tok.decode(response)
         return float('>' in text and text.rsplit('>', 1)[1] == str(item[0] + item[1]))
 
-    def splits(self, n_train: int, n_heldout: int, seed: int = 0):
-        """Disjoint item lists: `train` from the long-tailed distribution (SFT and RL prompts) and a *harder*
-        held-out split with d uniform over 1..max_digits (unseen by SFT and RL)."""
+    def splits(self, n_train: int, n_heldout: int, seed: int = 0, heldout: str = 'uniform'):
+        """Item lists `train` (the long-tailed distribution: SFT and RL prompts) and `held` (unseen by SFT and RL).
+
+        heldout='same' draws the held-out items from the training distribution (the split RL is judged on);
+        'uniform' takes d uniform over 1..max_digits (a harder split). Items of >= 2 digits are unique within
+        `held` and never in `train`; 1-digit items (only 100 exist) may repeat and appear in both."""
+        if heldout not in ('same', 'uniform'): raise ValueError(f"heldout must be 'same' or 'uniform', got {heldout!r}")
         rng, seen = random.Random(seed), set()
         held = []
         while len(held) < n_heldout:
-            it = self.sample(rng, digits=1 + len(held) % self.max_digits)
-            if it not in seen: seen.add(it); held.append(it)
+            it = self.sample(rng, digits=None if heldout == 'same' else 1 + len(held) % self.max_digits)
+            if it[0] < 10: held.append(it)
+            elif it not in seen: seen.add(it); held.append(it)
         train = []
         while len(train) < n_train:
             it = self.sample(rng)
@@ -134,10 +141,14 @@ def _right_pad(rows: list[list[int]], pad: int, device) -> torch.Tensor:
 
 
 def sft(model, task: AdditionTask, items: list, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-        progress: bool = True) -> list[float]:
-    "Supervised fine-tuning on worked solutions (loss on solution tokens only); AdamW + muP groups, cosine decay."
+        progress: bool = True, stop_fn: Callable | None = None, check_every: int = 50) -> list[float]:
+    """Supervised fine-tuning on worked solutions (loss on solution tokens only); AdamW + muP groups, cosine decay.
+
+    stop_fn(model, step) -> bool, asked every `check_every` steps, ends SFT early (the schedule stays that of
+    `steps`): the way to stop at a chosen skill level. Returns the loss of every step run."""
     from tqdm.auto import tqdm
     if steps < 0: raise ValueError(f"steps must be >= 0, got {steps}")
+    if not (isinstance(check_every, int) and check_every >= 1): raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
     rng, dev = random.Random(seed), model.device
     opt = torch.optim.AdamW(mup_param_groups(model, lr), lr=lr, betas=(0.9, 0.95))
     losses = []
@@ -156,6 +167,8 @@ def sft(model, task: AdditionTask, items: list, steps: int, batch_size: int = 32
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
         losses.append(float(loss.detach()))
+        if stop_fn is not None and (step + 1) % check_every == 0 and stop_fn(model, step + 1): break
+    model.train()
     return losses
 
 # %% ../nbs/40_chunked_rl.ipynb #2fef5bfe
@@ -169,16 +182,21 @@ class ChunkOut:
 
 @torch.no_grad()
 def rollout_chunk(model, seqs: Sequence[Sequence[int]], budgets: Sequence[int], *, temperature: float = 1.0,
-                  stop_id: int = 2, pad_id: int = 0, generator: torch.Generator | None = None) -> ChunkOut:
+                  stop_id: int = 2, pad_id: int = 0, generator: torch.Generator | None = None,
+                  check_every: int | None = None) -> ChunkOut:
     """Continue each sequence by up to budgets[i] tokens (sampling at `temperature`; 0 = greedy).
 
     seqs: B token lists (prompt + response so far); left-padded into (B, T0) and prefilled into a fresh cache.
-    Log-probs are of the tempered distribution log_softmax(logits / temperature) (untempered when greedy)."""
+    Log-probs are of the tempered distribution log_softmax(logits / temperature) (untempered when greedy).
+    check_every: decode steps between host checks of "all rows done" (None: 1 on CPU, 8 on CUDA, where a check
+    per token would stall the launch queue); the tokens are the same, only up to check_every - 1 spare steps run."""
     if len(seqs) == 0: raise ValueError("rollout_chunk: no sequences given")
     if len(budgets) != len(seqs): raise ValueError(f"budgets: one per sequence, got {len(budgets)} for {len(seqs)}")
     if any(int(b) < 1 for b in budgets): raise ValueError(f"budgets must all be >= 1, got min {min(budgets)}")
     if any(len(s) == 0 for s in seqs): raise ValueError("seqs: every sequence needs at least one token")
     if temperature < 0: raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if check_every is not None and not (isinstance(check_every, int) and check_every >= 1):
+        raise ValueError(f"check_every must be None or an int >= 1, got {check_every!r}")
     dev, B, T0 = model.device, len(seqs), max(map(len, seqs))
     ids = torch.full((B, T0), pad_id, dtype=torch.long)
     mask = torch.zeros(B, T0, dtype=torch.long)
@@ -186,6 +204,7 @@ def rollout_chunk(model, seqs: Sequence[Sequence[int]], budgets: Sequence[int], 
     ids, mask = ids.to(dev), mask.to(dev)
     budget = torch.as_tensor([int(b) for b in budgets], device=dev)
     n = int(budget.max())
+    every = check_every or (8 if torch.device(dev).type == 'cuda' else 1)
     cache = model.new_cache(B, T0 + n)
     was_training = model.training; model.eval()
     logits = model(ids, cache=cache, attention_mask=mask)[:, -1]
@@ -198,7 +217,7 @@ def rollout_chunk(model, seqs: Sequence[Sequence[int]], budgets: Sequence[int], 
         toks.append(nxt); lps.append(logp.gather(-1, nxt[:, None])[:, 0])
         length += ~done
         done = done | (nxt == stop_id) | (length >= budget)
-        if step == n - 1 or bool(done.all()): break   # one host sync per token, as in plain generate
+        if step == n - 1 or ((step + 1) % every == 0 and bool(done.all())): break   # the only host sync
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         logits = model(torch.where(done, pad_id, nxt)[:, None], cache=cache, attention_mask=mask)[:, -1]
     model.train(was_training)
@@ -280,8 +299,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
 @dataclass
 class RLConfig:
     steps: int = 20
-    rollout_batch: int = 32        # active samples per step (new groups fill up to this; vanilla: prompts x G)
+    rollout_batch: int = 32        # most active samples in one step (new + carried over)
     group_size: int = 4            # G rollouts per prompt
+    prompts_per_step: int | None = None   # new prompts (groups of G) each step, the paper's fixed intake; None: as many
+                                          # as fit in rollout_batch
     max_new_tokens: int = 128      # length budget of a whole rollout
     chunk_len: int | None = None   # tokens per sample per step; None: whole budget (vanilla)
     max_span: int = 4              # steps one sample may span (the last one finishes it)
@@ -306,6 +327,9 @@ class RLConfig:
                                ('group_size', pos(self.group_size) and self.group_size >= 2, 'an int >= 2'),
                                ('rollout_batch', pos(self.rollout_batch) and self.rollout_batch >= self.group_size,
                                 f'an int >= group_size ({self.group_size})'),
+                               ('prompts_per_step', self.prompts_per_step is None or (pos(self.prompts_per_step) and
+                                self.prompts_per_step * self.group_size <= self.rollout_batch),
+                                f'None or an int >= 1 with prompts_per_step x group_size <= rollout_batch ({self.rollout_batch})'),
                                ('max_new_tokens', pos(self.max_new_tokens), 'an int >= 1'),
                                ('chunk_len', self.chunk_len is None or pos(self.chunk_len), 'None or an int >= 1'),
                                ('max_span', pos(self.max_span), 'an int >= 1'),
@@ -315,8 +339,6 @@ class RLConfig:
                                ('ref_refresh', pos(self.ref_refresh), 'an int >= 1'),
                                ('eval_every', pos(self.eval_every), 'an int >= 1')]:
             if not ok: raise ValueError(f"RLConfig.{name} must be {want}, got {getattr(self, name)!r}")
-        if self.chunk_len is not None and self.chunk_len * self.max_span < self.max_new_tokens:
-            pass   # fine: the last allowed step finishes the sample whatever its length
         grpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1, dtype=torch.bool),
                   torch.zeros(1, 1), eps_low=self.eps_low, eps_high=self.eps_high, dual_clip=self.dual_clip,
                   beta=self.beta)   # its own argument checks
@@ -356,10 +378,12 @@ class RolloutBuffer:
 
     def unfinished(self) -> list[Sample]: return [s for g in self.groups.values() for s in g if not s.done]
 
-    def step_samples(self) -> list[Sample]:
-        "Unfinished samples (oldest first), then new groups of G while a whole group still fits in rollout_batch."
-        active = self.unfinished()
-        while len(active) + self.G <= self.batch:
+    def step_samples(self, new_groups: int | None = None) -> list[Sample]:
+        """Unfinished samples (oldest first), then new groups of G: `new_groups` of them (None: as many as fit),
+        never more than rollout_batch samples in all (a full buffer takes no new prompts that step)."""
+        active, added = self.unfinished(), 0
+        while len(active) + self.G <= self.batch and (new_groups is None or added < new_groups):
+            added += 1
             it, gid = self._new_item(), self.next_group
             self.next_group += 1
             self.groups[gid] = [Sample(gid, it, self.task.prompt(it)) for _ in range(self.G)]
@@ -378,7 +402,7 @@ def _sync(dev):
 
 def _rollout_step(model, buf: RolloutBuffer, cfg: RLConfig, version: int, gen) -> dict:
     "Generate this step's chunk for every active sample; returns counts for the history."
-    active = buf.step_samples()
+    active = buf.step_samples(cfg.prompts_per_step)
     chunk = cfg.max_new_tokens if cfg.vanilla else cfg.chunk_len
     budgets = []
     for s in active:
@@ -426,9 +450,12 @@ def train_rl(model, task, items: Sequence, cfg: RLConfig, eval_fn: Callable | No
              lengths=[], lag=[], eval_step=[], eval_time=[], eval_acc=[])
     wall = 0.0
 
-    def evaluate(step):
+    def evaluate(step):   # eval_fn -> accuracy, or a dict with 'acc' and other figures (kept as eval_<key>)
         if eval_fn is None: return
-        H['eval_step'].append(step); H['eval_time'].append(wall); H['eval_acc'].append(float(eval_fn(model)))
+        r = eval_fn(model)
+        r = dict(r) if isinstance(r, dict) else dict(acc=r)
+        H['eval_step'].append(step); H['eval_time'].append(wall)
+        for k, v in r.items(): H.setdefault(f'eval_{k}', []).append(float(v))
 
     evaluate(0)
     for step in tqdm(range(cfg.steps), disable=not cfg.progress, desc='rl' if cfg.vanilla else f'rl chunk {cfg.chunk_len}'):
@@ -473,13 +500,327 @@ def train_rl(model, task, items: Sequence, cfg: RLConfig, eval_fn: Callable | No
 
 # %% ../nbs/40_chunked_rl.ipynb #cd1ba916
 @torch.no_grad()
-def heldout_accuracy(model, task: AdditionTask, items: Sequence, batch_size: int = 64) -> float:
-    "Share of items whose greedy rollout (plain `generate`) earns reward 1."
-    if not items: raise ValueError("heldout_accuracy: no items")
-    hits = 0
+def heldout_scores(model, task: AdditionTask, items: Sequence, batch_size: int = 64) -> list[float]:
+    "Reward (0/1) of each item's greedy rollout by the plain batched `generate`, in item order."
+    if not items: raise ValueError("heldout_scores: no items")
+    if not (isinstance(batch_size, int) and batch_size >= 1): raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    scores = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         outs = model.generate([task.prompt(it) for it in chunk], task.max_new_tokens, stop_ids=[task.tok.eos_id],
                               pad_id=task.tok.pad_id)
-        hits += sum(task.reward(it, o) for it, o in zip(chunk, outs))
-    return hits / len(items)
+        scores += [task.reward(it, o) for it, o in zip(chunk, outs)]
+    return scores
+
+
+def heldout_accuracy(model, task: AdditionTask, items: Sequence, batch_size: int = 64) -> float:
+    "Share of items whose greedy rollout (plain `generate`) earns reward 1."
+    if not items: raise ValueError("heldout_accuracy: no items")
+    return sum(heldout_scores(model, task, items, batch_size)) / len(items)
+
+
+def accuracy_by_digits(task: AdditionTask, items: Sequence, scores: Sequence[float]) -> dict:
+    "{digits: accuracy} of per-item scores (digits of the operands)."
+    by = {}
+    for it, s in zip(items, scores): by.setdefault(len(str(it[0])), []).append(s)
+    return {d: sum(v) / len(v) for d, v in sorted(by.items())}
+
+
+@torch.no_grad()
+def sampled_reward(model, task: AdditionTask, items: Sequence, temperature: float = 1.0, batch_size: int = 256,
+                   seed: int = 0) -> float:
+    "Mean reward of one rollout per item sampled at `temperature` (what RL sees on those prompts)."
+    if not items: raise ValueError("sampled_reward: no items")
+    gen, tot = torch.Generator(device=model.device).manual_seed(seed), 0.0
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        out = rollout_chunk(model, [task.prompt(it) for it in chunk], [task.max_new_tokens] * len(chunk),
+                            temperature=temperature, stop_id=task.tok.eos_id, pad_id=task.tok.pad_id, generator=gen)
+        tot += sum(task.reward(it, t) for it, t in zip(chunk, out.tokens))
+    return tot / len(items)
+
+# %% ../nbs/40_chunked_rl.ipynb #913dbca3
+@dataclass
+class RLExperiment:
+    "Every size of the §6 experiment. `for_profile(name)` reads the `rl_*` keys (and device, seed) of settings.ini."
+    profile: str = 'ci'
+    device: str = 'cpu'
+    seed: int = 0
+    preset: str = 'tiny'           # policy shape (vocabulary: the task's 17 characters)
+    model: dict | None = None      # preset overrides
+    max_digits: int = 5            # operands of 1..max_digits digits, P(d) ~ d^-alpha
+    alpha: float = 1.5
+    n_train: int = 4000            # training items (SFT and RL prompts)
+    sft_steps: int = 200           # SFT schedule length (cosine over these steps)
+    sft_lr: float = 1e-2
+    sft_batch: int = 16
+    sft_target: float | None = None   # stop SFT once the sampled reward on probe prompts reaches this (None: never)
+    sft_check_every: int = 100
+    probe_n: int = 128             # training prompts of that probe
+    steps: int = 8                 # RL steps per run
+    prompts: int = 4               # new prompts per step (every mode)
+    group: int = 4                 # G rollouts per prompt
+    lr: float = 1e-4               # RL muP base lr
+    chunks: list = field(default_factory=lambda: [16, 8])   # chunk lengths compared with vanilla
+    max_span: int = 4              # steps a chunked sample may span
+    eval_n: int = 60               # held-out items (same distribution as the prompts, unseen)
+    eval_every: int = 4
+    eval_batch: int = 256          # rows per evaluation batch
+    eval_samples: int = 2          # + sampled accuracy: rollouts per held-out item at temperature 1 (0: greedy only)
+
+    @classmethod
+    def from_params(cls, params: dict) -> 'RLExperiment':
+        "From notebook/profile parameters: `rl_<field>` keys plus profile, device, seed; other keys are ignored."
+        kw = {k[3:]: v for k, v in params.items() if k.startswith('rl_')}
+        kw.update({k: params[k] for k in ('profile', 'device', 'seed') if k in params})
+        unknown = set(kw) - set(cls.__dataclass_fields__)
+        if unknown: raise ValueError(f"unknown RLExperiment fields {sorted(unknown)} (from rl_* keys); "
+                                     f"accepted: {sorted(cls.__dataclass_fields__)}")
+        return cls(**kw).validate()
+
+    @classmethod
+    def for_profile(cls, profile: str = 'ci', root=None, **overrides) -> 'RLExperiment':
+        """The run of settings.ini profile `profile` (keys it lacks: the [ci] values, as in the notebook, whose
+        parameters cell equals [ci]), with field overrides (e.g. a tiny CPU check of the gpu run)."""
+        from minicpm4_core.profiles import load_profile
+        xp = cls.from_params({**load_profile('ci', root), **load_profile(profile, root)})
+        unknown = set(overrides) - set(cls.__dataclass_fields__)
+        if unknown: raise ValueError(f"unknown RLExperiment fields {sorted(unknown)}; accepted: {sorted(cls.__dataclass_fields__)}")
+        return cls(**{**asdict(xp), **overrides}).validate()
+
+    def validate(self) -> 'RLExperiment':
+        pos = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        if not (isinstance(self.eval_samples, int) and self.eval_samples >= 0):
+            raise ValueError(f"RLExperiment.eval_samples must be an int >= 0, got {self.eval_samples!r}")
+        for name in ('max_digits', 'n_train', 'sft_batch', 'sft_check_every', 'probe_n', 'steps', 'prompts', 'max_span',
+                     'eval_n', 'eval_every', 'eval_batch'):
+            if not pos(getattr(self, name)): raise ValueError(f"RLExperiment.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.sft_steps, int) and self.sft_steps >= 0): raise ValueError(f"RLExperiment.sft_steps must be an int >= 0, got {self.sft_steps!r}")
+        if not (pos(self.group) and self.group >= 2): raise ValueError(f"RLExperiment.group must be an int >= 2, got {self.group!r}")
+        if not (isinstance(self.chunks, (list, tuple)) and all(pos(c) for c in self.chunks)):
+            raise ValueError(f"RLExperiment.chunks must be a list of ints >= 1, got {self.chunks!r}")
+        if self.sft_target is not None and not 0 < self.sft_target <= 1:
+            raise ValueError(f"RLExperiment.sft_target must be None or in (0, 1], got {self.sft_target!r}")
+        return self
+
+# %% ../nbs/40_chunked_rl.ipynb #be137a1c
+def _env(dev) -> dict:
+    import platform
+    env = dict(torch=torch.__version__, python=platform.python_version(), device=str(dev))
+    if torch.device(dev).type == 'cuda': env['gpu'] = torch.cuda.get_device_name(dev)
+    return env
+
+
+def _timed(dev, f):
+    _sync(dev); t = time.perf_counter(); out = f(); _sync(dev)
+    return out, time.perf_counter() - t
+
+
+def rollout_throughput(model, task: AdditionTask, items: Sequence, seed: int = 0, reps: int = 2) -> dict:
+    """Tokens/s of plain batched `generate` and of `rollout_chunk` on the same prompts: sampling at temperature 1,
+    the whole budget, no stop (so both write exactly len(items) x max_new_tokens tokens); best of `reps`."""
+    dev, n = model.device, task.max_new_tokens
+    prompts, pad = [task.prompt(it) for it in items], task.tok.pad_id
+    g = torch.Generator(device=dev).manual_seed(seed)
+    model.generate(prompts[:4], 4, pad_id=pad)   # warm-up (allocator, kernels)
+    t_gen = min(_timed(dev, lambda: model.generate(prompts, n, temperature=1.0, stop_ids=[], pad_id=pad,
+                                                   generator=g))[1] for _ in range(reps))
+    t_roll = min(_timed(dev, lambda: rollout_chunk(model, prompts, [n] * len(prompts), stop_id=-1, pad_id=pad,
+                                                   generator=g))[1] for _ in range(reps))
+    tok = len(prompts) * n
+    return dict(batch=len(prompts), tokens=tok, generate_tok_s=tok / t_gen, rollout_tok_s=tok / t_roll,
+                ratio=t_roll / t_gen)
+
+# %% ../nbs/40_chunked_rl.ipynb #02d0881a
+def _mean(x): return sum(x) / max(1, len(x))
+
+
+def summarise(runs: dict, sft_acc: float, n_eval: int, sft_sampled: float | None = None) -> dict:
+    "Per-mode figures of the §6 table, with speed-ups against 'vanilla' and accuracies in points."
+    out = {}
+    for name, h in runs.items():
+        tt = [a + b + c for a, b, c in zip(h['t_sample'], h['t_logprob'], h['t_update'])]
+        acc = h['eval_acc'][-1]
+        out[name] = dict(step_s=_mean(tt), sample_s=_mean(h['t_sample']), logprob_s=_mean(h['t_logprob']),
+                         update_s=_mean(h['t_update']), tokens_per_s=sum(h['new_tokens']) / max(1e-9, sum(h['t_sample'])),
+                         finished_samples=sum(h['finished']), finished_per_s=sum(h['finished']) / max(1e-9, sum(tt)),
+                         trained_samples=sum(h['trained']), trained_per_s=sum(h['trained']) / max(1e-9, sum(tt)),
+                         mean_active=_mean(h['active']), decode_positions=_mean(h['decode_steps']),
+                         mean_lag=_mean(h['lag']), max_lag=max(h['lag'] or [0]),
+                         mean_reward=_mean([r for r in h['reward'] if r == r]), start_acc=h['eval_acc'][0],
+                         final_acc=acc, best_acc=max(h['eval_acc']), gain_points=100 * (acc - sft_acc),
+                         se_points=100 * math.sqrt(max(acc * (1 - acc), 1e-12) / n_eval))
+        if h.get('eval_sampled') and sft_sampled is not None:
+            out[name].update(final_sampled=h['eval_sampled'][-1], sampled_gain_points=100 * (h['eval_sampled'][-1] - sft_sampled))
+    base = out.get('vanilla')
+    for s in out.values():
+        if base is None: break
+        s['sample_speedup'] = base['sample_s'] / s['sample_s']; s['step_speedup'] = base['step_s'] / s['step_s']
+        s['positions_ratio'] = base['decode_positions'] / s['decode_positions']
+        s['vs_vanilla_points'] = 100 * (s['final_acc'] - base['final_acc'])
+    return out
+
+# %% ../nbs/40_chunked_rl.ipynb #fc234a9d
+def run_experiment(xp: RLExperiment, out_dir=None, progress: bool = True, log=print) -> dict:
+    """SFT once, then vanilla and each chunk length of `xp` from the same weights, prompt order and seeds.
+    Returns the record (also written to out_dir/rl.json after every stage when out_dir is given)."""
+    import json
+    from pathlib import Path
+    xp.validate()
+    dev, t_all = torch.device(xp.device), time.time()
+    rec = dict(config=asdict(xp), env=_env(dev), started=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), seconds={})
+    def save():
+        if out_dir is None: return
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / 'rl.json').write_text(json.dumps(rec, indent=1))
+    torch.manual_seed(xp.seed)
+    task = AdditionTask(xp.max_digits, xp.alpha)
+    train_items, held = task.splits(xp.n_train, xp.eval_n, xp.seed, heldout='same')
+    probe = train_items[:xp.probe_n]
+    rec['task'] = dict(max_new_tokens=task.max_new_tokens, digit_weights=task.weights,
+                       heldout_digits={d: sum(len(str(a)) == d for a, _ in held) for d in range(1, xp.max_digits + 1)})
+    # 1. SFT start, stopped (if asked) once the policy samples right about sft_target of the time on RL prompts
+    model = task_model(task, xp.preset, xp.seed, **(xp.model or {})).to(dev)
+    curve = []
+    def stop(m, step):
+        curve.append((step, sampled_reward(m, task, probe, batch_size=xp.eval_batch, seed=xp.seed)))
+        return xp.sft_target is not None and curve[-1][1] >= xp.sft_target
+    t = time.time()
+    losses = sft(model, task, train_items, xp.sft_steps, xp.sft_batch, xp.sft_lr, xp.seed, progress, stop_fn=stop,
+                 check_every=xp.sft_check_every)
+    _sync(dev); rec['seconds']['sft'] = time.time() - t
+    def eval_fn(m):   # greedy accuracy (plain generate) and, if asked, the accuracy of samples at temperature 1
+        r = dict(acc=heldout_accuracy(m, task, held, xp.eval_batch))
+        if xp.eval_samples: r['sampled'] = sampled_reward(m, task, held * xp.eval_samples, batch_size=xp.eval_batch, seed=xp.seed + 1)
+        return r
+    scores = heldout_scores(model, task, held, xp.eval_batch)
+    sft_acc = sum(scores) / len(scores)
+    sft_sampled = eval_fn(model).get('sampled')
+    rec['sft'] = dict(steps_run=len(losses), loss_last=_mean(losses[-20:]), losses=losses[::max(1, len(losses) // 200)],
+                      probe_curve=curve, probe_reward=sampled_reward(model, task, probe, batch_size=xp.eval_batch, seed=xp.seed),
+                      heldout_acc=sft_acc, heldout_sampled=sft_sampled, heldout_by_digits=accuracy_by_digits(task, held, scores))
+    log(f"SFT: {len(losses)} steps in {rec['seconds']['sft']:.1f} s; sampled reward on RL prompts "
+        f"{rec['sft']['probe_reward']:.3f}; held-out greedy accuracy {sft_acc:.3f} (n={len(held)})")
+    # 2. rollout throughput against plain generate (also warms the device up before the timed runs)
+    rec['throughput'] = rollout_throughput(model, task, train_items[:xp.prompts * xp.group], xp.seed)
+    save()
+    # 3. the runs
+    runs = {}
+    for name, chunk in [('vanilla', None)] + [(f'chunk {c}', c) for c in xp.chunks]:
+        t = time.time()
+        m = copy.deepcopy(model)
+        cfg = RLConfig(steps=xp.steps, rollout_batch=xp.prompts * xp.group * xp.max_span, group_size=xp.group,
+                       prompts_per_step=xp.prompts, max_new_tokens=task.max_new_tokens, chunk_len=chunk,
+                       max_span=xp.max_span, lr=xp.lr, eval_every=xp.eval_every, seed=xp.seed, progress=progress)
+        h = train_rl(m, task, train_items, cfg, eval_fn)
+        sc = heldout_scores(m, task, held, xp.eval_batch)
+        h['final_by_digits'] = accuracy_by_digits(task, held, sc)
+        h['final_probe_reward'] = sampled_reward(m, task, probe, batch_size=xp.eval_batch, seed=xp.seed)
+        runs[name] = h; rec['runs'] = runs; rec['seconds'][name] = time.time() - t
+        log(f"{name}: {rec['seconds'][name]:.1f} s; held-out {h['eval_acc'][0]:.3f} -> {h['eval_acc'][-1]:.3f}")
+        save()
+    rec['summary'] = summarise(runs, sft_acc, len(held), sft_sampled)
+    rec['seconds']['total'] = time.time() - t_all
+    save()
+    return rec
+
+# %% ../nbs/40_chunked_rl.ipynb #e069c0e8
+def summary_lines(rec: dict) -> list[str]:
+    "One line per goal of issue 18 (and the context needed to read them) from a run record."
+    S, sft_r = rec['summary'], rec['sft']
+    ch = [n for n in S if n != 'vanilla']
+    v, n = S['vanilla'], sum(rec['task']['heldout_digits'].values())
+    f = lambda key, fmt: ', '.join(f"{c} {format(S[c][key], fmt)}" for c in ch)
+    se = 100 * math.sqrt(max(sft_r['heldout_acc'] * (1 - sft_r['heldout_acc']), 1e-12) / n)
+    th = rec['throughput']
+    return [
+        f"sampling time/step (goal >= 1.5x): vanilla {v['sample_s']:.3f} s; speed-up {f('sample_speedup', '.2f')} "
+        f"(decode positions/step {f('positions_ratio', '.2f')} fewer)",
+        f"whole step (goal >= 1.3x): vanilla {v['step_s']:.3f} s = sample {v['sample_s']:.3f} + log-prob "
+        f"{v['logprob_s']:.3f} + update {v['update_s']:.3f}; speed-up {f('step_speedup', '.2f')}",
+        f"final held-out accuracy vs vanilla (goal within 2 points; n={n}, 1 SE ~{v['se_points']:.1f}): vanilla "
+        f"{100 * v['final_acc']:.1f}%, " + ', '.join(f"{c} {100 * S[c]['final_acc']:.1f}% ({S[c]['vs_vanilla_points']:+.1f})" for c in ch),
+        f"RL gain over the SFT start (n={n}, 1 SE ~{se:.1f} points): SFT {100 * sft_r['heldout_acc']:.1f}% -> "
+        + ', '.join(f"{k} {100 * s['final_acc']:.1f}% ({s['gain_points']:+.1f})" for k, s in S.items()),
+        *([f"RL gain in sampled accuracy (temperature 1, {rec['config']['eval_samples']} per item; 1 SE <= {se:.1f}): SFT "
+           f"{100 * sft_r['heldout_sampled']:.1f}% -> " + ', '.join(f"{k} {100 * s['final_sampled']:.1f}% ({s['sampled_gain_points']:+.1f})"
+                                                          for k, s in S.items())] if 'final_sampled' in v else []),
+        f"generation throughput (goal: rollout within 2x of generate): generate {th['generate_tok_s']:.0f} tok/s, "
+        f"rollout {th['rollout_tok_s']:.0f} tok/s, time ratio {th['ratio']:.2f} (batch {th['batch']})",
+        f"rollouts finished per second of training: vanilla {v['finished_per_s']:.1f}, {f('finished_per_s', '.1f')}; "
+        f"policy lag mean {f('mean_lag', '.2f')}",
+    ]
+
+
+def plot_record(rec: dict, title: str = ''):
+    "The run's figure: time split, accuracy over steps and wall time, reward, lengths, policy lag."
+    import matplotlib.pyplot as plt
+    runs, S = rec['runs'], rec['summary']
+    names = list(runs)
+    fig, ax = plt.subplots(2, 3, figsize=(16, 7.5))
+    ax = ax.ravel()
+    parts = ['sample_s', 'logprob_s', 'update_s']
+    for i, part in enumerate(parts):
+        ax[0].bar(names, [S[n][part] for n in names], bottom=[sum(S[n][p] for p in parts[:i]) for n in names],
+                  label=part[:-2])
+    ax[0].set_ylabel('seconds per step'); ax[0].legend(); ax[0].set_title('time per step')
+    sft = rec['sft']['heldout_acc']
+    for n in names:
+        h = runs[n]
+        col = ax[1].plot(h['eval_step'], h['eval_acc'], 'o-', label=f'{n} greedy')[0].get_color()
+        ax[2].plot(h['eval_time'], h['eval_acc'], 'o-', label=f'{n} greedy', color=col)
+        if h.get('eval_sampled'):   # dashed: accuracy of samples at temperature 1 (what RL optimises)
+            ax[1].plot(h['eval_step'], h['eval_sampled'], 's--', color=col, label=f'{n} sampled')
+            ax[2].plot(h['eval_time'], h['eval_sampled'], 's--', color=col, label=f'{n} sampled')
+        rw = [(s, r) for s, r in zip(h['step'], h['reward']) if r == r]   # steps where nothing finished: nan
+        k = max(1, len(rw) // 10)
+        ax[3].plot([s for s, _ in rw][k - 1:], [sum(r for _, r in rw[i - k + 1:i + 1]) / k for i in range(k - 1, len(rw))], label=n)
+        ax[4].hist(h['lengths'], bins=30, alpha=0.45, label=n)
+    for a in ax[1:3]: a.axhline(sft, color='grey', ls=':', label='SFT greedy'); a.set_ylabel('held-out accuracy'); a.legend(fontsize=7)
+    ax[1].set_xlabel('RL step'); ax[2].set_xlabel('training wall time (s)'); ax[2].set_title('accuracy over wall time')
+    ax[3].set_xlabel('RL step'); ax[3].set_ylabel('reward of finished samples\n(moving mean)'); ax[3].legend()
+    ax[4].set_xlabel('rollout length (tokens)'); ax[4].set_title('lengths of finished samples'); ax[4].legend()
+    ml = max(max(runs[n]['lag'] or [0]) for n in names)
+    for j, n in enumerate(names):
+        lags = runs[n]['lag']
+        ax[5].bar([x + (j - 1) / (len(names) + 1) for x in range(ml + 1)],
+                  [lags.count(x) / max(1, len(lags)) for x in range(ml + 1)], width=1 / (len(names) + 1), label=n)
+    ax[5].set_xlabel('policy lag (steps)'); ax[5].set_ylabel('share of finished samples'); ax[5].legend()
+    ax[5].set_xticks(range(ml + 1))
+    if title: fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/40_chunked_rl.ipynb #3c223e62
+def main(argv=None) -> int:
+    "`python -m minicpm4_core.rl --profile gpu --out DIR [--set field=value ...]`: the experiment, JSON + PNG in DIR."
+    import argparse, ast, json
+    from pathlib import Path
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument('--profile', default='gpu')
+    ap.add_argument('--out', required=True)
+    ap.add_argument('--set', nargs='*', default=[], help='RLExperiment overrides as field=python-literal')
+    ap.add_argument('--no-progress', action='store_true')
+    a = ap.parse_args(argv)
+    over = {}
+    for kv in a.set:
+        k, sep, v = kv.partition('=')
+        if not sep: raise SystemExit(f"--set takes field=value, got {kv!r}")
+        try: over[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError): over[k] = v
+    xp = RLExperiment.for_profile(a.profile, **over)
+    if torch.device(xp.device).type == 'cuda':
+        if not torch.cuda.is_available(): raise SystemExit(f"profile {a.profile!r} asks for device {xp.device!r}, but CUDA is not available")
+        torch.backends.cuda.matmul.allow_tf32 = True
+    out = Path(a.out)
+    rec = run_experiment(xp, out, progress=not a.no_progress)
+    lines = summary_lines(rec)
+    (out / 'table.md').write_text('\n'.join(lines) + '\n')
+    plot_record(rec, f"{xp.profile}: {rec['env'].get('gpu', rec['env']['device'])}, seed {xp.seed}").savefig(out / 'rl.png', dpi=100)
+    print(f"total {rec['seconds']['total']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in rec['seconds'].items() if k != 'total')})")
+    print('\n'.join(lines))
+    return 0
+
+
+if __name__ == '__main__' and 'IPython' not in __import__('sys').modules:
+    raise SystemExit(main())

@@ -8,6 +8,9 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/static_decode.html.md"""
 # %% ../nbs/61_static_decode.ipynb #483f68de
 from __future__ import annotations
 
+import bisect
+from dataclasses import replace
+
 from typing import Callable, Sequence
 
 import torch
@@ -19,7 +22,7 @@ from .config import MiniCPM4Config, SparseSettings
 from .model import MiniCPM4ForCausalLM, MiniCPM4DecoderLayer, rope_cos_sin
 
 # %% auto #0
-__all__ = ['prep_layer', 'layer_step', 'check_static_support', 'StaticStack', 'capture_graph', 'StaticDecoder']
+__all__ = ['prep_layer', 'layer_step', 'check_static_support', 'StaticStack', 'capture_graph', 'bucket_sizes', 'StaticDecoder']
 
 # %% ../nbs/61_static_decode.ipynb #5b9ba41a
 def prep_layer(layer: MiniCPM4DecoderLayer) -> dict:
@@ -33,9 +36,10 @@ def prep_layer(layer: MiniCPM4DecoderLayer) -> dict:
                 wdown=m.down_proj.weight.detach(), r=layer.residual_scale)
 
 # %% ../nbs/61_static_decode.ipynb #b3a9947c
-def layer_step(p: dict, x, cos, sin, kv, slots, mask, Hq: int, Hkv: int, Dh: int):
+def layer_step(p: dict, x, cos, sin, kv, slots, mask, Hq: int, Hkv: int, Dh: int, span: int | None = None):
     """One decoder layer on x (T, H). kv (L, 2*Hkv, Dh): this layer's static buffer, keys then values, written at
-    `slots` (T,); cos/sin (T, 1, Dh) (sin carries rotate_half's sign); mask (1, 1, G*T, L) additive. -> (T, H)."""
+    `slots` (T,); cos/sin (T, 1, Dh) (sin carries rotate_half's sign); mask (1, 1, G*T, S) additive, where S = span
+    (attend only the first `span` slots: bucketed decoding) or L (the whole buffer). -> (T, H)."""
     T, H = x.shape
     G = Hq // Hkv
     h = F.rms_norm(x, (H,), p['ln1'], p['eps1'])
@@ -45,7 +49,8 @@ def layer_step(p: dict, x, cos, sin, kv, slots, mask, Hq: int, Hkv: int, Dh: int
     qk = torch.addcmul(qk * cos, qk.roll(Dh // 2, -1), sin)       # RoPE on q and k at once
     kv.index_copy_(0, slots, torch.cat([qk[:, Hq:], v], 1))
     q = qk[:, :Hq].reshape(T, Hkv, G, Dh).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, Dh)
-    o = F.scaled_dot_product_attention(q, kv[:, :Hkv].transpose(0, 1)[None], kv[:, Hkv:].transpose(0, 1)[None],
+    kva = kv if span is None else kv[:span]                      # a view: the step reads only these slots
+    o = F.scaled_dot_product_attention(q, kva[:, :Hkv].transpose(0, 1)[None], kva[:, Hkv:].transpose(0, 1)[None],
                                        attn_mask=mask)
     o = o[0].reshape(Hkv, G, T, Dh).permute(2, 0, 1, 3).reshape(T, Hq * Dh)
     x = torch.addmm(x, o, p['wo'].t(), alpha=p['r'])
@@ -84,13 +89,13 @@ class StaticStack:
         self.cos, self.sin = cos.to(dtype), torch.cat([-sin[:, :h], sin[:, h:]], -1).to(dtype)
         self.dtype, self.max_len = dtype, max_len
 
-    def run(self, x, pos, slots, allowed):
-        "x (T, H), pos/slots (T,) long, allowed (T, max_len) bool -> x (T, H)."
+    def run(self, x, pos, slots, allowed, span: int | None = None):
+        "x (T, H), pos/slots (T,) long, allowed (T, span or max_len) bool -> x (T, H); span: attend slots [0, span)."
         cos, sin = self.cos.index_select(0, pos)[:, None], self.sin.index_select(0, pos)[:, None]
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=x.device).masked_fill_(~allowed, float('-inf'))
         mask = mask.repeat(self.Hq // self.Hkv, 1)[None, None]
         for l, p in enumerate(self.p):
-            x = layer_step(p, x, cos, sin, self.kv[l], slots, mask, self.Hq, self.Hkv, self.Dh)
+            x = layer_step(p, x, cos, sin, self.kv[l], slots, mask, self.Hq, self.Hkv, self.Dh, span)
         return x
 
 # %% ../nbs/61_static_decode.ipynb #a56933d9
@@ -109,18 +114,40 @@ def capture_graph(fn: Callable[[], None], state: Sequence[torch.Tensor], warmup:
     restore()
     return g
 
+# %% ../nbs/61_static_decode.ipynb #4a667a69
+def bucket_sizes(max_len: int, length_mode: str = 'static', min_bucket: int = 256) -> list[int]:
+    "The attended lengths a decoder captures: [max_len] ('static'), or min_bucket * 2^i below max_len, then max_len."
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+        raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
+    if length_mode not in ('static', 'bucket'):
+        raise ValueError(f"length_mode must be 'static' or 'bucket', got {length_mode!r}")
+    if not isinstance(min_bucket, int) or isinstance(min_bucket, bool) or min_bucket < 1:
+        raise ValueError(f"min_bucket must be an int >= 1, got {min_bucket!r}")
+    if length_mode == 'static': return [max_len]
+    out, b = [], min_bucket
+    while b < max_len: out.append(b); b *= 2
+    return out + [max_len]
+
 # %% ../nbs/61_static_decode.ipynb #a13220e1
 class StaticDecoder:
     """Static-shape decoding of a `MiniCPM4ForCausalLM` (batch 1): prefill(ids), step(token), capture().
 
     max_len: KV slots (prompt + new tokens). graphs: capture `step` in a CUDA graph on first use (default: on CUDA).
+    length_mode: 'static' (every step attends all max_len slots under a mask: one graph) or 'bucket' (a step attends
+    the smallest bucket of slots >= its length, buckets min_bucket * 2^i capped at max_len: one graph per bucket,
+    captured when the length first crosses into it). See `bucket_sizes`. dense: compute dense attention even for an
+    InfLLM v2 model at any length (what `Engine(sparse='dense')` asks for); otherwise the model's config must allow it.
     The model's weights are shared, not copied (q/k/v and gate/up are fused copies); eval mode, no gradients."""
-    def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, graphs: bool | None = None):
+    def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, graphs: bool | None = None,
+                 length_mode: str = 'static', min_bucket: int = 256, dense: bool = False):
         if not isinstance(model, MiniCPM4ForCausalLM):
             raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
+        self.buckets = bucket_sizes(max_len, length_mode, min_bucket)       # validates the three arguments
+        self.length_mode = length_mode
         c = model.config
         self.model, self.config, self.max_len = model, c, max_len
-        self.stack = StaticStack(model.model.layers, c, max_len, model.device, model.dtype)
+        sc = replace(c, sparse_config=None) if dense else c                   # the stack's attention is dense
+        self.stack = StaticStack(model.model.layers, sc, max_len, model.device, model.dtype)
         self.embed_w, self.scale_emb = model.model.embed_tokens.weight.detach(), c.scale_emb
         self.norm_w, self.eps = (model.model.norm.weight / c.logit_scale).detach(), model.model.norm.eps
         self.head_w = model.lm_head.weight.detach()
@@ -131,12 +158,20 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.dev)        # current length (device side)
         self.tok = torch.zeros(1, dtype=torch.long, device=self.dev)        # the token the next step reads
         self.out = torch.zeros(1, self.V, dtype=model.dtype, device=self.dev)
-        self.n, self._graph = 0, None                                        # host mirror of the length
+        self.n = 0                                                           # host mirror of the length
+        self._graphs: dict = {}                  # bucket -> CUDA graph of a step attending that many slots
+        self.captures: list[int] = []            # buckets in the order their graphs were captured
+        self.bucket: int | None = None           # the bucket of the last step
+
+    def bucket_for(self, slots: int) -> int:
+        "The smallest bucket holding `slots` KV slots (a step at position n needs n + 1)."
+        return self.buckets[bisect.bisect_left(self.buckets, slots)]
 
     @torch.no_grad()
-    def forward(self, ids, pos, slots, allowed):
-        "ids/pos/slots (T,) long, allowed (T, max_len) bool -> logits (T, V), hidden (T, H) before the final norm."
-        x = self.stack.run(F.embedding(ids, self.embed_w) * self.scale_emb, pos, slots, allowed)
+    def forward(self, ids, pos, slots, allowed, span: int | None = None):
+        """ids/pos/slots (T,) long, allowed (T, span or max_len) bool -> logits (T, V), hidden (T, H) before the final
+        norm. span: attend only slots [0, span)."""
+        x = self.stack.run(F.embedding(ids, self.embed_w) * self.scale_emb, pos, slots, allowed, span)
         return F.linear(F.rms_norm(x, (self.H,), self.norm_w, self.eps), self.head_w), x
 
 # %% ../nbs/61_static_decode.ipynb #b7028cb2
@@ -158,16 +193,18 @@ def prefill(self: StaticDecoder, ids) -> torch.Tensor:
     T = ids.numel()
     if T > self.max_len: raise ValueError(f"prompt of {T} tokens exceeds max_len={self.max_len}")
     ar = self.ar
-    logits, _ = self.forward(ids, ar[:T], ar[:T], ar[None, :] <= ar[:T, None])
+    span = T                          # eager (no graph): attend the T prompt slots only, not the whole buffer
+    logits, _ = self.forward(ids, ar[:T], ar[:T], ar[None, :span] <= ar[:T, None], span)
     self.pos.fill_(T); self.n = T
     return logits
 
 
 @patch
-def _step_static(self: StaticDecoder) -> None:
-    "The capturable step: reads self.tok at position self.pos, writes self.out (1, V), advances self.pos."
-    m = self.pos
-    logits, _ = self.forward(self.tok, m, m, self.ar[None, :] <= m)
+def _step_static(self: StaticDecoder, span: int | None = None) -> None:
+    """The capturable step: reads self.tok at position self.pos, writes self.out (1, V), advances self.pos.
+    span: attend slots [0, span) (a bucket >= position + 1); None: all max_len slots."""
+    m, span = self.pos, span or self.max_len
+    logits, _ = self.forward(self.tok, m, m, self.ar[None, :span] <= m, span)
     self.out.copy_(logits)
     self.pos += 1
 
@@ -181,21 +218,46 @@ def step(self: StaticDecoder, token) -> torch.Tensor:
     t = torch.as_tensor(token, device=self.dev).reshape(-1)
     if t.numel() != 1 or t.dtype.is_floating_point: raise ValueError(f"token must be one integer id, got {token!r}")
     self.tok.copy_(t)
+    b = self.bucket_for(self.n + 1)
     if self.graphs:
-        if self._graph is None: self.capture()
-        self._graph.replay()
+        g = self._graphs.get(b)
+        if g is None: g = self._capture(b)                 # the length crossed into a bucket never seen before
+        g.replay()
     else:
-        self._step_static()
+        self._step_static(b)
+    self.bucket = b
     self.n += 1
     return self.out[0]
 
 
 @patch
+def _capture(self: StaticDecoder, b: int):
+    "Capture the step attending `b` slots (state restored, so at any time); kept for later crossings into `b`."
+    g = self._graphs[b] = capture_graph(lambda: self._step_static(b), [self.pos, self.tok, self.out])
+    self.captures.append(b)
+    return g
+
+
+@patch
 def capture(self: StaticDecoder) -> StaticDecoder:
-    "Record `step` in a CUDA graph (needs CUDA; state is restored, so call it at any time). Returns self."
+    "Record the next `step` in a CUDA graph now (needs CUDA; later buckets are captured when reached). Returns self."
     if self.dev.type != 'cuda': raise RuntimeError("capture() needs the model on a CUDA device; the CPU runs eagerly")
-    self._graph = capture_graph(self._step_static, [self.pos, self.tok, self.out])
+    b = self.bucket_for(self.n + 1)
+    if b not in self._graphs: self._capture(b)
     self.graphs = True
+    return self
+
+
+@patch
+@torch.no_grad()
+def refresh(self: StaticDecoder) -> StaticDecoder:
+    """Copy the model's current weights into the fused copies (q|k|v, gate|up, the scaled final norm) in place, after
+    the model's parameters were modified in place (an optimizer step): buffers and captured graphs stay valid.
+    (Parameters *replaced* by new tensors need a new decoder: the other weights are shared views.)"""
+    for p, layer in zip(self.stack.p, self.model.model.layers):
+        new = prep_layer(layer)
+        p['wqkv'].copy_(new['wqkv']); p['wgu'].copy_(new['wgu'])
+    self.norm_w.copy_(self.model.model.norm.weight / self.config.logit_scale)
     return self
 
 # %% ../nbs/61_static_decode.ipynb #242a759e
@@ -219,8 +281,8 @@ def generate(self: StaticDecoder, prompt, max_new_tokens: int) -> list[int]:
 def time_step(self: StaticDecoder, reps: int = 20, inner: int = 8) -> float:
     "Median ms of one decode step (CUDA-graph replays on CUDA, wall clock on the CPU); the state is restored."
     if self.n == 0: self.prefill([0])
-    saved = (self.pos.clone(), self.n)
-    fn = lambda: (self.pos.copy_(saved[0]), self._step_static())
+    saved, b = (self.pos.clone(), self.n), self.bucket_for(self.n + 1)
+    fn = lambda: (self.pos.copy_(saved[0]), self._step_static(b))
     ms = cuda_graph_time(fn, inner, reps) if self.dev.type == 'cuda' else cpu_time(fn, inner, reps)
     self.pos.copy_(saved[0])
     return ms

@@ -152,7 +152,12 @@ def test_memory_is_sized_from_max_len():
     c = m.config
     eng = Engine(m, 80, max_batch=2)
     assert eng.memory()['kv_cache'] == 2 * c.num_hidden_layers * 2 * 80 * c.num_key_value_heads * c.head_dim * 4
-    assert generate_fast(m, [1, 2, 3], 4) is None                      # CPU: the model keeps its own loop
+    assert eng._cache is None                                          # sized, allocated on the eager path's first use
+    eng.generate([[1, 2], [3, 4]], 2)
+    assert eng._cache.layers[0].k.shape == (2, 80, c.num_key_value_heads, c.head_dim)
+    m.generate([1, 2, 3], 4)
+    assert '_engine_fast' not in m.__dict__                            # CPU, fast=None: the model keeps its own loop
+    assert generate_fast(m, [1, 2, 3], 4, stop_ids=[]) == m.generate([1, 2, 3], 4, stop_ids=[])
 
 
 def test_bad_arguments():
@@ -176,3 +181,266 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match='max_new_tokens'): eng.generate([[1, 2]], 0)
     with pytest.raises(ValueError, match='temperature'): eng.generate([[1, 2]], 2, temperature=-1.0)
     with pytest.raises(ValueError, match="backend='static'"): Engine(m, 16, max_batch=2, backend='static').generate([[1], [2]], 2)
+
+
+# ---- model.generate through the engine (issue 13, session 3) ----
+
+@pytest.fixture
+def fresh_notes(monkeypatch):
+    "An empty once-per-reason note set, so each test sees its own notes."
+    import minicpm4_core.engine as E
+    monkeypatch.setattr(E, '_FAST_NOTED', set())
+
+
+def test_model_generate_dispatches_to_the_engine(fresh_notes, capsys):
+    m = model_of(20)
+    p = prompts_of(20, (23,))[0]
+    slow = m.generate([p], 12, stop_ids=[], fast=False)
+    assert m.generate([p], 12, stop_ids=[], fast=True) == slow
+    slot = m._engine_fast
+    eng = slot.engine
+    assert slot.key[0] == 64 and eng.pick_backend(1) == 'static' and eng._static is not None and eng._cache is None
+    assert m.generate([p], 12, stop_ids=[], fast=True) == slow and m._engine_fast.engine is eng   # cached, not rebuilt
+    assert m.generate(p, 12, stop_ids=[], fast=None) == slow and not hasattr(eng._static, '_calls')  # CPU auto: own loop
+    long = m.generate([p], 50, stop_ids=[], fast=True)                                  # 73 slots: the 128 bucket
+    assert m._engine_fast.key[0] == 128 and m._engine_fast.engine is not eng
+    assert long == m.generate([p], 50, stop_ids=[], fast=False)
+    stop = slow[0][4]                                                                   # early stop: the same cut
+    assert m.generate([p], 12, stop_ids=[stop], fast=True) == m.generate([p], 12, stop_ids=[stop], fast=False)
+    m.train()
+    m.generate([p], 3, fast=True)
+    assert m.training                                                                   # mode restored
+    import copy
+    assert copy.deepcopy(m)._engine_fast.engine is None                                 # copies get an empty slot
+    assert capsys.readouterr().out == ''                                                # nothing fell back
+
+
+def test_model_generate_falls_back_with_one_note(fresh_notes, capsys, torch_kernels):
+    m = model_of(21)
+    ps = prompts_of(21, (15, 9))
+    assert m.generate(ps, 6, stop_ids=[], fast=True) == m.generate(ps, 6, stop_ids=[], fast=False)
+    m.generate(ps, 6, stop_ids=[], fast=True)
+    out = capsys.readouterr().out
+    assert out.count('batch 1, got 2 prompts') == 1, out                                # once per reason
+    ban = lambda ids, logits: logits.index_fill(-1, logits.argmax(-1), float('-inf'))  # never the greedy token
+    got = m.generate([ps[0]], 6, stop_ids=[], fast=True, logits_processor=ban)
+    assert got == m.generate([ps[0]], 6, stop_ids=[], fast=False, logits_processor=ban)
+    assert got != m.generate([ps[0]], 6, stop_ids=[], fast=False)
+    assert 'logits_processor' in capsys.readouterr().out
+    s = model_of(22, sparse_config=SPARSE)                                              # 15 + 6 > dense_len=16
+    assert s.generate([ps[0]], 6, stop_ids=[], fast=True) == s.generate([ps[0]], 6, stop_ids=[], fast=False)
+    assert 'dense' in capsys.readouterr().out
+    q = model_of(23)
+    Engine(q, 32, quant='w4a16')                                                        # packs q in place
+    assert q.generate([ps[0]], 6, stop_ids=[], fast=True) == q.generate([ps[0]], 6, stop_ids=[], fast=False)
+    assert "quant='w4a16'" in capsys.readouterr().out
+    with pytest.raises(ValueError, match='fast must be'): m.generate([1, 2], 2, fast='yes')
+    with pytest.raises(ValueError, match='logits_processor must be'): m.generate([1, 2], 2, logits_processor=3)
+
+
+def test_model_generate_fast_follows_weight_updates(fresh_notes):
+    "In-place updates (an optimizer step) refresh the fused copies of the same engine; replaced tensors rebuild it."
+    m = model_of(24)
+    p = prompts_of(24, (17,))[0]
+    m.generate([p], 8, stop_ids=[], fast=True)
+    eng = m._engine_fast.engine
+    with torch.no_grad():
+        for w in m.parameters(): w.add_(torch.randn_like(w) * 0.3)
+    assert m.generate([p], 8, stop_ids=[], fast=True) == m.generate([p], 8, stop_ids=[], fast=False)
+    assert m._engine_fast.engine is eng
+    lin = m.model.layers[0].mlp.up_proj
+    lin.weight = torch.nn.Parameter(torch.randn_like(lin.weight) * 0.3)
+    assert m.generate([p], 8, stop_ids=[], fast=True) == m.generate([p], 8, stop_ids=[], fast=False)
+    assert m._engine_fast.engine is not eng
+
+
+def test_model_generate_fast_sampling_matches():
+    "Same generator, same filtered law: the static path's logits equal the loop's to float rounding -> same draws."
+    m = model_of(25)
+    p = prompts_of(25, (19,))[0]
+    kw = dict(temperature=0.8, top_k=30, top_p=0.9, stop_ids=[])
+    for seed in range(3):
+        a = m.generate([p], 10, generator=torch.Generator().manual_seed(seed), fast=True, **kw)
+        b = m.generate([p], 10, generator=torch.Generator().manual_seed(seed), fast=False, **kw)
+        assert a == b
+
+
+# ---- bucketed vs static-length graphs ----
+
+class FakeGraph:
+    "Stands in for a captured CUDA graph on the CPU: replay runs the step it was captured from."
+    def __init__(self, fn): self.fn = fn
+    def replay(self): self.fn()
+
+
+def test_bucket_sizes():
+    from minicpm4_core.static_decode import bucket_sizes
+    assert bucket_sizes(100) == [100]
+    assert bucket_sizes(100, 'bucket', 8) == [8, 16, 32, 64, 100]
+    assert bucket_sizes(64, 'bucket', 8) == [8, 16, 32, 64]
+    assert bucket_sizes(5, 'bucket', 8) == [5]
+    with pytest.raises(ValueError, match="length_mode must be 'static' or 'bucket'"): bucket_sizes(8, 'pow2')
+    with pytest.raises(ValueError, match='min_bucket'): bucket_sizes(8, 'bucket', 0)
+    with pytest.raises(ValueError, match='length_mode'): Engine(model_of(0), 16, length_mode='x')
+
+
+@pytest.mark.parametrize('mode', ['static', 'bucket'])
+def test_graphs_recaptured_only_at_bucket_boundaries(mode, monkeypatch):
+    "Graph logic on the CPU with a fake capture: which bucket each step uses, when a capture happens, same logits."
+    import minicpm4_core.static_decode as SD
+    calls = []
+    monkeypatch.setattr(SD, 'capture_graph', lambda fn, state, **k: calls.append(1) or FakeGraph(fn))
+    m = model_of(26)
+    ids = prompts_of(26, (40,))[0]
+    ref = SD.StaticDecoder(m, 64)                                       # eager static-length reference
+    dec = SD.StaticDecoder(m, 64, length_mode=mode, min_bucket=8)
+    dec.graphs = True                                                   # the CUDA path's logic, fake graphs
+    for start in (5, 3):                                                # a second prefill: graphs are reused
+        want = [ref.prefill(ids[:start])[-1].clone()]
+        got = [dec.prefill(ids[:start])[-1].clone()]
+        used = []
+        for t in range(start, 40):
+            want.append(ref.step(ids[t]).clone()); got.append(dec.step(ids[t]).clone())
+            used.append(dec.bucket)
+            assert dec.bucket == dec.bucket_for(t + 1) and dec.bucket >= t + 1   # the step at position t sees t+1 slots
+            assert mode == 'static' or dec.bucket < 2 * (t + 1) or dec.bucket == 8
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-4, atol=1e-4)
+    if mode == 'static':
+        assert dec.captures == [64] and len(calls) == 1
+    else:
+        assert dec.captures == [8, 16, 32, 64] and len(calls) == 4      # one capture per bucket crossed, in order
+        assert used[:5] == [8] * 5 and used[5] == 16 and used[-1] == 64  # prefill 3: positions 3..7 -> 8; 8 -> 16
+
+
+def test_engine_bucket_mode_equals_model():
+    m = model_of(27)
+    ps = prompts_of(27, (30, 11))
+    e = Engine(m, 64, chunk=8, length_mode='bucket', min_bucket=16)
+    for p in ps:
+        assert e.generate([p], 20, stop_ids=[]) == m.generate([p], 20, stop_ids=[], fast=False)
+    assert e._static.buckets == [16, 32, 64] and e._static.bucket == 32
+
+
+# ---- minicpm4 generate ----
+
+def test_cli_generate(tmp_path, capsys, torch_kernels):
+    import json
+    from minicpm4_core.cli import main
+    from minicpm4_core.frspec import EagleDraft
+    from minicpm4_core.model import save_pretrained
+    from safetensors.torch import save_file
+    m = model_of(30)
+    save_pretrained(m, tmp_path / 'm')
+    p = prompts_of(30, (14,))[0]
+    ids = ','.join(map(str, p))
+    assert main(['generate', '--model', str(tmp_path / 'm'), '--prompt-ids', ids, '--max-new-tokens', '9',
+                 '--no-stop', '--device', 'cpu', '--json']) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r['new_ids'] == m.generate([p], 9, stop_ids=[], fast=False)[0] and r['backend'] == 'static'
+    assert main(['generate', '--model', str(tmp_path / 'm'), '--prompt-ids', ids, '--max-new-tokens', '5',
+                 '--quant', 'w4a16', '--device', 'cpu', '--no-stop']) == 0
+    q = model_of(30)
+    Engine(q, 32, quant='w4a16')
+    assert capsys.readouterr().out.split() == [str(t) for t in q.generate([p], 5, stop_ids=[], fast=False)[0]]
+    torch.manual_seed(31)
+    save_file(EagleDraft(m.config).state_dict(), str(tmp_path / 'draft.safetensors'))
+    assert main(['generate', '--model', str(tmp_path / 'm'), '--prompt-ids', ids, '--max-new-tokens', '9', '--no-stop',
+                 '--device', 'cpu', '--spec', str(tmp_path / 'draft.safetensors'), '--json']) == 0
+    r2 = json.loads(capsys.readouterr().out)
+    assert r2['new_ids'] == r['new_ids'] and r2['spec_stats']['tokens'] >= 9
+    bad = [(['--prompt', 'hi', '--prompt-ids', '1'], 'exactly one of'),
+           (['--prompt-ids', '1,x'], 'integers separated'),
+           (['--prompt', 'hello'], 'needs a tokenizer'),
+           (['--prompt-ids', '1,2', '--max-new-tokens', '0'], 'max-new-tokens must be >= 1'),
+           (['--prompt-ids', '1,200'], 'vocab_size'),
+           (['--prompt-ids', '1,2', '--sparse', 'on'], 'sparse=True needs'),
+           (['--prompt-ids', '1,2', '--spec', str(tmp_path / 'nope.pt')], 'no draft state dict'),
+           (['--prompt-ids', '1,2', '--spec-vocab', 'v.safetensors'], '--spec-vocab needs --spec')]
+    for extra, msg in bad:
+        assert main(['generate', '--model', str(tmp_path / 'm'), '--device', 'cpu', *extra]) == 2, extra
+        assert msg in capsys.readouterr().err, (extra, msg)
+    assert main(['generate', '--model', str(tmp_path / 'missing'), '--prompt-ids', '1', '--device', 'cpu']) == 2
+    assert 'missing' in capsys.readouterr().err
+    with pytest.raises(SystemExit): main(['generate', '--model', 'x', '--prompt-ids', '1', '--quant', 'int8'])
+
+
+def test_cli_generate_text_prompt(tmp_path, capsys):
+    "A word-level tokenizer saved beside the model: --prompt TEXT in, decoded text out."
+    pytest.importorskip('tokenizers'); pytest.importorskip('transformers')
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from minicpm4_core.cli import main
+    from minicpm4_core.model import save_pretrained
+    m = model_of(32)
+    save_pretrained(m, tmp_path / 'm')
+    vocab = {f'w{i}': i for i in range(97)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token='w0')); tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk).save_pretrained(tmp_path / 'm')
+    assert main(['generate', '--model', str(tmp_path / 'm'), '--prompt', 'w5 w17 w3 w44', '--max-new-tokens', '6',
+                 '--no-stop', '--device', 'cpu']) == 0
+    want = m.generate([[5, 17, 3, 44]], 6, stop_ids=[], fast=False)[0]
+    assert capsys.readouterr().out.split() == [f'w{t}' for t in want]
+
+
+def test_engine_sparse_dense_uses_the_static_stack():
+    "sparse='dense' on an InfLLM v2 model past dense_len: the static stack computes exactly that (dense attention)."
+    from minicpm4_core.attention import dense_attention
+    s = model_of(33, sparse_config=SPARSE)
+    p = prompts_of(33, (30,))[0]
+    e = Engine(s, 64, sparse='dense', chunk=8)
+    assert e.pick_backend(1) == 'static' and Engine(s, 64).pick_backend(1) == 'eager'
+    with e._mode(): want = s.generate([p], 12, stop_ids=[], fast=False)          # forced dense attention
+    assert e.generate([p], 12, stop_ids=[]) == want
+    with torch.no_grad(), e._mode(): dense = s(torch.tensor([p]))[0, -1]
+    with torch.no_grad(): sparse = s(torch.tensor([p]))[0, -1]
+    assert (dense - sparse).abs().max() > 1e-3                                     # the two attentions differ here
+    assert e.last_timing['backend'] == 'static' and e.last_timing['decode_steps'] == 11
+    assert all(l.self_attn.backend is None for l in s.model.layers)               # restored after the engine ran
+
+
+# ---- the edge benchmark's entry point (CPU, tiny) ----
+
+def test_edge_bench_main_writes_rows(tmp_path, capsys, torch_kernels):
+    import json
+    from minicpm4_core.edge_bench import EdgeParams, main
+    out = tmp_path / 'eb'
+    assert main(['--profile', 'ci', '--out', str(out), '--configs', 'dense-eager,generate,engine-bucket,engine-spec',
+                 '--parts', 'decode', '--contexts', '20', '--batches', '1,2', '--set', 'new_tokens=3']) == 0
+    res = json.loads((out / 'edge_bench.json').read_text())
+    got = {(r['config'], r['batch']): r for r in res['rows']}
+    assert set(got) == {(c, b) for c in ('dense-eager', 'generate', 'engine-bucket') for b in (1, 2)}
+    assert got[('generate', 1)]['backend'] == 'static' and got[('engine-bucket', 2)]['backend'] == 'eager'
+    for r in res['rows']:
+        assert r['decode_steps'] == 3 and r['ttft_s'] > 0 and r['decode_tok_s'] > 0
+        assert r['bytes_per_step'] > 0 and set(r['projection_tok_s']) == {'Jetson AGX Orin', 'RTX 4090'}
+    assert any('engine-spec' in n and 'no trained draft' in n for n in res['notes'])
+    assert (out / 'edge_bench.png').is_file() and 'dense-eager' in (out / 'table.md').read_text()
+    with pytest.raises(ValueError, match='configs: unknown'): EdgeParams(configs='fast').checked()
+    with pytest.raises(ValueError, match='unknown edge parameter'): EdgeParams.from_profile('ci', colour='red')
+    with pytest.raises(SystemExit): main(['--profile', 'ci', '--out', str(out), '--parts', 'everything'])
+
+
+def test_edge_bench_bytes():
+    "Bytes per decode step: dense reads all KV, InfLLM v2 the attended blocks + compressed keys past dense_len."
+    from minicpm4_core.edge_bench import kv_bytes, preset, roofline
+    c = preset('minicpm4_8b', 40000)
+    assert c.max_position_embeddings == 65536 and c.sparse_config is not None
+    per_pos = 2 * 32 * 2 * 128 * 2
+    assert kv_bytes(c, 4096, True, 2) == kv_bytes(c, 4096, False, 2) == per_pos * 4096       # below dense_len
+    assert kv_bytes(c, 32768, True, 2) == per_pos * (64 + 32) * 64 + per_pos // 2 * 32768 // 16
+    r = roofline(dict(batch=4, decode_tok_s=100.0), 1000, 250, copy_GBps=1.0)
+    assert r['bytes_per_step'] == 2000 and r['roofline_tok_s'] == 4 * 1e9 / 2000 and r['bytes_per_token'] == 500
+
+
+def test_model_generate_registers_the_engine_on_import():
+    "The model never imports the engine (no import cycle): importing the engine installs it as generate's fast path."
+    import subprocess, sys
+    code = ("import torch; from minicpm4_core.config import MiniCPM4Config; "
+            "from minicpm4_core.model import MiniCPM4ForCausalLM; import minicpm4_core.model as M; "
+            "m = MiniCPM4ForCausalLM(MiniCPM4Config.tiny(vocab_size=97, hidden_size=64, num_hidden_layers=1)).eval()\n"
+            "try: m.generate([5, 6, 7], 3, fast=True); print('no error')\n"
+            "except ValueError as e: print('raised', 'import minicpm4_core.engine' in str(e))\n"
+            "print(len(M._FAST_GENERATE)); import minicpm4_core.engine; print(len(M._FAST_GENERATE))\n"
+            "print(m.generate([5, 6, 7], 3, fast=True, stop_ids=[]) == m.generate([5, 6, 7], 3, fast=False, stop_ids=[]))")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split('\n')[:4] == ['raised True', '0', '1', 'True'], out.stdout + out.stderr[-2000:]

@@ -234,3 +234,122 @@ def test_task_accuracy_scores_final_answers():
     assert MT.task_accuracy(Oracle(0), tok, items, batch_size=2) == 1.0
     acc = MT.task_accuracy(Oracle(2), tok, items, batch_size=2, per_kind=True)
     assert acc['arith'] == 0.5 and acc['fact'] == 1.0 and acc['all'] == pytest.approx(3 / 5)
+
+
+def test_fit_sigmoid_binomial_recovers_curve_and_intervals_cover():
+    g = torch.Generator().manual_seed(5)
+    true = dict(c=0.7, g=-4.0, l=1.4, d=0.05)
+    L = torch.rand(20, generator=g, dtype=torch.float64) * 1.4 + 0.7
+    n = torch.randint(150, 400, (20,), generator=g).double()
+    acc = torch.binomial(n, MT.sigmoid_acc(L, **true), generator=g) / n     # k right out of n items
+    fit = MT.fit_sigmoid(L, acc, n_boot=100, seed=0, n_items=n)
+    assert fit.method == 'binomial' and 0.3 < fit.dispersion < 3          # binomial scatter: chi^2/dof near 1
+    xs = torch.linspace(1.0, 1.8, 5)                                           # inside the points' range
+    assert (fit.predict(xs) - MT.sigmoid_acc(xs, **true)).abs().max() < 0.035
+    t = float(MT.sigmoid_acc(1.3, **true))
+    lo, hi = fit.interval(1.3); plo, phi = fit.prediction_interval(1.3, 300)
+    assert lo - 0.01 <= t <= hi + 0.01 and plo <= lo and phi >= hi             # a measurement adds its own binomial noise
+    se = math.sqrt(t * (1 - t) / 300)
+    assert 2 * 1.2 * se < phi - plo < 2 * 3 * se                               # ~ +-1.645 sqrt(curve^2 + binomial^2)
+    with pytest.raises(ValueError, match="n_items"): MT.fit_sigmoid(L, acc, n_items=0)
+
+
+def _ev(losses, accs, ns, text):
+    return dict(sb_loss=dict(losses, all=sum(losses.values()) / len(losses)), acc=dict(accs, all=sum(accs[k] * ns[k] for k in accs) / sum(ns.values())),
+                n=dict(ns, all=sum(ns.values())), text_loss=text)
+
+
+def test_predict_accuracy_combines_per_kind_sigmoids():
+    g = torch.Generator().manual_seed(2)
+    tr = dict(a=dict(c=0.8, g=-5.0, l=1.0, d=0.02), b=dict(c=0.6, g=-3.0, l=1.6, d=0.1))
+    ns = dict(a=400, b=250)
+    def model(La, Lb):
+        acc = {k: float(torch.binomial(torch.tensor(float(ns[k])), MT.sigmoid_acc(L, **tr[k]).float(), generator=g)) / ns[k]
+               for k, L in (('a', La), ('b', Lb))}
+        return _ev(dict(a=La, b=Lb), acc, ns, text=(La + Lb) / 2)
+    pts = [model(float(x), float(x) + 0.5 + 0.3 * float(torch.rand(1, generator=g))) for x in torch.linspace(0.5, 1.7, 14)]
+    held = model(0.95, 1.55)
+    r = MT.predict_accuracy(pts, held, 'sb_loss', n_boot=60)
+    want = sum(ns[k] * float(MT.sigmoid_acc(L, **tr[k])) for k, L in (('a', 0.95), ('b', 1.55))) / 650
+    assert r['kinds'] == ['a', 'b'] and abs(r['pred'] - want) < 0.03
+    assert r['measured'] == pytest.approx(held['acc']['all']) and r['err'] == pytest.approx(r['pred'] - r['measured'])
+    assert r['pred'] == pytest.approx(sum(ns[k] * r['per_kind'][k]['pred'] for k in ns) / 650)
+    assert r['plo'] <= r['lo'] <= r['pred'] <= r['hi'] <= r['phi']
+    assert r['se'] == pytest.approx(math.sqrt(sum(ns[k] * r['per_kind'][k]['pred'] * (1 - r['per_kind'][k]['pred']) for k in ns)) / 650)
+    one = MT.predict_accuracy(pts, held, 'text_loss', kinds=['all'], method='robust', n_boot=20)
+    assert one['kinds'] == ['all'] and one['measured'] == pytest.approx(held['acc']['all'])
+    with pytest.raises(ValueError, match="kinds"): MT.predict_accuracy(pts, held, kinds=['c'])
+    with pytest.raises(ValueError, match="method"): MT.predict_accuracy(pts, held, method='ols')
+
+
+def test_run_steps_reads_loss_in_blocks_with_same_result_and_divergence():
+    rows = rand_rows(40, 16, seed=3)
+    cfg = MT.transfer(family(), 32)
+    out = {}
+    for every in (1, 4):
+        m = MT.build_model(cfg, seed=0); opt = MT.make_optimizer(m, 1e-2)
+        out[every] = (MT.run_steps(m, opt, rows, 1e-2, lambda s: 1.0, 0, 10, 4, check_every=every), m.state_dict())
+    assert out[1][0] == pytest.approx(out[4][0], rel=1e-6) and len(out[1][0]) == 10
+    for k, v in out[1][1].items(): assert torch.allclose(v, out[4][1][k]), k
+    for every in (1, 4):   # a huge LR diverges: the run stops with inf as its last loss
+        m = MT.build_model(cfg, seed=0); opt = MT.make_optimizer(m, 1e4)
+        with torch.no_grad(): m.lm_head.weight.mul_(1e30)
+        ls = MT.run_steps(m, opt, rows, 1e4, lambda s: 1.0, 0, 12, 4, check_every=every)
+        assert ls[-1] == math.inf and len(ls) < 12
+
+
+def test_mtconfig_profiles_and_notebook_defaults():
+    import ast, json
+    from pathlib import Path
+    assert MT.MTConfig.for_profile('ci') == MT.MTConfig()
+    gpu = MT.MTConfig.for_profile('gpu')
+    assert gpu.device == 'cuda' and gpu.lr_widths[-1] / gpu.lr_widths[0] >= 8 and gpu.coord_widths[-1] / gpu.coord_widths[0] >= 8
+    with pytest.raises(ValueError, match="unknown MTConfig fields"): MT.MTConfig.for_profile('ci', widths=[1])
+    nb = json.loads((Path(__file__).parents[1] / 'nbs' / '30_modeltunnel.ipynb').read_text())
+    cell = next(c for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', []))
+    params = {t.targets[0].id: ast.literal_eval(t.value) for t in ast.parse(''.join(cell['source'])).body}
+    mt = {k[3:]: v for k, v in params.items() if k.startswith('mt_') and k not in MT._NOTEBOOK_ONLY}
+    assert set(mt) == set(MT.MTConfig.__dataclass_fields__) - {'profile', 'device', 'seed', 'corpus_size', 'vocab_size', 'model_preset'}
+    assert MT.MTConfig(**mt) == MT.MTConfig()
+
+
+def test_prepared_tokenizer_matches_the_real_one():
+    from minicpm4_core import data as D
+    tok = D.train_tokenizer(D.embedded_corpus(0, 300)['train'] + ['caf\u00e9 \u00fcber na\u00efve \u2713'], 300)
+    vocab = [None] * tok.vocab_size
+    for s, i in tok.tk.get_vocab().items(): vocab[i] = s
+    texts = ['Question: Where does Bo live? Answer: Tolmen', 'Problem: 47 + 85 = ? Steps:', 'caf\u00e9 \u2713']
+    pt = MT.PreparedTokenizer(vocab, {t: tok.encode(t) for t in texts}, tok.bos_id, tok.eos_id, tok.pad_id, [0, 1, 2, 3])
+    g = torch.Generator().manual_seed(4)
+    for _ in range(300):   # any ids, including ones that split a multi-byte character
+        ids = torch.randint(0, tok.vocab_size, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+        assert pt.decode(ids) == tok.decode(ids), ids
+    assert all(pt.encode(t) == tok.encode(t) for t in texts) and pt.vocab_size == tok.vocab_size
+    with pytest.raises(KeyError, match="prepared"): pt.encode('something else')
+
+
+def test_main_tiny_runs_every_stage_without_tokenizers(tmp_path, capsys, monkeypatch):
+    import sys
+    args = ['--profile', 'gpu', '--tiny', '--set', 'boot=8', 'n_arith=4', 'branch_at=[6, 10]', 'coord_widths=[32, 64]']
+    assert MT.main(args + ['--prepare', str(tmp_path / 'data.pt')]) == 0
+    monkeypatch.setitem(sys.modules, 'tokenizers', None)        # the device image has no tokenizers package
+    with pytest.raises(ImportError, match="--prepare"): MT.main(args + ['--out', str(tmp_path)])
+    with pytest.raises(ValueError, match="prepared for"): MT.main(args + ['--out', str(tmp_path), '--data', str(tmp_path / 'data.pt'), '--set', 'n_arith=5'])
+    data = ['--data', str(tmp_path / 'data.pt')]
+    assert MT.main(args + ['--out', str(tmp_path / 'a'), '--stages', 'coord', 'lr'] + data) == 0   # a run cut after two stages
+    import json
+    first = json.loads((tmp_path / 'a' / 'modeltunnel.json').read_text())
+    assert {'coord_check', 'lr_transfer'} <= set(first) and 'scalingbench' not in first
+    with pytest.raises(ValueError, match="other settings"):
+        MT.main(args[:3] + ['--set', 'sweep_steps=4', 'n_arith=4', '--out', str(tmp_path), '--resume', str(tmp_path / 'a' / 'modeltunnel.json')] + data)
+    capsys.readouterr()
+    assert MT.main(args + ['--out', str(tmp_path), '--resume', str(tmp_path / 'a' / 'modeltunnel.json')] + data) == 0
+    res = json.loads((tmp_path / 'modeltunnel.json').read_text())
+    assert {'coord_check', 'lr_transfer', 'wsd', 'scalingbench', 'checks'} <= set(res) and len(res['calls']) == 2
+    assert res['coord_check'] == first['coord_check'] and res['calls'][1]['stages'] == ['sb', 'checks']
+    assert res['wsd']['lr'] == first['lr_transfer']['mup']['32'][1]      # the ladder runs at the resumed sweep's optimum
+    assert res['config']['device'] == 'cpu' and res['scalingbench']['heldout']['n']['all'] == 244
+    assert {p.name for p in tmp_path.glob('*.png')} == {'wsd.png', 'scalingbench.png'}      # this call's stages
+    lines = capsys.readouterr().out.splitlines()
+    for head in ('coordinate check', 'LR transfer', 'ScalingBench: held-out', 'ScalingBench residuals', 'WSD', 'what else'):
+        assert sum(l.startswith(head) for l in lines) == 1, head

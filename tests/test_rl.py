@@ -287,3 +287,88 @@ def test_bad_arguments(task, model):
     with pytest.raises(ValueError, match='not in the vocabulary'): task.tok.encode('12a')
     with pytest.raises(ValueError, match='equal length'): rl.worked_solution(12, 3)
     with pytest.raises(ValueError, match='G >= 2'): rl.group_advantages(torch.zeros(3))
+
+
+# ---------------------------------------------------------------- session 3: intake, held-out split, experiment
+def test_heldout_same_distribution(task):
+    train, held = task.splits(3000, 3000, seed=5, heldout='same')
+    multi = [it for it in held if it[0] >= 10]
+    assert len(set(multi)) == len(multi) and not (set(multi) & set(train))   # >= 2 digits: unique and unseen
+    # the digit shares of the held-out split follow the training distribution (within 4 binomial SEs)
+    for d, w in enumerate(task.weights, 1):
+        share = sum(len(str(a)) == d for a, _ in held) / len(held)
+        assert abs(share - w) < 4 * math.sqrt(w * (1 - w) / len(held)), (d, share, w)
+    with pytest.raises(ValueError, match="heldout must be"): task.splits(10, 10, heldout='hard')
+
+
+def test_fixed_intake_per_step(task, model):
+    # prompts_per_step: exactly that many new groups each step while the cap allows, on top of the carried samples
+    cfg = rl.RLConfig(rollout_batch=40, group_size=4, prompts_per_step=2, max_new_tokens=11, chunk_len=3, max_span=4)
+    cfg.validate()
+    train, _ = task.splits(50, 4, seed=0)
+    buf = rl.RolloutBuffer(train, task, cfg.group_size, cfg.rollout_batch, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        carried = len(buf.unfinished())
+        info = rl._rollout_step(model, buf, cfg, step, gen)
+        assert info['active'] == carried + 8 and buf.next_group == 2 * (step + 1)
+        buf.ready_groups()
+    assert carried > 0
+    with pytest.raises(ValueError, match='prompts_per_step'):
+        rl.RLConfig(rollout_batch=8, group_size=4, prompts_per_step=3).validate()
+
+
+def test_check_every_same_tokens(task, model):
+    ps = _prompts(task, 6, 4)
+    a = rl.rollout_chunk(model, ps, [3, 9, 12, 5, 12, 7], temperature=0, stop_id=task.tok.eos_id, check_every=1)
+    b = rl.rollout_chunk(model, ps, [3, 9, 12, 5, 12, 7], temperature=0, stop_id=task.tok.eos_id, check_every=5)
+    assert a.tokens == b.tokens and a.stopped == b.stopped and a.logps == b.logps
+    with pytest.raises(ValueError, match='check_every'): rl.rollout_chunk(model, ps, [3] * 6, check_every=0)
+
+
+def test_sft_stop_fn(task):
+    m = rl.task_model(task, 'tiny', seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    train, _ = task.splits(100, 4, seed=0)
+    asked = []
+    losses = rl.sft(m, task, train, 20, batch_size=4, seed=0, progress=False, check_every=3,
+                    stop_fn=lambda mm, step: asked.append(step) or step >= 6)
+    assert asked == [3, 6] and len(losses) == 6 and m.training
+    with pytest.raises(ValueError, match='check_every'): rl.sft(m, task, train, 2, check_every=0, progress=False)
+
+
+def test_experiment_config():
+    xp = rl.RLExperiment.from_params(dict(profile='x', device='cpu', seed=3, rl_steps=5, rl_chunks=[4], other=1))
+    assert (xp.steps, xp.chunks, xp.seed) == (5, [4], 3)
+    with pytest.raises(ValueError, match='unknown RLExperiment fields'): rl.RLExperiment.from_params(dict(rl_bogus=1))
+    with pytest.raises(ValueError, match='chunks'): rl.RLExperiment(chunks=[0]).validate()
+    with pytest.raises(ValueError, match='group'): rl.RLExperiment(group=1).validate()
+    with pytest.raises(ValueError, match='sft_target'): rl.RLExperiment(sft_target=1.5).validate()
+    gpu = rl.RLExperiment.for_profile('gpu', steps=2)
+    assert gpu.device == 'cuda' and gpu.steps == 2 and gpu.profile == 'gpu'
+    with pytest.raises(ValueError, match='unknown RLExperiment fields'): rl.RLExperiment.for_profile('ci', nope=1)
+
+
+def test_summarise_by_hand():
+    h = lambda ts, tl, tu, acc, fin, lag: dict(t_sample=ts, t_logprob=tl, t_update=tu, new_tokens=[10, 10], finished=fin,
+                                               trained=fin, active=[4, 4], decode_steps=[8, 4], lag=lag, reward=[1.0, float('nan')],
+                                               eval_acc=[0.5, acc])
+    S = rl.summarise({'vanilla': h([2.0, 2.0], [0.5, 0.5], [0.5, 0.5], 0.6, [4, 4], [0, 0]),
+                      'chunk 4': h([1.0, 0.6], [0.2, 0.2], [0.3, 0.1], 0.55, [2, 4], [0, 1, 2])}, sft_acc=0.5, n_eval=100)
+    assert S['chunk 4']['sample_speedup'] == pytest.approx(2.0 / 0.8) and S['chunk 4']['step_speedup'] == pytest.approx(3.0 / 1.2)
+    assert S['vanilla']['gain_points'] == pytest.approx(10.0) and S['chunk 4']['vs_vanilla_points'] == pytest.approx(-5.0)
+    assert S['chunk 4']['mean_lag'] == pytest.approx(1.0) and S['vanilla']['mean_reward'] == 1.0
+    assert S['vanilla']['se_points'] == pytest.approx(100 * math.sqrt(0.24 / 100))
+
+
+def test_main_tiny_override(tmp_path, capsys):
+    import json
+    rc = rl.main(['--profile', 'ci', '--out', str(tmp_path), '--no-progress', '--set', 'device=cpu', 'max_digits=3',
+                  "model={'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 1}", 'sft_steps=6',
+                  'sft_check_every=3', 'sft_target=0.9', 'steps=2', 'prompts=2', 'group=2', 'chunks=[4]', 'eval_n=12',
+                  'eval_every=1', 'n_train=60', 'probe_n=8'])
+    assert rc == 0
+    rec = json.loads((tmp_path / 'rl.json').read_text())
+    assert set(rec['runs']) == {'vanilla', 'chunk 4'} and len(rec['runs']['vanilla']['eval_sampled']) == 3 and rec['sft']['steps_run'] == 6 and len(rec['sft']['probe_curve']) == 2
+    assert rec['runs']['chunk 4']['eval_step'] == [0, 1, 2] and (tmp_path / 'rl.png').stat().st_size > 0
+    out = capsys.readouterr().out
+    assert 'sampling time/step' in out and 'RL gain' in out and (tmp_path / 'table.md').read_text().count('\n') == 7

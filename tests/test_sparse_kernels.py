@@ -313,3 +313,83 @@ def test_bad_block_ids_one_rule_both_paths(bad, words):
     good = good[None, :, None].expand(1, 6, 2, 3).contiguous()                     # -1 may repeat
     assert torch.allclose(sk.sparse_attention(q, k, v, good, 16), iv.sparse_attention_ref(q, k, v, good, 16),
                           atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- fused top-k + window
+
+
+@pytest.mark.parametrize("N,m,w,topk", [(300, 16, 3, 4), (70, 16, 8, 2), (1000, 16, 2, 6), (40, 16, 5, 3)])
+def test_select_lists_fuses_the_window(N, m, w, topk):
+    "select_lists (one kernel) == attention_blocks(select_blocks(.)): sinks, -inf, ties, windows reaching below 0."
+    g = torch.Generator().manual_seed(N + w)
+    B, T, Hkv, nb = 2, 9, 2, -(-N // m)
+    sc = torch.randint(0, 6, (B, T, Hkv, nb), generator=g).float() / 3 - 0.5     # exact ties
+    sc[..., 0] = float('inf')
+    sc[torch.rand(sc.shape, generator=g) < 0.3] = float('-inf')
+    for n_keys in (N, torch.tensor([N, N - 5])):
+        ref = iv.attention_blocks(iv.select_blocks(sc, topk, check=False), n_keys, m, w)
+        assert torch.equal(sk.select_lists(sc, topk, n_keys, m, w), ref)
+    assert torch.equal(sk.select_lists(sc, topk, N, m, w, 'minicpm4.1'), iv.select_blocks(sc, topk, check=False))
+
+
+def test_decode_several_queries_per_cache_row():
+    "T new tokens of each sequence as T decode rows of one cache row (queries_per_row=T) == the prefill reference."
+    g = torch.Generator().manual_seed(3)
+    geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2)
+    B, T, H, Hkv, D, N = 2, 3, 8, 2, 16, 150
+    k, v = torch.randn(B, N, Hkv, D, generator=g), torch.randn(B, N, Hkv, D, generator=g)
+    q = torch.randn(B, T, H, D, generator=g)
+    seq = (N - T + 1 + torch.arange(T)).repeat(B)
+    idx = sk.decode_select(q.reshape(B * T, H, D), iv.compress_keys(k, 8, 4), seq, 3, **geo, num_blocks=-(-N // 16),
+                           queries_per_row=T)
+    ref_idx = iv.attention_blocks(iv.select_blocks(iv.block_scores(q, k, **geo), 3, check=False), N, 16, 2)
+    assert torch.equal(idx.view(B, T, Hkv, -1), ref_idx)
+    o = sk.sparse_decode(q.reshape(B * T, H, D), k, v, idx, seq, 16, queries_per_row=T)
+    assert rel(o.view(B, T, H, D), iv.sparse_attention_ref(q, k, v, ref_idx, 16)) < 1e-4
+    o2, idx2 = sk.decode_step(q.reshape(B * T, H, D), q.reshape(B * T, H, D), k, v, iv.compress_keys(k, 8, 4),
+                              seq.int(), 3, **geo, num_blocks=-(-N // 16), queries_per_row=T)
+    assert torch.equal(idx2, idx) and torch.equal(o2, o)
+    with pytest.raises(ValueError, match="queries_per_row"):
+        sk.sparse_decode(q.reshape(B * T, H, D), k, v, idx, seq, 16, queries_per_row=2)
+
+
+def test_model_cached_decoding_takes_the_decode_kernels(monkeypatch):
+    "Cached steps of 1 and 3 tokens go through decode_step (== decode_select + sparse_decode) and match the reference."
+    from minicpm4_core import infllmv2
+    from minicpm4_core.config import MiniCPM4Config
+    from minicpm4_core.model import MiniCPM4ForCausalLM
+    sc = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=4, dense_len=48)
+    torch.manual_seed(1)
+    model = MiniCPM4ForCausalLM(MiniCPM4Config.tiny(num_hidden_layers=2, sparse_config=sc)).eval()
+    ids = torch.randint(3, 512, (2, 124))                            # 8 blocks > the 6 attended: sparse
+    calls = []
+    real = sk.decode_step
+    monkeypatch.setattr(sk, 'decode_step', lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(impl):
+        monkeypatch.setattr(infllmv2, 'SPARSE_IMPL', 'torch')     # the prefill (tested above) on the reference
+        cache = model.new_cache(2, 130)
+        with torch.no_grad():
+            model(ids[:, :120], cache=cache)
+            monkeypatch.setattr(infllmv2, 'SPARSE_IMPL', impl)
+            return [model(ids[:, 120:121], cache=cache)[:, -1], model(ids[:, 121:124], cache=cache)]
+
+    ref = run('torch')
+    assert not calls
+    got = run('triton')
+    assert len(calls) == 4                                            # 2 layers x 2 cached steps
+    for a, b in zip(got, ref): assert rel(a, b) <= 1e-4
+
+
+def test_auto_tile_follows_the_union(monkeypatch):
+    "tile_tokens='auto': unrelated per-token lists re-tile to 2 tokens, lists shared by a block keep 8 (G = 16)."
+    monkeypatch.setattr(sk, 'AUTO_MIN_T', 64)                      # the rule at a size the interpreter plans fast
+    g = torch.Generator().manual_seed(5)
+    T, N, H, Hkv, D, m, K = 64, 512, 16, 1, 16, 16, 4
+    q, k = torch.randn(1, T, H, D, generator=g), torch.randn(1, N, Hkv, D, generator=g)
+    unrelated = torch.rand(1, T, Hkv, N // m, generator=g).topk(K, -1).indices.sort(-1).values.int()
+    shared = unrelated[:, ::m].repeat_interleave(m, 1)
+    assert sk._Meta(q, k, unrelated, m, None, 'auto').BM == 2
+    assert sk._Meta(q, k, shared, m, None, 'auto').BM == 8 == sk._Meta(q, k, unrelated, m, None, None).BM
+    with pytest.raises(ValueError, match="tile_tokens"):
+        sk._Meta(q, k, shared, m, None, 3)

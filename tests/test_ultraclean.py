@@ -99,6 +99,59 @@ def test_minhash_estimates_jaccard_and_dedup_finds_planted():
     assert want.count('near_duplicate') >= 10
 
 
+
+def test_minhash_shingles_are_the_distinct_word_ngrams_of_each_text():
+    "Batched shingling: one shingle per distinct 5-gram of each text (none across texts), one for a text of < 5 words."
+    rng = random.Random(11)
+    pool = ['a', 'bb', 'Bb', 'ccc', 'déjà', '€', 'x\u00a0y', 'z\u2003w'] + WORDS[:20]   # case, accents, Unicode spaces
+    texts = [' '.join(rng.choice(pool) for _ in range(rng.randint(0, 30))) for _ in range(300)] + ['', '  \n ', 'one two']
+    mh = U.MinHasher(num_perm=32)
+    sh, nsh = mh._all_shingles(texts)
+    off = np.cumsum(nsh) - nsh
+    for t, o, k in zip(texts, off, nsh):
+        w = t.lower().split()
+        grams = {tuple(w[i:i + 5]) for i in range(len(w) - 4)} if len(w) >= 5 else {tuple(w)}
+        assert len(np.unique(sh[o:o + k])) == len(grams), t     # 32-bit hashes: no collision among a few dozen
+    a = mh.signatures(texts, max_shingles=40)
+    b = np.stack([mh.signatures([t])[0] for t in texts])
+    np.testing.assert_array_equal(a, b)                              # chunking and neighbours change nothing
+    np.testing.assert_array_equal(mh.signatures(['X  y z\tw v u'])[0], mh.signatures(['x y z w v u'])[0])
+
+
+def test_byte_tokenizer_and_packing():
+    tok = U.ByteTokenizer()
+    rng = random.Random(12)
+    texts = [''.join(rng.choice('ab é€\n\t.') for _ in range(rng.randint(0, 40))) for _ in range(200)]
+    assert all(tok.decode(tok.encode(t)) == t for t in texts)
+    assert min(min(tok.encode(t), default=4) for t in texts) >= 4 and tok.vocab_size == 260
+    for L in (1, 7, 33):
+        ref = D.pack_documents(tok.encode_batch(texts), L, tok.bos_id, tok.eos_id)     # the general packer
+        assert torch.equal(U.pack_texts(tok, texts, L), ref)
+    with pytest.raises(ValueError, match='seq_len'): U.pack_texts(tok, texts, 0)
+    with pytest.raises(ValueError, match='not enough tokens'): U.pack_texts(tok, ['ab'], 50)
+    with pytest.raises(ValueError, match="'bpe' or 'bytes'"): U.make_tokenizer('chars', texts, 300)
+
+
+def test_device_entry_point_tiny(tmp_path, capsys):
+    "The gpu-profile entry point, run on CPU at a tiny size: prepare -> run -> JSON + PNG + summary lines."
+    tiny = ["device='cpu'", "source='embedded'", "tokenizer='bytes'", 'seq_len=64', 'batch=8', 'pretrain_steps=30', 'anneal_steps=4',
+            'seeds=(0,)', 'qualities=(1.0,0.0)', 'pool_docs=60',
+            "model={'hidden_size':32,'num_hidden_layers':1,'intermediate_size':64,'dim_model_base':16}"]
+    data = tmp_path / 'docs.json.gz'
+    assert U.main(['--profile', 'ci', '--prepare', str(data), '--set', *tiny]) == 0
+    d = U.load_device_data(data)
+    assert len(d['candidates']) == 120 and len(d['default']) == 30 * 8 // 4
+    assert U.main(['--profile', 'ci', '--data', str(data), '--out', str(tmp_path / 'o'), '--no-progress', '--set', *tiny]) == 0
+    rec = json.loads((tmp_path / 'o' / 'verification.json').read_text())
+    assert (tmp_path / 'o' / 'verification.png').stat().st_size > 0
+    assert list(rec['verification']['pools']) == ['q=1.00', 'q=0.00'] and rec['verification']['anneals'] == 3
+    assert rec['vocab'] == 260 and rec['config']['tokenizer'] == 'bytes' and 0 < rec['cost']['token_ratio'] < 1
+    assert 'Spearman' in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match='--prepare'): U.load_device_data(tmp_path / 'nope.json.gz')
+    with pytest.raises(ValueError, match='unknown DeviceRunConfig fields'): U.DeviceRunConfig.for_profile('ci', steps=3)
+    with pytest.raises(ValueError, match='model must be a dict'): U.DeviceRunConfig.for_profile('ci', model='big')
+    with pytest.raises(SystemExit): U.main(['--profile', 'gpu', '--out', str(tmp_path / 'o2')])   # real source, no --data
+
 def test_classifier_roundtrip_and_separation(tmp_path):
     pytest.importorskip('fasttext')
     rng = random.Random(5)

@@ -142,3 +142,53 @@ def test_bad_arguments_rejected():
         W4A16Config('gemvv')
     with pytest.raises(ValueError, match="power of two"):
         W4A16Config('gemm', 16, 48)
+
+
+# ---- gemv16 (fp16-lane magic numbers), dequantize + cuBLAS prefill (issue 13, session 3) ----
+
+GEMV16 = [  # (K, N, G, config)
+    (256, 72, 128, W4A16Config('gemv16', 1, 32, 128, 1)),     # ragged N (72 = 2 x 32 + 8)
+    (512, 64, 64, W4A16Config('gemv16', 1, 64, 64, 4)),       # split-K with the semaphore epilogue
+    (256, 64, 32, W4A16Config('gemv16', 1, 16, 32, 3)),       # a split that does not divide the K steps
+    (128, 64, -1, W4A16Config('gemv16', 1, 32, 64, 1)),       # one group per column, two steps per group
+]
+
+
+@pytest.mark.parametrize("K,N,G,cfg", GEMV16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv16_matches_reference(K, N, G, cfg, dtype):
+    "Every code position (both halves, low and high nibbles, all 16 values) reaches the right row: vs float64."
+    qw, s, qz = random_w4(K, N, G, seed=K + N + cfg.split_k)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(K)).to(dtype)
+    y = torch.full((1, N), float('nan'), dtype=dtype)
+    w4a16_matmul(x, qw, s, qz, G, backend='triton', config=cfg, out=y)
+    assert torch.isfinite(y).all()
+    assert rel(y, ref64(x, qw, s, qz, G)) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
+    # one hot activations read single rows: row k of the weight, exactly (fp32)
+    for k in (0, 3, 4, 7, K - 1):
+        e = torch.zeros(1, K); e[0, k] = 1.0
+        torch.testing.assert_close(w4a16_matmul(e, qw, s, qz, G, backend='triton', config=cfg)[0],
+                                   dequantize_w4(qw, s, qz, G)[k], rtol=1e-6, atol=1e-6)
+
+
+def test_dequant_kernel_is_exact_and_dispatched_from_threshold():
+    from minicpm4_core.kernels.w4a16 import DEQUANT_MIN_M, w4a16_dequantize
+    K, N, G = 256, 72, 64
+    qw, s, qz = random_w4(K, N, G, seed=21)
+    W = w4a16_dequantize(qw, s, qz, G, torch.float32, backend='triton')
+    assert torch.equal(W, dequantize_w4(qw, s, qz, G))                     # (q - z) * s in float32: bit-exact
+    # bf16: one rounding of that exact value (the interpreter truncates where the GPU rounds: within one ulp)
+    torch.testing.assert_close(w4a16_dequantize(qw, s, qz, G, torch.bfloat16, backend='triton').float(), W,
+                               rtol=2 ** -7, atol=0)
+    assert default_config(DEQUANT_MIN_M, N, K, G).kernel == 'dequant'
+    assert default_config(DEQUANT_MIN_M - 1, N, K, G).kernel == 'gemm'
+    assert default_config(40, N, K, G, dequant_min_m=32).kernel == 'dequant'
+    x = torch.randn(40, K, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    y = torch.full((40, N), float('nan'), dtype=torch.bfloat16)
+    w4a16_matmul(x, qw, s, qz, G, backend='triton', dequant_min_m=32, out=y)
+    assert rel(y, ref64(x, qw, s, qz, G)) <= 1e-2
+    assert rel(y, w4a16_matmul(x, qw, s, qz, G, backend='triton', dequant_min_m=64)) <= 1e-2   # the gemm kernel
+    with pytest.raises(ValueError, match="M=1 only"):
+        w4a16_matmul(x, qw, s, qz, G, config=W4A16Config('gemv16', 1, 32, 64))
+    with pytest.raises(ValueError, match="no split_k"):
+        W4A16Config('dequant', 1, 64, 64, 2)

@@ -1,6 +1,7 @@
-"""Packed 4-bit weights with group-wise scales and zeros, a pure-torch reference, and two Triton kernels that
-dequantize in registers: a split-K GEMV for decode (M = 1) and a tiled GEMM (prefill, and decode with
-M = 2..16). Used by the `QuantLinear` of `minicpm4_core.pgptq` (notebook 70) on CUDA.
+"""Packed 4-bit weights with group-wise scales and zeros, a pure-torch reference, and Triton kernels that
+dequantize in registers: split-K GEMVs for decode (M = 1; float32 or fp16-lane magic numbers) and a tiled GEMM
+(M = 2..255), plus a one-pass dequantizer that hands large-M prefill to cuBLAS. Used by the `QuantLinear` of
+`minicpm4_core.pgptq` (notebook 70) on CUDA.
 
 Docs: https://minicpm4-core.github.io/minicpm4_core/w4a16_kernel.html.md"""
 
@@ -19,8 +20,9 @@ import triton.language as tl
 from ._common import BACKENDS, interpreter_active, num_sms, resolve_backend  # noqa: F401 (re-exported)
 
 # %% auto #0
-__all__ = ['w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size', 'dequantize_w4', 'w4a16_matmul_naive', 'W4A16Config',
-           'default_config', 'w4a16_matmul', 'random_w4', 'self_check']
+__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size', 'dequantize_w4',
+           'w4a16_matmul_naive', 'W4A16Config', 'default_config', 'w4a16_dequantize', 'w4a16_matmul', 'random_w4',
+           'self_check']
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #2b12b3f0
 def w4a16_bytes(M: int, K: int, N: int, group_size: int = 128, act_bytes: int = 2) -> dict:
@@ -242,10 +244,95 @@ def _w4a16_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr,
             tl.store(out_ptrs, tot.to(y_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(lock_ptr + tile, 0)
 
+# %% ../../nbs/71_w4a16_kernel.ipynb #e0c676e1
+@triton.jit
+def _w4a16_gemv16_kernel(x_ptr, q16_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr,
+                         N, K, k_per_split, split_k, stride_q16, stride_sg, stride_zg,
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # x (K,); q16: qweight viewed as int16 (K//8, 2N), half h of word [r, n] at [r, 2n + h] (codes 4h..4h+3);
+    # scales (K//G, N), qzeros (K//G, N//8); y (N,). Tiles are (R, BLOCK_N, 2): word row, column, half.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    R: tl.constexpr = BLOCK_K // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, R)
+    h = tl.arange(0, 2)
+    zshift = (offs_n % 8) * 4
+    q_ptrs = q16_ptr + offs_r[:, None, None] * stride_q16 + (2 * offs_n)[None, :, None] + h[None, None, :]
+    x_ptrs = x_ptr + offs_r[:, None, None] * 8 + 4 * h[None, None, :]           # row 8r + 4h (+ i below)
+    acc = tl.zeros((R, BLOCK_N, 2), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        w = tl.load(q_ptrs + (k0 // 8) * stride_q16, mask=mask_n[None, :, None], other=0)      # int16
+        g = k0 // GROUP
+        s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.).to(tl.float32)
+        z = ((tl.load(z_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0) >> zshift) & 0xF).to(tl.float16)
+        c_lo = (1024.0 + z)[None, :, None]              # fp16: 1024 + z and 64 + z are exact
+        c_hi = (64.0 + z)[None, :, None]
+        w8 = w >> 8                                     # one shift per half-word serves its two high codes
+        d0 = ((w & 0x000F) | 0x6400).to(tl.float16, bitcast=True) - c_lo              # q - z, exact
+        d1 = ((w & 0x00F0) | 0x6400).to(tl.float16, bitcast=True) * 0.0625 - c_hi     # (1024 + 16q)/16 - (64 + z)
+        d2 = ((w8 & 0x000F) | 0x6400).to(tl.float16, bitcast=True) - c_lo
+        d3 = ((w8 & 0x00F0) | 0x6400).to(tl.float16, bitcast=True) * 0.0625 - c_hi
+        x0 = tl.load(x_ptrs + k0 + 0).to(tl.float32)
+        x1 = tl.load(x_ptrs + k0 + 1).to(tl.float32)
+        x2 = tl.load(x_ptrs + k0 + 2).to(tl.float32)
+        x3 = tl.load(x_ptrs + k0 + 3).to(tl.float32)
+        part = x0 * d0.to(tl.float32) + x1 * d1.to(tl.float32) + x2 * d2.to(tl.float32) + x3 * d3.to(tl.float32)
+        acc += part * s[None, :, None]
+    y = tl.sum(tl.sum(acc, axis=2), axis=0)
+    if split_k == 1:
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(ws_ptr + pid_k * N + offs_n, y, mask=mask_n)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem='acq_rel', scope='gpu')
+        if arrived == split_k - 1:
+            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for sk in range(0, split_k):
+                tot += tl.load(ws_ptr + sk * N + offs_n, mask=mask_n, other=0., cache_modifier='.cg')
+            tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
+
+# %% ../../nbs/71_w4a16_kernel.ipynb #056a809d
+@triton.jit
+def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg, stride_zg, stride_wk, m0, m1, m2, m3,
+                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # W (K, N) = (q - z) * s, written in w_ptr's dtype; one program per (BLOCK_K, BLOCK_N) tile inside one group
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    R: tl.constexpr = BLOCK_K // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, R)
+    k0 = pid_k * BLOCK_K
+    j = tl.arange(0, 8)
+    jj = j % 4
+    sh3 = tl.where(j < 4, 0, 16)[None, :, None]
+    mk3 = (0xF << (4 * jj))[None, :, None]
+    mg3 = tl.where(jj == 0, m0, tl.where(jj == 1, m1, tl.where(jj == 2, m2, m3)))[None, :, None]
+    mf3 = tl.where(jj == 0, 8388608.0, tl.where(jj == 1, 524288.0, tl.where(jj == 2, 32768.0, 2048.0)))[None, :, None]
+    qw = tl.load(qw_ptr + (k0 // 8 + offs_r)[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
+    g = k0 // GROUP
+    s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.).to(tl.float32)
+    z = ((tl.load(z_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0) >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)
+    f = (((qw[:, None, :] >> sh3) & mk3) | mg3).to(tl.float32, bitcast=True)          # (R, 8, BLOCK_N): 2^e + q
+    wt = tl.reshape((f - (mf3 + z[None, None, :])) * s[None, None, :], (BLOCK_K, BLOCK_N))
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], wt.to(w_ptr.dtype.element_ty),
+             mask=mask_n[None, :])
+
 # %% ../../nbs/71_w4a16_kernel.ipynb #4da5003b
+KERNELS = ('gemv', 'gemv16', 'gemm', 'dequant')
+DEQUANT_MIN_M = 256    # rows from which prefill dequantizes once and calls cuBLAS (tuned on the device)
+
+
 @dataclass(frozen=True)
 class W4A16Config:
-    "Kernel choice and tiling: kernel 'gemv' (M = 1 only) or 'gemm'."
+    """Kernel choice and tiling: 'gemv' (M = 1, float32 magic), 'gemv16' (M = 1, fp16-lane magic), 'gemm' (tiles
+    dequantized in registers), 'dequant' (write the 16-bit weight with (block_k, block_n) tiles, then torch.matmul)."""
     kernel: str = 'gemm'
     block_m: int = 16
     block_n: int = 64
@@ -256,8 +343,8 @@ class W4A16Config:
     group_m: int = 8
 
     def __post_init__(self):
-        if self.kernel not in ('gemv', 'gemm'):
-            raise ValueError(f"W4A16Config.kernel={self.kernel!r}; accepted: 'gemv', 'gemm'")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"W4A16Config.kernel={self.kernel!r}; accepted: {', '.join(map(repr, KERNELS))}")
         for name in ('block_m', 'block_n', 'block_k', 'num_warps', 'group_m'):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
@@ -267,6 +354,8 @@ class W4A16Config:
         if self.block_k < 8 or (self.kernel == 'gemm' and min(self.block_m, self.block_n, self.block_k) < 16):
             raise ValueError(f"W4A16Config: block sizes too small for kernel {self.kernel!r} ({self}); gemv needs "
                              f"block_k >= 8, gemm needs every block >= 16")
+        if self.kernel == 'dequant' and self.split_k != 1:
+            raise ValueError(f"W4A16Config: kernel 'dequant' has no split_k (got {self.split_k})")
 
 
 def _largest_pow2_divisor(G: int, cap: int) -> int:
@@ -287,10 +376,13 @@ def _pick_split(tiles: int, K: int, block_k: int, sms: int, per_sm: int = 2) -> 
     return split
 
 
-def default_config(M: int, N: int, K: int, group_size: int = 128, device=None) -> W4A16Config:
-    "A good `W4A16Config` for `x (M, K) @ W (K, N)` with groups of `group_size` rows."
+def default_config(M: int, N: int, K: int, group_size: int = 128, device=None,
+                   dequant_min_m: int = DEQUANT_MIN_M) -> W4A16Config:
+    "A good `W4A16Config` for `x (M, K) @ W (K, N)` with groups of `group_size` rows; dequant + cuBLAS from dequant_min_m rows."
     G = resolve_group_size(group_size, K)
     sms = _num_sms(device)
+    if M >= dequant_min_m:
+        return W4A16Config('dequant', 1, 64, _largest_pow2_divisor(G, 64), 1, 4, 1)
     if M == 1 and G % 8 == 0:
         bk = _largest_pow2_divisor(G, 128)
         bn = 128 if N >= 8192 else 64
@@ -340,11 +432,35 @@ def _check_w4a16_args(x, qweight, scales, qzeros, group_size):
         raise ValueError(f"x, qweight, scales and qzeros must be on one device, got {sorted(map(str, devs))}")
     return K, N, G
 
+# %% ../../nbs/71_w4a16_kernel.ipynb #5c6a3fe4
+def _dequant_launch(qweight, scales, qzeros, G: int, dtype, cfg: W4A16Config) -> torch.Tensor:
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    if G % cfg.block_k: raise ValueError(f"config.block_k={cfg.block_k} must divide group_size={G}")
+    W = torch.empty((K, N), dtype=dtype, device=qweight.device)
+    qweight, scales, qzeros = qweight.contiguous(), scales.contiguous(), qzeros.contiguous()
+    _w4_dequant_kernel[(K // cfg.block_k, triton.cdiv(N, cfg.block_n))](
+        qweight, scales, qzeros, W, N, qweight.stride(0), scales.stride(0), qzeros.stride(0), W.stride(0), *_MAGIC,
+        GROUP=G, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+    return W
+
+
+def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, group_size: int = 128,
+                     dtype: torch.dtype = torch.bfloat16, *, backend: str = 'auto') -> torch.Tensor:
+    "`W (K, N) = (q - z) * s` in `dtype`: one Triton pass on CUDA (the prefill path), `dequantize_w4` for backend='torch'."
+    K = qweight.shape[0] * 8
+    probe = torch.empty(1, K, dtype=dtype, device=qweight.device)
+    _check_w4a16_args(probe, qweight, scales, qzeros, group_size)
+    G = resolve_group_size(group_size, K)
+    if resolve_backend('w4a16_dequantize', probe, backend, reference="dequantize_w4") == 'torch':
+        return dequantize_w4(qweight, scales, qzeros, G, dtype)
+    return _dequant_launch(qweight, scales, qzeros, G, dtype, default_config(1 << 30, qweight.shape[1], K, G))
+
 # %% ../../nbs/71_w4a16_kernel.ipynb #75a864c8
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                  group_size: int = 128, *, backend: str = 'auto', config: W4A16Config | None = None,
-                 out: torch.Tensor | None = None):
-    "`y (..., N) = x (..., K) @ W` with `W` stored as packed int4 (see `dequantize_w4`); output in `x.dtype` (or `out`)."
+                 out: torch.Tensor | None = None, dequant_min_m: int | None = None):
+    """`y (..., N) = x (..., K) @ W` with `W` stored as packed int4 (see `dequantize_w4`); output in `x.dtype` (or `out`).
+    From `dequant_min_m` rows (default `DEQUANT_MIN_M`) the weight is dequantized once and multiplied by cuBLAS."""
     K, N, G = _check_w4a16_args(x, qweight, scales, qzeros, group_size)
     if out is not None and (tuple(out.shape) != (*x.shape[:-1], N) or out.dtype != x.dtype or out.device != x.device
                             or not out.is_contiguous()):
@@ -363,11 +479,14 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out.view(M, N)
     if M == 0:
         return y.reshape(*lead, N)
-    cfg = config or default_config(M, N, K, G, x.device)
+    cfg = config or default_config(M, N, K, G, x.device, DEQUANT_MIN_M if dequant_min_m is None else dequant_min_m)
     if G % cfg.block_k:
         raise ValueError(f"config.block_k={cfg.block_k} must divide group_size={G}")
-    if cfg.kernel == 'gemv' and M != 1:
-        raise ValueError(f"config.kernel='gemv' handles M=1 only, got M={M}")
+    if cfg.kernel in ('gemv', 'gemv16') and M != 1:
+        raise ValueError(f"config.kernel={cfg.kernel!r} handles M=1 only, got M={M}")
+    if cfg.kernel == 'dequant':
+        W = _dequant_launch(qweight, scales, qzeros, G, x.dtype, cfg)
+        return torch.matmul(x2, W, out=y).reshape(*lead, N)
     split = max(1, min(cfg.split_k, K // cfg.block_k))
     k_per_split = triton.cdiv(K, split * cfg.block_k) * cfg.block_k
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -378,6 +497,14 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
         _w4a16_gemv_kernel[(tiles, split)](x2, qweight, scales, qzeros, y, ws, lock, N, K, k_per_split, split,
                                            qweight.stride(0), scales.stride(0), qzeros.stride(0), *_MAGIC,
                                            GROUP=G, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch)
+    elif cfg.kernel == 'gemv16':
+        tiles = triton.cdiv(N, cfg.block_n)
+        ws = torch.empty((split, N), dtype=torch.float32, device=x.device) if split > 1 else y
+        lock = _lock_buffer(x.device, tiles)
+        q16 = qweight.view(torch.int16)                     # the same bytes: (K//8, 2N), little-endian halves
+        _w4a16_gemv16_kernel[(tiles, split)](x2, q16, scales, qzeros, y, ws, lock, N, K, k_per_split, split,
+                                             q16.stride(0), scales.stride(0), qzeros.stride(0),
+                                             GROUP=G, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch)
     else:
         tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
         ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else y
@@ -410,7 +537,7 @@ def self_check(shapes=((1, 256, 72), (3, 256, 64), (16, 384, 128), (33, 128, 64)
         x = torch.randn(M, K, device=device, generator=torch.Generator(device).manual_seed(seed + i)).to(dtype)
         ref = x.double() @ dequantize_w4(qw, s, qz, group_size, torch.float64)
         for cfg in (configs or [None]):
-            if cfg is not None and cfg.kernel == 'gemv' and M != 1:
+            if cfg is not None and cfg.kernel in ('gemv', 'gemv16') and M != 1:
                 continue
             y = torch.full((M, N), float('nan'), dtype=dtype, device=device)     # poisoned: every element must be written
             w4a16_matmul(x, qw, s, qz, group_size, backend='triton', config=cfg, out=y)
