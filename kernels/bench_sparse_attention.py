@@ -362,6 +362,99 @@ def per_token(N, dev, args):
         torch.cuda.empty_cache()
 
 
+def band_check(dev, args):
+    """Correctness of `sparse_attention_band` on this device before its timings: stage-1 lists of random data
+    (queries = keys, and queries at the end of a longer key range), forward and dq/dk/dv against the reference on
+    the union lists (fp32 reference; bf16 and fp32 inputs). Stored under RES['band']['check']."""
+    C = RES.setdefault('band', {}).setdefault('check', {})
+    n = 512 if args.smoke else 4096
+    for T, dt in ((n, torch.bfloat16), (n - 1000 if not args.smoke else n - 100, torch.bfloat16), (n, torch.float32)):
+        torch.manual_seed(T)
+        q = torch.randn(1, T, H, D, device=dev, dtype=dt)
+        k = torch.randn(1, n, HKV, D, device=dev, dtype=dt)
+        v = torch.randn(1, n, HKV, D, device=dev, dtype=dt)
+        with torch.no_grad():
+            kq = torch.cat([torch.randn(1, n - T, H, D, device=dev, dtype=dt), q], 1)   # selection needs T = N
+            lists = sk.prefill_select(kq, k, TOPK, **GEO)[:, n - T:].contiguous()
+        full = iv.attention_blocks(lists, n, M, LOCAL)
+        qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+        o = sk.sparse_attention_band(qs, ks, vs, lists, M, local_blocks=LOCAL)
+        do = torch.randn_like(o)
+        ga = torch.autograd.grad(o, (qs, ks, vs), do)
+        qr, kr, vr = (x.float().requires_grad_() for x in (q, k, v))
+        r = iv.sparse_attention_ref(qr, kr, vr, full, M)
+        gr = torch.autograd.grad(r, (qr, kr, vr), do.float())
+        def rel(a, b): return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+        errs = [rel(o, r)] + [rel(a, b) for a, b in zip(ga, gr)]
+        tol = 1e-4 if dt == torch.float32 else 1e-2
+        C[f'T{T}_N{n}_{str(dt)[6:]}'] = dict(rel_o_dq_dk_dv=errs, ok=bool(max(errs) < tol and o.isfinite().all()))
+        print(f'band check T={T} N={n} {dt}: rel o/dq/dk/dv {["%.1e" % e for e in errs]} '
+              f'{"OK" if max(errs) < tol else "FAILED"}', flush=True)
+    C['all_ok'] = all(c['ok'] for c in C.values() if isinstance(c, dict))
+    save()
+
+
+def band(N, dev, args):
+    """Issue 12, the window as a dense causal band (`sparse_attention_band`, opt-in) beside the current kernel and
+    dense SDPA, same process, per-token lists from stage 1 on random q/k (and smooth synthetic q): forward ms, the
+    max deviation from the current kernel, and the bytes each reads (union blocks per tile x 32 KB of K/V)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    P = RES.setdefault('band', {}).setdefault(str(N), {})
+    dt = torch.bfloat16
+    torch.manual_seed(N + 7)
+    k = torch.randn(1, N, HKV, D, device=dev, dtype=dt)
+    v = torch.randn(1, N, HKV, D, device=dev, dtype=dt)
+    blk = 2 * M * D * 2                                               # bytes of K+V of one block and kv head
+    for src in args.band_sources:
+        q = torch.randn(1, N, H, D, device=dev, dtype=dt) if src == 'random' else smooth_q(N, dev, dt)
+        S = P.setdefault(src, {})
+        with torch.no_grad():
+            if src == args.band_sources[0]:
+                qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+                for name, be in (('cudnn', SDPBackend.CUDNN_ATTENTION), ('flash', SDPBackend.FLASH_ATTENTION)):
+                    def dense(be=be):
+                        with sdpa_kernel([be]):
+                            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+                    attempt(f'dense_{name}_fwd_ms', lambda: timeit(dense, args.budget), P)
+                del qt, kt, vt
+            lists = sk.prefill_select(q, k, TOPK, **GEO, lse_approx=True)
+            ref = sk.sparse_attention(q, k, v, lists, M)
+            m_ = sk._Meta(q, k, lists, M, None, 'auto')
+            S['current_tile_tokens'], S['current_union_blocks'] = m_.BM, float(m_.cnt.float().mean())
+            S['current_GB'] = S['current_union_blocks'] * blk * m_.NT * HKV / 1e9
+            del m_
+            attempt('current_fwd_ms', lambda: timeit(lambda: sk.sparse_attention(q, k, v, lists, M), args.budget,
+                                                     max_reps=5), S)
+            sel, _ = sk._window_lists(lists, N, M, LOCAL)
+            for tt in args.band_tiles:
+                m_ = sk._Meta(q, k, sel, M, None, tt)
+                S[f'sel_union_blocks_tt{tt}'] = float(m_.cnt.float().mean())
+                for bt in args.band_tokens:
+                    nb_t = -(-N // bt)
+                    band_gb = nb_t * HKV * (LOCAL * M + bt) * 2 * D * 2 / 1e9
+                    key = f'tt{tt}_bt{bt}'
+                    S[f'GB_{key}'] = S[f'sel_union_blocks_tt{tt}'] * blk * m_.NT * HKV / 1e9 + band_gb
+                    cfg = {'band': {'tokens': bt}}
+                    o = sk.sparse_attention_band(q, k, v, lists, M, local_blocks=LOCAL, tile_tokens=tt, config=cfg)
+                    S[f'maxdiff_{key}'] = float((o.float() - ref.float()).abs().max())
+                    del o
+                    attempt(f'band_fwd_ms_{key}', lambda tt=tt, cfg=cfg: timeit(lambda: sk.sparse_attention_band(
+                        q, k, v, lists, M, local_blocks=LOCAL, tile_tokens=tt, config=cfg), args.budget,
+                        max_reps=5), S)
+                del m_
+        del q, lists, ref, sel
+        torch.cuda.empty_cache()
+    c = P.get('dense_cudnn_fwd_ms')
+    for src in args.band_sources:
+        S = P[src]
+        best = min((v_ for k_, v_ in S.items() if k_.startswith('band_fwd_ms') and isinstance(v_, float)),
+                   default=float('nan'))
+        S['band_best_ms'] = best
+        print(f"band N={N} {src}: dense cuDNN {c} ms, current {S.get('current_fwd_ms')} ms "
+              f"({S.get('current_GB', 0):.0f} GB), band best {best:.2f} ms", flush=True)
+    save()
+
+
 def model_level(dev, args):
     """8B-shape MiniCPM4ForCausalLM (random bf16 weights): forward with vs without sparse_config, and cached greedy
     decoding steps (eager) at a long context."""
@@ -603,6 +696,10 @@ def main():
     ap.add_argument('--decode-steps', type=int, default=16)
     ap.add_argument('--check-only', action='store_true', help='only the per-token / model parts (no main table)')
     ap.add_argument('--summary', default=None, help='only draw issue12_summary.png from the JSONs in this folder')
+    ap.add_argument('--band', type=int, nargs='*', default=[], help='lengths for the window-as-band variant rows')
+    ap.add_argument('--band-tiles', type=int, nargs='+', default=[1, 2], help='tile_tokens of its selected part')
+    ap.add_argument('--band-tokens', type=int, nargs='+', default=[8, 16], help='positions per band tile')
+    ap.add_argument('--band-sources', nargs='+', default=['random', 'smooth'], choices=['random', 'smooth'])
     args = ap.parse_args()
     if args.summary: return summary(args.summary)
     args.model_prefill = [tuple(int(x) for x in p.split(':')) for p in args.model_prefill]
@@ -638,9 +735,13 @@ def main():
         model_level(dev, args)
     for N in args.per_token:
         per_token(N, dev, args)
+    if args.band:
+        attempt('band_check_ok', lambda: band_check(dev, args) or RES['band']['check']['all_ok'], RES)
+    for N in args.band:
+        band(N, dev, args)
     if args.check_only:
         RES['finished'] = time.strftime('%Y-%m-%d %H:%M:%S'); save()
-        print(json.dumps({k: RES.get(k) for k in ('per_token', 'model')}, indent=0, default=str)); return
+        print(json.dumps({k: RES.get(k) for k in ('per_token', 'model', 'band')}, indent=0, default=str)); return
     for N in args.lengths:
         bench_length(N, dev, args)
     rows = table()

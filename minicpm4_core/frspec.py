@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 
 from .config import MiniCPM4Config, SparseSettings
 from .model import MiniCPM4ForCausalLM, MiniCPM4DecoderLayer, RMSNorm, KVCache, rope_cos_sin
-from .model import filtered_logits
+from .model import filtered_logits, attention_backend
+from .attention import AttentionInputs, dense_attention
+from .infllmv2 import compress_keys, infllmv2_attention, select_auto, sparse_attention_auto, sparse_settings
 from .bench import copies_beyond_l2, device_time
 from .io import IntegrityError, atomic_path
 from .static_decode import StaticDecoder, StaticStack, capture_graph, check_static_support
@@ -38,9 +40,9 @@ from .static_decode import StaticStack as _StaticStack, StaticDecoder as _Static
 # %% auto #0
 __all__ = ['METHODS', 'count_token_frequencies', 'frequent_ids', 'coverage_curve', 'FreqVocab', 'build_freq_vocab',
            'plot_coverage', 'EagleDraft', 'DraftHead', 'DraftForTraining', 'self_distill_rows', 'train_draft',
-           'target_probs', 'accept_children', 'attention_override', 'tree_attention_mask', 'tree_forward',
-           'compact_cache', 'SpecStats', 'check_spec_args', 'DraftTree', 'speculative_generate', 'FastSpec',
-           'bench_lm_head', 'bench_e2e']
+           'target_probs', 'accept_children', 'attention_override', 'sparse_tree_backend', 'tree_attention_mask',
+           'tree_forward', 'compact_cache', 'SpecStats', 'check_spec_args', 'DraftTree', 'speculative_generate',
+           'FastSpec', 'bench_lm_head', 'bench_e2e']
 
 # %% ../nbs/60_frspec.ipynb #2d64322a
 def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -380,6 +382,65 @@ def attention_override(layers, fn):
     finally:
         for l, o in zip(layers, old): l.self_attn.backend = o
 
+# %% ../nbs/60_frspec.ipynb #b7e2d5a9
+def _path_keys(x, start, path):
+    "x (B, >= start+T, ...) -> (B, start + len(path), ...): the cached prefix, then the tree rows on the path."
+    return torch.cat([x[:, :start], x[:, start + path]], 1)
+
+
+def sparse_tree_backend(tree_mask: torch.Tensor, start: int):
+    """InfLLM v2 attention for a token tree written at cache slots [start, start+T) (tree_mask (T, T) bool, node i
+    sees itself and its ancestors). Node i gets exactly what the model's cached decoding computes at that token when
+    the context is cache[:start] + its path: dense below dense_len (or when every block fits the budget), else its
+    own compressed keys over that context, its own top-k blocks and window (`select_auto`), and block-sparse
+    attention (`sparse_attention_auto`: the Triton kernels on CUDA). -> backend fn(AttentionInputs) (1, T, H, D)."""
+    paths = [r.nonzero()[:, 0] for r in tree_mask.bool().cpu()]
+    depth = max(len(p) for p in paths)
+
+    def attend(inp):
+        st = sparse_settings(inp.config)
+        q, k, v = inp.q, inp.k, inp.v
+        B, T, H, D = q.shape
+        if B != 1 or inp.key_mask is not None:
+            raise ValueError(f"tree verification of an InfLLM v2 target takes one unpadded row, got batch {B}"
+                             f"{' with a key_mask' if inp.key_mask is not None else ''}")
+        if T != len(paths) or k.shape[1] != start + T:
+            raise ValueError(f"tree mask of {len(paths)} nodes at start {start} does not match (queries, keys) = "
+                             f"{(T, k.shape[1])}")
+        qs, ks = q, k                                           # scoring queries/keys (pre-RoPE with use_nope)
+        if st.use_nope:
+            buf = None if inp.layer_cache is None else inp.layer_cache.state.get('infllmv2_k_nope')
+            if buf is None or buf.shape[1] < start + T:
+                raise ValueError("tree verification with use_nope=True needs the pre-RoPE key copy InfLLM v2 keeps in "
+                                 "the layer cache: prefill the cache through the model first")
+            buf[:, start:start + T] = inp.k_nope_new.detach().to(buf.dtype)   # kept current, as the model does
+            qs, ks = inp.q_nope, buf[:, :start + T]
+        n_max = start + depth
+        if n_max < st.dense_len or -(-n_max // st.block_size) <= st.attended_blocks:   # every node is dense
+            return _masked_backend(torch.cat([torch.ones(T, start, dtype=torch.bool, device=q.device),
+                                              tree_mask.to(q.device)], 1))(inp)
+        geos = [(st.kernel_size, st.kernel_stride)]
+        if st.lse_approx: geos.append((st.lse_kernel_size or 4 * st.kernel_size, st.lse_kernel_stride or 4 * st.kernel_stride))
+        with torch.no_grad():
+            pre = [compress_keys(ks[:, :start].detach(), p, s) for p, s in geos]   # kernels wholly in the prefix
+        out = q.new_empty(B, T, H, D)
+        for i, path in enumerate(paths):
+            path = path.to(q.device)
+            n = start + len(path)
+            kk, vv = _path_keys(k, start, path), _path_keys(v, start, path)
+            if n < st.dense_len or -(-n // st.block_size) <= st.attended_blocks:
+                out[:, i:i + 1] = dense_attention(AttentionInputs(q=q[:, i:i + 1], k=kk, v=vv, config=inp.config))
+                continue
+            with torch.no_grad():
+                sk = _path_keys(ks, start, path).detach()
+                # the path's kernels: the prefix's complete ones, then those starting after them (CompressedKeyCache's rule)
+                kcs = [torch.cat([kc, compress_keys(sk[:, kc.shape[1] * s:], p, s)], 1) for kc, (p, s) in zip(pre, geos)]
+                idx = select_auto(qs[:, i:i + 1].detach(), sk, kcs[0], kcs[1] if st.lse_approx else None, n, st)
+            out[:, i:i + 1] = sparse_attention_auto(q[:, i:i + 1], kk, vv, idx, st.block_size)
+        return out
+    return attend
+
+
 # %% ../nbs/60_frspec.ipynb #cd934c43
 def tree_attention_mask(parents: Sequence[int]) -> torch.Tensor:
     "(T, T) bool: node i sees itself and its ancestors. parents[i] < i, or -1 for a root."
@@ -395,15 +456,21 @@ def tree_attention_mask(parents: Sequence[int]) -> torch.Tensor:
 def tree_forward(model: MiniCPM4ForCausalLM, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
                  cache: KVCache):
     """Verify a token tree: ids (1, T) appended to `cache` at slots [L, L+T), RoPE `positions` (T,), tree_mask (T, T).
-    Returns logits (1, T, V), hidden (1, T, H) (before the final norm)."""
+    Returns logits (1, T, V), hidden (1, T, H) (before the final norm). InfLLM v2 layers verify each node as the
+    model's own cached decoding would at that node (`sparse_tree_backend`); other layers use the tree mask."""
     T = ids.shape[1]
     start = cache.length
     allowed = torch.ones(T, start + T, dtype=torch.bool, device=ids.device)
     allowed[:, start:] = tree_mask.to(ids.device)
     cos, sin = rope_cos_sin(model.config, positions, seq_len=int(positions.max()) + 1)
     h = model.model.embed(ids)
-    with attention_override(model.model.layers, _masked_backend(allowed)):
-        for i, layer in enumerate(model.model.layers):
+    masked, sparse = _masked_backend(allowed), None
+    for i, layer in enumerate(model.model.layers):
+        fn = masked
+        if (layer.self_attn.backend or attention_backend(model.config)) is infllmv2_attention:   # an InfLLM v2 layer
+            sparse = sparse or sparse_tree_backend(tree_mask, start)
+            fn = sparse
+        with attention_override([layer], fn):
             h = layer(h, cos, sin, cache.layers[i], start, None)
     cache.length = start + T
     return model.lm_head(model.model.norm(h) / model.config.logit_scale), h
@@ -419,6 +486,8 @@ def compact_cache(cache: KVCache, start: int, keep: Sequence[int]):
             idx = torch.tensor(keep, device=lc.k.device) + start
             lc.k[:, start:start + len(keep)] = lc.k[:, idx]
             lc.v[:, start:start + len(keep)] = lc.v[:, idx]
+            buf = lc.state.get('infllmv2_k_nope')   # InfLLM v2's pre-RoPE key copy (use_nope): same slots, same move
+            if buf is not None and buf.shape[1] > start + keep[-1]: buf[:, start:start + len(keep)] = buf[:, idx]
             lc.state.pop('infllmv2', None)   # InfLLM v2 rebuilds its compressed keys from the cache when needed
     cache.truncate(start + len(keep))
 
@@ -620,11 +689,6 @@ def _spec_setup(target, draft, prompt, max_new_tokens, method, gamma, depth, top
     if stop_ids is None: stop_ids = cfg.eos_token_id
     stop = set([stop_ids] if isinstance(stop_ids, int) else list(stop_ids))
     span = (gamma if method == 'chain' else tree_size) + 2
-    if method == 'tree' and cfg.sparse_config is not None:
-        dense_len = SparseSettings.from_dict(cfg.sparse_config).dense_len
-        if len(prompt) + max_new_tokens + span >= dense_len:
-            raise ValueError(f"tree verification of an InfLLM v2 target needs the whole text below dense_len={dense_len} "
-                             f"(prompt {len(prompt)} + {max_new_tokens} new); use method='chain'")
     return prompt, stop, span
 
 

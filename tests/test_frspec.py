@@ -228,8 +228,13 @@ def test_infllmv2_target(pair):
     st = S.SpecStats()
     assert S.speculative_generate(sparse, draft, p, 20, method='chain', gamma=3, stop_ids=[], stats=st) == ref
     assert st.mean_accept_length > 1.0
-    with pytest.raises(ValueError, match='dense_len'):
-        S.speculative_generate(sparse, draft, p, 20, method='tree')
+    for sc2 in (sc, dict(sc, use_nope=True, lse_approx=True)):       # tree verification past dense_len: node-exact
+        sp = MiniCPM4ForCausalLM(tiny_cfg(sparse_config=sc2)).eval()
+        sp.load_state_dict(dense.state_dict())
+        ref2 = sp.generate(p, 20, stop_ids=[])[0]
+        st = S.SpecStats()
+        assert S.speculative_generate(sp, draft, p, 20, method='tree', topk=3, tree_size=10, stop_ids=[], stats=st) == ref2
+        assert st.mean_accept_length > 1.0 and max(st.drafted) > max(st.accepted) + 1   # branches were verified
     short = MiniCPM4ForCausalLM(tiny_cfg(sparse_config=dict(sc, dense_len=64))).eval()
     short.load_state_dict(dense.state_dict())
     ref = short.generate(p[:6], 16, stop_ids=[])[0]
@@ -321,6 +326,30 @@ def test_sampling_distribution_chi_square(small_vocab, monkeypatch):
     assert chi2_pvalue(spec_pair_counts(target, draft, prompt, 400, seed=1, **chain), pair_p) > 1e-3
     monkeypatch.setattr(S, 'accept_children', wrong_accept_children)
     assert chi2_pvalue(spec_pair_counts(target, draft, prompt, 400, seed=2, **tree), pair_p) < 1e-5
+
+
+def test_sampling_distribution_sparse_tree(one_thread):
+    "Tree verification of an InfLLM v2 target past dense_len keeps the target's law (its own cached decoding)."
+    torch.manual_seed(5)
+    sc = dict(kernel_size=4, kernel_stride=2, block_size=4, window_size=4, topk=1, dense_len=8)
+    cfg = tiny_cfg(vocab_size=6, hidden_size=32, num_hidden_layers=1, intermediate_size=64, initializer_range=0.08,
+                   sparse_config=sc)
+    target = MiniCPM4ForCausalLM(cfg).eval()
+    draft = S.EagleDraft(cfg)
+    for n, p in draft.named_parameters():
+        if not n.endswith('norm.weight'): torch.nn.init.normal_(p, std=0.6)
+    draft.eval()
+    prompt = torch.randint(0, 6, (14,), generator=torch.Generator().manual_seed(6)).tolist()   # 14 > dense_len: sparse
+    seqs = torch.tensor(list(itertools.product(range(6), repeat=2)))                         # (x1, x2)
+    with torch.no_grad():                                   # the law by the model's own cached decoding, 36 rows at once
+        cache = target.new_cache(36, 17)
+        l0 = target(torch.tensor([prompt] * 36), cache=cache)[:, -1].log_softmax(-1)
+        l1 = target(seqs[:, :1], cache=cache)[:, -1].log_softmax(-1)
+        l2 = target(seqs[:, 1:], cache=cache)[:, -1].log_softmax(-1)
+    joint = (l0.gather(-1, seqs[:, :1]) + l1.gather(-1, seqs[:, 1:]))[:, 0, None] + l2          # (x1, x2, x3)
+    pair_p = joint.exp().view(6, 6, 6).sum(0).flatten()                                          # (x2, x3)
+    tree = dict(method='tree', depth=2, topk=3, tree_size=6)
+    assert chi2_pvalue(spec_pair_counts(target, draft, prompt, 400, **tree), pair_p) > 1e-3
 
 
 # ---------------------------------------------------------------- CUDA-graph safety, checked on the CPU

@@ -202,3 +202,83 @@ def test_config_checks():
         LC.LCConfig.for_profile('ci', topkk=3)
     with pytest.raises(ValueError):
         LC.LCConfig.for_profile('ci', window=24).sparse_config()     # not a multiple of block_size
+
+
+def test_stages_plan_and_checks():
+    g = LC.LCConfig.for_profile('gpu')
+    plan = g.stages()
+    assert plan[0][:2] == ('warm', g.warm_len) and plan[-1][1] == g.long_len           # warm-up first, long last
+    assert [x[1] for x in plan[1:]] == sorted(x[1] for x in plan[1:])
+    n1, n2 = random.randint(1, 50), random.randint(1, 50)
+    c = LC.LCConfig.for_profile('ci', long_len=512, steps=n1)
+    assert c.stages() == [('long0', 512, n1, c.batch)]                                 # old recipe: one stage
+    c = LC.LCConfig.for_profile('ci', long_len=512, curriculum=[[256, n1], [512, n2]], warm_len=128, warm_steps=n2)
+    assert c.stages() == [('warm', 128, n2, c.batch), ('long0', 256, n1, c.batch), ('long1', 512, n2, c.batch)]
+    for bad, msg in [(dict(curriculum=[[512, 3], [256, 3]]), 'must not decrease'),
+                     (dict(curriculum=[[256, 3]]), 'must equal long_len'),
+                     (dict(curriculum=[[512, 0]]), 'positive ints'),
+                     (dict(warm_len=128), 'both be > 0'), (dict(warm_frac=1.5), 'warm_frac'),
+                     (dict(warm_multi=-0.1), 'warm_multi')]:
+        with pytest.raises(ValueError, match=msg):
+            LC.LCConfig.for_profile('ci', long_len=512, **bad).stages()
+
+
+def test_checkpoints_round_trip_and_refuse_other_training(tmp_path, tok):
+    cfg = LC.LCConfig.for_profile('ci', warm_len=128, warm_steps=3)
+    ms = {n: _tiny(tok, random.randrange(1 << 30)).eval() for n in ('dense', 'sparse')}
+    rec = dict(train={'dense': {'long0': dict(final_loss=1.5)}}, seconds={'warm': 2.0})
+    LC.set_attention(ms['sparse'], cfg.sparse_config())
+    for n, m in ms.items(): LC.save_checkpoint(n, m, rec, cfg, tmp_path)
+    assert ms['sparse'].config.sparse_config is not None                # saving leaves the model's attention as it was
+    got, r = LC.load_checkpoints(LC.LCConfig.for_profile('ci', warm_len=128, warm_steps=3, n_items=7, lengths=[64]),
+                                 tmp_path, 'cpu')                                       # eval-only fields may differ
+    assert r['train'] == rec['train'] and r['seconds'] == rec['seconds'] and set(got) == {'dense', 'sparse'}
+    ids = torch.randint(4, tok.vocab_size, (2, 40))
+    LC.set_attention(ms['sparse'], None)
+    with torch.no_grad():
+        for n in ms:
+            torch.testing.assert_close(got[n](ids), ms[n](ids))
+        assert not torch.allclose(got['dense'](ids), got['sparse'](ids))
+    other = LC.LCConfig.for_profile('ci', warm_len=128, warm_steps=4)
+    with pytest.raises(ValueError, match='warm_steps'):
+        LC.load_checkpoints(other, tmp_path, 'cpu')
+    assert LC.load_checkpoints(other, tmp_path, 'cpu', strict=False) == ({}, {})     # train/all: a fresh start
+    LC.save_checkpoint('warm', ms['dense'], {}, other, tmp_path)                  # a fresh start forgets the others
+    assert set(LC.load_checkpoints(other, tmp_path, 'cpu')[0]) == {'warm'}
+    with pytest.raises(FileNotFoundError, match='--stage train'):
+        LC.load_checkpoints(cfg, tmp_path / 'none', 'cpu')
+    with pytest.raises(ValueError, match='stage must be one of'):
+        LC.run_experiment(cfg, tmp_path, stage='grid')
+
+
+def test_gpu_settings_match_the_entry_point():
+    "The gpu notebook parameters (settings.ini) and `main --profile gpu` (LCConfig.for_profile) describe one run."
+    from minicpm4_core.profiles import load_profile
+    p, c = load_profile('gpu'), LC.LCConfig.for_profile('gpu')
+    for k, f in [('long_len', 'long_len'), ('steps', 'steps'), ('batch', 'batch'), ('lengths', 'lengths'),
+                 ('items', 'n_items'), ('topk', 'topk'), ('window', 'window'), ('warm_len', 'warm_len'),
+                 ('warm_steps', 'warm_steps'), ('warm_batch', 'warm_batch'), ('warm_frac', 'warm_frac'),
+                 ('warm_multi', 'warm_multi'), ('curriculum', 'curriculum')]:
+        assert p[f'lc_{k}'] == getattr(c, f), k
+    c.stages()
+
+
+@pytest.mark.slow
+def test_stages_resume_across_calls(tmp_path):
+    "warm -> train -> eval -> all on the ci base: each call picks up the checkpoints of the one before (~15 s if the base exists)."
+    kw = dict(warm_len=384, warm_steps=3, curriculum=[[384, 2], [512, 2]], lengths=[256, 512], n_items=1, ppl_windows=1,
+              seed=random.randrange(1000))
+    cfg, ck, quiet = LC.LCConfig.for_profile('ci', **kw), tmp_path / 'ck', lambda s: None
+    r1 = LC.run_experiment(cfg, tmp_path / 'o1', False, quiet, stage='warm', ckpt_dir=ck)
+    assert 'warm' in r1 and 'grid' not in r1 and not r1['train']['dense']
+    r2 = LC.run_experiment(cfg, tmp_path / 'o2', False, quiet, stage='train', ckpt_dir=ck)
+    assert r2['resumed'] == ['warm'] and 'warm' not in r2['seconds'] and set(r2['train']['dense']) == {'long0', 'long1'}
+    r3 = LC.run_experiment(LC.LCConfig.for_profile('ci', **{**kw, 'n_items': 2}), tmp_path / 'o3', False, quiet,
+                           stage='eval', ckpt_dir=ck)                  # an evaluation-only change keeps the checkpoints
+    assert r3['train'] == r2['train'] and r3['grid']['dense']['single']['n_items'] == 2 and 'summary' in r3
+    r4 = LC.run_experiment(cfg, tmp_path / 'o4', False, quiet, stage='all', ckpt_dir=ck)
+    assert not any(k.startswith(('train_', 'warm')) for k in r4['seconds'])
+    with pytest.raises(ValueError, match='warm_steps'):
+        LC.run_experiment(LC.LCConfig.for_profile('ci', **{**kw, 'warm_steps': 4}), tmp_path, stage='eval', ckpt_dir=ck)
+    with pytest.raises(ValueError, match="needs a warm-up"):
+        LC.run_experiment(LC.LCConfig.for_profile('ci'), tmp_path, stage='warm', ckpt_dir=ck)

@@ -393,3 +393,64 @@ def test_auto_tile_follows_the_union(monkeypatch):
     assert sk._Meta(q, k, shared, m, None, 'auto').BM == 8 == sk._Meta(q, k, unrelated, m, None, None).BM
     with pytest.raises(ValueError, match="tile_tokens"):
         sk._Meta(q, k, shared, m, None, 3)
+
+
+# ---------------------------------------------------------------------------------------------- band variant
+
+
+def band_lists(B, T, Hkv, N, m, K, gen):
+    """Per-token lists as the model makes them: each query its own random ids (-1 padded, some ids inside or past
+    its window), with neighbouring queries sharing a few ids (repeats across tokens)."""
+    nb = -(-N // m)
+    out = torch.full((B, T, Hkv, K), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hkv):
+            prev = None
+            for t in range(T):
+                kk = int(torch.randint(0, K + 1, (1,), generator=gen))
+                sel = torch.randperm(nb, generator=gen)[:kk]
+                if prev is not None and kk:                       # repeat part of the previous token's list
+                    sel = torch.unique(torch.cat([prev[:1], sel]))[:kk]
+                out[b, t, h, :len(sel)] = sel.int()
+                prev = sel
+    return out
+
+
+@pytest.mark.parametrize("B,T,N,H,Hkv,m,W,K,tt,bt,dtype", [
+    (1, 40, 40, 4, 2, 16, 2, 3, None, None, torch.float32),     # window cut at block 0, default tiles
+    (2, 37, 90, 8, 2, 16, 3, 4, 2, 4, torch.float32),           # queries at the end: tiles straddle blocks
+    (1, 33, 70, 4, 1, 16, 1, 3, 1, 16, torch.bfloat16),         # window of one block, G=4, bf16
+])
+def test_band_matches_reference(B, T, N, H, Hkv, m, W, K, tt, bt, dtype):
+    g = torch.Generator().manual_seed(T * 7 + N)
+    D = 16
+    q, k, v = (torch.randn(*s, generator=g).to(dtype) for s in ((B, T, H, D), (B, N, Hkv, D), (B, N, Hkv, D)))
+    idx = band_lists(B, T, Hkv, N, m, K, g)
+    qb = (torch.arange(N - T, N) // m).view(1, T, 1, 1)
+    inwin = (idx >= qb - W + 1) & (idx <= qb)
+    assert bool(inwin.any()) and bool((idx == -1).any())          # the overlap case and padding do occur
+    full = iv.attention_blocks(idx, N, m, W)                      # list U window, the variant's definition
+    cfg = {'band': {'tokens': bt}} if bt else None
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    o = sk.sparse_attention_band(qs, ks, vs, idx, m, local_blocks=W, tile_tokens=tt, config=cfg)
+    do = torch.randn(o.shape, generator=g).to(dtype)
+    ga = torch.autograd.grad(o, (qs, ks, vs), do)
+    ref = bf_attention(q, k, v, full, m)                          # independent float64 brute force
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(o, ref) < tol
+    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
+    gr = torch.autograd.grad(iv.sparse_attention_ref(qr, kr, vr, full, m), (qr, kr, vr), do.double())
+    for a, b in zip(ga, gr):
+        assert rel(a, b) < (1e-5 if dtype == torch.float32 else 3e-2)
+    # a listed window block counts once: same output whether or not the lists already hold the window
+    o2 = sk.sparse_attention_band(q, k, v, full, m, local_blocks=W, tile_tokens=tt, config=cfg)
+    assert rel(o2, o.detach()) < tol
+
+
+def test_band_bad_args():
+    q, k = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 1, 16)
+    idx = torch.zeros(1, 8, 1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="local_blocks"):
+        sk.sparse_attention_band(q, k, k, idx, 16, local_blocks=0)
+    with pytest.raises(ValueError, match="tokens"):
+        sk.sparse_attention_band(q, k, k, idx, 16, local_blocks=1, config={'band': {'tokens': 3}})
