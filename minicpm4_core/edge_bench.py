@@ -418,7 +418,7 @@ def run(p: EdgeParams, out: Path | None = None, progress: bool = True) -> dict:
 # %% ../nbs/90_edge_bench.ipynb #edc1498a
 def main(argv=None) -> int:
     "`python -m minicpm4_core.edge_bench --profile edge --out DIR [--parts ..] [--configs ..] [--set field=value ..]`"
-    import ast
+    from minicpm4_core.profiles import parse_overrides
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument('--profile', default='edge')
     ap.add_argument('--out', required=True)
@@ -427,11 +427,7 @@ def main(argv=None) -> int:
     ap.add_argument('--budget', type=float, default=None, help='seconds after which no new row starts')
     ap.add_argument('--set', nargs='*', default=[], help='EdgeParams overrides as field=python-literal')
     a = ap.parse_args(argv)
-    over = {}
-    for kv in a.set:
-        k, _, v = kv.partition('=')
-        try: over[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError): over[k] = v
+    over = parse_overrides(a.set)
     over.update({f: getattr(a, f) for f in ('parts', 'configs', 'shapes', 'contexts', 'batches') if getattr(a, f)})
     if a.budget is not None: over['budget_s'] = a.budget
     try: p = EdgeParams.from_profile(a.profile, **over)

@@ -670,6 +670,7 @@ def calibrate(cfg: LCConfig, lengths: list, steps: int = 3, log=print) -> dict:
 
 def main(argv=None) -> int:
     "`python -m minicpm4_core.long_context --profile gpu --out DIR [--stage all|warm|train|eval] [--calibrate L ...] [--set field=value ...]`"
+    from minicpm4_core.profiles import parse_overrides
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument('--profile', default='gpu')
     ap.add_argument('--out', required=True)
@@ -680,12 +681,7 @@ def main(argv=None) -> int:
                          "eval (checkpoints -> grids, perplexity); all/warm/train resume from checkpoints")
     ap.add_argument('--ckpt', default=None, help='checkpoint folder (default: artifact_dir(profile)/long_context_ckpt)')
     a = ap.parse_args(argv)
-    import ast
-    over = {}
-    for kv in a.set:
-        k, _, v = kv.partition('=')
-        try: over[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError): over[k] = v
+    over = parse_overrides(a.set)
     cfg = LCConfig.for_profile(a.profile, **over)
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     if a.calibrate is not None:

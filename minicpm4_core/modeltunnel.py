@@ -1031,12 +1031,8 @@ def main(argv=None) -> int:
     ap.add_argument('--resume', help="an earlier modeltunnel.json of the same settings: keep its stages, run the others")
     ap.add_argument('--set', nargs='*', default=[], help='MTConfig overrides as field=python-literal')
     a = ap.parse_args(argv)
-    import ast
-    over = dict(TINY) if a.tiny else {}
-    for kv in a.set:
-        k, _, v = kv.partition('=')
-        try: over[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError): over[k] = v
+    from minicpm4_core.profiles import parse_overrides
+    over = {**TINY, **parse_overrides(a.set)} if a.tiny else parse_overrides(a.set)
     cfg = MTConfig.for_profile(a.profile, **over)
     if a.prepare:
         p = prepare_data(cfg, a.prepare)

@@ -18,7 +18,8 @@ from pathlib import Path
 from .io import atomic_write_json  # io imports no torch either: the CLI stays quick
 
 # %% auto #0
-__all__ = ['RUNNER_KEYS', 'find_project_root', 'profile_names', 'load_profile', 'log_metrics', 'logged_metrics', 'artifact_dir']
+__all__ = ['RUNNER_KEYS', 'find_project_root', 'profile_names', 'load_profile', 'parse_overrides', 'log_metrics',
+           'logged_metrics', 'artifact_dir']
 
 # %% ../nbs/04a_profiles.ipynb #18b07a9e
 def find_project_root(start=None) -> Path:
@@ -61,6 +62,18 @@ def load_profile(name: str = 'ci', root=None) -> dict:
     if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
         raise ValueError(f"settings.ini [{name}] notebook_timeout = {t!r}: must be seconds > 0 or None (no limit)")
     return p
+
+# %% ../nbs/04a_profiles.ipynb #ac2cbe0e
+def parse_overrides(items) -> dict:
+    """`--set field=value ...` of the entry points (`python -m minicpm4_core.<module> --set ...`) as a dict: each value
+    a Python literal where it parses as one (`steps=300`, `seeds=(0,1)`), else the plain string (`device=cuda`)."""
+    over = {}
+    for kv in items:
+        k, sep, v = kv.partition('=')
+        if not sep: raise SystemExit(f"--set takes field=value, got {kv!r}")
+        try: over[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError): over[k] = v
+    return over
 
 # %% ../nbs/04a_profiles.ipynb #c1a50975
 _METRICS_ENV, _ARTIFACTS_ENV, _PROFILE_ENV = 'MINICPM4_METRICS', 'MINICPM4_ARTIFACTS', 'MINICPM4_PROFILE'

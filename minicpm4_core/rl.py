@@ -794,7 +794,7 @@ def plot_record(rec: dict, title: str = ''):
 # %% ../nbs/40_chunked_rl.ipynb #3c223e62
 def main(argv=None) -> int:
     "`python -m minicpm4_core.rl --profile gpu --out DIR [--set field=value ...]`: the experiment, JSON + PNG in DIR."
-    import argparse, ast, json
+    import argparse, json
     from pathlib import Path
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument('--profile', default='gpu')
@@ -802,12 +802,8 @@ def main(argv=None) -> int:
     ap.add_argument('--set', nargs='*', default=[], help='RLExperiment overrides as field=python-literal')
     ap.add_argument('--no-progress', action='store_true')
     a = ap.parse_args(argv)
-    over = {}
-    for kv in a.set:
-        k, sep, v = kv.partition('=')
-        if not sep: raise SystemExit(f"--set takes field=value, got {kv!r}")
-        try: over[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError): over[k] = v
+    from minicpm4_core.profiles import parse_overrides
+    over = parse_overrides(a.set)
     xp = RLExperiment.for_profile(a.profile, **over)
     if torch.device(xp.device).type == 'cuda':
         if not torch.cuda.is_available(): raise SystemExit(f"profile {a.profile!r} asks for device {xp.device!r}, but CUDA is not available")

@@ -898,7 +898,7 @@ def plot_verification(rec: dict):
 
 def main(argv=None) -> int:
     "`python -m minicpm4_core.ultraclean --profile gpu (--prepare FILE | --data FILE --out DIR) [--set field=value ...]`"
-    import argparse, ast
+    import argparse
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument('--profile', default='gpu')
     ap.add_argument('--out', help='folder for verification.json and verification.png')
@@ -907,11 +907,8 @@ def main(argv=None) -> int:
     ap.add_argument('--set', nargs='*', default=[], help='DeviceRunConfig overrides as field=python-literal')
     ap.add_argument('--no-progress', action='store_true')
     a = ap.parse_args(argv)
-    over = {}
-    for kv in a.set:
-        k, _, v = kv.partition('=')
-        try: over[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError): over[k] = v
+    from minicpm4_core.profiles import parse_overrides
+    over = parse_overrides(a.set)
     cfg = DeviceRunConfig.for_profile(a.profile, **over)
     if a.prepare:
         p = prepare_device_data(cfg, a.prepare)
