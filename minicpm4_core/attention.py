@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import MiniCPM4Config
 
@@ -59,6 +60,19 @@ def _allowed(T: int, N: int, key_mask, device):
     return allowed | ~allowed.any(-1, keepdim=True)        # padded query rows: keep finite (their output is unused)
 
 
+# cuDNN's SDPA builds an execution plan for every new shape: ~35 ms per call on an H200 when the key length grows by
+# one per step, against 50-100 us for flash at a fixed shape (kernels/results/infllmv2/h200-2026-12-04c-decode/).
+# Cached decoding therefore leaves cuDNN out; prefill and training (fixed shapes, plans reused) keep the default.
+_CACHED_MAX_T = 16
+_NO_CUDNN = []
+
+
+def _no_cudnn():
+    if not _NO_CUDNN:
+        _NO_CUDNN.extend([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return _NO_CUDNN
+
+
 def dense_attention(inp: AttentionInputs) -> torch.Tensor:
     "Dense causal GQA attention through `scaled_dot_product_attention`: inp.q (B, T, H, D) -> (B, T, H, D)."
     q, k, v = inp.q.transpose(1, 2), inp.k.transpose(1, 2), inp.v.transpose(1, 2)
@@ -68,6 +82,10 @@ def dense_attention(inp: AttentionInputs) -> torch.Tensor:
     elif inp.key_mask is not None or T > 1:
         allowed = _allowed(T, N, inp.key_mask, q.device)
         mask = allowed[:, None] if allowed.dim() == 3 else allowed
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                       enable_gqa=q.shape[1] != k.shape[1])
+    gqa = q.shape[1] != k.shape[1]
+    if q.is_cuda and T <= _CACHED_MAX_T < N:               # cached decoding: a new key length at every call
+        with sdpa_kernel(_no_cudnn()):
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     return o.transpose(1, 2)
