@@ -14,6 +14,11 @@ by its 64 queries. The stage-1 selection of random q/k gives unrelated per-token
 rows 'own lists' measure that case too (the tile union is then much longer).
 
     python kernels/bench_sparse_attention.py [--lengths 32768 65536 131072] [--out DIR] [--smoke]
+    # decode rows only: sparse step vs SDPA default (cuDNN) / flash / our dense_decode, graph and eager, + sweeps
+    python kernels/bench_sparse_attention.py --variants 0 --sections decode --lengths 32768 65536 131072 --out DIR
+    # window-as-band rows (per-token lists; see NOTES_sparse.md)
+    python kernels/bench_sparse_attention.py --variants 0 --check-only --band 131072 --band-tiles 2 \
+        --band-sources random --out DIR
 
 Writes DIR/bench_sparse_attention.json and .png (DIR defaults to kernels/results/infllmv2/<device>-<date>/),
 printing a table last. Timers, stamp and ceilings: `minicpm4_core.bench`.
@@ -287,7 +292,37 @@ def bench_length(N, dev, args):
         c[2], kc_, seq, TOPK, **GEO, num_blocks=nbk, config=cfg), seq, M, config=cfg) for c, kc_ in zip(caches, kcs)]
     ds_fns = [lambda c=c, kc_=kc_: sk.decode_step(c[2], c[2], c[0], c[1], kc_, seq, TOPK, **GEO, num_blocks=nbk,
                                                   config=cfg) for c, kc_ in zip(caches, kcs)]
+    # the dense baselines users get: SDPA's default (cuDNN at a fixed length), SDPA flash, and our split-K
+    # dense_decode (length read on the device: what the static decoding stack can put in a graph)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dd_fns = [lambda c=c: sk.dense_decode(c[2], c[0], c[1], seq) for c in caches]
+
+    def flash_fn(c):
+        def f():
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                return F.scaled_dot_product_attention(c[2][:, :, None], c[0].transpose(1, 2), c[1].transpose(1, 2),
+                                                      enable_gqa=True)
+        return f
+    fl_fns = [flash_fn(c) for c in caches]
+    attempt('decode_dense_flash_graph_us', lambda: 1e3 * graph_time(fl_fns), R)
+    attempt('decode_dense_ours_graph_us', lambda: 1e3 * graph_time(dd_fns), R)
+    attempt('decode_dense_ours_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in dd_fns], 200) / nrot, R)
+    attempt('dense_decode_check_rel', lambda: float((dd_fns[0]().float() - de_fns[0]()[:, :, 0].float()).norm() /
+                                                    de_fns[0]()[:, :, 0].float().norm()), R)
+    if not args.smoke and torch.cuda.is_available():
+        DV = R.setdefault('dense_decode_variants_graph_us', {})
+        for blk, waves in ((64, 2), (64, 8), (128, 4), (32, 4)):
+            cf = dict(dense=dict(BLOCK=blk, WAVES=waves))
+            attempt(f'BLOCK={blk},WAVES={waves}', lambda cf=cf: 1e3 * graph_time(
+                [lambda c=c: sk.dense_decode(c[2], c[0], c[1], seq, config=cf) for c in caches]), DV)
     attempt('decode_step_graph_us', lambda: 1e3 * graph_time(ds_fns), R)      # selection + attention, one step
+    if not args.smoke and torch.cuda.is_available():
+        SV = R.setdefault('decode_step_variants_graph_us', {})
+        for dig, nbc, pw in ((1, 256, 8), (4, 256, 8), (2, 64, 8), (2, 256, 4), (2, 512, 16)):
+            cf = dict(cfg or {}, dec=dict(TOPK_DIG=dig, NBC_POOL=nbc, POOL_WARPS=pw))
+            attempt(f'TOPK_DIG={dig},NBC_POOL={nbc},POOL_WARPS={pw}', lambda cf=cf: 1e3 * graph_time(
+                [lambda c=c, kc_=kc_: sk.decode_step(c[2], c[2], c[0], c[1], kc_, seq, TOPK, **GEO, num_blocks=nbk,
+                                                     config=cf) for c, kc_ in zip(caches, kcs)]), SV)
     attempt('decode_step_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in ds_fns], 200) / nrot, R)
     attempt('decode_wrappers_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in st_fns], 200) / nrot, R)
 
@@ -298,8 +333,22 @@ def bench_length(N, dev, args):
         t = time.perf_counter() - t0; sync()
         return 1e6 * t / (n * len(fns))
     for nm, fns in (('decode_step', ds_fns), ('decode_wrappers', st_fns), ('decode_select', se_fns),
-                    ('sparse_decode', sp_fns), ('dense', de_fns)):
+                    ('sparse_decode', sp_fns), ('dense', de_fns), ('dense_decode', dd_fns)):
         attempt(f'host_us_{nm}', lambda fns=fns: host_us(fns), R)
+
+    def host_profile(fns, n=20):   # where decode_step's host time goes (cProfile, top functions by own time)
+        import cProfile
+        import io
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(n):
+            for f in fns: f()
+        pr.disable(); sync()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats('tottime').print_stats(12)
+        return buf.getvalue()[-3000:]
+    if not args.smoke: attempt('host_profile_decode_step', lambda: host_profile(ds_fns), R)
     attempt('decode_sparse_graph_us', lambda: 1e3 * graph_time(sp_fns), R)
     attempt('decode_dense_graph_us', lambda: 1e3 * graph_time(de_fns), R)
     attempt('decode_select_graph_us', lambda: 1e3 * graph_time(se_fns), R)
@@ -603,6 +652,14 @@ def table():
             decode_dense_eager_us=g('decode_dense_eager_us'),
             decode_step_x_graph=g('decode_dense_graph_us') / g('decode_step_graph_us'),
             decode_step_x_eager=g('decode_dense_eager_us') / g('decode_step_eager_us'),
+            # the step against each dense baseline users get (SDPA flash; our split-K dense_decode), graph and eager
+            decode_flash_graph_us=g('decode_dense_flash_graph_us'), decode_densedec_graph_us=g('decode_dense_ours_graph_us'),
+            decode_flash_eager_us=g('decode_dense_flash_attention_eager_us'),
+            decode_densedec_eager_us=g('decode_dense_ours_eager_us'),
+            decode_step_x_flash_graph=g('decode_dense_flash_graph_us') / g('decode_step_graph_us'),
+            decode_step_x_densedec_graph=g('decode_dense_ours_graph_us') / g('decode_step_graph_us'),
+            decode_step_x_flash_eager=g('decode_dense_flash_attention_eager_us') / g('decode_step_eager_us'),
+            decode_step_x_densedec_eager=g('decode_dense_ours_eager_us') / g('decode_step_eager_us'),
             TFLOPs_dense_fwd=Fl['dense_fwd'] / dense_f / 1e9, TFLOPs_sparse_fwd=Fl['sparse_fwd'] / g('sparse_fwd_ms') / 1e9,
             TFLOPs_dense_bwd=Fl['dense_bwd'] / dense_b / 1e9, TFLOPs_sparse_bwd=Fl['sparse_bwd'] / g('sparse_bwd_ms') / 1e9,
             TFLOPs_flex_fwd=Fl['sparse_fwd'] / g('flex_fwd_ms') / 1e9,
@@ -762,6 +819,12 @@ def main():
               f"{r['fwd_vs_flex']:6.2f} {r['dense_bwd_ms']:8.2f} {r['sparse_bwd_ms']:8.2f} {r['bwd_x_dense']:5.2f} "
               f"{r['decode_dense_us']:8.1f} {r['decode_sparse_us']:8.1f} {r['decode_x']:5.2f} "
               f"{r['decode_select_us']:7.1f}")
+    print('decode step (selection + attention) vs dense, us per step: graph [step, cuDNN, flash, dense_decode] | '
+          'eager [step, cuDNN, flash, dense_decode]')
+    for r in rows:
+        print(f"{r['N']:>7} graph {r['decode_step_us']:7.1f} {r['decode_dense_us']:7.1f} {r['decode_flash_graph_us']:7.1f} "
+              f"{r['decode_densedec_graph_us']:7.1f} | eager {r['decode_step_eager_us']:7.1f} "
+              f"{r['decode_dense_eager_us']:7.1f} {r['decode_flash_eager_us']:7.1f} {r['decode_densedec_eager_us']:7.1f}")
     def rd(x): return None if x != x else round(x)
     print('TFLOP/s (dense f, sparse f, flex f, dense b, sparse b, stage1 exact):',
           [(r['N'], rd(r['TFLOPs_dense_fwd']), rd(r['TFLOPs_sparse_fwd']), rd(r['TFLOPs_flex_fwd']),

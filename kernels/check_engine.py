@@ -2,9 +2,10 @@
 in bf16 and fp32 on CUDA, for dense / InfLLM v2 (past dense_len) x none / w4a16 / ternary, and the CUDA-graph path;
 then (session 3) `model.generate` dispatching to the engine (fast=None vs fast=False), the bucketed graphs (which
 buckets were captured), sparse='dense' on the static stack, and the new W4A16 kernels (gemv16, dequant + cuBLAS)
-against float64 at the 8B shapes.
+against float64 at the 8B shapes; (session 4) the static stack's one-token attention through `dense_decode` (length
+on the device, one graph) vs the masked SDPA, and packed w4a16 / ternary linears inside the CUDA graphs.
 
-    PYTHONPATH=. python kernels/check_engine.py [--out results.json]
+    PYTHONPATH=. python kernels/check_engine.py [--out results.json] [--parts agreement,session3,session4]
 """
 import argparse
 import json
@@ -77,12 +78,93 @@ def session3_checks(prompts) -> list[dict]:
     return out
 
 
+def session4_checks(prompts) -> list[dict]:
+    "dense_decode in the static graphs vs masked SDPA; packed linears (w4a16, ternary) captured in the graphs."
+    from minicpm4_core.static_decode import StaticDecoder
+    out = []
+    def run(name, fn):
+        t0 = time.time()
+        try: r = fn()
+        except Exception as e: r = dict(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+        out.append(dict(check=name, seconds=round(time.time() - t0, 2), **r))
+    def split_vs_sdpa():
+        rows = []
+        for dtype in (torch.float32, torch.bfloat16):
+            m = model_of(False, dtype)
+            got = [Engine(m, 1024, decode_kernel=k).generate(prompts[:2][i:i + 1], 200, stop_ids=[])[0]
+                   for k in ('auto', 'sdpa') for i in range(2)]
+            a = agreement(got[:2], got[2:])[0]
+            ds = {k: StaticDecoder(m, 1024, decode_kernel=k) for k in ('auto', 'sdpa')}
+            ids = prompts[1][:500]
+            for d in ds.values(): d.prefill(ids[:400])
+            steps = {k: torch.stack([d.step(t).float().clone() for t in ids[400:]]) for k, d in ds.items()}
+            err = ((steps['auto'] - steps['sdpa']).abs().max() / steps['sdpa'].abs().max()).item()
+            ms = {k: StaticDecoder(m, 4096, decode_kernel=k).capture().time_step() for k in ('auto', 'sdpa')}
+            rows.append(dict(dtype=str(dtype), agreement=a, rel_err_logits=err, graphs=ds['auto'].graphs,
+                             step_ms_at_4096_slots=ms))
+        return dict(ok=rows[0]['agreement'] >= 0.99 and rows[0]['rel_err_logits'] < 1e-3 and
+                    rows[1]['rel_err_logits'] < 5e-2, rows=rows)
+    def packed_graphs():
+        rows = []
+        for quant in ('w4a16', 'ternary'):
+            for dtype in (torch.float32, torch.bfloat16):
+                m = model_of(False, dtype)
+                e = Engine(m, 1024, quant=quant)
+                got = e.generate(prompts[:1], 64, stop_ids=[])
+                with e._mode(): want = m.generate(prompts[:1], 64, stop_ids=[], fast=False)
+                rows.append(dict(quant=quant, dtype=str(dtype), agreement=agreement(got, want)[0],
+                                 backend=e.last_timing['backend'], graphs=e._static.graphs,
+                                 decode_tok_s=e.last_timing['decode_steps'] / e.last_timing['decode_s']))
+        ok = all(r['backend'] == 'static' and r['graphs'] for r in rows)
+        ok = ok and all(r['agreement'] >= 0.95 for r in rows if r['dtype'] == 'torch.float32')
+        return dict(ok=ok, rows=rows)
+    def spec_sparse_tree():
+        "FR-Spec tree verification over an InfLLM v2 target past dense_len (sparse_tree_backend): the target's tokens."
+        from minicpm4_core.frspec import EagleDraft, SpecStats, speculative_generate
+        rows = []
+        for dtype in (torch.float32, torch.bfloat16):
+            m = model_of(True, dtype)                                  # dense_len=256 < the 300-token prompt
+            draft = EagleDraft(m.config).to('cuda', dtype).eval()      # untrained: exactness, not speed-up
+            t0 = time.time(); ref = m.generate(prompts[:1], 48, stop_ids=[], fast=False)[0]; t1 = time.time()
+            st = SpecStats()
+            got = speculative_generate(m, draft, prompts[0], 48, method='tree', topk=3, tree_size=10, stop_ids=[],
+                                       stats=st)
+            rows.append(dict(dtype=str(dtype), agreement=agreement([got], [ref])[0], target_s=round(t1 - t0, 2),
+                             spec_s=round(time.time() - t1, 2), mean_accept=st.mean_accept_length))
+        return dict(ok=rows[0]['agreement'] == 1.0, rows=rows)
+    def batch_graphs():
+        "Batch 3 (300 / 517 / 40 tokens) through BatchStaticDecoder (one graph, per-row lengths) vs the model's loop."
+        rows = []
+        for quant in (None, 'w4a16'):
+            for dtype in (torch.float32, torch.bfloat16):
+                m = model_of(False, dtype)
+                e = Engine(m, 1024, max_batch=3, quant=quant)
+                got = e.generate(prompts, 64, stop_ids=[])
+                with e._mode(): want = m.generate(prompts, 64, stop_ids=[], fast=False)
+                t = e.last_timing
+                rows.append(dict(quant=quant, dtype=str(dtype), agreement=agreement(got, want)[0], backend=t['backend'],
+                                 graphs=e._batch.graphs, decode_tok_s=3 * t['decode_steps'] / t['decode_s']))
+        ok = all(r['backend'] == 'static' and r['graphs'] for r in rows)
+        ok = ok and all(r['agreement'] >= 0.95 for r in rows if r['dtype'] == 'torch.float32')
+        return dict(ok=ok, rows=rows)
+    for name, fn in (('dense_decode_vs_sdpa', split_vs_sdpa), ('packed_linears_in_graphs', packed_graphs),
+                     ('batch_static_graphs', batch_graphs),
+                     ('frspec_tree_sparse_target', spec_sparse_tree)):
+        run(name, fn)
+    return out
+
+
 def main():
-    ap = argparse.ArgumentParser(); ap.add_argument('--out', default=None); a = ap.parse_args()
-    res = dict(env_stamp(torch.device('cuda')), rows=[])
+    ap = argparse.ArgumentParser(); ap.add_argument('--out', default=None)
+    ap.add_argument('--parts', default='agreement,session3,session4', help='comma list of the parts to run')
+    a = ap.parse_args()
+    parts = set(a.parts.split(','))
+    if not parts <= {'agreement', 'session3', 'session4'}:
+        ap.error(f"--parts: choose from agreement, session3, session4; got {a.parts!r}")
+    res = dict(env_stamp(torch.device('cuda')), rows=[], parts=sorted(parts))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1024, (n,), generator=g).tolist() for n in (300, 517, 40)]
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16) if 'agreement' in parts else ():
         for sparse in (False, True):
             for quant in (None, 'w4a16', 'ternary'):
                 t0 = time.time()
@@ -99,8 +181,10 @@ def main():
                 except Exception as e:
                     row = dict(dtype=str(dtype), sparse=sparse, quant=quant, error=f"{type(e).__name__}: {e}"[:300])
                 res['rows'].append(row); print(row, flush=True)
-    res['session3'] = extra = session3_checks(prompts)
-    for r in extra: print(r, flush=True)
+    res['session3'] = extra = session3_checks(prompts) if 'session3' in parts else []
+    res['session4'] = extra4 = session4_checks(prompts) if 'session4' in parts else []
+    for r in extra + extra4: print(r, flush=True)
+    extra = extra + extra4
     ok = all('error' not in r and (r['dtype'] != 'torch.float32' or r['token_agreement'] == 1.0) for r in res['rows'])
     ok = ok and all(r.get('ok') for r in extra)
     res['ok'] = ok

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """GPU correctness sweep for the InfLLM v2 Triton kernels (minicpm4_core.kernels) against the reference
-(minicpm4_core.infllmv2): forward + dq/dk/dv of sparse_attention, fused stage-1 scores + top-k, decoding.
+(minicpm4_core.infllmv2): forward + dq/dk/dv of sparse_attention, fused stage-1 scores + top-k, decoding
+(decode_step: direct launch, radix widths, CUDA graph), dense_decode (eager, and one graph replayed at other lengths).
 
 bf16/fp16 must agree within relative error 1e-2 (fp32: 1e-4; our fp32 dots are exact 'ieee'); block selections
 must be identical to `select_blocks` (scores are compared by relative error, +-inf patterns exactly), for both
@@ -8,7 +9,7 @@ released selections ('minicpm4': top-k beside a window, the attention lists top-
 inside the top-k). Outputs are poisoned (NaN-filled memory handed back to the allocator) before each run and
 checked finite.
 
-    PYTHONPATH=. python kernels/check_sparse_kernels.py [--out results.json] [--smoke]
+    PYTHONPATH=. python kernels/check_sparse_kernels.py [--out results.json] [--smoke] [--only decode dense_decode]
     TRITON_INTERPRET=1 python kernels/check_sparse_kernels.py --smoke     # tiny shapes, CPU (alias: --tiny)
 """
 import argparse
@@ -176,14 +177,71 @@ def check_decode(case, dev, gen):
         oref = iv.sparse_attention_ref(qq.float(), kc[b:b + 1, :L].float(), vc[b:b + 1, :L].float(), ridx[None], m)[0]
         e3 = max(e3, rel(o3[b * T:(b + 1) * T], oref))
     res['qper3_same_sel'], res['qper3_attn_rel'] = same3, e3
-    res['ok'] = ok and res['decode_step_same'] and same3 and e3 <= 1e-2
+    # decode_step's second call of a shape takes the direct launch (cached compiled kernels): bit-identical; other
+    # radix widths of the fused top-k: the same lists; under a CUDA graph: the same as eager
+    o4, idx4 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m))
+    same4 = bool(torch.equal(idx4, idx)) and bool(torch.equal(o4, o))
+    for dig in (1, 4):
+        _, idx5 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m),
+                                 config=dict(dec=dict(TOPK_DIG=dig, NBC_POOL=64)))
+        same4 = same4 and bool(torch.equal(idx5, idx))
+    if dev.type == 'cuda':
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            og, idxg = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m))
+        og.fill_(float('nan')); gr.replay(); torch.cuda.synchronize()
+        same4 = same4 and bool(torch.equal(idxg, idx)) and bool(torch.equal(og, o))
+    res['decode_step_direct_radix_graph_same'] = same4
+    res['ok'] = ok and res['decode_step_same'] and same3 and e3 <= 1e-2 and same4
     return res
+
+
+def check_dense_decode(case, dev, gen):
+    """dense_decode vs float32 softmax attention per row; on CUDA also one graph captured at Nmax and replayed with
+    other lengths written into cache_seqlens (the static decoding stack's use)."""
+    lens, H, Hkv, D, dtype, static = case
+    dt = getattr(torch, dtype)
+    B, Nmax = len(lens), max(lens) + 77
+    if static:   # views of a (Nmax, 2 Hkv, D) buffer per row, as the static stack keeps K and V
+        buf = torch.randn(B, Nmax, 2 * Hkv, D, generator=gen).to(dev, dt)
+        k, v = buf[:, :, :Hkv], buf[:, :, Hkv:]
+    else:
+        k = torch.randn(B, Nmax, Hkv, D, generator=gen).to(dev, dt)
+        v = torch.randn(B, Nmax, Hkv, D, generator=gen).to(dev, dt)
+    q = torch.randn(B, H, D, generator=gen).to(dev, dt)
+    G = H // Hkv
+
+    def ref(ls):
+        out = []
+        for b, L in enumerate(ls):
+            kk, vv = (x[b, :L].float().repeat_interleave(G, 1) for x in (k, v))
+            p = torch.einsum('hd,nhd->hn', q[b].float(), kk).mul(D ** -0.5).softmax(-1)
+            out.append(torch.einsum('hn,nhd->hd', p, vv))
+        return torch.stack(out)
+    seq = torch.tensor(lens, dtype=torch.int32, device=dev)
+    poison(dev)
+    o = sk.dense_decode(q, k, v, seq)
+    errs = [rel(o, ref(lens))]
+    ok = bool(torch.isfinite(o).all())
+    if dev.type == 'cuda':
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            og = sk.dense_decode(q, k, v, seq)
+        for ls in ([1] * B, [Nmax] * B, [int(x) for x in torch.randint(1, Nmax + 1, (B,), generator=gen)]):
+            seq.copy_(torch.tensor(ls, dtype=torch.int32))
+            og.fill_(float('nan')); gr.replay(); torch.cuda.synchronize()
+            ok = ok and bool(torch.isfinite(og).all())
+            errs.append(rel(og, ref(ls)))
+    tol = 1e-4 if dt == torch.float32 else 1e-2
+    return dict(case=case, errs=errs, ok=ok and max(errs) <= tol)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--out', default=None)
     ap.add_argument('--smoke', '--tiny', action='store_true', help='tiny shapes (CPU interpreter)')
+    ap.add_argument('--only', nargs='+', default=None, choices=['attention', 'stage1', 'decode', 'dense_decode'],
+                    help='run only these sections (default: all)')
     a = ap.parse_args()
     dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     gen = torch.Generator().manual_seed(0)
@@ -197,6 +255,7 @@ def main():
               (1, 40, 90, 8, 2, 16, dict(g16, selection='minicpm4.1'), 3, True, 'float32')]
         dec = [((50, 31), 8, 2, 16, g16, 3, 'float32'),
                ((50, 31), 8, 2, 16, dict(g16, selection='minicpm4.1'), 3, 'float32')]
+        dd = [((1, 150), 8, 2, 32, 'float32', True), ((97, 33), 8, 2, 32, 'bfloat16', False)]
     else:
         att = [  # B, T, N, H, Hkv, D, m, K, dtype, lists, config
             (2, 300, 300, 32, 2, 128, 64, 4, 'bfloat16', 'token', None),
@@ -229,9 +288,16 @@ def main():
         dec = [((5000, 777, 12000), 32, 2, 128, G64, 64, 'bfloat16'),
                ((5000, 777, 12000), 32, 2, 128, G41, 64, 'bfloat16'),
                ((3000,), 16, 2, 64, dict(G64, local_blocks=4), 16, 'bfloat16')]
+        dd = [  # lengths, H, Hkv, D, dtype, (Nmax, 2 Hkv, D) views
+            ((1, 4097, 70000), 32, 2, 128, 'bfloat16', True), ((131072,), 32, 2, 128, 'bfloat16', True),
+            ((5000, 63), 32, 2, 128, 'bfloat16', False), ((3000, 777), 12, 4, 64, 'float16', False),
+            ((2049, 1), 16, 1, 128, 'float32', True)]
+    if a.only:
+        att, s1, dec, dd = (x if nm in a.only else [] for nm, x in
+                            (('attention', att), ('stage1', s1), ('decode', dec), ('dense_decode', dd)))
     results = dict(device=torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu',
                    torch=torch.__version__, triton=__import__('triton').__version__, attention=[], stage1=[],
-                   decode=[])
+                   decode=[], dense_decode=[])
     for c in att:
         tol = 1e-4 if c[8] == 'float32' else 1e-2
         r = check_attention(c, dev, gen, tol)
@@ -249,8 +315,14 @@ def main():
         results['decode'].append(r)
         print('decode', c[0], 'scores', ['%.1e' % e for e in r['score_rel']], 'same_sel', r['same_sel'],
               'attn', ['%.1e' % e for e in r['attn_rel']], 'decode_step', r['decode_step_same'], 'T=3 rows',
-              r['qper3_same_sel'], '%.1e' % r['qper3_attn_rel'], 'OK' if r['ok'] else 'FAIL', flush=True)
-    results['all_ok'] = all(r['ok'] for k in ('attention', 'stage1', 'decode') for r in results[k])
+              r['qper3_same_sel'], '%.1e' % r['qper3_attn_rel'], 'direct/radix/graph',
+              r['decode_step_direct_radix_graph_same'], 'OK' if r['ok'] else 'FAIL', flush=True)
+    for c in dd:
+        r = check_dense_decode(c, dev, gen)
+        results['dense_decode'].append(r)
+        print('dense_decode', c, 'rel (eager, graph replays at other lengths)', ['%.1e' % e for e in r['errs']],
+              'OK' if r['ok'] else 'FAIL', flush=True)
+    results['all_ok'] = all(r['ok'] for k in ('attention', 'stage1', 'decode', 'dense_decode') for r in results[k])
     results['seconds'] = time.time() - t0
     print('ALL OK' if results['all_ok'] else 'SOME CHECKS FAILED', f"({results['seconds']:.0f} s)")
     if a.out:

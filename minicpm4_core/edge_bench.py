@@ -32,8 +32,8 @@ __all__ = ['CONFIGS', 'HF_COMPILE_MAX_CONTEXT', 'PARTS', 'EDGE_GBps', 'EdgeParam
            'summary_lines', 'plot', 'run', 'main']
 
 # %% ../nbs/90_edge_bench.ipynb #86d5b03a
-CONFIGS = ('dense-eager', 'generate', 'engine-dense', 'engine-bucket', 'engine-sparse', 'engine-spec', 'hf-static',
-           'hf-compile', 'engine-int4', 'engine-sparse-int4')   # the order they run in: bf16 first, then packed
+CONFIGS = ('dense-eager', 'generate', 'engine-dense', 'engine-bucket', 'engine-sdpa', 'engine-sparse', 'engine-spec',
+           'hf-static', 'hf-compile', 'engine-int4', 'engine-sparse-int4')   # the order they run in: bf16 first, then packed
 HF_COMPILE_MAX_CONTEXT = 4096   # hf-compile recompiles per context and batch: batch 1, contexts up to this only
 PARTS = ('decode', 'kernels')
 EDGE_GBps = {'Jetson AGX Orin': 204.8, 'RTX 4090': 1008.0}   # memory bandwidths of the paper's edge devices
@@ -223,8 +223,9 @@ def _runner(cfg: str, m, p: EdgeParams, L: int, B: int, dev, dtype):
             if slot is None or slot.engine is None: raise RuntimeError("model.generate did not use the engine here")
             return slot.engine
         return 'generate', gen, dense_config(m), False
-    if cfg in ('engine-dense', 'engine-bucket'):
-        e = mk(sparse='dense', length_mode='bucket' if cfg == 'engine-bucket' else 'static', min_bucket=p.min_bucket)
+    if cfg in ('engine-dense', 'engine-bucket', 'engine-sdpa'):    # sdpa: the masked one-token attention (before)
+        e = mk(sparse='dense', length_mode='bucket' if cfg == 'engine-bucket' else 'static', min_bucket=p.min_bucket,
+               decode_kernel='sdpa' if cfg == 'engine-sdpa' else 'auto')
         return 'engine', eng_gen(e), contextlib.nullcontext(), False
     if cfg == 'engine-sparse': return 'engine', eng_gen(mk()), contextlib.nullcontext(), True
     if cfg == 'engine-int4': return 'engine', eng_gen(mk(quant='w4a16', sparse='dense')), contextlib.nullcontext(), False

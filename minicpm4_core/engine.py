@@ -22,7 +22,7 @@ from .attention import dense_attention
 from .model import (KVCache, LayerCache, MiniCPM4ForCausalLM, _as_prompt_lists, register_fast_generate,
                                  rope_cos_sin, sample_next)
 from .checks import check_finite
-from .static_decode import StaticDecoder, bucket_sizes, check_static_support
+from .static_decode import BatchStaticDecoder, StaticDecoder, bucket_sizes, check_static_support
 
 # %% auto #0
 __all__ = ['dequantized_weight', 'quant_linear', 'convert_quant', 'Engine', 'eager_prefill', 'static_prefill', 'load_draft',
@@ -91,17 +91,20 @@ def convert_quant(model: MiniCPM4ForCausalLM, quant: str | None, group_size: int
 # %% ../nbs/80_engine.ipynb #74ef9f52
 class Engine:
     """Generation engine over a `MiniCPM4ForCausalLM`: one static KV allocation of `max_batch x max_len`, chunked
-    prefill (only the last position reaches the LM head), decode through `StaticDecoder` (CUDA graphs on CUDA) at
-    batch 1 when the model allows it, else the model's layers over the static cache; packed linears dispatched by shape.
+    prefill (only the last position reaches the LM head), decode through `StaticDecoder` (batch 1) or
+    `BatchStaticDecoder` (batch > 1, rows of any lengths; CUDA graphs on CUDA) when the model allows it, else the model's layers over the static cache; packed linears dispatched by shape.
 
     dtype: cast the model (in place) first. quant: None | 'w4a16' | 'ternary' (packs the model in place when needed).
     sparse: 'auto' (the model's attention), 'dense' (force dense attention), or True (require an InfLLM v2 model).
     spec: None or (draft, vocab_ids) for FR-Spec (greedy, batch 1, dense context). chunk: prefill chunk length.
     backend: 'auto' | 'static' | 'eager' (tests force one). length_mode / min_bucket: the static stack's attended length
-    ('static': all max_len slots, one CUDA graph; 'bucket': buckets min_bucket * 2^i, one graph each; `bucket_sizes`)."""
+    ('static': all max_len slots, one CUDA graph; 'bucket': buckets min_bucket * 2^i, one graph each; `bucket_sizes`).
+    decode_kernel: the static stack's one-token attention ('auto': split-K `dense_decode` reading the length on the
+    device on CUDA, so 'static' costs the live length; 'sdpa': the masked SDPA over every slot; `StaticStack`)."""
     def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, max_batch: int = 1, dtype=None, quant=None,
                  sparse='auto', spec=None, chunk: int = 1024, backend: str = 'auto', graphs: bool | None = None,
-                 spec_kw: dict | None = None, length_mode: str = 'static', min_bucket: int = 256):
+                 spec_kw: dict | None = None, length_mode: str = 'static', min_bucket: int = 256,
+                 decode_kernel: str = 'auto'):
         if not isinstance(model, MiniCPM4ForCausalLM):
             raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
         for name, v, lo in (('max_len', max_len, 2), ('max_batch', max_batch, 1), ('chunk', chunk, 1)):
@@ -115,15 +118,18 @@ class Engine:
         if backend not in ('auto', 'static', 'eager'):
             raise ValueError(f"backend must be 'auto', 'static' or 'eager', got {backend!r}")
         bucket_sizes(max_len, length_mode, min_bucket)          # validates length_mode / min_bucket
+        if decode_kernel not in ('auto', 'dense_decode', 'sdpa'):
+            raise ValueError(f"decode_kernel must be 'auto', 'dense_decode' or 'sdpa', got {decode_kernel!r}")
         if dtype is not None and dtype != model.dtype: model.to(dtype)
         self.n_quant = convert_quant(model, quant)
         self.quant = quant or next((k for k in map(_quant_kind, model.modules()) if k), None)
         self.model, self.config, self.max_len, self.max_batch = model.eval(), model.config, max_len, max_batch
         self.sparse, self.chunk, self.backend, self.graphs = sparse, chunk, backend, graphs
-        self.length_mode, self.min_bucket = length_mode, min_bucket
+        self.length_mode, self.min_bucket, self.decode_kernel = length_mode, min_bucket, decode_kernel
         self.spec = self._check_spec(spec, spec_kw or {})
         self._cache = None      # the one static KV allocation of the eager path, made on its first use
         self._static = None     # StaticDecoder (its own static KV buffer), built on first batch-1 use
+        self._batch = None      # BatchStaticDecoder of the last batch size > 1 (one graph), built on first use
         if backend == 'static':
             why = self.static_refusal(1)
             if why: raise ValueError(f"backend='static' is not possible: {why}")
@@ -149,9 +155,8 @@ Engine._check_spec = _engine_check_spec
 
 
 def _static_refusal(self: Engine, batch: int) -> str | None:
-    "Why the batch-1 static stack cannot run this engine (None when it can)."
-    if batch != 1: return f"the static stack decodes batch 1 (got {batch} prompts)"
-    if self.quant is not None: return f"the static stack reads dense weights (quant={self.quant!r})"
+    "Why the static stack cannot run this engine for `batch` prompts (None when it can)."
+    if not 1 <= batch <= self.max_batch: return f"batch {batch} outside [1, max_batch={self.max_batch}]"
     # sparse='dense' asks for dense attention: the static stack's own computation, whatever the config says
     cfg = replace(self.config, sparse_config=None) if self.sparse == 'dense' else self.config
     try: check_static_support(cfg, self.max_len)
@@ -282,12 +287,20 @@ def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, tempera
     out, done, mask = [], torch.zeros(B, dtype=torch.bool, device=dev), None
     t0 = _clock(dev)
     with self._mode():
-        if kind == 'static':
+        if kind == 'static' and B == 1:
             if self._static is None:
                 self._static = StaticDecoder(self.model, self.max_len, graphs=self.graphs, dense=self.sparse == 'dense',
-                                             length_mode=self.length_mode, min_bucket=self.min_bucket)
+                                             length_mode=self.length_mode, min_bucket=self.min_bucket,
+                                             decode_kernel=self.decode_kernel)
             logits = self.static_prefill(torch.tensor(rows[0], device=dev))
             nxt_fn = lambda tok, mask: self._static.step(tok)[None]
+        elif kind == 'static':          # batch > 1: each row prefilled on its own (no padding in the cache)
+            if self._batch is None or self._batch.B != B:
+                self._batch = None      # free the previous size's buffer first
+                self._batch = BatchStaticDecoder(self.model, self.max_len, B, graphs=self.graphs,
+                                                 dense=self.sparse == 'dense', decode_kernel=self.decode_kernel)
+            logits = torch.stack([self._batch.prefill(b, r, self.chunk) for b, r in enumerate(rows)])
+            nxt_fn = lambda tok, mask: self._batch.step(tok)
         else:
             ids = torch.full((B, T0), pad, dtype=torch.long, device=dev)
             mask = torch.zeros(B, T0, dtype=torch.long, device=dev)
@@ -369,10 +382,11 @@ def _memory(self: Engine) -> dict:
     c = self.config    # the eager path's buffer as sized (allocated on its first use)
     kv = 2 * c.num_hidden_layers * self.max_batch * self.max_len * c.num_key_value_heads * c.head_dim * m.dtype.itemsize
     st = 0
-    if self._static is not None:
-        s = self._static.stack
-        st = s.kv.numel() * s.kv.element_size() + sum(p['wqkv'].numel() * p['wqkv'].element_size() +
-                                                     p['wgu'].numel() * p['wgu'].element_size() for p in s.p)
+    for d in (self._static, self._batch):
+        if d is None: continue
+        s = d.stack
+        fused = [p[k] for p in s.p for k in ('wqkv', 'wgu') if isinstance(p[k], torch.Tensor)]   # packed: no copy
+        st += s.kv.numel() * s.kv.element_size() + sum(t.numel() * t.element_size() for t in fused)
     return dict(weights=w, kv_cache=kv, static_stack=st, total=w + kv + st)
 
 Engine.memory = _memory

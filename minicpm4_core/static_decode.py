@@ -22,40 +22,78 @@ from .config import MiniCPM4Config, SparseSettings
 from .model import MiniCPM4ForCausalLM, MiniCPM4DecoderLayer, rope_cos_sin
 
 # %% auto #0
-__all__ = ['prep_layer', 'layer_step', 'check_static_support', 'StaticStack', 'capture_graph', 'bucket_sizes', 'StaticDecoder']
+__all__ = ['prep_layer', 'attend', 'layer_step', 'check_static_support', 'StaticStack', 'capture_graph', 'bucket_sizes',
+           'StaticDecoder', 'batch_attend', 'BatchStaticDecoder']
 
 # %% ../nbs/61_static_decode.ipynb #5b9ba41a
+def _packed(m) -> bool:
+    "A packed inference linear (w4a16 QuantLinear / ternary TernaryLinear): it has no dense `weight` to fuse."
+    return not isinstance(m, torch.nn.Linear) and hasattr(m, 'qweight')
+
+
 def prep_layer(layer: MiniCPM4DecoderLayer) -> dict:
-    "The weights of one decoder layer for `layer_step`: norms, fused wqkv (q|k|v rows), wo, fused wgu, wdown, scale."
+    """The weights of one decoder layer for `layer_step`: norms, fused wqkv (q|k|v rows), wo, fused wgu, wdown, scale.
+    Packed linears (w4a16 / ternary) stay modules, called in place: wqkv -> (q, k, v) modules, wgu -> (gate, up)."""
     a, m = layer.self_attn, layer.mlp
+    def fuse(*ms):
+        if any(map(_packed, ms)): return tuple(ms)               # called one by one (each its own GEMV)
+        return torch.cat([x.weight for x in ms]).detach().contiguous()
+    one = lambda x: x if _packed(x) else x.weight.detach()
     return dict(ln1=layer.input_layernorm.weight.detach(), eps1=layer.input_layernorm.eps,
                 ln2=layer.post_attention_layernorm.weight.detach(), eps2=layer.post_attention_layernorm.eps,
-                wqkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach().contiguous(),
-                wo=a.o_proj.weight.detach(),
-                wgu=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach().contiguous(),
-                wdown=m.down_proj.weight.detach(), r=layer.residual_scale)
+                wqkv=fuse(a.q_proj, a.k_proj, a.v_proj), wo=one(a.o_proj),
+                wgu=fuse(m.gate_proj, m.up_proj), wdown=one(m.down_proj), r=layer.residual_scale)
+
+
+def _lin(w, x):
+    "x (T, K) through a dense weight (N, K), one packed module, or a tuple of packed modules (outputs concatenated)."
+    if isinstance(w, torch.Tensor): return F.linear(x, w)
+    if isinstance(w, tuple): return torch.cat([m(x) for m in w], -1)
+    return w(x)
+
+
+def _add_lin(x, h, w, r: float):
+    "x + r * (h @ w^T): one addmm for a dense weight."
+    return torch.addmm(x, h, w.t(), alpha=r) if isinstance(w, torch.Tensor) else x + r * _lin(w, h)
 
 # %% ../nbs/61_static_decode.ipynb #b3a9947c
-def layer_step(p: dict, x, cos, sin, kv, slots, mask, Hq: int, Hkv: int, Dh: int, span: int | None = None):
+def attend(q, kv, mask, span: int | None = None, seqlens=None):
+    """Grouped-query attention of q (T, Hq, Dh) (after RoPE) over one layer's buffer kv (L, 2*Hkv, Dh) (keys then
+    values; this step's already written) -> o (T, Hq*Dh).
+    seqlens: int32 (1,) on the device, the keys the single query sees (T == 1): split-K `kernels.dense_decode`, no
+    mask, cost proportional to the live length read on the device (one CUDA graph serves every length).
+    Else masked SDPA: mask (1, 1, G*T, S) additive over slots [0, S), S = span or L (prefill chunks, tree verification,
+    the CPU). The G query heads of a kv head are stacked into one (Hkv, G*T, Dh) batch so one SDPA call serves them."""
+    T, Hq, Dh = q.shape
+    Hkv = kv.shape[1] // 2
+    kva = kv if span is None else kv[:span]                      # a view: the step reads only these slots
+    if seqlens is not None:
+        from minicpm4_core.kernels import dense_decode
+        return dense_decode(q, kva[None, :, :Hkv], kva[None, :, Hkv:], seqlens).reshape(T, Hq * Dh)
+    G = Hq // Hkv
+    qs = q.reshape(T, Hkv, G, Dh).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, Dh)
+    o = F.scaled_dot_product_attention(qs, kva[:, :Hkv].transpose(0, 1)[None], kva[:, Hkv:].transpose(0, 1)[None],
+                                       attn_mask=mask)
+    return o[0].reshape(Hkv, G, T, Dh).permute(2, 0, 1, 3).reshape(T, Hq * Dh)
+
+
+def layer_step(p: dict, x, cos, sin, kv, slots, mask, Hq: int, Hkv: int, Dh: int, span: int | None = None,
+               seqlens=None, attn: Callable = attend):
     """One decoder layer on x (T, H). kv (L, 2*Hkv, Dh): this layer's static buffer, keys then values, written at
     `slots` (T,); cos/sin (T, 1, Dh) (sin carries rotate_half's sign); mask (1, 1, G*T, S) additive, where S = span
-    (attend only the first `span` slots: bucketed decoding) or L (the whole buffer). -> (T, H)."""
+    (attend only the first `span` slots: bucketed decoding) or L (the whole buffer); seqlens: see `attend` (then mask
+    may be None). attn: the attention, `attend`'s signature (a sparse step plugs in here). -> (T, H)."""
     T, H = x.shape
-    G = Hq // Hkv
     h = F.rms_norm(x, (H,), p['ln1'], p['eps1'])
-    qkv = F.linear(h, p['wqkv'])
+    qkv = _lin(p['wqkv'], h)
     qk = qkv[:, :(Hq + Hkv) * Dh].view(T, Hq + Hkv, Dh)
     v = qkv[:, (Hq + Hkv) * Dh:].view(T, Hkv, Dh)
     qk = torch.addcmul(qk * cos, qk.roll(Dh // 2, -1), sin)       # RoPE on q and k at once
     kv.index_copy_(0, slots, torch.cat([qk[:, Hq:], v], 1))
-    q = qk[:, :Hq].reshape(T, Hkv, G, Dh).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, Dh)
-    kva = kv if span is None else kv[:span]                      # a view: the step reads only these slots
-    o = F.scaled_dot_product_attention(q, kva[:, :Hkv].transpose(0, 1)[None], kva[:, Hkv:].transpose(0, 1)[None],
-                                       attn_mask=mask)
-    o = o[0].reshape(Hkv, G, T, Dh).permute(2, 0, 1, 3).reshape(T, Hq * Dh)
-    x = torch.addmm(x, o, p['wo'].t(), alpha=p['r'])
-    g, u = F.linear(F.rms_norm(x, (H,), p['ln2'], p['eps2']), p['wgu']).chunk(2, -1)
-    return torch.addmm(x, F.silu(g) * u, p['wdown'].t(), alpha=p['r'])
+    o = attn(qk[:, :Hq], kv, mask, span, seqlens)
+    x = _add_lin(x, o, p['wo'], p['r'])
+    g, u = _lin(p['wgu'], F.rms_norm(x, (H,), p['ln2'], p['eps2'])).chunk(2, -1)
+    return _add_lin(x, F.silu(g) * u, p['wdown'], p['r'])
 
 # %% ../nbs/61_static_decode.ipynb #3e6e92e3
 def check_static_support(config: MiniCPM4Config, max_len: int) -> None:
@@ -78,24 +116,41 @@ def check_static_support(config: MiniCPM4Config, max_len: int) -> None:
 
 # %% ../nbs/61_static_decode.ipynb #4fc61f68
 class StaticStack:
-    """Decoder layers with a static KV buffer `kv` (layers, max_len, 2*Hkv, Dh) and RoPE tables (max_len, Dh)."""
-    def __init__(self, layers, config: MiniCPM4Config, max_len: int, device, dtype):
+    """Decoder layers with a static KV buffer `kv` (layers, max_len, 2*Hkv, Dh) and RoPE tables (max_len, Dh).
+    decode_kernel: how a one-token step attends - 'auto' (`dense_decode` on CUDA, SDPA on the CPU), 'dense_decode'
+    or 'sdpa' (masked, every slot of the span: cuDNN's prefill kernel on CUDA, no split over keys).
+    batch: a KV buffer (layers, batch, max_len, 2*Hkv, Dh) for `BatchStaticDecoder` (`run` is then not used)."""
+    def __init__(self, layers, config: MiniCPM4Config, max_len: int, device, dtype, decode_kernel: str = 'auto',
+                 batch: int | None = None):
         check_static_support(config, max_len)
+        if decode_kernel not in ('auto', 'dense_decode', 'sdpa'):
+            raise ValueError(f"decode_kernel must be 'auto', 'dense_decode' or 'sdpa', got {decode_kernel!r}")
         self.p = [prep_layer(l) for l in layers]
         self.Hq, self.Hkv, self.Dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.kv = torch.zeros(len(layers), max_len, 2 * self.Hkv, self.Dh, device=device, dtype=dtype)
+        rows = () if batch is None else (batch,)
+        self.kv = torch.zeros(len(layers), *rows, max_len, 2 * self.Hkv, self.Dh, device=device, dtype=dtype)
         cos, sin = rope_cos_sin(config, torch.arange(max_len, device=device), seq_len=max_len)
         h = self.Dh // 2
         self.cos, self.sin = cos.to(dtype), torch.cat([-sin[:, :h], sin[:, h:]], -1).to(dtype)
         self.dtype, self.max_len = dtype, max_len
+        dev = torch.device(device)
+        self.split_decode = decode_kernel == 'dense_decode' or (decode_kernel == 'auto' and dev.type == 'cuda')
+        self.attn: Callable = attend                  # `attend`'s signature; a sparse step may replace it
 
-    def run(self, x, pos, slots, allowed, span: int | None = None):
-        "x (T, H), pos/slots (T,) long, allowed (T, span or max_len) bool -> x (T, H); span: attend slots [0, span)."
+    def run(self, x, pos, slots, allowed, span: int | None = None, seqlens=None):
+        """x (T, H), pos/slots (T,) long, allowed (T, span or max_len) bool -> x (T, H); span: attend slots [0, span).
+        seqlens: int32 (1,) device tensor = pos + 1 for a one-token step: with `split_decode` no mask is built
+        (`allowed` unused, may be None) and attention reads the length on the device."""
         cos, sin = self.cos.index_select(0, pos)[:, None], self.sin.index_select(0, pos)[:, None]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=x.device).masked_fill_(~allowed, float('-inf'))
-        mask = mask.repeat(self.Hq // self.Hkv, 1)[None, None]
+        if seqlens is not None and self.split_decode and x.shape[0] == 1:
+            mask = None
+        else:
+            seqlens = None
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=x.device).masked_fill_(~allowed, float('-inf'))
+            mask = mask.repeat(self.Hq // self.Hkv, 1)[None, None]
         for l, p in enumerate(self.p):
-            x = layer_step(p, x, cos, sin, self.kv[l], slots, mask, self.Hq, self.Hkv, self.Dh, span)
+            x = layer_step(p, x, cos, sin, self.kv[l], slots, mask, self.Hq, self.Hkv, self.Dh, span, seqlens,
+                           self.attn)
         return x
 
 # %% ../nbs/61_static_decode.ipynb #a56933d9
@@ -135,11 +190,15 @@ class StaticDecoder:
     max_len: KV slots (prompt + new tokens). graphs: capture `step` in a CUDA graph on first use (default: on CUDA).
     length_mode: 'static' (every step attends all max_len slots under a mask: one graph) or 'bucket' (a step attends
     the smallest bucket of slots >= its length, buckets min_bucket * 2^i capped at max_len: one graph per bucket,
-    captured when the length first crosses into it). See `bucket_sizes`. dense: compute dense attention even for an
+    captured when the length first crosses into it). See `bucket_sizes`. decode_kernel: `StaticStack`'s (on CUDA a
+    step runs the split-K `dense_decode` over the length held on the device, so 'static' costs what the live length
+    costs: the default). dense: compute dense attention even for an
     InfLLM v2 model at any length (what `Engine(sparse='dense')` asks for); otherwise the model's config must allow it.
-    The model's weights are shared, not copied (q/k/v and gate/up are fused copies); eval mode, no gradients."""
+    The model's weights are shared, not copied (q/k/v and gate/up are fused copies; packed w4a16 / ternary linears
+    are called as modules); eval mode, no gradients."""
     def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, graphs: bool | None = None,
-                 length_mode: str = 'static', min_bucket: int = 256, dense: bool = False):
+                 length_mode: str = 'static', min_bucket: int = 256, dense: bool = False,
+                 decode_kernel: str = 'auto'):
         if not isinstance(model, MiniCPM4ForCausalLM):
             raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
         self.buckets = bucket_sizes(max_len, length_mode, min_bucket)       # validates the three arguments
@@ -147,7 +206,7 @@ class StaticDecoder:
         c = model.config
         self.model, self.config, self.max_len = model, c, max_len
         sc = replace(c, sparse_config=None) if dense else c                   # the stack's attention is dense
-        self.stack = StaticStack(model.model.layers, sc, max_len, model.device, model.dtype)
+        self.stack = StaticStack(model.model.layers, sc, max_len, model.device, model.dtype, decode_kernel)
         self.embed_w, self.scale_emb = model.model.embed_tokens.weight.detach(), c.scale_emb
         self.norm_w, self.eps = (model.model.norm.weight / c.logit_scale).detach(), model.model.norm.eps
         self.head_w = model.lm_head.weight.detach()
@@ -157,6 +216,7 @@ class StaticDecoder:
         self.ar = torch.arange(max_len, device=self.dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.dev)        # current length (device side)
         self.tok = torch.zeros(1, dtype=torch.long, device=self.dev)        # the token the next step reads
+        self.lens = torch.zeros(1, dtype=torch.int32, device=self.dev)      # keys a step sees (dense_decode)
         self.out = torch.zeros(1, self.V, dtype=model.dtype, device=self.dev)
         self.n = 0                                                           # host mirror of the length
         self._graphs: dict = {}                  # bucket -> CUDA graph of a step attending that many slots
@@ -168,10 +228,10 @@ class StaticDecoder:
         return self.buckets[bisect.bisect_left(self.buckets, slots)]
 
     @torch.no_grad()
-    def forward(self, ids, pos, slots, allowed, span: int | None = None):
+    def forward(self, ids, pos, slots, allowed, span: int | None = None, seqlens=None):
         """ids/pos/slots (T,) long, allowed (T, span or max_len) bool -> logits (T, V), hidden (T, H) before the final
-        norm. span: attend only slots [0, span)."""
-        x = self.stack.run(F.embedding(ids, self.embed_w) * self.scale_emb, pos, slots, allowed, span)
+        norm. span: attend only slots [0, span). seqlens: see `StaticStack.run`."""
+        x = self.stack.run(F.embedding(ids, self.embed_w) * self.scale_emb, pos, slots, allowed, span, seqlens)
         return F.linear(F.rms_norm(x, (self.H,), self.norm_w, self.eps), self.head_w), x
 
 # %% ../nbs/61_static_decode.ipynb #b7028cb2
@@ -204,7 +264,11 @@ def _step_static(self: StaticDecoder, span: int | None = None) -> None:
     """The capturable step: reads self.tok at position self.pos, writes self.out (1, V), advances self.pos.
     span: attend slots [0, span) (a bucket >= position + 1); None: all max_len slots."""
     m, span = self.pos, span or self.max_len
-    logits, _ = self.forward(self.tok, m, m, self.ar[None, :span] <= m, span)
+    if self.stack.split_decode:                  # the length on the device: no mask, no host read
+        self.lens.copy_(m + 1)
+        logits, _ = self.forward(self.tok, m, m, None, span, self.lens)
+    else:
+        logits, _ = self.forward(self.tok, m, m, self.ar[None, :span] <= m, span)
     self.out.copy_(logits)
     self.pos += 1
 
@@ -233,7 +297,7 @@ def step(self: StaticDecoder, token) -> torch.Tensor:
 @patch
 def _capture(self: StaticDecoder, b: int):
     "Capture the step attending `b` slots (state restored, so at any time); kept for later crossings into `b`."
-    g = self._graphs[b] = capture_graph(lambda: self._step_static(b), [self.pos, self.tok, self.out])
+    g = self._graphs[b] = capture_graph(lambda: self._step_static(b), [self.pos, self.tok, self.out, self.lens])
     self.captures.append(b)
     return g
 
@@ -256,7 +320,8 @@ def refresh(self: StaticDecoder) -> StaticDecoder:
     (Parameters *replaced* by new tensors need a new decoder: the other weights are shared views.)"""
     for p, layer in zip(self.stack.p, self.model.model.layers):
         new = prep_layer(layer)
-        p['wqkv'].copy_(new['wqkv']); p['wgu'].copy_(new['wgu'])
+        for k in ('wqkv', 'wgu'):                 # packed linears are the model's own modules: nothing to copy
+            if isinstance(p[k], torch.Tensor): p[k].copy_(new[k])
     self.norm_w.copy_(self.model.model.norm.weight / self.config.logit_scale)
     return self
 
@@ -286,3 +351,109 @@ def time_step(self: StaticDecoder, reps: int = 20, inner: int = 8) -> float:
     ms = cuda_graph_time(fn, inner, reps) if self.dev.type == 'cuda' else cpu_time(fn, inner, reps)
     self.pos.copy_(saved[0])
     return ms
+
+# %% ../nbs/61_static_decode.ipynb #b8a7c002
+def batch_attend(q, kv, mask, span: int | None, seqlens, *, B: int, split: bool):
+    """`attend` for B rows of one token each: q (B, Hq, Dh), kv (B*max_len, 2*Hkv, Dh) (row b at b*max_len), mask
+    (B, 1, 1, max_len) additive (SDPA path), seqlens int32 (B,) keys per row (dense_decode path) -> (B, Hq*Dh)."""
+    Bq, Hq, Dh = q.shape
+    kvb = kv.view(B, -1, kv.shape[1], Dh)
+    Hkv = kvb.shape[2] // 2
+    if split:
+        from minicpm4_core.kernels import dense_decode
+        return dense_decode(q, kvb[:, :, :Hkv], kvb[:, :, Hkv:], seqlens).reshape(B, Hq * Dh)
+    qs = q.view(B, Hkv, Hq // Hkv, Dh)
+    o = F.scaled_dot_product_attention(qs, kvb[:, :, :Hkv].transpose(1, 2), kvb[:, :, Hkv:].transpose(1, 2),
+                                       attn_mask=mask)
+    return o.reshape(B, Hq * Dh)
+
+# %% ../nbs/61_static_decode.ipynb #b8a7c003
+class BatchStaticDecoder:
+    """Static-shape decoding of B sequences at once (different lengths): prefill(b, ids) per row, step(tokens (B,)),
+    captured in one CUDA graph on CUDA. The weights/RoPE tables are a `StaticStack`'s; the KV buffer is
+    (layers, B, max_len, 2*Hkv, Dh). decode_kernel: as `StaticStack` ('auto': dense_decode on CUDA)."""
+    def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, batch: int, *, graphs: bool | None = None,
+                 dense: bool = False, decode_kernel: str = 'auto'):
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        if not isinstance(model, MiniCPM4ForCausalLM):
+            raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
+        c, dev = model.config, model.device
+        sc = replace(c, sparse_config=None) if dense else c
+        self.stack = StaticStack(model.model.layers, sc, max_len, dev, model.dtype, decode_kernel, batch)
+        self.embed_w, self.scale_emb = model.model.embed_tokens.weight.detach(), c.scale_emb
+        self.norm_w, self.eps = (model.model.norm.weight / c.logit_scale).detach(), model.model.norm.eps
+        self.head_w, self.H = model.lm_head.weight.detach(), c.hidden_size
+        self.B, self.max_len, self.dev, self.V = batch, max_len, dev, c.vocab_size
+        self.graphs = dev.type == 'cuda' if graphs is None else bool(graphs)
+        if self.graphs and dev.type != 'cuda': raise ValueError("graphs=True needs a model on a CUDA device")
+        self.ar = torch.arange(max_len, device=dev)
+        self.base = torch.arange(batch, device=dev) * max_len                # row b's first flat slot
+        self.pos = torch.zeros(batch, dtype=torch.long, device=dev)         # per-row length (device side)
+        self.lens = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.tok = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.out = torch.zeros(batch, self.V, dtype=model.dtype, device=dev)
+        self.n = [0] * batch                                                 # host mirror of the lengths
+        self.graph = None
+
+# %% ../nbs/61_static_decode.ipynb #b8a7c004
+@patch
+@torch.no_grad()
+def prefill(self: BatchStaticDecoder, b: int, ids, chunk: int | None = None) -> torch.Tensor:
+    "Reset row b and read its prompt ids (T,) (in chunks of `chunk`): -> last-position logits (V,)."
+    if not isinstance(b, int) or not 0 <= b < self.B: raise ValueError(f"b must be a row in [0, {self.B}), got {b!r}")
+    ids = _check_ids(ids, self.V, self.dev)
+    T, st, d, ar = ids.numel(), self.stack, self, self.ar
+    if T > self.max_len: raise ValueError(f"prompt of {T} tokens exceeds max_len={self.max_len}")
+    ch = chunk or T
+    for s in range(0, T, ch):
+        e = min(T, s + ch)
+        x = F.embedding(ids[s:e], d.embed_w) * d.scale_emb
+        cos, sin = st.cos[s:e, None], st.sin[s:e, None]
+        mask = torch.zeros(e - s, e, dtype=st.dtype, device=self.dev).masked_fill_(ar[None, :e] > ar[s:e, None],
+                                                                                   float('-inf'))
+        mask = mask.repeat(st.Hq // st.Hkv, 1)[None, None]
+        for l, p in enumerate(st.p):
+            x = layer_step(p, x, cos, sin, st.kv[l, b], ar[s:e], mask, st.Hq, st.Hkv, st.Dh, e)
+    self.pos[b] = T; self.n[b] = T
+    return F.linear(F.rms_norm(x[-1], (d.H,), d.norm_w, d.eps), d.head_w)
+
+
+@patch
+def _step_static(self: BatchStaticDecoder) -> None:
+    "The capturable step: B tokens self.tok at positions self.pos -> self.out (B, V); advances self.pos."
+    st, d, m = self.stack, self, self.pos
+    x = F.embedding(self.tok, d.embed_w) * d.scale_emb
+    cos, sin = st.cos.index_select(0, m)[:, None], st.sin.index_select(0, m)[:, None]
+    self.lens.copy_(m + 1)
+    mask = None
+    if not st.split_decode:
+        mask = torch.zeros(self.B, self.max_len, dtype=st.dtype, device=self.dev)
+        mask = mask.masked_fill_(self.ar[None] > m[:, None], float('-inf'))[:, None, None]
+    attn = lambda q, kv, mk, span, sl: batch_attend(q, kv, mk, span, sl, B=self.B, split=st.split_decode)
+    slots = self.base + m
+    for l, p in enumerate(st.p):
+        x = layer_step(p, x, cos, sin, st.kv[l].view(-1, 2 * st.Hkv, st.Dh), slots, mask, st.Hq, st.Hkv, st.Dh,
+                       None, self.lens, attn)
+    self.out.copy_(F.linear(F.rms_norm(x, (d.H,), d.norm_w, d.eps), d.head_w))
+    self.pos += 1
+
+
+@patch
+@torch.no_grad()
+def step(self: BatchStaticDecoder, tokens) -> torch.Tensor:
+    "Read B tokens (one per row) at each row's next position: -> logits (B, V) (a static buffer)."
+    if min(self.n) == 0: raise ValueError("prefill every row before step(tokens)")
+    if max(self.n) >= self.max_len: raise ValueError(f"a row's KV buffer is full (max_len={self.max_len})")
+    t = torch.as_tensor(tokens, device=self.dev).reshape(-1)
+    if t.numel() != self.B or t.dtype.is_floating_point:
+        raise ValueError(f"tokens must be {self.B} integer ids (one per row), got shape {tuple(t.shape)}")
+    self.tok.copy_(t)
+    if self.graphs:
+        if self.graph is None:
+            self.graph = capture_graph(self._step_static, [self.pos, self.tok, self.out, self.lens])
+        self.graph.replay()
+    else:
+        self._step_static()
+    self.n = [k + 1 for k in self.n]
+    return self.out

@@ -42,7 +42,8 @@ def test_greedy_equals_model_generate(sparse, quant, torch_kernels):
     m = model_of(seed, sparse_config=SPARSE if sparse else None)
     ps = prompts_of(seed)
     eng = Engine(m, 37 + 14, max_batch=3, quant=quant, chunk=7)
-    if quant: assert eng.n_quant == 14 and eng.pick_backend(1) == 'eager'
+    if quant: assert eng.n_quant == 14
+    assert eng.pick_backend(1) == ('eager' if sparse else 'static')    # packed linears run in the static stack
     if sparse: assert eng.pick_backend(1) == 'eager'                 # 51 > dense_len: the selection is active
     ref = m.generate(ps, 14, stop_ids=[])
     assert eng.generate(ps, 14, stop_ids=[]) == ref
@@ -112,7 +113,7 @@ def test_sampling_law_is_filtered_logits():
     m = model_of(7, initializer_range=1.0)
     p = prompts_of(7, (9,))[0]
     with torch.no_grad(): logits = m(torch.tensor([p]))[0, -1]
-    eng = Engine(m, 16, max_batch=512, chunk=4)
+    eng = Engine(m, 16, max_batch=512, chunk=4, backend='eager')   # one batched prefill (the sampler is shared)
     g = torch.Generator().manual_seed(0)
     for kw in (dict(temperature=0.7, top_k=6), dict(temperature=1.3, top_p=0.6)):
         probs = filtered_logits(logits, **kw).softmax(-1)
@@ -153,6 +154,11 @@ def test_memory_is_sized_from_max_len():
     eng = Engine(m, 80, max_batch=2)
     assert eng.memory()['kv_cache'] == 2 * c.num_hidden_layers * 2 * 80 * c.num_key_value_heads * c.head_dim * 4
     assert eng._cache is None                                          # sized, allocated on the eager path's first use
+    eng.generate([[1, 2], [3, 4]], 2)                                  # batch 2: the batched static stack
+    assert eng._cache is None and eng._batch.stack.kv.shape == (c.num_hidden_layers, 2, 80, 2 * c.num_key_value_heads,
+                                                                c.head_dim)
+    assert eng.memory()['static_stack'] >= eng._batch.stack.kv.numel() * 4
+    eng.backend = 'eager'
     eng.generate([[1, 2], [3, 4]], 2)
     assert eng._cache.layers[0].k.shape == (2, 80, c.num_key_value_heads, c.head_dim)
     m.generate([1, 2, 3], 4)
@@ -180,7 +186,8 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match='vocab_size'): eng.generate([[1, 97]], 2)
     with pytest.raises(ValueError, match='max_new_tokens'): eng.generate([[1, 2]], 0)
     with pytest.raises(ValueError, match='temperature'): eng.generate([[1, 2]], 2, temperature=-1.0)
-    with pytest.raises(ValueError, match="backend='static'"): Engine(m, 16, max_batch=2, backend='static').generate([[1], [2]], 2)
+    assert Engine(m, 16, max_batch=2, backend='static').generate([[1], [2]], 2, stop_ids=[]) == \
+        m.generate([[1], [2]], 2, stop_ids=[], fast=False)                 # batch > 1 runs the static stack too
 
 
 # ---- model.generate through the engine (issue 13, session 3) ----
@@ -233,7 +240,7 @@ def test_model_generate_falls_back_with_one_note(fresh_notes, capsys, torch_kern
     q = model_of(23)
     Engine(q, 32, quant='w4a16')                                                        # packs q in place
     assert q.generate([ps[0]], 6, stop_ids=[], fast=True) == q.generate([ps[0]], 6, stop_ids=[], fast=False)
-    assert "quant='w4a16'" in capsys.readouterr().out
+    assert capsys.readouterr().out == ''                  # packed linears now run in the static stack: no fallback
     with pytest.raises(ValueError, match='fast must be'): m.generate([1, 2], 2, fast='yes')
     with pytest.raises(ValueError, match='logits_processor must be'): m.generate([1, 2], 2, logits_processor=3)
 
@@ -409,7 +416,7 @@ def test_edge_bench_main_writes_rows(tmp_path, capsys, torch_kernels):
     res = json.loads((out / 'edge_bench.json').read_text())
     got = {(r['config'], r['batch']): r for r in res['rows']}
     assert set(got) == {(c, b) for c in ('dense-eager', 'generate', 'engine-bucket') for b in (1, 2)}
-    assert got[('generate', 1)]['backend'] == 'static' and got[('engine-bucket', 2)]['backend'] == 'eager'
+    assert got[('generate', 1)]['backend'] == 'static' and got[('engine-bucket', 2)]['backend'] == 'static'
     for r in res['rows']:
         assert r['decode_steps'] == 3 and r['ttft_s'] > 0 and r['decode_tok_s'] > 0
         assert r['bytes_per_step'] > 0 and set(r['projection_tok_s']) == {'Jetson AGX Orin', 'RTX 4090'}
@@ -444,3 +451,44 @@ def test_model_generate_registers_the_engine_on_import():
             "print(m.generate([5, 6, 7], 3, fast=True, stop_ids=[]) == m.generate([5, 6, 7], 3, fast=False, stop_ids=[]))")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split('\n')[:4] == ['raised True', '0', '1', 'True'], out.stdout + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize('quant', ['w4a16', 'ternary'])
+def test_static_stack_with_packed_linears_equals_model(quant, torch_kernels):
+    "The static stack calls packed modules in place (no fused dense copy): prefill/steps == the packed model's forward."
+    from minicpm4_core.static_decode import StaticDecoder
+    m = model_of(41 + (quant == 'ternary'))
+    eng = Engine(m, 48, quant=quant, chunk=8, backend='static')
+    ids = torch.randint(0, m.config.vocab_size, (30,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(): full = m(ids[None])[0]                   # the packed model's own forward
+    with eng._mode():
+        d = StaticDecoder(m, 48, decode_kernel='dense_decode')     # the GPU's decode attention (torch reference here)
+        assert not isinstance(d.stack.p[0]['wqkv'], torch.Tensor)
+        pre = d.prefill(ids[:20])
+        steps = torch.stack([d.step(int(t)).clone() for t in ids[20:]])
+    torch.testing.assert_close(pre, full[:20], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(steps, full[20:], rtol=1e-4, atol=1e-4)
+    assert eng.memory()['static_stack'] == 0                        # nothing fused/allocated before its first use
+    assert eng.generate([ids[:20].tolist()], 8, stop_ids=[]) == m.generate([ids[:20].tolist()], 8, stop_ids=[],
+                                                                            fast=False)
+    assert eng.last_timing['backend'] == 'static'
+
+
+@pytest.mark.parametrize('kernel', ['sdpa', 'dense_decode'])
+def test_batch_static_decode_equals_model(kernel, torch_kernels):
+    "Batch 3 of different lengths through BatchStaticDecoder (masked SDPA / dense_decode per-row lengths) == the model."
+    m = model_of(51)
+    ps = prompts_of(51, (23, 5, 16))
+    eng = Engine(m, 40, max_batch=3, chunk=6, decode_kernel=kernel)
+    assert eng.pick_backend(3) == 'static'
+    ref = m.generate(ps, 12, stop_ids=[], fast=False)
+    assert eng.generate(ps, 12, stop_ids=[]) == ref
+    assert eng.last_timing['backend'] == 'static' and eng._batch.stack.split_decode == (kernel == 'dense_decode')
+    assert [int(x) for x in eng._batch.pos] == [len(p) + 11 for p in ps]    # each row at its own length
+    if kernel == 'dense_decode': return                  # the Triton interpreter (conftest) is slow: once is enough
+    assert eng.generate(ps[:2], 12, stop_ids=[]) == ref[:2] and eng._batch.B == 2     # a new size: a new decoder
+    stop = ref[1][3]
+    assert eng.generate(ps, 12, stop_ids=[stop]) == m.generate(ps, 12, stop_ids=[stop], fast=False)
+    q = model_of(52)
+    e4 = Engine(q, 40, max_batch=2, quant='w4a16', decode_kernel=kernel)   # packed linears, batched
+    assert e4.generate(ps[:2], 6, stop_ids=[]) == q.generate(ps[:2], 6, stop_ids=[], fast=False)

@@ -454,3 +454,135 @@ def test_band_bad_args():
         sk.sparse_attention_band(q, k, k, idx, 16, local_blocks=0)
     with pytest.raises(ValueError, match="tokens"):
         sk.sparse_attention_band(q, k, k, idx, 16, local_blocks=1, config={'band': {'tokens': 3}})
+
+
+# ---------------------------------------------------------------------------------------------- dense decoding
+
+
+def bf_dense_decode(q, k, v, lens, qper=1):
+    "float64 softmax attention of row b's query over the first lens[b] keys of cache row b // qper (GQA by repetition)."
+    G = q.shape[1] // k.shape[2]
+    out = []
+    for bb, L in enumerate(lens):
+        kk, vv = (x[bb // qper, :L].double().repeat_interleave(G, 1) for x in (k, v))
+        p = torch.einsum('hd,nhd->hn', q[bb].double(), kk).mul(q.shape[-1] ** -0.5).softmax(-1)
+        out.append(torch.einsum('hn,nhd->hd', p, vv))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.5e-2)])
+@pytest.mark.parametrize("lens,block,nsplit", [((1, 150), 16, 3), ((97, 33), 64, None), ((64, 129), 32, 16)])
+def test_dense_decode(dtype, tol, lens, block, nsplit):
+    "dense_decode on strided (Nmax, 2 Hkv, D) views, rows of different lengths, Nmax > every length, vs float64."
+    g = torch.Generator().manual_seed(sum(lens) + block)
+    B, Nmax, H, Hkv, D = len(lens), 160, 8, 2, 32
+    buf = torch.randn(B, Nmax, 2 * Hkv, D, generator=g).to(dtype)      # the static stack's layout
+    k, v = buf[:, :, :Hkv], buf[:, :, Hkv:]
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    seq = torch.tensor(lens, dtype=torch.int32)
+    o = sk.dense_decode(q, k, v, seq, config=dict(dense=dict(BLOCK=block, NSPLIT=nsplit)))
+    assert o.shape == q.shape and o.dtype == dtype
+    assert rel(o, bf_dense_decode(q, k, v, lens)) < tol
+    o4 = sk.dense_decode(q[:, None], k, v, seq, backend='torch')       # the CPU definition, (B, 1, H, D) accepted
+    assert o4.shape == (B, 1, H, D) and rel(o4[:, 0], bf_dense_decode(q, k, v, lens)) < tol
+
+
+def test_dense_decode_one_grid_any_length_and_queries_per_row():
+    """One call shape (fixed Nmax, fixed split) serves every length written into cache_seqlens (what a CUDA graph
+    replays); lengths past Nmax are clamped, 0 gives zeros; queries_per_row rows share a cache row."""
+    g = torch.Generator().manual_seed(11)
+    Nmax, H, Hkv, D = 96, 4, 1, 16
+    k, v = torch.randn(1, Nmax, Hkv, D, generator=g), torch.randn(1, Nmax, Hkv, D, generator=g)
+    q = torch.randn(1, H, D, generator=g)
+    seq = torch.empty(1, dtype=torch.int32)
+    cfg = dict(dense=dict(BLOCK=16, NSPLIT=4))
+    for L in (5, 16, 17, 80, 96):
+        seq.fill_(L)
+        assert rel(sk.dense_decode(q, k, v, seq, config=cfg), bf_dense_decode(q, k, v, [L])) < 1e-5
+    seq.fill_(500)
+    assert rel(sk.dense_decode(q, k, v, seq, config=cfg), bf_dense_decode(q, k, v, [Nmax])) < 1e-5
+    seq.fill_(0)
+    assert torch.equal(sk.dense_decode(q, k, v, seq, config=cfg), torch.zeros_like(q))
+    T = 3
+    qt = torch.randn(T, H, D, generator=g)
+    lens = [Nmax - T + 1 + t for t in range(T)]
+    o = sk.dense_decode(qt, k, v, torch.tensor(lens, dtype=torch.int32), config=cfg, queries_per_row=T)
+    assert rel(o, bf_dense_decode(qt, k, v, lens, qper=T)) < 1e-5
+
+
+def test_dense_decode_bad_inputs():
+    k = torch.randn(2, 32, 2, 16)
+    q, seq = torch.randn(2, 4, 16), torch.tensor([3, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        sk.dense_decode(q, k, k, [3, 4])
+    with pytest.raises(ValueError, match="v_cache"):
+        sk.dense_decode(q, k, k[:, :16], seq)
+    with pytest.raises(ValueError, match="H % Hkv"):
+        sk.dense_decode(torch.randn(2, 3, 16), k, k, seq)
+    with pytest.raises(ValueError, match="BLOCK"):
+        sk.dense_decode(q, k, k, seq, config=dict(dense=dict(BLOCK=24)))
+
+
+@pytest.mark.parametrize("dig,nbc", [(1, 16), (2, 256), (4, 32)])
+def test_decode_step_radix_topk_and_ties(dig, nbc):
+    """decode_step's fused pooling + radix top-k (DIG bits per step, pooling in chunks of NBC blocks) gives the
+    reference's lists, also when every block ties (row 1: one key repeated, so all kernel logits are equal)."""
+    g = torch.Generator().manual_seed(dig * 100 + nbc)
+    geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2)
+    B, Nmax, H, Hkv, D, topk = 2, 400, 8, 2, 16, 5
+    k, v = torch.randn(B, Nmax, Hkv, D, generator=g), torch.randn(B, Nmax, Hkv, D, generator=g)
+    k[1] = torch.randn(1, Hkv, D, generator=g)                 # all of row 1's keys equal: exact score ties
+    q = torch.randn(B, H, D, generator=g)
+    lens = (400, 233)
+    seq = torch.tensor(lens, dtype=torch.int32)
+    o, idx = sk.decode_step(q, q, k, v, iv.compress_keys(k, 8, 4), seq, topk, **geo, num_blocks=-(-Nmax // 16),
+                            config=dict(dec=dict(TOPK_DIG=dig, NBC_POOL=nbc)))
+    for b, L in enumerate(lens):
+        sc = iv.block_scores(q[b:b + 1, None], k[b:b + 1, :L], **geo)
+        ridx = iv.attention_blocks(iv.select_blocks(sc, topk, check=False), L, 16, 2)[0, 0]
+        assert torch.equal(idx[b], ridx)
+        oref = iv.sparse_attention_ref(q[b:b + 1, None], k[b:b + 1, :L], v[b:b + 1, :L], ridx[None, None], 16)
+        assert rel(o[b], oref[0, 0]) < 1e-5
+    with pytest.raises(ValueError, match="TOPK_DIG"):
+        sk.decode_step(q, q, k, v, iv.compress_keys(k, 8, 4), seq, topk, **geo, num_blocks=-(-Nmax // 16),
+                       config=dict(dec=dict(TOPK_DIG=3)))
+
+
+def test_decode_step_growing_cache_one_plan():
+    """The model's cached decoding: views k[:, :N] of one preallocated cache with N growing (and shrinking) between
+    calls share one plan (scratch grown as needed), and every step equals decode_select + sparse_decode."""
+    g = torch.Generator().manual_seed(5)
+    geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2)
+    Nalloc, H, Hkv, D = 300, 8, 2, 16
+    kbuf, vbuf = torch.randn(1, Nalloc, Hkv, D, generator=g), torch.randn(1, Nalloc, Hkv, D, generator=g)
+    sk._DEC_PLANS.clear()
+    for N in (40, 41, 97, 260, 64):
+        k, v = kbuf[:, :N], vbuf[:, :N]
+        kc = iv.compress_keys(k, 8, 4)
+        q = torch.randn(1, H, D, generator=g)
+        seq = torch.tensor([N], dtype=torch.int32)
+        o, idx = sk.decode_step(q, q, k, v, kc, seq, 3, **geo, num_blocks=-(-N // 16))
+        ref_idx = sk.decode_select(q, kc, seq, 3, **geo, num_blocks=-(-N // 16))
+        assert torch.equal(idx, ref_idx)
+        assert torch.equal(o, sk.sparse_decode(q, k, v, ref_idx, seq, 16))
+        assert len(sk._DEC_PLANS) == 1
+    for N in (50, 200, 51):                                    # contiguous copies: the batch stride changes too
+        k, v, q = kbuf[:, :N].contiguous(), vbuf[:, :N].contiguous(), torch.randn(1, H, D, generator=g)
+        o = sk.dense_decode(q, k, v, torch.tensor([N - 3]))
+        assert rel(o, sk.dense_decode(q, k, v, torch.tensor([N - 3]), backend='torch')) < 1e-5
+    assert len(sk._DEC_PLANS) == 2                             # decode_step's family and dense_decode's
+
+
+def test_decode_step_unfused_fallback_same_lists():
+    "config dec.FUSED=False (the path taken if the fused kernel cannot compile): pooling kernel + top-k kernel."
+    g = torch.Generator().manual_seed(8)
+    geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2)
+    B, N, H, Hkv, D = 2, 200, 8, 2, 16
+    k, v = torch.randn(B, N, Hkv, D, generator=g), torch.randn(B, N, Hkv, D, generator=g)
+    q = torch.randn(B, H, D, generator=g)
+    seq = torch.tensor([200, 77], dtype=torch.int32)
+    kc = iv.compress_keys(k, 8, 4)
+    a = sk.decode_step(q, q, k, v, kc, seq, 3, **geo, num_blocks=13)
+    b = sk.decode_step(q, q, k, v, kc, seq, 3, **geo, num_blocks=13, config=dict(dec=dict(FUSED=False)))
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+    assert torch.equal(a[1], sk.decode_select(q, kc, seq, 3, **geo, num_blocks=13))

@@ -111,3 +111,35 @@ def test_bad_arguments():
         with pytest.raises(ValueError, match='graphs=True'): StaticDecoder(m, 8, graphs=True)
         with pytest.raises(RuntimeError, match='CUDA'): StaticDecoder(m, 8).capture()
     assert isinstance(StaticDecoder(m, 8).stack, StaticStack)
+
+
+@pytest.mark.parametrize('mode', ['static', 'bucket'])
+def test_split_decode_step_equals_forward(mode):
+    "decode_kernel='dense_decode' (the CUDA default: length on the device, no mask) == the model, fresh ids, both modes."
+    model = model_of(31)
+    g = torch.Generator().manual_seed(31)
+    ids = torch.randint(0, model.config.vocab_size, (26,), generator=g)
+    with torch.no_grad(): full = model(ids[None])[0]
+    dec = StaticDecoder(model, 40, length_mode=mode, min_bucket=8, decode_kernel='dense_decode')
+    assert dec.stack.split_decode
+    dec.prefill(torch.randint(0, model.config.vocab_size, (30,), generator=g))          # stale slots past the length
+    pre = dec.prefill(ids[:9])
+    steps = torch.stack([dec.step(int(t)).clone() for t in ids[9:]])
+    torch.testing.assert_close(pre, full[:9], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(steps, full[9:], rtol=1e-4, atol=1e-4)
+    assert int(dec.lens) == 26 and dec.lens.dtype == torch.int32
+    assert not StaticDecoder(model, 40).stack.split_decode                             # CPU default: masked SDPA
+    with pytest.raises(ValueError, match="decode_kernel must be"): StaticDecoder(model, 40, decode_kernel='flash')
+
+
+def test_attention_hook_is_called():
+    "StaticStack.attn is the one attention call of every layer (a sparse step plugs in there)."
+    from minicpm4_core import static_decode as sd
+    model = model_of(33)
+    dec = StaticDecoder(model, 16)
+    calls = []
+    dec.stack.attn = lambda q, kv, mask, span, seqlens: calls.append(q.shape) or sd.attend(q, kv, mask, span, seqlens)
+    ids = torch.randint(0, model.config.vocab_size, (6,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(): ref = model(ids[None])[0]
+    torch.testing.assert_close(dec.prefill(ids), ref, rtol=1e-4, atol=1e-4)
+    assert calls == [(6, 4, 16)] * 2
