@@ -61,7 +61,7 @@ def _allowed(T: int, N: int, key_mask, device):
 
 
 # cuDNN's SDPA builds an execution plan for every new shape: ~35 ms per call on an H200 when the key length grows by
-# one per step, against 50-100 us for flash at a fixed shape (kernels/results/infllmv2/h200-2026-12-04c-decode/).
+# one per step, against 50-100 us for flash at a fixed shape (kernels/results/infllmv2/h200-decode_profile-2026-12-04/).
 # Cached decoding therefore leaves cuDNN out; prefill and training (fixed shapes, plans reused) keep the default.
 _CACHED_MAX_T = 16
 _NO_CUDNN = []
