@@ -35,15 +35,21 @@ def agreement(a, b):
     return same / max(n, 1), first / max(n, 1)
 
 
-def session3_checks(prompts) -> list[dict]:
-    "model.generate -> engine dispatch, bucketed graphs, sparse='dense' static, gemv16 / dequant kernels."
-    from minicpm4_core.kernels.w4a16 import W4A16Config, self_check
-    out = []
+def _recorder(out: list):
+    "run(name, fn): time fn(), append dict(check=name, seconds=..., **fn()) to out (an exception becomes ok=False)."
     def run(name, fn):
         t0 = time.time()
         try: r = fn()
         except Exception as e: r = dict(ok=False, error=f"{type(e).__name__}: {e}"[:300])
         out.append(dict(check=name, seconds=round(time.time() - t0, 2), **r))
+    return run
+
+
+def session3_checks(prompts) -> list[dict]:
+    "model.generate -> engine dispatch, bucketed graphs, sparse='dense' static, gemv16 / dequant kernels."
+    from minicpm4_core.kernels.w4a16 import W4A16Config, self_check
+    out = []
+    run = _recorder(out)
     def dispatch():
         rows = []
         for dtype in (torch.float32, torch.bfloat16):
@@ -82,11 +88,7 @@ def session4_checks(prompts) -> list[dict]:
     "dense_decode in the static graphs vs masked SDPA; packed linears (w4a16, ternary) captured in the graphs."
     from minicpm4_core.static_decode import StaticDecoder
     out = []
-    def run(name, fn):
-        t0 = time.time()
-        try: r = fn()
-        except Exception as e: r = dict(ok=False, error=f"{type(e).__name__}: {e}"[:300])
-        out.append(dict(check=name, seconds=round(time.time() - t0, 2), **r))
+    run = _recorder(out)
     def split_vs_sdpa():
         rows = []
         for dtype in (torch.float32, torch.bfloat16):

@@ -104,6 +104,10 @@ class SparseSettings:
         "Blocks a query attends to once the context is long: topk (+ the window with 'minicpm4')."
         return self.topk + (self.local_blocks if self.selection == 'minicpm4' else 0)
 
+    def dense_at(self, n_keys: int) -> bool:
+        "Whether a query that sees `n_keys` keys attends densely: below dense_len, or while every block fits the budget."
+        return n_keys < self.dense_len or -(-n_keys // self.block_size) <= self.attended_blocks
+
     def geometry(self) -> dict:
         "kwargs for block_scores."
         return dict(kernel_size=self.kernel_size, kernel_stride=self.kernel_stride, block_size=self.block_size,

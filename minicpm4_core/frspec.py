@@ -416,7 +416,7 @@ def sparse_tree_backend(tree_mask: torch.Tensor, start: int):
             buf[:, start:start + T] = inp.k_nope_new.detach().to(buf.dtype)   # kept current, as the model does
             qs, ks = inp.q_nope, buf[:, :start + T]
         n_max = start + depth
-        if n_max < st.dense_len or -(-n_max // st.block_size) <= st.attended_blocks:   # every node is dense
+        if st.dense_at(n_max):   # every node is dense
             return _masked_backend(torch.cat([torch.ones(T, start, dtype=torch.bool, device=q.device),
                                               tree_mask.to(q.device)], 1))(inp)
         geos = [(st.kernel_size, st.kernel_stride)]
@@ -428,7 +428,7 @@ def sparse_tree_backend(tree_mask: torch.Tensor, start: int):
             path = path.to(q.device)
             n = start + len(path)
             kk, vv = _path_keys(k, start, path), _path_keys(v, start, path)
-            if n < st.dense_len or -(-n // st.block_size) <= st.attended_blocks:
+            if st.dense_at(n):
                 out[:, i:i + 1] = dense_attention(AttentionInputs(q=q[:, i:i + 1], k=kk, v=vv, config=inp.config))
                 continue
             with torch.no_grad():

@@ -213,7 +213,7 @@ def infllmv2_attention(inp, **overrides):
     B, T, H, D = q.shape
     N = k.shape[1]
     if st.use_nope and inp.layer_cache is not None: _scoring_keys(inp, st)   # keep the pre-RoPE key copy current
-    if N < st.dense_len or -(-N // st.block_size) <= st.attended_blocks:
+    if st.dense_at(N):
         return dense_attention(inp)
     km = None if inp.key_mask is None else inp.key_mask.bool()
     kern = _decode_kernels(inp, st, km)

@@ -108,7 +108,7 @@ def check_static_support(config: MiniCPM4Config, max_len: int) -> None:
                              f"to long factors inside the buffer, a static table cannot; use max_len <= {orig}")
     if config.sparse_config is not None:
         st = SparseSettings.from_dict(config.sparse_config)
-        if not (max_len < st.dense_len or -(-max_len // st.block_size) <= st.attended_blocks):
+        if not st.dense_at(max_len):
             raise ValueError(f"the static stack computes dense attention: it supports dense targets, and InfLLM v2 "
                              f"targets only while the context stays dense (max_len < dense_len={st.dense_len}, or "
                              f"max_len <= {st.attended_blocks * st.block_size} = attended blocks x block_size); got "
@@ -245,6 +245,13 @@ def _check_ids(ids, V: int, dev) -> torch.Tensor:
     return t.long()
 
 
+def _check_token(token, dev) -> torch.Tensor:
+    "One integer token id (int or a one-element tensor) as a (1,) tensor on `dev`."
+    t = torch.as_tensor(token, device=dev).reshape(-1)
+    if t.numel() != 1 or t.dtype.is_floating_point: raise ValueError(f"token must be one integer id, got {token!r}")
+    return t
+
+
 @patch
 @torch.no_grad()
 def prefill(self: StaticDecoder, ids) -> torch.Tensor:
@@ -279,8 +286,7 @@ def step(self: StaticDecoder, token) -> torch.Tensor:
     "Read one token (int or (1,) tensor) at the next position: returns logits (V,) (a view of a static buffer)."
     if self.n == 0: raise ValueError("call prefill(ids) before step(token)")
     if self.n >= self.max_len: raise ValueError(f"the KV buffer is full (max_len={self.max_len}); prefill again")
-    t = torch.as_tensor(token, device=self.dev).reshape(-1)
-    if t.numel() != 1 or t.dtype.is_floating_point: raise ValueError(f"token must be one integer id, got {token!r}")
+    t = _check_token(token, self.dev)
     self.tok.copy_(t)
     b = self.bucket_for(self.n + 1)
     if self.graphs:

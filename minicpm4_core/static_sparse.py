@@ -17,7 +17,7 @@ from .bench import cpu_time, cuda_graph_time
 from .infllmv2 import (_kernels, attention_blocks, block_scores_from_compressed, compress_keys, num_kernels,
                        select_blocks, sparse_attention_ref, sparse_settings)
 from .model import KVCache, MiniCPM4ForCausalLM
-from .static_decode import StaticDecoder, attend, capture_graph, _check_ids
+from .static_decode import StaticDecoder, attend, capture_graph, _check_ids, _check_token
 
 # %% auto #0
 __all__ = ['update_kc', 'attend_step', 'StaticSparseDecoder']
@@ -93,8 +93,7 @@ class StaticSparseDecoder:
 
     def is_sparse(self, n_keys: int) -> bool:
         "Whether the model attends sparsely with `n_keys` keys (the new token's included): as `infllmv2_attention`."
-        st = self.st
-        return not (n_keys < st.dense_len or -(-n_keys // st.block_size) <= st.attended_blocks)
+        return not self.st.dense_at(n_keys)
 
     def completes_kernel(self, n_keys: int) -> bool:
         "Whether the key at position n_keys - 1 completes a compression kernel (the step must update kc)."
@@ -189,8 +188,7 @@ def step(self: StaticSparseDecoder, token) -> torch.Tensor:
     "Read one token (int or (1,) tensor) at the next position: logits (V,) (a view of a static buffer)."
     if self.n == 0: raise ValueError("call prefill(ids) or load_cache(cache) before step(token)")
     if self.n >= self.max_len: raise ValueError(f"the KV buffer is full (max_len={self.max_len}); prefill again")
-    t = torch.as_tensor(token, device=self.dev).reshape(-1)
-    if t.numel() != 1 or t.dtype.is_floating_point: raise ValueError(f"token must be one integer id, got {token!r}")
+    t = _check_token(token, self.dev)
     self.base.tok.copy_(t)
     key = self.is_sparse(self.n + 1), self.completes_kernel(self.n + 1)
     self._n_keys = self.n + 1
