@@ -315,23 +315,47 @@ def bench_length(N, dev, args):
             cf = dict(dense=dict(BLOCK=blk, WAVES=waves))
             attempt(f'BLOCK={blk},WAVES={waves}', lambda cf=cf: 1e3 * graph_time(
                 [lambda c=c: sk.dense_decode(c[2], c[0], c[1], seq, config=cf) for c in caches]), DV)
-    attempt('decode_step_graph_us', lambda: 1e3 * graph_time(ds_fns), R)      # selection + attention, one step
-    if not args.smoke and torch.cuda.is_available():
-        SV = R.setdefault('decode_step_variants_graph_us', {})
-        for dig, nbc, pw in ((1, 256, 8), (4, 256, 8), (2, 64, 8), (2, 256, 4), (2, 512, 16)):
-            cf = dict(cfg or {}, dec=dict(TOPK_DIG=dig, NBC_POOL=nbc, POOL_WARPS=pw))
-            attempt(f'TOPK_DIG={dig},NBC_POOL={nbc},POOL_WARPS={pw}', lambda cf=cf: 1e3 * graph_time(
-                [lambda c=c, kc_=kc_: sk.decode_step(c[2], c[2], c[0], c[1], kc_, seq, TOPK, **GEO, num_blocks=nbk,
-                                                     config=cf) for c, kc_ in zip(caches, kcs)]), SV)
-    attempt('decode_step_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in ds_fns], 200) / nrot, R)
-    attempt('decode_wrappers_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in st_fns], 200) / nrot, R)
-
     def host_us(fns, n=10):   # Python + launch time on the host alone (the GPU queue absorbs the work)
         sync(); t0 = time.perf_counter()
         for _ in range(n):
             for f in fns: f()
         t = time.perf_counter() - t0; sync()
         return 1e6 * t / (n * len(fns))
+
+    attempt('decode_step_graph_us', lambda: 1e3 * graph_time(ds_fns), R)      # selection + attention, one step
+    if not args.smoke and torch.cuda.is_available():
+        # the selection paths (dec.FUSED: 'par' = pooling over many programs + top-k in the row's last program, the
+        # default; True = one program per row; False = pooling + top-k kernels) and the 'par' settings: us per step
+        SV = R.setdefault('decode_step_variants_graph_us', {})
+        HV = R.setdefault('decode_step_variants_eager_us', {})
+        # (FUSED=True / False = last session's two paths, four and five launches; COMBINE='last' = three launches)
+        # (--persistent: only the one-launch rows, the settings sweep is the plain run's)
+        for dc in ((dict(PERSISTENT=True), dict(PERSISTENT=True, PROGRAMS=2), dict(PERSISTENT=True, PER=2),
+                    dict(PERSISTENT=True, num_warps=8)) if args.persistent else
+                   (dict(FUSED=True), dict(FUSED=False), dict(COMBINE='last'), dict(NBC_PAR=16), dict(NBC_PAR=32),
+                    dict(NBC_PAR=64), dict(PAR_WARPS=4), dict(TOPK_DIG=4), dict(TOPK_DIG=1), dict(PER=2),
+                    dict(PER=4), dict(num_warps=8), dict(COMBINE_WARPS=8), dict(COMBINE_SP=16),
+                    dict(PER=2, COMBINE_WARPS=8))):
+            if N != max(args.lengths) and 'FUSED' not in dc and 'PERSISTENT' not in dc:
+                continue     # the settings sweep at the longest length only; the paths at every length
+            cf = dict(cfg or {}, dec=dc)
+            nm = ','.join(f'{k_}={v_}' for k_, v_ in dc.items())
+            fns = [lambda c=c, kc_=kc_, cf=cf: sk.decode_step(c[2], c[2], c[0], c[1], kc_, seq, TOPK, **GEO,
+                                                              num_blocks=nbk, config=cf) for c, kc_ in zip(caches, kcs)]
+            attempt(nm, lambda fns=fns: 1e3 * graph_time(fns), SV)
+            if 'FUSED' in dc or 'COMBINE' in dc or 'PERSISTENT' in dc:
+                attempt(nm, lambda fns=fns: 1e3 * timeit(lambda: [f() for f in fns], 200) / nrot, HV)
+            if 'PERSISTENT' in dc:
+                attempt(nm, lambda fns=fns: host_us(fns), R.setdefault('decode_step_variants_host_us', {}))
+
+                def same(fns=fns):   # the one-launch step vs the three-launch one: same lists, output rel (0: bitwise)
+                    a, b = fns[0](), ds_fns[0]()
+                    return dict(lists=bool(torch.equal(a[1], b[1])),
+                                out_rel=float((a[0].float() - b[0].float()).norm() / b[0].float().norm()))
+                attempt(nm, same, R.setdefault('decode_step_variants_same_as_default', {}))
+    attempt('decode_step_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in ds_fns], 200) / nrot, R)
+    attempt('decode_wrappers_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in st_fns], 200) / nrot, R)
+
     for nm, fns in (('decode_step', ds_fns), ('decode_wrappers', st_fns), ('decode_select', se_fns),
                     ('sparse_decode', sp_fns), ('dense', de_fns), ('dense_decode', dd_fns)):
         attempt(f'host_us_{nm}', lambda fns=fns: host_us(fns), R)
@@ -349,6 +373,27 @@ def bench_length(N, dev, args):
         pstats.Stats(pr, stream=buf).sort_stats('tottime').print_stats(12)
         return buf.getvalue()[-3000:]
     if not args.smoke: attempt('host_profile_decode_step', lambda: host_profile(ds_fns), R)
+
+    def kernel_us(fns, n=5):   # GPU time per launch of each kernel of a step (torch.profiler, eager)
+        from torch.profiler import ProfilerActivity, profile
+        for f in fns: f()
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                for f in fns: f()
+            sync()
+        out = {}
+        for e in prof.key_averages():
+            t = getattr(e, 'device_time_total', None) or getattr(e, 'cuda_time_total', 0)
+            if t and e.count: out[e.key[:60]] = dict(us=round(t / e.count, 2), per_step=e.count / (n * len(fns)))
+        return out
+    if torch.cuda.is_available():
+        attempt('kernel_us_decode_step', lambda: kernel_us(ds_fns), R)
+        if args.persistent:
+            attempt('kernel_us_decode_step_persistent', lambda: kernel_us(
+                [lambda c=c, kc_=kc_: sk.decode_step(c[2], c[2], c[0], c[1], kc_, seq, TOPK, **GEO, num_blocks=nbk,
+                                                     config=dict(dec=dict(PERSISTENT=True)))
+                 for c, kc_ in zip(caches, kcs)]), R)
     attempt('decode_sparse_graph_us', lambda: 1e3 * graph_time(sp_fns), R)
     attempt('decode_dense_graph_us', lambda: 1e3 * graph_time(de_fns), R)
     attempt('decode_select_graph_us', lambda: 1e3 * graph_time(se_fns), R)
@@ -366,6 +411,19 @@ def bench_length(N, dev, args):
                     for f in fns: f()
             return 1e3 * timeit(run, 200) / nrot
         attempt(f'decode_dense_{be_name.lower()}_eager_us', dense_be, R)
+    # the issue-12 goals at this length: the step >= 3x dense in a graph and >= 2x eager (dense = SDPA's default,
+    # cuDNN at a fixed length); also against our split-K dense_decode (what a graph of the growing cache can run)
+    def ratio(a, b):
+        return R[a] / R[b] if isinstance(R.get(a), float) and isinstance(R.get(b), float) else float('nan')
+    R['goal_graph_x'] = ratio('decode_dense_graph_us', 'decode_step_graph_us')
+    R['goal_eager_x'] = ratio('decode_dense_eager_us', 'decode_step_eager_us')
+    R['vs_dense_decode_graph_x'] = ratio('decode_dense_ours_graph_us', 'decode_step_graph_us')
+    R['vs_dense_decode_eager_x'] = ratio('decode_dense_ours_eager_us', 'decode_step_eager_us')
+    print(f"  GOALS @{N}: step graph {R.get('decode_step_graph_us')} us vs cuDNN {R.get('decode_dense_graph_us')}: "
+          f"{R['goal_graph_x']:.2f}x (goal 3x); eager {R.get('decode_step_eager_us')} vs "
+          f"{R.get('decode_dense_eager_us')}: {R['goal_eager_x']:.2f}x (goal 2x); host {R.get('host_us_decode_step')} us",
+          flush=True)
+    save()
     del caches, kcs
     torch.cuda.empty_cache()
 
@@ -753,6 +811,7 @@ def main():
     ap.add_argument('--decode-steps', type=int, default=16)
     ap.add_argument('--check-only', action='store_true', help='only the per-token / model parts (no main table)')
     ap.add_argument('--summary', default=None, help='only draw issue12_summary.png from the JSONs in this folder')
+    ap.add_argument('--persistent', action='store_true', help="decode: sweep the one-launch step's rows (dec.PERSISTENT)")
     ap.add_argument('--band', type=int, nargs='*', default=[], help='lengths for the window-as-band variant rows')
     ap.add_argument('--band-tiles', type=int, nargs='+', default=[1, 2], help='tile_tokens of its selected part')
     ap.add_argument('--band-tokens', type=int, nargs='+', default=[8, 16], help='positions per band tile')

@@ -1,7 +1,7 @@
 """Benchmark the ternary (2-bit) kernels of `minicpm4_core.kernels.ternary` against bf16 `F.linear` (cuBLAS),
 measured in the same run, at the linear shapes of MiniCPM4-0.5B and -8B (from `MiniCPM4Config` presets).
 
-    python kernels/bench_ternary.py [--out DIR] [--quick] [--no-sweep]      (DIR: kernels/results/ternary/<device>-<date>/)
+    python kernels/bench_ternary.py [--out DIR] [--quick | --only-8b] [--no-sweep] [--Ms 1] [--no-prefill-sweep]      (DIR: kernels/results/ternary/<device>-<date>/)
 
 Timing: every variant is captured in a CUDA graph of `inner` calls that rotate among enough copies of the weights
 (and inputs) that a call reads its weights from device memory rather than from L2 (capped at 64 copies, so the
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minicpm4_core.bench import cuda_graph_time, env_stamp, roofline_ceilings, run_dir
+from minicpm4_core.bench import cuda_graph_time, env_stamp, event_time, roofline_ceilings, run_dir
 from minicpm4_core.config import MiniCPM4Config
 from minicpm4_core.io import atomic_write_json
 from minicpm4_core.kernels.ternary import (TernaryConfig, pack_ternary, pick_config, ternary_bytes, ternary_matmul,
@@ -111,12 +111,13 @@ def ceilings() -> dict:
 
 
 SWEEP = [  # decode candidates (M = 1): kernel, block_m, block_n, block_k, split_k, warps, stages, accumulators
-    TernaryConfig('mv', 16, 64, 128, 1, 4, 3, 1), TernaryConfig('mv', 16, 64, 128, 1, 4, 4, 1),
-    TernaryConfig('mv', 16, 64, 128, 2, 4, 3, 1), TernaryConfig('mv', 16, 64, 128, 4, 4, 3, 1),
-    TernaryConfig('mv', 16, 64, 128, 8, 4, 3, 1), TernaryConfig('mv', 16, 64, 64, 2, 4, 4, 1),
-    TernaryConfig('mv', 16, 64, 64, 4, 4, 4, 1), TernaryConfig('mv', 16, 64, 256, 2, 4, 2, 1),
-    TernaryConfig('mma', 16, 64, 128, 1, 4, 4, 1),   # v1, for reference
-]
+    TernaryConfig('mv', 16, 64, 128, 1, 4, 3, 1), TernaryConfig('mv', 16, 64, 128, 2, 4, 3, 1),
+    TernaryConfig('mv', 16, 64, 128, 4, 4, 3, 1),    # v2 (the previous default and its splits), for reference
+] + [TernaryConfig('mvtc', 16, bn, bk, sk, w, st, 1)   # v3 (session 2026-12-04d): paired unpack, x not staged
+     for (bn, bk, sk, w, st) in [(64, 128, 1, 4, 3), (64, 64, 1, 4, 4), (64, 64, 2, 4, 4), (64, 128, 2, 4, 3),
+                                 (64, 64, 4, 4, 4), (64, 128, 4, 4, 3), (128, 64, 1, 4, 3), (128, 64, 2, 4, 3),
+                                 (64, 64, 1, 4, 3), (64, 256, 1, 4, 2), (128, 128, 1, 4, 3), (256, 64, 1, 8, 3),
+                                 (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (32, 64, 1, 4, 4), (32, 128, 2, 4, 3)]]
 PREFILL_SWEEP = [  # (M, config) on the 8B gate/up shape
     (2048, TernaryConfig('dequant', 1, 64, 64, 1, 4, 1)), (2048, TernaryConfig('dequant', 1, 32, 128, 1, 4, 1)),
     (2048, TernaryConfig('mma', 128, 128, 64, 1, 8, 3)), (256, TernaryConfig('dequant', 1, 64, 64, 1, 4, 1)),
@@ -140,6 +141,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument('--out', default=None, help='folder (default: kernels/results/ternary/<device>-<date>/)')
     ap.add_argument('--quick', action='store_true', help='fewer shapes and M values')
+    ap.add_argument('--only-8b', action='store_true', help='the four 8B shapes (q/o, k/v, gate/up, down), all M')
     ap.add_argument('--no-sweep', action='store_true')
     ap.add_argument('--no-prefill-sweep', action='store_true')
     ap.add_argument('--Ms', default='1,4,16,2048')
@@ -158,6 +160,7 @@ def main(argv=None):
     Ms = [int(m) for m in a.Ms.split(',')]
     shapes = model_shapes()
     if a.quick: shapes = [s for s in shapes if s[0] == '8B' and s[1] in ('gate/up', 'down')]
+    if a.only_8b: shapes = [s for s in shapes if s[0] == '8B']
 
     sweep = []
     if not a.no_sweep:
@@ -211,6 +214,14 @@ def main(argv=None):
                                config=str(pick_config(M, N, P.qweight.shape[1], group, meta['sm_count'])),
                                bf16_TBps=round(2 * K * N / tb / 1e6, 3),
                                ternary_TBps=round(ternary_bytes(M, K, N, group)['ternary'] / tt / 1e6, 3))
+                    if M == 1:    # eager (launch overhead in, L2 flushed), both sides in the same run
+                        x1 = P.inputs(1, 1, gen)[0]
+                        te = event_time(lambda: ternary_matmul(x1, P.qweight, P.kscale, P.K, P.group), budget_ms=100,
+                                        min_reps=10, max_reps=1000, warmup=5, flush=True) * 1e3
+                        be = event_time(lambda: F.linear(x1, P.w_copies[0]), budget_ms=100, min_reps=10,
+                                        max_reps=1000, warmup=5, flush=True) * 1e3
+                        row.update(eager_ternary_us=round(te, 2), eager_bf16_us=round(be, 2),
+                                   eager_speedup=round(be / te, 3))
                 except Exception as e:
                     row = dict(model=model, layer=layer, K=K, N=N, M=M, group=group, error=repr(e)[:300])
                 results.append(row)
@@ -227,12 +238,19 @@ def main(argv=None):
         print(f"{'shape':>12} {'config':>70} {'us':>7} {'x bf16':>7}")
         for r in sweep:
             if 'error' in r: print(f"{r['K']}x{r['N']:>6} {r['config'][-70:]:>70} ERROR {r['error'][:60]}")
-            else: print(f"{r['K']:>5}x{r['N']:<6} M={r['M']:<4} {r['config'][13:].replace('block_', '').replace('num_', '')[-62:]:>62} {r['ternary_us']:>7.1f} {r['speedup']:>6.2f}x")
+            else: print(f"{r['K']:>5}x{r['N']:<6} M={r['M']:<4} {r['config'].replace('TernaryConfig(kernel=', '').replace('block_', '').replace('num_', '')[-62:]:>62} {r['ternary_us']:>7.1f} {r['speedup']:>6.2f}x")
     print(f"\n{'model':>5} {'layer':>8} {'K':>6} {'N':>6} {'G':>4} {'M':>5} {'bf16 us':>8} {'tern us':>8} {'x':>6} {'err':>8}")
     for r in results:
         if 'error' in r: print(r['model'], r['layer'], r['K'], r['N'], r['M'], 'ERROR', r['error'][:80]); continue
         print(f"{r['model']:>5} {r['layer']:>8} {r['K']:>6} {r['N']:>6} {r['group']:>4} {r['M']:>5} {r['bf16_us']:>8.1f} "
-              f"{r['ternary_us']:>8.1f} {r['speedup']:>6.2f} {r['err']:>8.1e}")
+              f"{r['ternary_us']:>8.1f} {r['speedup']:>6.2f} {r['err']:>8.1e}"
+              + (f"  eager {r['eager_ternary_us']:.1f} vs {r['eager_bf16_us']:.1f} us x{r['eager_speedup']:.2f}"
+                 if 'eager_speedup' in r else ''))
+    for r in results:
+        if 'error' not in r and r['M'] == 1 and (r['K'], r['N']) == (4096, 16384):
+            print(f"GOAL ternary M=1 4096x16384 g{r['group']}: graph x{r['speedup']:.2f} (goal >= 4x), "
+                  f"eager x{r.get('eager_speedup', float('nan')):.2f}, {r['ternary_TBps']} TB/s, err {r['err']:.1e} "
+                  f"({r['config']})")
     return results
 
 

@@ -3,9 +3,11 @@ in bf16 and fp32 on CUDA, for dense / InfLLM v2 (past dense_len) x none / w4a16 
 then (session 3) `model.generate` dispatching to the engine (fast=None vs fast=False), the bucketed graphs (which
 buckets were captured), sparse='dense' on the static stack, and the new W4A16 kernels (gemv16, dequant + cuBLAS)
 against float64 at the 8B shapes; (session 4) the static stack's one-token attention through `dense_decode` (length
-on the device, one graph) vs the masked SDPA, and packed w4a16 / ternary linears inside the CUDA graphs.
+on the device, one graph) vs the masked SDPA, and packed w4a16 / ternary linears inside the CUDA graphs; (session 5)
+InfLLM v2 targets past dense_len through `StaticSparseDecoder` in the engine and in model.generate, batches in
+model.generate's fast path.
 
-    PYTHONPATH=. python kernels/check_engine.py [--out results.json] [--parts agreement,session3,session4]
+    PYTHONPATH=. python kernels/check_engine.py [--out results.json] [--parts agreement,session3,session4,session5]
 """
 import argparse
 import json
@@ -156,13 +158,62 @@ def session4_checks(prompts) -> list[dict]:
     return out
 
 
+def session5_checks(prompts) -> list[dict]:
+    """InfLLM v2 targets past dense_len through StaticSparseDecoder inside the engine (dense graph below dense_len,
+    sparse graphs after; bf16/fp32 x none/w4a16/ternary) and through model.generate's fast path; model.generate's
+    fast path for a batch (BatchStaticDecoder)."""
+    out = []
+    run = _recorder(out)
+    p = prompts[0]           # 300 + 120 new tokens: sparse from 385 keys on (> dense_len 256 and > 6 attended blocks x 64)
+    def sparse_engine():
+        rows = []
+        for quant in (None, 'w4a16', 'ternary'):
+            for dtype in (torch.float32, torch.bfloat16):
+                m = model_of(True, dtype)
+                e = Engine(m, 1024, quant=quant)
+                got = e.generate([p], 120, stop_ids=[])
+                with e._mode(): want = m.generate([p], 120, stop_ids=[], fast=False)
+                d, t = e._sparse_dec, e.last_timing
+                rows.append(dict(quant=quant, dtype=str(dtype), agreement=agreement(got, want)[0],
+                                 agree_until_first_diff=agreement(got, want)[1], backend=t['backend'],
+                                 sparse_decoder=d is not None, graphs=sorted(map(str, d._graphs)) if d else None,
+                                 decode_tok_s=t['decode_steps'] / t['decode_s']))
+        ok = all(r['backend'] == 'static' and r['sparse_decoder'] and len(r['graphs'] or []) == 4 for r in rows)
+        ok = ok and all(r['agreement'] >= 0.95 for r in rows if r['dtype'] == 'torch.float32')
+        return dict(ok=ok, rows=rows)
+    def generate_sparse():
+        rows = []
+        for dtype in (torch.float32, torch.bfloat16):
+            m = model_of(True, dtype)
+            fast = m.generate([p], 120, stop_ids=[])            # fast=None on CUDA: the engine
+            slow = m.generate([p], 120, stop_ids=[], fast=False)
+            e = m._engine_fast.engine
+            rows.append(dict(dtype=str(dtype), agreement=agreement(fast, slow)[0], max_len=e.max_len,
+                             sparse_decoder=e._sparse_dec is not None))
+        return dict(ok=rows[0]['agreement'] >= 0.95 and all(r['sparse_decoder'] for r in rows), rows=rows)
+    def generate_batch():
+        rows = []
+        for dtype in (torch.float32, torch.bfloat16):
+            m = model_of(False, dtype)
+            fast = m.generate(prompts, 64, stop_ids=[])
+            slow = m.generate(prompts, 64, stop_ids=[], fast=False)
+            e = m._engine_fast.engine
+            rows.append(dict(dtype=str(dtype), agreement=agreement(fast, slow)[0], batch_decoder=e._batch is not None,
+                             graphs=bool(e._batch and e._batch.graphs)))
+        return dict(ok=rows[0]['agreement'] >= 0.95 and all(r['graphs'] for r in rows), rows=rows)
+    for name, fn in (('sparse_static_engine', sparse_engine), ('generate_fast_sparse', generate_sparse),
+                     ('generate_fast_batch', generate_batch)):
+        run(name, fn)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(); ap.add_argument('--out', default=None)
-    ap.add_argument('--parts', default='agreement,session3,session4', help='comma list of the parts to run')
+    ap.add_argument('--parts', default='agreement,session3,session4,session5', help='comma list of the parts to run')
     a = ap.parse_args()
     parts = set(a.parts.split(','))
-    if not parts <= {'agreement', 'session3', 'session4'}:
-        ap.error(f"--parts: choose from agreement, session3, session4; got {a.parts!r}")
+    if not parts <= {'agreement', 'session3', 'session4', 'session5'}:
+        ap.error(f"--parts: choose from agreement, session3, session4, session5; got {a.parts!r}")
     res = dict(env_stamp(torch.device('cuda')), rows=[], parts=sorted(parts))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1024, (n,), generator=g).tolist() for n in (300, 517, 40)]
@@ -185,8 +236,9 @@ def main():
                 res['rows'].append(row); print(row, flush=True)
     res['session3'] = extra = session3_checks(prompts) if 'session3' in parts else []
     res['session4'] = extra4 = session4_checks(prompts) if 'session4' in parts else []
-    for r in extra + extra4: print(r, flush=True)
-    extra = extra + extra4
+    res['session5'] = extra5 = session5_checks(prompts) if 'session5' in parts else []
+    for r in extra + extra4 + extra5: print(r, flush=True)
+    extra = extra + extra4 + extra5
     ok = all('error' not in r and (r['dtype'] != 'torch.float32' or r['token_agreement'] == 1.0) for r in res['rows'])
     ok = ok and all(r.get('ok') for r in extra)
     res['ok'] = ok

@@ -129,6 +129,9 @@ def check_stage1(case, dev, gen):
                 topk_tie_rule=tie_rule, lists_ok=lists_ok, ok=pattern and err <= tol and tie_rule and lists_ok)
 
 
+PERSISTENT = False   # --persistent: also the one-launch decode step (its grid barriers can hang a broken build)
+
+
 def check_decode(case, dev, gen):
     lens, H, Hkv, D, geo, topk, dtype = case
     dt = getattr(torch, dtype)
@@ -162,7 +165,9 @@ def check_decode(case, dev, gen):
         ok = ok and pat and e <= 1e-2 and same and ea <= 1e-2
     # the model's fused path: decode_step == decode_select + sparse_decode, bit for bit (same kernels)
     o2, idx2 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m))
-    res['decode_step_same'] = bool(torch.equal(idx2, idx)) and bool(torch.equal(o2, o))
+    # (COMBINE='kernel', the default: bit for bit; 'last' merges the splits in another order: equal up to rounding)
+    res['decode_step_o_rel'] = rel(o2, o)
+    res['decode_step_same'] = bool(torch.equal(idx2, idx)) and res['decode_step_o_rel'] <= 5e-3
     # T = 3 new tokens of each sequence as 3 query rows of one cache row (cached steps of a few tokens)
     T = 3
     q3 = torch.randn(B * T, H, D, generator=gen).to(dev, dt)
@@ -180,7 +185,7 @@ def check_decode(case, dev, gen):
     # decode_step's second call of a shape takes the direct launch (cached compiled kernels): bit-identical; other
     # radix widths of the fused top-k: the same lists; under a CUDA graph: the same as eager
     o4, idx4 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m))
-    same4 = bool(torch.equal(idx4, idx)) and bool(torch.equal(o4, o))
+    same4 = bool(torch.equal(idx4, idx)) and bool(torch.equal(o4, o2))
     for dig in (1, 4):
         _, idx5 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m),
                                  config=dict(dec=dict(TOPK_DIG=dig, NBC_POOL=64)))
@@ -190,9 +195,46 @@ def check_decode(case, dev, gen):
         with torch.cuda.graph(gr):
             og, idxg = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m))
         og.fill_(float('nan')); gr.replay(); torch.cuda.synchronize()
-        same4 = same4 and bool(torch.equal(idxg, idx)) and bool(torch.equal(og, o))
+        same4 = same4 and bool(torch.equal(idxg, idx)) and bool(torch.equal(og, o2))
     res['decode_step_direct_radix_graph_same'] = same4
-    res['ok'] = ok and res['decode_step_same'] and same3 and e3 <= 1e-2 and same4
+    # every selection path (FUSED 'par' with several pooling widths, True, False, 'auto'): the same lists and output;
+    # 'par' repeated 30 times eagerly (its last-program top-k depends on a counter and a fence: a race would show as
+    # a changed list), and captured once at Nmax then replayed at other lengths against eager calls at them
+    paths = {}
+    for nm, dc in (('par', {}), ('par_nbc64', dict(NBC_PAR=64)), ('par_w4', dict(PAR_WARPS=4)),
+                   ('par_per2', dict(PER=2)), ('combine_kernel', dict(COMBINE='kernel')),
+                   ('combine_last', dict(COMBINE='last')), ('combine_w8_sp16', dict(COMBINE_WARPS=8, COMBINE_SP=16)),
+                   ('one_program', dict(FUSED=True)), ('two_kernels', dict(FUSED=False, COMBINE='kernel')),
+                   ('auto', dict(FUSED='auto'))) + ((('persistent', dict(PERSISTENT=True)),
+                                                     ('persistent_2_per_sm', dict(PERSISTENT=True, PROGRAMS=2)))
+                                                    if PERSISTENT else ()):
+        cf = dict(dec=dict(dc, FUSED=dc.get('FUSED', 'par')))
+        o6, idx6 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m), config=cf)
+        oo = o2                                             # bit for bit: the same kernels in the same order
+        exact = not ({'PER', 'COMBINE_SP'} & set(dc)) and dc.get('COMBINE') != 'last'   # same summation order
+        paths[nm] = bool(torch.equal(idx6, idx)) and (bool(torch.equal(o6, oo)) if exact else rel(o6, o) <= 5e-3)
+    rep = True
+    for _ in range(30):
+        o6, idx6 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m))
+        rep = rep and bool(torch.equal(idx6, idx)) and bool(torch.equal(o6, o2))
+    paths['par_30_eager_calls'] = rep
+    for nm, cf in (('par', None),) + ((('persistent', dict(dec=dict(PERSISTENT=True))),) if PERSISTENT else ()):
+        if dev.type != 'cuda': break
+        sq = seq.clone()
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            og, idxg = sk.decode_step(q, q, kc, vc, comp, sq, topk, **geo, num_blocks=-(-Nmax // m), config=cf)
+        g_ok = True
+        for i in range(12):
+            ls = torch.randint(1, Nmax + 1, (B,), generator=gen) if i % 3 else torch.tensor(lens)
+            sq.copy_(ls.to(torch.int32))
+            gr.replay()
+            oe, idxe = sk.decode_step(q, q, kc, vc, comp, sq.clone(), topk, **geo, num_blocks=-(-Nmax // m))
+            torch.cuda.synchronize()
+            g_ok = g_ok and bool(torch.equal(idxg, idxe)) and bool(torch.equal(og, oe))
+        paths[f'{nm}_graph_replay_other_lengths'] = g_ok
+    res['selection_paths_same'] = paths
+    res['ok'] = ok and res['decode_step_same'] and same3 and e3 <= 1e-2 and same4 and all(paths.values())
     return res
 
 
@@ -240,9 +282,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--out', default=None)
     ap.add_argument('--smoke', '--tiny', action='store_true', help='tiny shapes (CPU interpreter)')
+    ap.add_argument('--persistent', action='store_true', help='decode: also check the one-launch step (dec.PERSISTENT)')
     ap.add_argument('--only', nargs='+', default=None, choices=['attention', 'stage1', 'decode', 'dense_decode'],
                     help='run only these sections (default: all)')
     a = ap.parse_args()
+    global PERSISTENT
+    PERSISTENT = a.persistent
     dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
@@ -287,7 +332,8 @@ def main():
         ]
         dec = [((5000, 777, 12000), 32, 2, 128, G64, 64, 'bfloat16'),
                ((5000, 777, 12000), 32, 2, 128, G41, 64, 'bfloat16'),
-               ((3000,), 16, 2, 64, dict(G64, local_blocks=4), 16, 'bfloat16')]
+               ((3000,), 16, 2, 64, dict(G64, local_blocks=4), 16, 'bfloat16'),
+               ((131072, 70001), 32, 2, 128, G64, 64, 'bfloat16')]                  # 2048 blocks: the 128K step
         dd = [  # lengths, H, Hkv, D, dtype, (Nmax, 2 Hkv, D) views
             ((1, 4097, 70000), 32, 2, 128, 'bfloat16', True), ((131072,), 32, 2, 128, 'bfloat16', True),
             ((5000, 63), 32, 2, 128, 'bfloat16', False), ((3000, 777), 12, 4, 64, 'float16', False),
@@ -314,15 +360,22 @@ def main():
         r = check_decode(c, dev, gen)
         results['decode'].append(r)
         print('decode', c[0], 'scores', ['%.1e' % e for e in r['score_rel']], 'same_sel', r['same_sel'],
-              'attn', ['%.1e' % e for e in r['attn_rel']], 'decode_step', r['decode_step_same'], 'T=3 rows',
+              'attn', ['%.1e' % e for e in r['attn_rel']], 'decode_step', r['decode_step_same'],
+              '%.1e' % r['decode_step_o_rel'], 'T=3 rows',
               r['qper3_same_sel'], '%.1e' % r['qper3_attn_rel'], 'direct/radix/graph',
-              r['decode_step_direct_radix_graph_same'], 'OK' if r['ok'] else 'FAIL', flush=True)
+              r['decode_step_direct_radix_graph_same'], 'paths', r['selection_paths_same'], 'OK' if r['ok'] else 'FAIL',
+              flush=True)
     for c in dd:
         r = check_dense_decode(c, dev, gen)
         results['dense_decode'].append(r)
         print('dense_decode', c, 'rel (eager, graph replays at other lengths)', ['%.1e' % e for e in r['errs']],
               'OK' if r['ok'] else 'FAIL', flush=True)
-    results['all_ok'] = all(r['ok'] for k in ('attention', 'stage1', 'decode', 'dense_decode') for r in results[k])
+    # a kernel that failed to compile would only warn and take a slower path: that counts as a failure here
+    from minicpm4_core.kernels._common import _WARNED
+    results['kernel_fallbacks'] = sorted(_WARNED)
+    results['all_ok'] = (all(r['ok'] for k in ('attention', 'stage1', 'decode', 'dense_decode') for r in results[k])
+                         and not any(w.startswith('dec_') for w in _WARNED))
+    if results['kernel_fallbacks']: print('fallbacks taken:', results['kernel_fallbacks'])
     results['seconds'] = time.time() - t0
     print('ALL OK' if results['all_ok'] else 'SOME CHECKS FAILED', f"({results['seconds']:.0f} s)")
     if a.out:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, fields
@@ -23,19 +24,22 @@ from tqdm.auto import tqdm
 from . import bench
 from .config import MiniCPM4Config, SparseSettings, default_sparse_config
 from .engine import Engine, convert_quant, load_draft
+from .static_decode import StaticDecoder
 from .io import atomic_write_json
 from .model import MiniCPM4ForCausalLM
 
 # %% auto #0
-__all__ = ['CONFIGS', 'HF_COMPILE_MAX_CONTEXT', 'PARTS', 'EDGE_GBps', 'EdgeParams', 'preset', 'build_model', 'weight_bytes',
-           'kv_bytes', 'roofline', 'timed_generation', 'hf_model', 'dense_config', 'run_decode', 'run_kernels',
-           'summary_lines', 'plot', 'run', 'main']
+__all__ = ['CONFIGS', 'HF_COMPILE_MAX_CONTEXT', 'SPARSE_CONFIGS', 'PARTS', 'EDGE_GBps', 'SPEC_CONFIGS', 'EdgeParams',
+           'SpecParams', 'preset', 'build_model', 'weight_bytes', 'kv_bytes', 'roofline', 'timed_generation',
+           'hf_model', 'dense_config', 'run_decode', 'run_prefill', 'run_kernels', 'run_spec', 'agreement',
+           'distinct_ngrams', 'spec_rows', 'summary_lines', 'plot', 'run', 'main']
 
 # %% ../nbs/90_edge_bench.ipynb #86d5b03a
 CONFIGS = ('dense-eager', 'generate', 'engine-dense', 'engine-bucket', 'engine-sdpa', 'engine-sparse', 'engine-spec',
            'hf-static', 'hf-compile', 'engine-int4', 'engine-sparse-int4')   # the order they run in: bf16 first, then packed
 HF_COMPILE_MAX_CONTEXT = 4096   # hf-compile recompiles per context and batch: batch 1, contexts up to this only
-PARTS = ('decode', 'kernels')
+SPARSE_CONFIGS = ('engine-sparse', 'engine-sparse-int4')   # InfLLM v2 past dense_len: StaticSparseDecoder (batch 1)
+PARTS = ('decode', 'kernels', 'prefill', 'spec')
 EDGE_GBps = {'Jetson AGX Orin': 204.8, 'RTX 4090': 1008.0}   # memory bandwidths of the paper's edge devices
 
 
@@ -56,6 +60,8 @@ class EdgeParams:
     budget_s: float = 0
     draft: str = ''
     vocab: str = ''
+    prefill_contexts: str = '80,160'
+    spec: str = ''                   # SpecParams overrides 'field=value,...'; the CPU uses SpecParams.smoke()
     device: str = 'cpu'
     seed: int = 0
 
@@ -76,7 +82,8 @@ class EdgeParams:
             got = getattr(self, name).split(',') if getattr(self, name) != 'all' else list(allowed)
             wrong = [g for g in got if g not in allowed]
             if wrong: raise ValueError(f"{name}: unknown {wrong}; accepted: 'all' or a comma list of {list(allowed)}")
-        for name in ('contexts', 'batches'):
+        self.spec_params()                                     # raises on a bad spec override
+        for name in ('contexts', 'batches', 'prefill_contexts'):
             vals = self.ints(name)
             if not vals or min(vals) < 1: raise ValueError(f"{name} must be a comma list of ints >= 1, got {getattr(self, name)!r}")
         if self.dtype not in ('float32', 'bfloat16', 'float16'):
@@ -84,10 +91,66 @@ class EdgeParams:
         if len(self.ints('kernel_shape')) != 2: raise ValueError(f"kernel_shape must be 'K,N', got {self.kernel_shape!r}")
         return self
 
+    def spec_params(self) -> 'SpecParams':
+        "The spec part's parameters: SpecParams() on CUDA, SpecParams.smoke() on the CPU, with `spec` overrides."
+        from ast import literal_eval
+        over = {}
+        for kv in filter(None, (s.strip() for s in self.spec.split(','))):
+            k, sep, v = kv.partition('=')
+            if not sep or k not in SpecParams.__dataclass_fields__:
+                raise ValueError(f"spec: expected 'field=value,...' with fields of SpecParams "
+                                 f"{sorted(SpecParams.__dataclass_fields__)}, got {kv!r}")
+            try: over[k] = literal_eval(v)
+            except (ValueError, SyntaxError): over[k] = v
+        return SpecParams(**over) if self.device == 'cuda' else SpecParams.smoke(**over)
+
     def ints(self, name) -> list[int]: return [int(v) for v in str(getattr(self, name)).split(',') if str(v).strip()]
     def names(self, name) -> list[str]:
         v = getattr(self, name)
         return list(CONFIGS if name == 'configs' else PARTS) if v == 'all' else v.split(',')
+
+# %% ../nbs/90_edge_bench.ipynb #e5a1c002
+@dataclass
+class SpecParams:
+    """The spec part: train a `shape` target briefly on real text (`corpus`, a BPE of `bpe` ids), self-distil its
+    greedy text, train an FR-Spec draft on it, then time the engine with and without speculation on held-out prompts.
+    train_s / draft_s: wall-clock budgets of the two trainings (steps sized from a measured step; no interruption, so
+    the learning-rate schedule always completes: a timer-raised KeyboardInterrupt can land anywhere, even in cleanup)."""
+    shape: str = 'minicpm4_0_5b'
+    corpus: str = 'austen'
+    bpe: int = 4096
+    seq: int = 256
+    batch: int = 32
+    lr: float = 1e-2
+    train_s: float = 90.0
+    distill_prompts: int = 1024
+    prompt_len: int = 32
+    distill_new: int = 224
+    draft_batch: int = 32
+    draft_s: float = 35.0
+    k: int = 2048                    # FR-Spec: the draft's LM head keeps the k most frequent ids
+    prompts: int = 8
+    heldout_len: int = 128
+    new: int = 128
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls, **over) -> 'SpecParams':
+        "The CPU smoke test: a tiny model, seconds of training (the pipeline, not a speed result)."
+        return cls(**{**dict(shape='tiny', bpe=300, seq=48, batch=8, train_s=3.0, distill_prompts=16, prompt_len=12,
+                             distill_new=20, draft_batch=8, draft_s=2.0, k=128, prompts=2, heldout_len=16, new=12),
+                      **over})
+
+
+def _steps_for(model, rows, batch: int, seconds: float, dev, step_fn) -> tuple[int, float]:
+    "(steps that fit `seconds`, measured seconds per step): two forward+backward passes timed after one warm-up."
+    x = rows[:batch].to(dev)
+    step_fn(x)
+    t = _sync_clock(dev)
+    for _ in range(2): step_fn(x)
+    per = (_sync_clock(dev) - t) / 2 * 1.15                                    # + the optimizer step
+    model.zero_grad(set_to_none=True)
+    return max(2, int(seconds / per)), per
 
 # %% ../nbs/90_edge_bench.ipynb #f043246e
 def preset(name: str, max_len: int, dtype: str = 'bfloat16') -> MiniCPM4Config:
@@ -166,7 +229,11 @@ def timed_generation(kind: str, gen, prompts, n: int, dev) -> dict:
     res = gen(prompts, n + 1, marks)
     if kind == 'engine':
         lt = res.last_timing
-        return dict(ttft_s=lt['ttft_s'], decode_s=lt['decode_s'], decode_steps=lt['decode_steps'], backend=lt['backend'])
+        out = dict(ttft_s=lt['ttft_s'], decode_s=lt['decode_s'], decode_steps=lt['decode_steps'], backend=lt['backend'])
+        d = getattr(res, '_sparse_dec', None)
+        if d is not None and dev.type == 'cuda':     # the captured step alone, both variants, at this length
+            out['step_ms'] = {k: d.time_step(reps=10, inner=4, sparse=k == 'sparse') for k in ('sparse', 'dense')}
+        return out
     t = marks.t[1:] if kind == 'hf' else marks.t                  # hf: the first put is the prompt, before prefill
     # loop: marks precede sampling, so the last mark ends the last forward; hf: a mark follows each new token
     return dict(ttft_s=t[0] - t0, decode_s=t[-1] - t[0], decode_steps=len(t) - 1,
@@ -214,10 +281,9 @@ def _runner(cfg: str, m, p: EdgeParams, L: int, B: int, dev, dtype):
         return gen
     if cfg == 'dense-eager':
         return 'loop', lambda ps, k, mk_: m.generate(ps, k, stop_ids=[], fast=False, logits_processor=mk_), dense_config(m), False
-    if cfg == 'generate':                # batch 1: the engine behind model.generate; batches: the model's own loop
+    if cfg == 'generate':                # the engine behind model.generate (batch 1 and batches)
         fast = None if dev.type == 'cuda' else True          # on the CPU: the engine's eager static path
         def gen(ps, k, marks):
-            if len(ps) > 1: return m.generate(ps, k, stop_ids=[], fast=fast, logits_processor=marks)
             m.generate(ps, k, stop_ids=[], fast=fast)
             slot = m.__dict__.get('_engine_fast')
             if slot is None or slot.engine is None: raise RuntimeError("model.generate did not use the engine here")
@@ -260,6 +326,11 @@ def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progr
             if cfg in ('engine-int4', 'engine-sparse-int4') and not any(True for _ in _packed(m)):
                 convert_quant(m, 'w4a16')                     # in place, once: every later row reads int4
             Bs = [1] if cfg in ('engine-spec', 'hf-compile') else batches
+            if cfg in SPARSE_CONFIGS and Bs != [1]:        # StaticSparseDecoder is batch 1: no eager batch rows
+                notes.append(f"{shape} {cfg}: batch > 1 not run (the static sparse decoder is batch 1; the engine "
+                             f"would fall back to the model's eager loop)")
+                Bs = [b for b in Bs if b == 1]
+                if not Bs: continue
             try:
                 kind, gen, ctxm, sparse = _runner(cfg, m, p, L, max(Bs), dev, dtype)
             except Exception as e:   # a configuration that cannot run here is reported, not hidden
@@ -269,15 +340,16 @@ def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progr
             bar = tqdm(grid, desc=f'{shape} {cfg}', disable=not progress)
             try:
                 with ctxm:
-                    warm = torch.randint(3, c.vocab_size, (1, min(contexts)), generator=g).tolist()
-                    gen(warm, 2, _Marks(dev))                                   # capture / compile: untimed
+                    for B in Bs:                     # capture / compile per batch size (a batch has its own graph)
+                        warm = torch.randint(3, c.vocab_size, (B, min(contexts)), generator=g).tolist()
+                        gen(warm, 2, _Marks(dev))                               # untimed
                     for ctx, B in bar:
                         if over(): notes.append(f"{shape} {cfg} ctx={ctx} B={B}: skipped (budget)"); continue
                         ps = torch.randint(3, c.vocab_size, (B, ctx), generator=g).tolist()
-                        if (cfg in ('generate', 'engine-bucket') and B == 1) or cfg == 'hf-compile':
+                        if cfg == 'generate' or (cfg == 'engine-bucket' and B == 1) or cfg == 'hf-compile':
                             gen(ps, 2, _Marks(dev))      # a new length bucket: engine / graph built here, untimed
                         if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
-                        k = kind if kind != 'generate' else 'engine' if B == 1 else 'loop'
+                        k = 'engine' if kind == 'generate' else kind
                         tm = timed_generation(k, gen, ps, n, dev)
                         row = dict(shape=shape, config=cfg, context=ctx, batch=B, **tm,
                                    prefill_tok_s=B * ctx / tm['ttft_s'],
@@ -299,6 +371,50 @@ def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progr
 def _packed(m):
     from minicpm4_core.pgptq import QuantLinear
     return (x for x in m.modules() if isinstance(x, QuantLinear))
+
+# %% ../nbs/90_edge_bench.ipynb #e5a1c012
+@torch.no_grad()
+def run_prefill(p: EdgeParams, on_row=None) -> tuple[list, list]:
+    """Chunked prefill (chunks of p.chunk) of one random prompt per context in p.prefill_contexts on one model:
+    'sparse' = the engine's InfLLM v2 prefill (`eager_prefill`: the model's layers and its sparse prefill over a KV
+    cache), 'dense' = the engine's dense prefill (`static_prefill`: the static stack, masked SDPA per chunk).
+    Rows: shape, context, attention, seconds, tok_s; the sparse rows carry speedup_vs_dense."""
+    dev, dtype = torch.device(p.device), getattr(torch, p.dtype)
+    rows, notes, t_start = [], [], time.time()
+    ctxs = p.ints('prefill_contexts')
+    for shape in p.shapes.split(','):
+        c = preset(shape, max(ctxs) + 8, p.dtype)
+        m = build_model(c, dev, dtype)
+        st = SparseSettings.from_dict(c.sparse_config)
+        g = torch.Generator().manual_seed(p.seed)
+        engines = {a: Engine(m, max(ctxs) + 8, chunk=p.chunk, sparse='auto' if a == 'sparse' else 'dense')
+                   for a in ('sparse', 'dense')}
+        engines['dense']._static = StaticDecoder(m, max(ctxs) + 8, graphs=False, dense=True)
+        def prefill(e, n, ids=None):
+            ids = torch.randint(3, c.vocab_size, (1, n), generator=g).to(dev) if ids is None else ids
+            cache = m.new_cache(1, n) if e.sparse != 'dense' else None
+            t0 = _sync_clock(dev)
+            with e._mode():
+                if cache is None: e.static_prefill(ids[0])
+                else: e.eager_prefill(ids, torch.ones_like(ids), cache)
+            return _sync_clock(dev) - t0
+        for e in engines.values(): prefill(e, min(min(ctxs), st.dense_len + 2 * p.chunk))   # compiles, untimed
+        for ctx in ctxs:
+            ids = torch.randint(3, c.vocab_size, (1, ctx), generator=g).to(dev)
+            got = {}
+            for a, e in engines.items():
+                if p.budget_s and time.time() - t_start > p.budget_s:
+                    notes.append(f"prefill {shape} ctx={ctx} {a}: skipped (budget)"); continue
+                try: s = got[a] = prefill(e, ctx, ids)
+                except Exception as ex:
+                    notes.append(f"prefill {shape} ctx={ctx} {a}: {type(ex).__name__}: {ex}"[:400]); continue
+                rows.append(dict(shape=shape, context=ctx, attention=a, chunk=p.chunk, seconds=s, tok_s=ctx / s))
+                if a == 'dense' and 'sparse' in got: rows[-2]['speedup_vs_dense'] = got['dense'] / got['sparse']
+                if on_row: on_row(rows[-1])
+                if dev.type == 'cuda': torch.cuda.empty_cache()
+        del engines, m
+        if dev.type == 'cuda': torch.cuda.empty_cache()
+    return rows, notes
 
 # %% ../nbs/90_edge_bench.ipynb #70174aa9
 def _random_w4(K, N, G, dev, seed):
@@ -356,6 +472,187 @@ def run_kernels(p: EdgeParams) -> list[dict]:
                 rows.append(dict(kernel='ternary gemv', M=1, K=K, N=N, error=f"{type(e).__name__}: {e}"[:300]))
     return rows
 
+# %% ../nbs/90_edge_bench.ipynb #e5a1c003
+class _ByteTokenizer:
+    "Fallback when `tokenizers` is missing: ids = UTF-8 bytes + 4 (0-3: pad, <s>, </s>, unk, as `data.SPECIAL_TOKENS`)."
+    bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 260
+    def encode_batch(self, texts): return [[b + 4 for b in t.encode('utf-8')] for t in texts]
+
+
+def _spec_texts(sp: SpecParams) -> tuple[list[str], list[str], str]:
+    "(train documents, held-out documents, source): the corpus, or the embedded synthetic one (said) when missing."
+    from minicpm4_core.long_context import corpus_texts
+    try:
+        tr, src = corpus_texts(sp.corpus, 'train')
+        return tr, corpus_texts(sp.corpus, 'heldout')[0], src
+    except Exception as e:    # not built here (CI), or no datasets package
+        tr, src = corpus_texts('embedded', 'train')
+        return tr, corpus_texts('embedded', 'heldout')[0], f"FALLBACK ({type(e).__name__}: {sp.corpus!r} missing): {src}"
+
+
+@contextlib.contextmanager
+def _own_loop():
+    "model.generate without the engine (its own loop), restored on exit: the fallback if the engine's batch path fails."
+    import minicpm4_core.model as M
+    saved = list(M._FAST_GENERATE)
+    M._FAST_GENERATE.clear()
+    try: yield
+    finally: M._FAST_GENERATE[:] = saved
+
+
+def _spec_config(sp: SpecParams, tok) -> MiniCPM4Config:
+    ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=0)
+    if sp.shape == 'tiny':
+        return MiniCPM4Config.tiny(vocab_size=max(512, tok.vocab_size), hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                   dim_model_base=32, torch_dtype='float32', **ids)
+    c = MiniCPM4Config.from_preset(sp.shape, **ids)          # the preset's vocabulary: the BPE uses its first ids
+    if tok.vocab_size > c.vocab_size: raise ValueError(f"bpe={tok.vocab_size} > the shape's vocab_size={c.vocab_size}")
+    return c
+
+# %% ../nbs/90_edge_bench.ipynb #e5a1c004
+def _train_timed(model, rows, sp: SpecParams, batch: int, seconds: float, dev, lr: float):
+    "Train with steps sized to `seconds` from a measured step (the WSD schedule completes). -> (TrainResult, s/step)."
+    from minicpm4_core.train import TrainConfig, lm_loss, train
+    model.to(dev).train()
+    def fb(x):
+        with torch.autocast('cuda', torch.bfloat16, enabled=dev.type == 'cuda'): lm_loss(model, x, 0.0)[0].backward()
+    steps, per = _steps_for(model, rows, batch, seconds, dev, fb)
+    res = train(model, rows, TrainConfig(steps=steps, batch_size=batch, lr=lr, device=str(dev), seed=0,
+                                         eval_every=10**9, progress=False))
+    return res, per
+
+
+def run_spec(sp: SpecParams, device: str, log=print, on_stage=None) -> dict:
+    """The spec rows: a trained target-draft pair, then the engine with and without speculation (greedy, batch 1).
+    Returns dict(corpus, target, draft, rows, seconds); rows: name, tok_s, mean_accept_length, speedup, identical.
+    on_stage(record) after each stage (the module rewrites its JSON there: a cut run keeps what it reached)."""
+    from minicpm4_core import data as D
+    from minicpm4_core import frspec as S
+    from minicpm4_core.train import eval_loss
+    dev, t_all = torch.device(device), time.time()
+    dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
+    torch.manual_seed(sp.seed)
+    rec, lap = dict(params=asdict(sp), seconds={}), time.time()
+    def tick(name):
+        nonlocal lap
+        rec['seconds'][name] = round(time.time() - lap, 1); lap = time.time()
+        if on_stage: on_stage(rec)
+    tr, he, src = _spec_texts(sp)
+    try: tok = D.train_tokenizer(tr, sp.bpe)
+    except ImportError: tok, src = _ByteTokenizer(), src + ' (byte tokens: no tokenizers package)'
+    enc = tok.encode_batch(tr)
+    rows = D.pack_documents(enc, sp.seq, tok.bos_id, tok.eos_id)
+    valid = D.pack_documents(tok.encode_batch(he), sp.seq, tok.bos_id, tok.eos_id)
+    cfg = _spec_config(sp, tok)
+    counts = S.count_token_frequencies(tr, tok, cfg.vocab_size, eos_id=tok.eos_id, progress=False)
+    vocab = S.build_freq_vocab(counts, min(sp.k, cfg.vocab_size), tok.eos_id)
+    rec['corpus'] = dict(source=src, train_tokens=int(rows.numel()), heldout_tokens=int(valid.numel()),
+                         bpe=tok.vocab_size, vocab=cfg.vocab_size, k=vocab.k, k_coverage=vocab.coverage)
+    tick('tokenizer')
+    with torch.device(dev): target = MiniCPM4ForCausalLM(cfg)          # fp32 master weights (bf16 autocast on CUDA)
+    res, per = _train_timed(target, rows, sp, sp.batch, sp.train_s, dev, sp.lr)
+    h = res.history['loss']
+    target = target.to(dtype).eval()
+    rec['target'] = dict(shape=sp.shape, params=sum(p.numel() for p in target.parameters()), steps=len(h),
+                         s_per_step=per, tokens=res.tokens, seconds=res.seconds, interrupted=res.interrupted,
+                         loss_first=h[0], loss_last=sum(h[-10:]) / len(h[-10:]),
+                         heldout_loss=eval_loss(target, valid, sp.batch, 8, dev), unigram_entropy=D.unigram_entropy(rows))
+    tick('target'); log(f"spec target: {rec['target']['steps']} steps, loss {h[0]:.2f} -> {rec['target']['loss_last']:.2f}"
+                        f" (held-out {rec['target']['heldout_loss']:.2f})")
+    g = torch.Generator().manual_seed(sp.seed)
+    pick = torch.randperm(rows.shape[0], generator=g)[:sp.distill_prompts]
+    prompts = rows[pick, :sp.prompt_len].tolist()
+    try: drows = S.self_distill_rows(target, prompts, sp.distill_new, batch_size=256, progress=False)
+    except Exception as e:
+        rec['distill_note'] = f"engine batch path failed ({type(e).__name__}: {e}"[:300] + "); the model's own loop"
+        with _own_loop(): drows = S.self_distill_rows(target, prompts, sp.distill_new, batch_size=256, progress=False)
+    tick('distill')
+    draft = S.EagleDraft(cfg).to(dev)
+    wrap = S.DraftForTraining(draft, target)
+    dres, dper = _train_timed(wrap, drows, sp, sp.draft_batch, sp.draft_s, dev, sp.lr)
+    draft, target = draft.to(dtype).eval(), target.eval()
+    dh = dres.history['loss']
+    rec['draft'] = dict(params=sum(p.numel() for p in draft.parameters()), rows=list(drows.shape), steps=len(dh),
+                        s_per_step=dper, loss_first=dh[0], loss_last=sum(dh[-10:]) / len(dh[-10:]), seconds=dres.seconds)
+    tick('draft'); log(f"spec draft: {len(dh)} steps, loss {dh[0]:.2f} -> {rec['draft']['loss_last']:.2f}")
+    hv = D.pack_documents(tok.encode_batch(he), sp.heldout_len, tok.bos_id, tok.eos_id)
+    idx = torch.linspace(0, hv.shape[0] - 1, min(sp.prompts, hv.shape[0])).long()
+    heldout = hv[idx, :sp.heldout_len].tolist()
+    rec['rows'] = spec_rows(target, draft, vocab.ids, heldout, sp.new)
+    plain = rec['rows'][0].pop('outputs')
+    tick('timing')
+    for r in rec['rows']: log(f"spec {r['name']:>16}: {r['tok_s']:.0f} tok/s, accept {r['mean_accept_length']:.2f}, "
+                              f"x{r['speedup']:.2f} vs the engine without speculation, identical {r['identical']}/"
+                              f"{r['prompts']}, tokens {r['tokens']:.3f}, before the first difference {r['prefix']:.3f}")
+    # Why bf16 outputs differ: the same identity in fp32 on the same pair (speculation is exact up to rounding), and
+    # the size of bf16 rounding alone: the model's own loop (M-row GEMMs, its attention) against the plain engine
+    n = min(4, len(heldout))
+    loop = target.generate(heldout[:n], sp.new, stop_ids=[], fast=False)
+    rec['loop_vs_engine'] = agreement(loop, plain[:n])
+    t32, d32 = copy.deepcopy(target).float(), copy.deepcopy(draft).float()
+    f32 = spec_rows(t32, d32, vocab.ids, heldout[:n], sp.new, SPEC_CONFIGS[:2])
+    f32[0].pop('outputs')
+    rec['fp32_check'] = [{k: r[k] for k in ('name', 'identical', 'prompts', 'tokens', 'prefix', 'mean_accept_length')}
+                         for r in f32]
+    del t32, d32
+    tick('identity')
+    log(f"spec identity: {str(dtype)[6:]} model loop vs engine {rec['loop_vs_engine']['identical']}/{n} identical "
+        f"(prefix {rec['loop_vs_engine']['prefix']:.3f}); fp32 " + ', '.join(
+            f"{r['name']} {r['identical']}/{r['prompts']}" for r in rec['fp32_check'][1:]))
+    rec['seconds']['total'] = round(time.time() - t_all, 1)
+    return rec
+
+# %% ../nbs/90_edge_bench.ipynb #e5a1c005
+SPEC_CONFIGS = (('chain4 FR', True, dict(method='chain', gamma=4)),
+                ('tree5x4/16 FR', True, dict(method='tree', depth=5, topk=4, tree_size=16)),
+                ('tree6x8/32 FR', True, dict(method='tree', depth=6, topk=8, tree_size=32)),
+                ('tree5x4/16 full', False, dict(method='tree', depth=5, topk=4, tree_size=16)))
+
+
+def agreement(outs: list, ref: list) -> dict:
+    """How far token lists agree: identical (whole lists equal), tokens (fraction of equal positions) and prefix (mean
+    fraction of each list before its first difference: a late first difference is a rounding near-tie, not a bug)."""
+    n = sum(map(len, ref))
+    first = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(r)) for o, r in zip(outs, ref)]
+    return dict(identical=sum(o == r for o, r in zip(outs, ref)),
+                tokens=sum(a == b for o, r in zip(outs, ref) for a, b in zip(o, r)) / max(n, 1),
+                prefix=sum(first) / max(n, 1), first_diff=[f for f, r in zip(first, ref) if f < len(r)])
+
+
+def distinct_ngrams(rows: list, n: int = 4) -> float:
+    "Distinct n-grams / n-grams over token lists: low = the text loops (an easy target for a draft)."
+    grams = [tuple(r[i:i + n]) for r in rows for i in range(len(r) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+@torch.no_grad()
+def spec_rows(target, draft, vocab_ids, prompts: list, new: int, configs=SPEC_CONFIGS) -> list[dict]:
+    """Greedy decoding of each prompt through `Engine` without speculation (its static graph) and with FR-Spec per
+    `configs`: wall time of `generate` (prefill included), warm-up/capture untimed. identical / tokens / prefix: the
+    outputs against the plain engine's (`agreement`; in bf16 a near-tie may flip, see `run_spec`'s fp32 check)."""
+    dev = target.device
+    L = -(-(max(map(len, prompts)) + new + 64) // 16) * 16
+    rows, ref = [], None
+    for name, fr, kw in (('plain', None, None),) + tuple(configs):
+        spec = None if kw is None else (draft, vocab_ids if fr else None)
+        e = Engine(target, L, spec=spec, spec_kw=kw)
+        e.generate([prompts[0]], new, stop_ids=[])                           # capture, untimed
+        secs, outs, acc = 0.0, [], []
+        for p in prompts:
+            t0 = _sync_clock(dev)
+            outs.append(e.generate([p], new, stop_ids=[])[0])
+            secs += _sync_clock(dev) - t0
+            acc.append(e.spec_stats['mean_accept_length'] if spec else 1.0)
+        ref = ref or outs
+        rows.append(dict(name=name, **(kw or {}), k=None if not fr else len(vocab_ids), prompts=len(prompts), new=new,
+                         seconds=secs, tok_s=len(prompts) * new / secs, mean_accept_length=sum(acc) / len(acc),
+                         **agreement(outs, ref), **({} if spec else dict(distinct4=distinct_ngrams(outs)))))
+        del e
+    for r in rows: r['speedup'] = r['tok_s'] / rows[0]['tok_s']
+    rows[0]['outputs'] = ref
+    return rows
+
 # %% ../nbs/90_edge_bench.ipynb #f48e7f69
 def summary_lines(res: dict) -> list[str]:
     out = []
@@ -363,10 +660,28 @@ def summary_lines(res: dict) -> list[str]:
         out.append(f"{r['shape']:>14} {r['config']:>18} ctx={r['context']:>6} B={r['batch']} ttft={r['ttft_s']:.3f}s "
                    f"prefill={r['prefill_tok_s']:.0f} tok/s decode={r['decode_tok_s'] or 0:.1f} tok/s "
                    f"[{r.get('backend', '')}]" + (f" roofline={r['roofline_fraction']:.2f}" if 'roofline_fraction' in r else '')
-                   + (f" peak={r['peak_bytes'] / 2**30:.1f}GiB" if r.get('peak_bytes') else ''))
+                   + (f" peak={r['peak_bytes'] / 2**30:.1f}GiB" if r.get('peak_bytes') else '')
+                   + (' graph step ms sparse {sparse:.2f} dense {dense:.2f}'.format(**r['step_ms']) if 'step_ms' in r else ''))
     for r in res['kernel_rows']:
         out.append(f"kernel {r['kernel']:>34} M={r['M']:>5} {r['K']}x{r['N']}: "
                    + (f"{r['us']:.1f} us, x{r['ratio']:.2f} vs bf16" if 'us' in r else r.get('error', '')))
+    for r in res.get('prefill_rows', []):
+        out.append(f"prefill {r['shape']:>14} ctx={r['context']:>6} {r['attention']:>6}: {r['seconds']:.2f}s "
+                   f"{r['tok_s']:.0f} tok/s" + (f" x{r['speedup_vs_dense']:.2f} vs dense" if 'speedup_vs_dense' in r else ''))
+    sp = res.get('spec')
+    if sp and 'rows' in sp:
+        t, d = sp['target'], sp['draft']
+        out.append(f"spec target {t['shape']} {t['steps']} steps {t['seconds']:.0f}s: loss {t['loss_first']:.2f} -> "
+                   f"{t['loss_last']:.2f}, held-out {t['heldout_loss']:.2f}; draft {d['steps']} steps: loss "
+                   f"{d['loss_first']:.2f} -> {d['loss_last']:.2f}; {sp['corpus']['source'][:60]}")
+        for r in sp['rows']:
+            out.append(f"spec {r['name']:>16}: {r['tok_s']:.0f} tok/s accept {r['mean_accept_length']:.2f} "
+                       f"x{r['speedup']:.2f} vs no speculation, identical {r['identical']}/{r['prompts']}, "
+                       f"tokens {r.get('tokens', 0):.3f}, prefix {r.get('prefix', 0):.3f}")
+        if 'fp32_check' in sp:
+            out.append(f"spec identity: model loop vs plain engine (run dtype) {sp['loop_vs_engine']} | fp32: "
+                       + '; '.join(f"{r['name']} identical {r['identical']}/{r['prompts']} prefix {r['prefix']:.3f}"
+                                   for r in sp['fp32_check']))
     out += [f"note: {n}" for n in res['notes']]
     return out
 
@@ -414,22 +729,39 @@ def run(p: EdgeParams, out: Path | None = None, progress: bool = True) -> dict:
                                  progress=progress)
         res['notes'] += notes
         res['seconds']['decode'] = round(time.time() - t, 1); dump()
+    t = time.time()
+    if 'prefill' in p.names('parts'):
+        res['prefill_rows'] = []
+        try:
+            _, notes = run_prefill(p, on_row=lambda r: (res['prefill_rows'].append(r), dump()))
+            res['notes'] += notes
+        except Exception as e: res['notes'].append(f"prefill: {type(e).__name__}: {e}"[:400])
+        res['seconds']['prefill'] = round(time.time() - t, 1); dump()
+    t = time.time()
+    if 'spec' in p.names('parts'):
+        try: run_spec(p.spec_params(), p.device, log=lambda s: print(s, flush=True),
+                      on_stage=lambda r: (res.__setitem__('spec', r), dump()))
+        except Exception as e: res['notes'].append(f"spec: {type(e).__name__}: {e}"[:600])
+        res['seconds']['spec'] = round(time.time() - t, 1); dump()
     return res
 
 # %% ../nbs/90_edge_bench.ipynb #edc1498a
 def main(argv=None) -> int:
-    "`python -m minicpm4_core.edge_bench --profile edge --out DIR [--parts ..] [--configs ..] [--set field=value ..]`"
+    """`python -m minicpm4_core.edge_bench --profile edge --out DIR [--parts decode,kernels,prefill,spec] [--configs ..]
+    [--prefill-contexts ..] [--spec train_s=90,draft_s=35] [--set field=value ..]`"""
     from minicpm4_core.profiles import parse_overrides
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument('--profile', default='edge')
     ap.add_argument('--out', required=True)
-    for f in ('parts', 'configs', 'shapes', 'contexts', 'batches'):
-        ap.add_argument(f'--{f}', default=None, help=f'comma list (overrides the profile\'s edge_{f})')
+    lists = ('parts', 'configs', 'shapes', 'contexts', 'batches', 'prefill_contexts')
+    for f in lists:
+        ap.add_argument(f"--{f.replace('_', '-')}", dest=f, default=None, help=f'comma list (overrides edge_{f})')
+    ap.add_argument('--spec', default=None, help="spec part: SpecParams overrides 'field=value,...' (overrides edge_spec)")
     ap.add_argument('--budget', type=float, default=None, help='seconds after which no new row starts')
     ap.add_argument('--set', nargs='*', default=[], help='EdgeParams overrides as field=python-literal')
     a = ap.parse_args(argv)
     over = parse_overrides(a.set)
-    over.update({f: getattr(a, f) for f in ('parts', 'configs', 'shapes', 'contexts', 'batches') if getattr(a, f)})
+    over.update({f: getattr(a, f) for f in lists + ('spec',) if getattr(a, f)})
     if a.budget is not None: over['budget_s'] = a.budget
     try: p = EdgeParams.from_profile(a.profile, **over)
     except ValueError as e: ap.error(str(e))

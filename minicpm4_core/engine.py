@@ -22,11 +22,14 @@ from .attention import dense_attention
 from .model import (KVCache, LayerCache, MiniCPM4ForCausalLM, _as_prompt_lists, register_fast_generate,
                                  rope_cos_sin, sample_next)
 from .checks import check_finite
-from .static_decode import BatchStaticDecoder, StaticDecoder, bucket_sizes, check_static_support
+from .config import SparseSettings
+from .static_decode import (BatchStaticDecoder, StaticDecoder, bucket_sizes, check_static_support,
+                                         prep_layer)
+from .static_sparse import StaticSparseDecoder
 
 # %% auto #0
-__all__ = ['dequantized_weight', 'quant_linear', 'convert_quant', 'Engine', 'eager_prefill', 'static_prefill', 'load_draft',
-           'fast_refusal', 'generate_fast']
+__all__ = ['dequantized_weight', 'quant_linear', 'convert_quant', 'Engine', 'eager_prefill', 'static_prefill', 'sparse_prefill',
+           'load_draft', 'fast_refusal', 'generate_fast']
 
 # %% ../nbs/80_engine.ipynb #656468bd
 def _quant_kind(m: nn.Module) -> str | None:
@@ -92,7 +95,9 @@ def convert_quant(model: MiniCPM4ForCausalLM, quant: str | None, group_size: int
 class Engine:
     """Generation engine over a `MiniCPM4ForCausalLM`: one static KV allocation of `max_batch x max_len`, chunked
     prefill (only the last position reaches the LM head), decode through `StaticDecoder` (batch 1) or
-    `BatchStaticDecoder` (batch > 1, rows of any lengths; CUDA graphs on CUDA) when the model allows it, else the model's layers over the static cache; packed linears dispatched by shape.
+    `BatchStaticDecoder` (batch > 1, rows of any lengths; CUDA graphs on CUDA) when the model allows it, InfLLM v2 targets
+    past dense_len through `StaticSparseDecoder` (batch 1: a dense graph below dense_len, sparse graphs after), else the
+    model's layers over the static cache; packed linears dispatched by shape.
 
     dtype: cast the model (in place) first. quant: None | 'w4a16' | 'ternary' (packs the model in place when needed).
     sparse: 'auto' (the model's attention), 'dense' (force dense attention), or True (require an InfLLM v2 model).
@@ -130,6 +135,7 @@ class Engine:
         self._cache = None      # the one static KV allocation of the eager path, made on its first use
         self._static = None     # StaticDecoder (its own static KV buffer), built on first batch-1 use
         self._batch = None      # BatchStaticDecoder of the last batch size > 1 (one graph), built on first use
+        self._sparse_dec = None # StaticSparseDecoder (InfLLM v2 past dense_len, batch 1), built on first use
         if backend == 'static':
             why = self.static_refusal(1)
             if why: raise ValueError(f"backend='static' is not possible: {why}")
@@ -159,11 +165,25 @@ def _static_refusal(self: Engine, batch: int) -> str | None:
     if not 1 <= batch <= self.max_batch: return f"batch {batch} outside [1, max_batch={self.max_batch}]"
     # sparse='dense' asks for dense attention: the static stack's own computation, whatever the config says
     cfg = replace(self.config, sparse_config=None) if self.sparse == 'dense' else self.config
-    try: check_static_support(cfg, self.max_len)
+    try: check_static_support(replace(cfg, sparse_config=None), self.max_len)     # LongRoPE range, max_len
     except ValueError as e: return str(e)
+    if not self.sparse_static(): return None
+    if batch > 1:
+        return (f"an InfLLM v2 target past dense_len decodes in graphs at batch 1 only (StaticSparseDecoder); got "
+                f"batch {batch} (max_len={self.max_len} >= dense_len={SparseSettings.from_dict(cfg.sparse_config).dense_len})")
+    if SparseSettings.from_dict(cfg.sparse_config).lse_approx:
+        return "sparse_config lse_approx=True: the static sparse step computes the exact block scores"
     return None
 
 Engine.static_refusal = _static_refusal
+
+
+def _sparse_static(self: Engine) -> bool:
+    "Whether batch-1 static decoding goes through `StaticSparseDecoder` (an InfLLM v2 model whose max_len goes sparse)."
+    sc = self.config.sparse_config
+    return self.sparse != 'dense' and sc is not None and not SparseSettings.from_dict(sc).dense_at(self.max_len)
+
+Engine.sparse_static = _sparse_static
 
 # %% ../nbs/80_engine.ipynb #542f90c8
 def _engine_cache(self: Engine) -> KVCache:
@@ -243,6 +263,22 @@ def static_prefill(self: Engine, ids: torch.Tensor) -> torch.Tensor:
 
 Engine.static_prefill = static_prefill
 
+
+@torch.no_grad()
+def sparse_prefill(self: Engine, ids: torch.Tensor) -> torch.Tensor:
+    """InfLLM v2 past dense_len: the model's chunked prefill (its sparse prefill kernels) into a KVCache of T positions,
+    handed to the StaticSparseDecoder (K/V, pre-RoPE keys, compressed keys): ids (T,) -> last-position logits (1, V).
+    The temporary cache is freed on return; on CUDA every step variant is captured here, before the first step."""
+    d, T = self._sparse_dec, ids.numel()
+    cache = self.model.new_cache(1, T)
+    logits = self.eager_prefill(ids[None], torch.ones(1, T, dtype=torch.long, device=ids.device), cache)
+    d.load_cache(cache)
+    del cache
+    if d.graphs: d.capture_all()
+    return logits
+
+Engine.sparse_prefill = sparse_prefill
+
 # %% ../nbs/80_engine.ipynb #cd3808b5
 def _pick(self: Engine, B: int) -> str:
     if self.backend != 'auto': return self.backend
@@ -287,7 +323,12 @@ def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, tempera
     out, done, mask = [], torch.zeros(B, dtype=torch.bool, device=dev), None
     t0 = _clock(dev)
     with self._mode():
-        if kind == 'static' and B == 1:
+        if kind == 'static' and B == 1 and self.sparse_static():
+            if self._sparse_dec is None:
+                self._sparse_dec = StaticSparseDecoder(self.model, self.max_len, graphs=self.graphs)
+            logits = self.sparse_prefill(torch.tensor(rows[0], device=dev))
+            nxt_fn = lambda tok, mask: self._sparse_dec.step(tok)[None]
+        elif kind == 'static' and B == 1:
             if self._static is None:
                 self._static = StaticDecoder(self.model, self.max_len, graphs=self.graphs, dense=self.sparse == 'dense',
                                              length_mode=self.length_mode, min_bucket=self.min_bucket,
@@ -387,6 +428,11 @@ def _memory(self: Engine) -> dict:
         s = d.stack
         fused = [p[k] for p in s.p for k in ('wqkv', 'wgu') if isinstance(p[k], torch.Tensor)]   # packed: no copy
         st += s.kv.numel() * s.kv.element_size() + sum(t.numel() * t.element_size() for t in fused)
+    if self._sparse_dec is not None:
+        d = self._sparse_dec
+        s = d.base.stack
+        fused = [p[k] for p in s.p for k in ('wqkv', 'wgu') if isinstance(p[k], torch.Tensor)]
+        st += sum(t.numel() * t.element_size() for t in [s.kv, d.kc, *fused] + ([d.ring] if d.ring is not None else []))
     return dict(weights=w, kv_cache=kv, static_stack=st, total=w + kv + st)
 
 Engine.memory = _memory
@@ -411,7 +457,6 @@ class _FastSlot:
 def fast_refusal(model: MiniCPM4ForCausalLM, rows: list, logits_processor=None) -> str | None:
     "Why the engine cannot reproduce `model.generate` for these prompts before any engine exists (None: it may)."
     if logits_processor is not None: return "a logits_processor: the engine samples from the raw logits"
-    if len(rows) != 1: return f"the static stack decodes batch 1, got {len(rows)} prompts"
     return None
 
 # %% ../nbs/80_engine.ipynb #962d38da
@@ -422,9 +467,9 @@ def generate_fast(model: MiniCPM4ForCausalLM, prompts, max_new_tokens: int = 32,
     rows = _as_prompt_lists(prompts)
     why = fast_refusal(model, rows, logits_processor)
     if why: _note_once(why); return None
-    need = len(rows[0]) + max_new_tokens
+    need = max(map(len, rows)) + max_new_tokens                      # the longest prompt of a batch
     max_len = 1 << max(need - 1, 63).bit_length()                    # >= need, at least 64
-    key = (max_len, model.dtype, str(model.device), length_mode, repr(model.config.sparse_config),
+    key = (max_len, len(rows), model.dtype, str(model.device), length_mode, repr(model.config.sparse_config),
            tuple(p.data_ptr() for p in model.parameters()))
     slot = model.__dict__.setdefault('_engine_fast', _FastSlot())
     was_training = model.training                                     # the Engine puts the model in eval mode
@@ -432,17 +477,30 @@ def generate_fast(model: MiniCPM4ForCausalLM, prompts, max_new_tokens: int = 32,
     finally: model.train(was_training)
 
 
+def _refresh(d, model) -> None:
+    "Copy the model's current weights into a static decoder's fused copies (StaticDecoder or BatchStaticDecoder)."
+    if hasattr(d, 'refresh'): d.refresh(); return
+    with torch.no_grad():
+        for p, layer in zip(d.stack.p, model.model.layers):
+            new = prep_layer(layer)
+            for k in ('wqkv', 'wgu'):
+                if isinstance(p[k], torch.Tensor): p[k].copy_(new[k])
+        d.norm_w.copy_(model.model.norm.weight / model.config.logit_scale)
+
+
 def _run_fast(model, slot: _FastSlot, key: tuple, rows, max_new_tokens: int, length_mode: str, kw: dict):
     max_len = key[0]
     if slot.key != key:
         slot.key = slot.engine = None                                 # drop the old engine (and its memory) first
-        e = Engine(model, max_len, backend='auto', length_mode=length_mode)
-        why = e.static_refusal(1)
+        e = Engine(model, max_len, max_batch=len(rows), backend='auto', length_mode=length_mode)
+        why = e.static_refusal(len(rows))
         if why: _note_once(why); return None
         slot.key, slot.engine, slot.versions = key, e, None
     versions = tuple(p._version for p in model.parameters())
-    if slot.versions is not None and slot.versions != versions and slot.engine._static is not None:
-        slot.engine._static.refresh()                                 # in-place updates: same buffers, new values
+    if slot.versions is not None and slot.versions != versions:      # in-place updates: same buffers, new values
+        e = slot.engine
+        for d in (e._static, e._batch, e._sparse_dec and e._sparse_dec.base):
+            if d is not None: _refresh(d, model)
     slot.versions = versions
     return slot.engine.generate(rows, max_new_tokens, **kw)
 

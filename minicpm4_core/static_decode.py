@@ -22,8 +22,9 @@ from .config import MiniCPM4Config, SparseSettings
 from .model import MiniCPM4ForCausalLM, MiniCPM4DecoderLayer, rope_cos_sin
 
 # %% auto #0
-__all__ = ['prep_layer', 'attend', 'layer_step', 'check_static_support', 'StaticStack', 'capture_graph', 'bucket_sizes',
-           'StaticDecoder', 'batch_attend', 'BatchStaticDecoder']
+__all__ = ['FUSED_MODES', 'prep_layer', 'attend', 'layer_step', 'layer_step_fused', 'layer_step_gemv', 'check_static_support',
+           'resolve_fused', 'StaticStack', 'capture_graph', 'bucket_sizes', 'StaticDecoder', 'batch_attend',
+           'BatchStaticDecoder']
 
 # %% ../nbs/61_static_decode.ipynb #5b9ba41a
 def _packed(m) -> bool:
@@ -95,6 +96,42 @@ def layer_step(p: dict, x, cos, sin, kv, slots, mask, Hq: int, Hkv: int, Dh: int
     g, u = _lin(p['wgu'], F.rms_norm(x, (H,), p['ln2'], p['eps2'])).chunk(2, -1)
     return _add_lin(x, F.silu(g) * u, p['wdown'], p['r'])
 
+# %% ../nbs/61_static_decode.ipynb #f05ed002
+def layer_step_fused(p: dict, x, d, r_prev: float, cos, sin, pos, kv, slots, mask, Hq: int, Hkv: int, Dh: int,
+                     span: int | None = None, seqlens=None, attn: Callable = attend, backend: str = 'triton'):
+    """`layer_step` with the chains between the GEMVs fused (`kernels.fused`): x (T, H) the residual *before* the
+    previous layer's last update d (T, H) (None for the first layer), scaled by r_prev; cos, sin (P, Dh) the whole
+    RoPE tables and pos (T,) long the rows (read on the device); the rest as `layer_step`. Returns (x, d): the
+    residual before this layer's MLP update and that update (the next layer, or the caller, adds d * p['r']).
+    Kernels per layer: add+norm, qkv GEMV, RoPE+KV write, attention, o GEMV, add+norm, gate|up GEMV, SiLU*up,
+    down GEMV. backend: `kernels.fused`'s ('triton', 'torch' on the CPU, 'compile')."""
+    from minicpm4_core.kernels.fused import add_rms_norm, rope_kv_write, silu_mul
+    x, h = add_rms_norm(x, d, p['ln1'], p['eps1'], r_prev, backend=backend)
+    q = rope_kv_write(_lin(p['wqkv'], h), cos, sin, pos, kv, slots, Hq, Hkv, backend=backend)
+    o = attn(q, kv, mask, span, seqlens)
+    x, h = add_rms_norm(x, _lin(p['wo'], o), p['ln2'], p['eps2'], p['r'], backend=backend)
+    return x, _lin(p['wdown'], silu_mul(_lin(p['wgu'], h), backend=backend))
+
+
+# %% ../nbs/61_static_decode.ipynb #f05ed004
+def layer_step_gemv(p: dict, x, cos, sin, pos, kv, slots, mask, Hq: int, Hkv: int, Dh: int, span: int | None = None,
+                    seqlens=None, attn: Callable = attend):
+    """One decoder layer on one token x (1, H) through `kernels.fused.gemv` (Triton GEMVs, faster than cuBLAS at M = 1
+    on the H200): the residual updates in the o and down GEMVs' epilogues; the input RMSNorms and SiLU*up in the
+    GEMVs' prologues where `prologue_fits` (small weights: 4 GEMVs + RoPE/write + attention per layer), else as the
+    separate fused kernels (large weights: 7 + attention). Dense weights only. Arguments as `layer_step_fused`
+    -> x (1, H)."""
+    from minicpm4_core.kernels.fused import add_rms_norm, gemv, prologue_fits, rope_kv_write, silu_mul
+    def normed_gemv(w, nw, eps):
+        if prologue_fits(w): return gemv(x, w, norm_w=nw, eps=eps)
+        return gemv(add_rms_norm(x, None, nw, eps)[1], w)
+    q = rope_kv_write(normed_gemv(p['wqkv'], p['ln1'], p['eps1']), cos, sin, pos, kv, slots, Hq, Hkv)
+    x = gemv(attn(q, kv, mask, span, seqlens).reshape(1, -1), p['wo'], res=x, r=p['r'])
+    gu = normed_gemv(p['wgu'], p['ln2'], p['eps2'])
+    if prologue_fits(p['wdown'], silu=True): return gemv(gu, p['wdown'], silu=True, res=x, r=p['r'])
+    return gemv(silu_mul(gu), p['wdown'], res=x, r=p['r'])
+
+
 # %% ../nbs/61_static_decode.ipynb #3e6e92e3
 def check_static_support(config: MiniCPM4Config, max_len: int) -> None:
     "Raise ValueError when a static dense stack of `max_len` slots would not reproduce the model's forward."
@@ -115,16 +152,33 @@ def check_static_support(config: MiniCPM4Config, max_len: int) -> None:
                              f"max_len={max_len}. Use the model's own forward (or speculative_generate) for longer")
 
 # %% ../nbs/61_static_decode.ipynb #4fc61f68
+FUSED_MODES = ('auto', 'triton', 'gemv', 'compile', 'torch', 'off')
+
+
+def resolve_fused(fused: str, device) -> str | None:
+    "`StaticStack`'s fused mode -> the `kernels.fused` backend of its layers, or None (`layer_step`)."
+    if fused not in FUSED_MODES: raise ValueError(f"fused must be one of {FUSED_MODES}, got {fused!r}")
+    if fused == 'auto': return 'gemv' if torch.device(device).type == 'cuda' else None
+    return None if fused == 'off' else fused
+
+
 class StaticStack:
     """Decoder layers with a static KV buffer `kv` (layers, max_len, 2*Hkv, Dh) and RoPE tables (max_len, Dh).
     decode_kernel: how a one-token step attends - 'auto' (`dense_decode` on CUDA, SDPA on the CPU), 'dense_decode'
     or 'sdpa' (masked, every slot of the span: cuDNN's prefill kernel on CUDA, no split over keys).
-    batch: a KV buffer (layers, batch, max_len, 2*Hkv, Dh) for `BatchStaticDecoder` (`run` is then not used)."""
+    batch: a KV buffer (layers, batch, max_len, 2*Hkv, Dh) for `BatchStaticDecoder` (`run` is then not used).
+    fused: the small ops between the GEMVs - 'auto' ('gemv' on CUDA, `layer_step`'s torch ops on the CPU), 'gemv'
+    (`layer_step_gemv`: Triton GEMVs with the chains fused in, for one-row steps with dense weights, else 'triton'),
+    'triton' (`layer_step_fused`: cuBLAS GEMVs, fused Triton kernels between), 'compile' (that structure, torch ops
+    through torch.compile), 'torch' (that structure, plain torch ops) or 'off' (`layer_step`).
+    Kept as `self.fused` (None for 'off'); it may be changed later."""
     def __init__(self, layers, config: MiniCPM4Config, max_len: int, device, dtype, decode_kernel: str = 'auto',
-                 batch: int | None = None):
+                 batch: int | None = None, fused: str = 'auto'):
         check_static_support(config, max_len)
         if decode_kernel not in ('auto', 'dense_decode', 'sdpa'):
             raise ValueError(f"decode_kernel must be 'auto', 'dense_decode' or 'sdpa', got {decode_kernel!r}")
+        if fused not in FUSED_MODES:
+            raise ValueError(f"fused must be one of {FUSED_MODES}, got {fused!r}")
         self.p = [prep_layer(l) for l in layers]
         self.Hq, self.Hkv, self.Dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         rows = () if batch is None else (batch,)
@@ -136,22 +190,41 @@ class StaticStack:
         dev = torch.device(device)
         self.split_decode = decode_kernel == 'dense_decode' or (decode_kernel == 'auto' and dev.type == 'cuda')
         self.attn: Callable = attend                  # `attend`'s signature; a sparse step may replace it
+        self.fused = resolve_fused(fused, dev)
 
     def run(self, x, pos, slots, allowed, span: int | None = None, seqlens=None):
         """x (T, H), pos/slots (T,) long, allowed (T, span or max_len) bool -> x (T, H); span: attend slots [0, span).
         seqlens: int32 (1,) device tensor = pos + 1 for a one-token step: with `split_decode` no mask is built
         (`allowed` unused, may be None) and attention reads the length on the device."""
-        cos, sin = self.cos.index_select(0, pos)[:, None], self.sin.index_select(0, pos)[:, None]
         if seqlens is not None and self.split_decode and x.shape[0] == 1:
             mask = None
         else:
             seqlens = None
             mask = torch.zeros(allowed.shape, dtype=self.dtype, device=x.device).masked_fill_(~allowed, float('-inf'))
             mask = mask.repeat(self.Hq // self.Hkv, 1)[None, None]
+        return self.layers(x, pos, slots, mask, span, seqlens, lambda l: self.kv[l], self.attn)
+
+    def layers(self, x, pos, slots, mask, span, seqlens, kv_of: Callable, attn: Callable):
+        """All layers on x (T, H) at positions pos (T,), writing `slots` of the buffers kv_of(l) (S, 2*Hkv, Dh)
+        -> x (T, H) (before the final norm): `layer_step` per layer, or `layer_step_fused` when `self.fused` is set."""
+        if self.fused is None:
+            cos, sin = self.cos.index_select(0, pos)[:, None], self.sin.index_select(0, pos)[:, None]
+            for l, p in enumerate(self.p):
+                x = layer_step(p, x, cos, sin, kv_of(l), slots, mask, self.Hq, self.Hkv, self.Dh, span, seqlens, attn)
+            return x
+        if self.fused == 'gemv' and x.shape[0] == 1 and all(isinstance(p[k], torch.Tensor) for p in self.p
+                                                            for k in ('wqkv', 'wo', 'wgu', 'wdown')):
+            for l, p in enumerate(self.p):
+                x = layer_step_gemv(p, x, self.cos, self.sin, pos, kv_of(l), slots, mask, self.Hq, self.Hkv, self.Dh,
+                                    span, seqlens, attn)
+            return x
+        be = 'triton' if self.fused == 'gemv' else self.fused
+        d, r = None, 1.0
         for l, p in enumerate(self.p):
-            x = layer_step(p, x, cos, sin, self.kv[l], slots, mask, self.Hq, self.Hkv, self.Dh, span, seqlens,
-                           self.attn)
-        return x
+            x, d = layer_step_fused(p, x, d, r, self.cos, self.sin, pos, kv_of(l), slots, mask, self.Hq, self.Hkv,
+                                    self.Dh, span, seqlens, attn, be)
+            r = p['r']
+        return torch.add(x, d, alpha=r)
 
 # %% ../nbs/61_static_decode.ipynb #a56933d9
 def capture_graph(fn: Callable[[], None], state: Sequence[torch.Tensor], warmup: int = 2) -> 'torch.cuda.CUDAGraph':
@@ -195,10 +268,11 @@ class StaticDecoder:
     costs: the default). dense: compute dense attention even for an
     InfLLM v2 model at any length (what `Engine(sparse='dense')` asks for); otherwise the model's config must allow it.
     The model's weights are shared, not copied (q/k/v and gate/up are fused copies; packed w4a16 / ternary linears
-    are called as modules); eval mode, no gradients."""
+    are called as modules); eval mode, no gradients. fused: `StaticStack`'s ('auto': Triton GEMVs and fused kernels
+    between them on CUDA, torch ops on the CPU)."""
     def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, graphs: bool | None = None,
                  length_mode: str = 'static', min_bucket: int = 256, dense: bool = False,
-                 decode_kernel: str = 'auto'):
+                 decode_kernel: str = 'auto', fused: str = 'auto'):
         if not isinstance(model, MiniCPM4ForCausalLM):
             raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
         self.buckets = bucket_sizes(max_len, length_mode, min_bucket)       # validates the three arguments
@@ -206,7 +280,8 @@ class StaticDecoder:
         c = model.config
         self.model, self.config, self.max_len = model, c, max_len
         sc = replace(c, sparse_config=None) if dense else c                   # the stack's attention is dense
-        self.stack = StaticStack(model.model.layers, sc, max_len, model.device, model.dtype, decode_kernel)
+        self.stack = StaticStack(model.model.layers, sc, max_len, model.device, model.dtype, decode_kernel,
+                                 fused=fused)
         self.embed_w, self.scale_emb = model.model.embed_tokens.weight.detach(), c.scale_emb
         self.norm_w, self.eps = (model.model.norm.weight / c.logit_scale).detach(), model.model.norm.eps
         self.head_w = model.lm_head.weight.detach()
@@ -377,16 +452,17 @@ def batch_attend(q, kv, mask, span: int | None, seqlens, *, B: int, split: bool)
 class BatchStaticDecoder:
     """Static-shape decoding of B sequences at once (different lengths): prefill(b, ids) per row, step(tokens (B,)),
     captured in one CUDA graph on CUDA. The weights/RoPE tables are a `StaticStack`'s; the KV buffer is
-    (layers, B, max_len, 2*Hkv, Dh). decode_kernel: as `StaticStack` ('auto': dense_decode on CUDA)."""
+    (layers, B, max_len, 2*Hkv, Dh). decode_kernel, fused: as `StaticStack` ('auto': dense_decode and the fused kernels
+    on CUDA)."""
     def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, batch: int, *, graphs: bool | None = None,
-                 dense: bool = False, decode_kernel: str = 'auto'):
+                 dense: bool = False, decode_kernel: str = 'auto', fused: str = 'auto'):
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ValueError(f"batch must be an int >= 1, got {batch!r}")
         if not isinstance(model, MiniCPM4ForCausalLM):
             raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
         c, dev = model.config, model.device
         sc = replace(c, sparse_config=None) if dense else c
-        self.stack = StaticStack(model.model.layers, sc, max_len, dev, model.dtype, decode_kernel, batch)
+        self.stack = StaticStack(model.model.layers, sc, max_len, dev, model.dtype, decode_kernel, batch, fused)
         self.embed_w, self.scale_emb = model.model.embed_tokens.weight.detach(), c.scale_emb
         self.norm_w, self.eps = (model.model.norm.weight / c.logit_scale).detach(), model.model.norm.eps
         self.head_w, self.H = model.lm_head.weight.detach(), c.hidden_size
@@ -415,12 +491,10 @@ def prefill(self: BatchStaticDecoder, b: int, ids, chunk: int | None = None) -> 
     for s in range(0, T, ch):
         e = min(T, s + ch)
         x = F.embedding(ids[s:e], d.embed_w) * d.scale_emb
-        cos, sin = st.cos[s:e, None], st.sin[s:e, None]
         mask = torch.zeros(e - s, e, dtype=st.dtype, device=self.dev).masked_fill_(ar[None, :e] > ar[s:e, None],
                                                                                    float('-inf'))
         mask = mask.repeat(st.Hq // st.Hkv, 1)[None, None]
-        for l, p in enumerate(st.p):
-            x = layer_step(p, x, cos, sin, st.kv[l, b], ar[s:e], mask, st.Hq, st.Hkv, st.Dh, e)
+        x = st.layers(x, ar[s:e], ar[s:e], mask, e, None, lambda l: st.kv[l, b], attend)
     self.pos[b] = T; self.n[b] = T
     return F.linear(F.rms_norm(x[-1], (d.H,), d.norm_w, d.eps), d.head_w)
 
@@ -430,7 +504,6 @@ def _step_static(self: BatchStaticDecoder) -> None:
     "The capturable step: B tokens self.tok at positions self.pos -> self.out (B, V); advances self.pos."
     st, d, m = self.stack, self, self.pos
     x = F.embedding(self.tok, d.embed_w) * d.scale_emb
-    cos, sin = st.cos.index_select(0, m)[:, None], st.sin.index_select(0, m)[:, None]
     self.lens.copy_(m + 1)
     mask = None
     if not st.split_decode:
@@ -438,9 +511,7 @@ def _step_static(self: BatchStaticDecoder) -> None:
         mask = mask.masked_fill_(self.ar[None] > m[:, None], float('-inf'))[:, None, None]
     attn = lambda q, kv, mk, span, sl: batch_attend(q, kv, mk, span, sl, B=self.B, split=st.split_decode)
     slots = self.base + m
-    for l, p in enumerate(st.p):
-        x = layer_step(p, x, cos, sin, st.kv[l].view(-1, 2 * st.Hkv, st.Dh), slots, mask, st.Hq, st.Hkv, st.Dh,
-                       None, self.lens, attn)
+    x = st.layers(x, m, slots, mask, None, self.lens, lambda l: st.kv[l].view(-1, 2 * st.Hkv, st.Dh), attn)
     self.out.copy_(F.linear(F.rms_norm(x, (d.H,), d.norm_w, d.eps), d.head_w))
     self.pos += 1
 

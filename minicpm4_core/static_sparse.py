@@ -212,6 +212,21 @@ def _capture(self: StaticSparseDecoder, sparse: bool, update: bool):
 
 
 @patch
+def capture_all(self: StaticSparseDecoder) -> StaticSparseDecoder:
+    """Capture now every step variant this buffer can reach (dense below dense_len, sparse from it on; each with and
+    without the compression update), so no capture (or Triton compile) falls inside a timed decode. Needs CUDA and a
+    loaded state (prefill / load_cache); each capture restores the small state (see `_capture`)."""
+    if self.dev.type != 'cuda': raise RuntimeError("capture_all needs the model on a CUDA device; the CPU runs eagerly")
+    if self.n == 0: raise ValueError("call prefill(ids) or load_cache(cache) before capture_all()")
+    self._n_keys = self.n + 1
+    for sparse in sorted({self.is_sparse(self.n + 1), self.is_sparse(self.max_len)}):
+        for update in (False, True):
+            if (sparse, update) not in self._graphs: self._capture(sparse, update)
+    self.graphs = True
+    return self
+
+
+@patch
 @torch.no_grad()
 def generate(self: StaticSparseDecoder, prompt, max_new_tokens: int) -> list[int]:
     "Greedy decoding: exactly `max_new_tokens` new ids (no early stop)."

@@ -43,11 +43,14 @@ def test_greedy_equals_model_generate(sparse, quant, torch_kernels):
     ps = prompts_of(seed)
     eng = Engine(m, 37 + 14, max_batch=3, quant=quant, chunk=7)
     if quant: assert eng.n_quant == 14
-    assert eng.pick_backend(1) == ('eager' if sparse else 'static')    # packed linears run in the static stack
-    if sparse: assert eng.pick_backend(1) == 'eager'                 # 51 > dense_len: the selection is active
-    ref = m.generate(ps, 14, stop_ids=[])
+    assert eng.pick_backend(1) == 'static'                           # packed linears run in the static stack
+    # 51 > dense_len: batch 1 goes through StaticSparseDecoder, a batch of InfLLM v2 rows through the model's layers
+    assert eng.pick_backend(3) == ('eager' if sparse else 'static') and eng.sparse_static() == sparse
+    ref = m.generate(ps, 14, stop_ids=[], fast=False)
     assert eng.generate(ps, 14, stop_ids=[]) == ref
-    for p, r in zip(ps, ref): assert eng.generate([p], 14, stop_ids=[]) == [r]
+    for p, r in zip(ps, ref):                                         # the 6-token prompt crosses dense_len=16
+        assert eng.generate([p], 14, stop_ids=[]) == [r] and eng.last_timing['backend'] == 'static'
+    assert (eng._sparse_dec is not None) == sparse and (eng._static is None) == sparse
     stop = ref[0][5]                                                  # early stop: same cut as the model's
     assert eng.generate(ps, 14, stop_ids=[stop]) == m.generate(ps, 14, stop_ids=[stop])
 
@@ -76,11 +79,19 @@ def test_chunked_prefill_equals_one_shot(sparse):
         eng = Engine(m, 64, max_batch=3, chunk=chunk)
         got = eng.eager_prefill(ids, mask, eng._cache_view(3))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    if not sparse:                                                    # static stack: batch 1
-        eng = Engine(m, 64, chunk=8, backend='static')
-        eng.generate([ps[0]], 1)                                      # builds the StaticDecoder
-        got = eng.static_prefill(torch.tensor(ps[0]))
-        torch.testing.assert_close(got[0], m(torch.tensor([ps[0]]))[0, -1], rtol=1e-4, atol=1e-4)
+    eng = Engine(m, 64, chunk=8, backend='static')
+    eng.generate([ps[0]], 1)                                          # builds the StaticDecoder / StaticSparseDecoder
+    pre = eng.sparse_prefill if sparse else eng.static_prefill
+    got = pre(torch.tensor(ps[0]))
+    torch.testing.assert_close(got[0], m(torch.tensor([ps[0]]))[0, -1], rtol=1e-4, atol=1e-4)
+    if sparse:                                                        # the handed-over state: K/V and compressed keys
+        from minicpm4_core.infllmv2 import compress_keys
+        d, c = eng._sparse_dec, m.new_cache(1, 45)
+        with torch.no_grad(): m(torch.tensor([ps[0]]), cache=c)
+        n, Hkv = 45, d.Hkv
+        torch.testing.assert_close(d.base.stack.kv[0, :n, :Hkv], c.layers[0].k[0, :n], rtol=1e-5, atol=1e-5)
+        kc = compress_keys(c.layers[1].k[:, :n], d.st.kernel_size, d.st.kernel_stride)
+        torch.testing.assert_close(d.kc[1, :, :kc.shape[1]], kc, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('quant', ['w4a16', 'ternary'])
@@ -177,7 +188,10 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match='sparse=True needs'): Engine(m, 16, sparse=True)
     with pytest.raises(ValueError, match='dtype must be'): Engine(m, 16, dtype=torch.int8)
     with pytest.raises(ValueError, match='backend must be'): Engine(m, 16, backend='graph')
-    with pytest.raises(ValueError, match="backend='static' is not possible"): Engine(sm, 64, backend='static')
+    with pytest.raises(ValueError, match="backend='static' is not possible.*lse_approx"):
+        Engine(model_of(1, sparse_config=dict(SPARSE, lse_approx=True)), 64, backend='static')
+    with pytest.raises(ValueError, match="backend='static'.*batch 1 only.*got batch 2"):
+        Engine(sm, 64, max_batch=2, backend='static').generate([[5] * 3, [6] * 4], 2)
     with pytest.raises(ValueError, match='spec must be None or a pair'): Engine(m, 16, spec='draft')
     with pytest.raises(ValueError, match='model must be'): Engine(torch.nn.Linear(2, 2), 16)
     eng = Engine(m, 16, max_batch=2)
@@ -226,17 +240,23 @@ def test_model_generate_falls_back_with_one_note(fresh_notes, capsys, torch_kern
     m = model_of(21)
     ps = prompts_of(21, (15, 9))
     assert m.generate(ps, 6, stop_ids=[], fast=True) == m.generate(ps, 6, stop_ids=[], fast=False)
-    m.generate(ps, 6, stop_ids=[], fast=True)
+    assert m._engine_fast.engine.last_timing['backend'] == 'static' and m._engine_fast.engine._batch.B == 2
+    long = [ps[0], ps[1] * 7]                                                           # the longest row sizes max_len
+    assert m.generate(long, 6, stop_ids=[], fast=True) == m.generate(long, 6, stop_ids=[], fast=False)
+    assert m._engine_fast.key[0] == 128
+    assert capsys.readouterr().out == ''                                                # a dense batch: the engine
+    s = model_of(22, sparse_config=SPARSE)                                              # 15 + 6 > dense_len=16
+    assert s.generate(ps, 6, stop_ids=[], fast=True) == s.generate(ps, 6, stop_ids=[], fast=False)
+    s.generate(ps, 6, stop_ids=[], fast=True)
     out = capsys.readouterr().out
-    assert out.count('batch 1, got 2 prompts') == 1, out                                # once per reason
+    assert out.count('batch 1 only') == 1, out                                          # once per reason
+    assert s.generate([ps[0]], 6, stop_ids=[], fast=True) == s.generate([ps[0]], 6, stop_ids=[], fast=False)
+    assert s._engine_fast.engine._sparse_dec is not None and capsys.readouterr().out == ''   # batch 1: static sparse
     ban = lambda ids, logits: logits.index_fill(-1, logits.argmax(-1), float('-inf'))  # never the greedy token
     got = m.generate([ps[0]], 6, stop_ids=[], fast=True, logits_processor=ban)
     assert got == m.generate([ps[0]], 6, stop_ids=[], fast=False, logits_processor=ban)
     assert got != m.generate([ps[0]], 6, stop_ids=[], fast=False)
     assert 'logits_processor' in capsys.readouterr().out
-    s = model_of(22, sparse_config=SPARSE)                                              # 15 + 6 > dense_len=16
-    assert s.generate([ps[0]], 6, stop_ids=[], fast=True) == s.generate([ps[0]], 6, stop_ids=[], fast=False)
-    assert 'dense' in capsys.readouterr().out
     q = model_of(23)
     Engine(q, 32, quant='w4a16')                                                        # packs q in place
     assert q.generate([ps[0]], 6, stop_ids=[], fast=True) == q.generate([ps[0]], 6, stop_ids=[], fast=False)
@@ -258,6 +278,15 @@ def test_model_generate_fast_follows_weight_updates(fresh_notes):
     lin = m.model.layers[0].mlp.up_proj
     lin.weight = torch.nn.Parameter(torch.randn_like(lin.weight) * 0.3)
     assert m.generate([p], 8, stop_ids=[], fast=True) == m.generate([p], 8, stop_ids=[], fast=False)
+    # a batch (BatchStaticDecoder) and an InfLLM v2 target past dense_len (StaticSparseDecoder) follow updates too
+    s = model_of(25, sparse_config=SPARSE)
+    ps = prompts_of(25, (17, 9))
+    for rows in (ps, ps[:1]):
+        s.generate(rows, 8, stop_ids=[], fast=True)
+        with torch.no_grad():
+            for w in s.parameters(): w.add_(torch.randn_like(w) * 0.3)
+        with torch.no_grad(): s.model.layers[0].mlp.up_proj.weight.add_(1.0)    # a fused gate|up copy must follow
+        assert s.generate(rows, 8, stop_ids=[], fast=True) == s.generate(rows, 8, stop_ids=[], fast=False)
     assert m._engine_fast.engine is not eng
 
 
@@ -395,7 +424,8 @@ def test_engine_sparse_dense_uses_the_static_stack():
     s = model_of(33, sparse_config=SPARSE)
     p = prompts_of(33, (30,))[0]
     e = Engine(s, 64, sparse='dense', chunk=8)
-    assert e.pick_backend(1) == 'static' and Engine(s, 64).pick_backend(1) == 'eager'
+    assert e.pick_backend(1) == 'static' and Engine(s, 64, max_batch=2).pick_backend(2) == 'eager'
+    assert Engine(s, 64).sparse_static() and not e.sparse_static()
     with e._mode(): want = s.generate([p], 12, stop_ids=[], fast=False)          # forced dense attention
     assert e.generate([p], 12, stop_ids=[]) == want
     with torch.no_grad(), e._mode(): dense = s(torch.tensor([p]))[0, -1]
@@ -492,3 +522,62 @@ def test_batch_static_decode_equals_model(kernel, torch_kernels):
     q = model_of(52)
     e4 = Engine(q, 40, max_batch=2, quant='w4a16', decode_kernel=kernel)   # packed linears, batched
     assert e4.generate(ps[:2], 6, stop_ids=[]) == q.generate(ps[:2], 6, stop_ids=[], fast=False)
+
+
+# ---- session 5: the spec part (a trained pair, CPU smoke) and the prefill part of the edge benchmark ----
+
+def test_edge_bench_spec_part_smoke():
+    "Train a tiny target and its draft for seconds, then the engine with / without FR-Spec: fp32 greedy is identical."
+    from minicpm4_core.edge_bench import SPEC_CONFIGS, SpecParams, run_spec
+    sp = SpecParams.smoke(corpus='embedded', train_s=2.0, draft_s=1.5, distill_prompts=8, prompts=2, new=10)
+    rec = run_spec(sp, 'cpu', log=lambda s: None)
+    t, d = rec['target'], rec['draft']
+    assert t['steps'] >= 2 and t['loss_last'] < t['loss_first'] and d['loss_last'] < d['loss_first']
+    assert rec['corpus']['k'] == sp.k and 0 < rec['corpus']['k_coverage'] <= 1 and 'embedded' in rec['corpus']['source']
+    assert [r['name'] for r in rec['rows']] == ['plain'] + [c[0] for c in SPEC_CONFIGS]
+    for r in rec['rows']:
+        assert r['identical'] == 2 and r['tok_s'] > 0 and r['mean_accept_length'] >= 1.0   # fp32: speculation is exact
+    assert rec['rows'][0]['speedup'] == 1.0 and rec['rows'][0]['mean_accept_length'] == 1.0
+    assert max(r['mean_accept_length'] for r in rec['rows'][1:]) > 1.0                 # the draft guesses something
+    assert d['rows'] == [sp.distill_prompts, sp.prompt_len + sp.distill_new]
+    assert all(r['tokens'] == 1.0 and r['prefix'] == 1.0 for r in rec['rows']) and 0 < rec['rows'][0]['distinct4'] <= 1
+    assert [r['identical'] for r in rec['fp32_check']] == [2, 2, 2] and rec['loop_vs_engine']['identical'] == 2
+
+
+def test_agreement_and_distinct_ngrams():
+    from minicpm4_core.edge_bench import agreement, distinct_ngrams
+    a = agreement([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 9, 4], [5, 6, 7, 8]])
+    assert a == dict(identical=1, tokens=7 / 8, prefix=6 / 8, first_diff=[2])
+    assert distinct_ngrams([[1, 2, 1, 2, 1, 2]], 2) == 2 / 5 and distinct_ngrams([[1, 2, 3, 4, 5]], 4) == 1.0
+
+
+def test_edge_bench_prefill_part_and_spec_overrides():
+    from minicpm4_core.edge_bench import EdgeParams, run_prefill
+    p = EdgeParams(prefill_contexts='80,150', chunk=32).checked()
+    rows, notes = run_prefill(p)
+    assert notes == [] and [(r['context'], r['attention']) for r in rows] == [(80, 'sparse'), (80, 'dense'),
+                                                                             (150, 'sparse'), (150, 'dense')]
+    for s, d in zip(rows[::2], rows[1::2]):
+        assert s['speedup_vs_dense'] == pytest.approx(d['seconds'] / s['seconds']) and s['tok_s'] > 0
+    assert EdgeParams(spec='train_s=7,corpus=embedded').spec_params().train_s == 7
+    assert EdgeParams(spec='train_s=7', device='cuda').spec_params().shape == 'minicpm4_0_5b'
+    with pytest.raises(ValueError, match='spec: expected'): EdgeParams(spec='colour=red').checked()
+
+
+def test_engine_sparse_route_on_the_triton_kernels(monkeypatch):
+    "The GPU's kernels (Triton interpreter): prefill, dense_decode below the switch, decode_step after == model's tokens."
+    from minicpm4_core import infllmv2
+    from minicpm4_core.kernels import sparse as sk
+    if not sk.interpreter_active(): pytest.skip("triton imported before TRITON_INTERPRET was set")
+    sc = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=4, dense_len=48)
+    m = model_of(61, sparse_config=sc, num_hidden_layers=1)
+    ids = prompts_of(61, (90,))[0]
+    ref = m.generate([ids], 10, stop_ids=[], fast=False)                  # the torch reference path
+    calls = []
+    for name in ('decode_step', 'dense_decode'):
+        real = getattr(sk, name)
+        monkeypatch.setattr(sk, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    monkeypatch.setattr(infllmv2, 'SPARSE_IMPL', 'triton')
+    e = Engine(m, 128, chunk=32)
+    assert e.generate([ids], 10, stop_ids=[]) == ref and e._sparse_dec is not None
+    assert calls.count('decode_step') >= 1 and calls.count('dense_decode') >= 1 and len(calls) == 9   # 9 steps

@@ -783,3 +783,70 @@ def test_naive_sparse_attention_matches_reference_fwd_bwd(method):
     for a, b in zip(*outs):
         assert torch.allclose(a, b, atol=1e-10), (a - b).abs().max()
     assert outs[0][0][0, 0, :2].abs().max() == 0
+
+
+# ---- issue 12: the model's prefill/training path takes the window as a dense band (SPARSE_BAND) ----
+@pytest.mark.parametrize('padded', [False, True])
+def test_model_band_path_matches_reference(monkeypatch, padded):
+    """MiniCPM4ForCausalLM with sparse_config ('minicpm4' lists = top-k + window): logits and parameter gradients
+    with the band kernel (kernels.sparse_attention_band, forced on CPU through the Triton interpreter) equal the
+    torch reference's, on fresh random weights and tokens; the band kernel must really run (and the general kernel
+    not), SPARSE_BAND=False must go back to the general kernel (padded case), and the faster prefill stage 1
+    (PREFILL_SCORES='transposed', PREFILL_TOPK='bucketed') must give the same logits and gradients (unpadded)."""
+    from minicpm4_core import infllmv2
+    from minicpm4_core.kernels import _common
+    if not _common.interpreter_active(): pytest.skip('needs TRITON_INTERPRET=1 before triton import')
+    import minicpm4_core.kernels.sparse as sk
+    from minicpm4_core.config import MiniCPM4Config
+    from minicpm4_core.model import MiniCPM4ForCausalLM
+    sc = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=2, dense_len=48)
+    torch.manual_seed(int(torch.randint(0, 10 ** 6, ())))                 # fresh each run
+    model = MiniCPM4ForCausalLM(MiniCPM4Config.tiny(num_hidden_layers=1, sparse_config=sc))
+    ids = torch.randint(3, 512, (2, 76))                                 # > 4 blocks of 16: sparse
+    mask = None
+    if padded:
+        mask = torch.ones(2, 76, dtype=torch.long); mask[0, :9] = 0
+    calls = {'band': 0, 'plain': 0}
+    band, plain = sk.sparse_attention_band, sk.sparse_attention
+    monkeypatch.setattr(sk, 'sparse_attention_band', lambda *a, **k: calls.__setitem__('band', calls['band'] + 1) or band(*a, **k))
+    monkeypatch.setattr(sk, 'sparse_attention', lambda *a, **k: calls.__setitem__('plain', calls['plain'] + 1) or plain(*a, **k))
+
+    def run(impl, band_on):
+        monkeypatch.setattr(infllmv2, 'SPARSE_IMPL', impl)
+        monkeypatch.setattr(infllmv2, 'SPARSE_BAND', band_on)
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask)
+        keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))   # a loss touching every logit
+        (logits * w)[keep].sum().backward()
+        return logits.detach()[keep], [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    lr, gr = run('torch', True)
+    assert calls == {'band': 0, 'plain': 0}
+    lb, gb = run('triton', True)
+    assert calls['band'] > 0 and calls['plain'] == 0                   # the band really ran
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    assert rel(lb, lr) <= 1e-4
+    assert len(gb) == len(gr) > 0 and all(rel(a, b) <= 1e-3 for a, b in zip(gb, gr))
+    if not padded:                     # the faster prefill stage 1 (transposed scores, bucketed top-k): same lists
+        monkeypatch.setattr(infllmv2, 'PREFILL_TOPK', 'bucketed')
+        monkeypatch.setattr(infllmv2, 'PREFILL_SCORES', 'transposed')
+        import minicpm4_core.kernels.sparse_prefill as sp
+        used = []
+        for fn in ('block_scores_t', 'select_lists_bucketed'):
+            real = getattr(sp, fn)
+            monkeypatch.setattr(sp, fn, lambda *a, real=real, fn=fn, **k: used.append(fn) or real(*a, **k))
+        lk, gk = run('triton', True)
+        assert set(used) == {'block_scores_t', 'select_lists_bucketed'}
+        assert rel(lk, lr) <= 1e-4 and all(rel(a, b) <= 1e-3 for a, b in zip(gk, gr))
+        for name in ('PREFILL_TOPK', 'PREFILL_SCORES'):
+            monkeypatch.setattr(infllmv2, name, 'top')
+            with pytest.raises(ValueError, match=name):
+                model(ids)
+            monkeypatch.setattr(infllmv2, name, 'plain')
+    else:
+        run('triton', False)
+        assert calls['plain'] > 0                                      # the switch turns it off
+    monkeypatch.setattr(infllmv2, 'SPARSE_BAND', 'yes')
+    with pytest.raises(ValueError, match='SPARSE_BAND'):
+        model(ids)

@@ -10,15 +10,66 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = [p.stem for p in R.list_notebooks(ROOT)]
 
 
+# Seconds per notebook on the 2-core CI machine (last measured run); unlisted notebooks count 5 s. Only used to
+# balance the two shards below, so a stale figure costs balance, never correctness.
+CI_SECONDS = {'30_modeltunnel': 92, '20_ultraclean': 84, '10a_infllmv2_model': 51, '70_pgptq': 51, '60_frspec': 37,
+              '06_llama': 31, '08_distributed': 30, '40_chunked_rl': 28, '12_long_context': 25,
+              '11_sparse_kernels': 20, '11c_sparse_prefill': 25, '11d_fused_ops': 6, '50_bitcpm': 15,
+              '90_edge_bench': 40, 'modeltunnel': 10}
+# both write <artifacts>/real: they share a shard so they never write it at the same time
+SAME_SHARD = ('10a_infllmv2_model', '70_pgptq')
+
+
+def shard_plan(paths):
+    """Split the notebooks into a serial head and two shards that run side by side (CI has 2 cores).
+    The head ends with 03_train, which writes the base model the later notebooks load from the shared artifacts
+    folder; the rest is balanced by CI_SECONDS (longest first onto the lighter shard). Returns (head, a, b) as lists of
+    'folder/name' strings, each in the runner's order."""
+    names = [f'{p.parent.name}/{p.stem}' for p in paths]
+    cut = next((i + 1 for i, n in enumerate(names) if n.endswith('/03_train')), 0)
+    head, rest = names[:cut], names[cut:]
+    cost = lambda n: CI_SECONDS.get(n.split('/')[-1], 5) + (1000 if n.split('/')[-1] in SAME_SHARD else 0)
+    shards, load = ([], []), [0, 0]
+    for n in sorted(rest, key=cost, reverse=True):
+        i = 0 if n.split('/')[-1] in SAME_SHARD else int(load[1] < load[0])
+        shards[i].append(n); load[i] += cost(n) % 1000
+    order = {n: i for i, n in enumerate(names)}
+    return head, *(sorted(s, key=order.get) for s in shards)
+
+
+def _run(only, root, out, artifacts):
+    # every shard reads and writes one artifacts folder (the base model of 03_train): linked into its run folder
+    out.mkdir(parents=True, exist_ok=True)
+    if artifacts != out / 'artifacts': (out / 'artifacts').symlink_to(artifacts, target_is_directory=True)
+    return R.run_notebooks("ci", only=only, root=root, out_dir=out)
+
+
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory):
+    """Run every notebook under `ci`: the head serially, then two shards in two processes at once."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
     # the main job runs without the Triton interpreter; the notebooks pick their CPU paths themselves
     old = os.environ.pop("TRITON_INTERPRET", None)
+    base = tmp_path_factory.mktemp("runs_ci")
+    head, a, b = shard_plan(R.list_notebooks(ROOT))
     try:
-        results = R.run_notebooks("ci", root=ROOT, out_dir=tmp_path_factory.mktemp("runs_ci"))
+        results = _run(head, ROOT, base / "head", base / "head" / "artifacts") if head else []
+        with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as ex:
+            futs = [ex.submit(_run, s, ROOT, base / f"shard{i}", base / "head" / "artifacts")
+                    for i, s in enumerate((a, b)) if s]
+            for f in futs: results += f.result()
     finally:
         if old is not None: os.environ["TRITON_INTERPRET"] = old
     return {Path(r["notebook"]).stem: r for r in results}
+
+
+def test_shard_plan_covers_every_notebook_once():
+    head, a, b = shard_plan(R.list_notebooks(ROOT))
+    every = [f'{p.parent.name}/{p.stem}' for p in R.list_notebooks(ROOT)]
+    assert sorted(head + a + b) == sorted(every) and len(head + a + b) == len(every)
+    assert head[-1] == 'nbs/03_train'
+    assert sum(n.split('/')[-1] in SAME_SHARD for n in a) in (0, len(SAME_SHARD))
 
 
 @pytest.mark.notebooks

@@ -143,3 +143,105 @@ def test_attention_hook_is_called():
     with torch.no_grad(): ref = model(ids[None])[0]
     torch.testing.assert_close(dec.prefill(ids), ref, rtol=1e-4, atol=1e-4)
     assert calls == [(6, 4, 16)] * 2
+
+
+# --- the fused step (kernels.fused): CUDA's default, here under the Triton interpreter ('triton', 'gemv') and with
+# --- the fused structure over plain torch ops ('torch')
+from minicpm4_core.kernels._common import interpreter_active  # noqa: E402
+
+needs_interp = pytest.mark.skipif(not interpreter_active(), reason="needs TRITON_INTERPRET=1 before triton import")
+
+
+@pytest.mark.parametrize('fused,dk', [('torch', 'auto'), ('torch', 'dense_decode'),
+                                      pytest.param('triton', 'auto', marks=needs_interp),
+                                      pytest.param('triton', 'dense_decode', marks=needs_interp),
+                                      pytest.param('gemv', 'dense_decode', marks=needs_interp)])
+def test_fused_step_equals_forward(fused, dk):
+    "The fused layer (prefill chunks and one-token steps, both attention paths) == the model's forward, fresh ids."
+    model = model_of(41)
+    g = torch.Generator().manual_seed(41)
+    ids = torch.randint(0, model.config.vocab_size, (17,), generator=g)
+    with torch.no_grad(): full = model(ids[None])[0]
+    dec = StaticDecoder(model, 24, fused=fused, decode_kernel=dk)
+    assert dec.stack.fused == fused
+    dec.prefill(torch.randint(0, model.config.vocab_size, (20,), generator=g))   # stale slots past the length
+    pre = dec.prefill(ids[:6])
+    steps = torch.stack([dec.step(int(t)).clone() for t in ids[6:]])
+    torch.testing.assert_close(pre, full[:6], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(steps, full[6:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('fused', [pytest.param('triton', marks=needs_interp), pytest.param('gemv', marks=needs_interp)])
+def test_fused_greedy_and_batch(fused):
+    "Greedy == model.generate, and the batch decoder's rows == each row alone, with the fused kernels."
+    from minicpm4_core.static_decode import BatchStaticDecoder
+    m = model_of(43)
+    p = torch.randint(0, 97, (5,), generator=torch.Generator().manual_seed(43)).tolist()
+    assert StaticDecoder(m, 24, fused=fused).generate(p, 12) == m.generate(p, 12, stop_ids=[])[0]
+    rows = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 3)]
+    bd = BatchStaticDecoder(m, 16, 2, fused=fused)
+    assert bd.stack.fused == fused
+    last = torch.stack([bd.prefill(b, r) for b, r in enumerate(rows)])
+    nxt = last.argmax(-1)
+    out = bd.step(nxt)
+    with torch.no_grad():
+        for b, r in enumerate(rows):
+            ref = m(torch.cat([r, nxt[b:b + 1]])[None])[0]
+            torch.testing.assert_close(last[b], ref[-2], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(out[b], ref[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_modes_and_hook():
+    "CPU default keeps layer_step; bad modes are refused; the attention hook still sees the K/V written and q rotated."
+    from minicpm4_core import static_decode as sd
+    model = model_of(45)
+    assert StaticDecoder(model, 16).stack.fused is None and sd.resolve_fused('auto', 'cuda') == 'gemv'
+    with pytest.raises(ValueError, match='fused must be one of'): StaticDecoder(model, 16, fused='yes')
+    ref, dec = StaticDecoder(model, 16, fused='off'), StaticDecoder(model, 16, fused='torch')
+    seen = []
+    def hook(q, kv, mask, span, seqlens):
+        seen.append((q.clone(), kv[:span].clone()))
+        return sd.attend(q, kv, mask, span, seqlens)
+    ids = torch.randint(0, model.config.vocab_size, (6,), generator=torch.Generator().manual_seed(4))
+    dec.stack.attn = hook
+    got = dec.prefill(ids)
+    torch.testing.assert_close(got, ref.prefill(ids), rtol=1e-5, atol=1e-5)
+    assert len(seen) == 2
+    for l, (q, kv) in enumerate(seen):
+        torch.testing.assert_close(kv, ref.stack.kv[l, :6], rtol=1e-5, atol=1e-5)    # written before the hook runs
+
+
+@pytest.mark.parametrize('fused', ['torch', pytest.param('triton', marks=needs_interp)])
+def test_fused_step_is_graph_capturable(fused):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__(); self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    dec = StaticDecoder(model_of(47), 16, fused=fused, decode_kernel='dense_decode')
+    dec.prefill([1, 2, 3])
+    with Record() as r:
+        with torch.no_grad(): dec._step_static()
+    bad = {o for o in r.ops if o.startswith(('aten.lift_fresh', 'aten._local_scalar_dense', 'aten.nonzero', 'aten.item'))}
+    assert not bad and int(dec.pos) == 4
+
+
+@needs_interp
+def test_gemv_step_without_prologues(monkeypatch):
+    "layer_step_gemv's large-weight branch (separate norm / SiLU kernels, as for the 8B layers) == the model."
+    from minicpm4_core.kernels import fused as FU
+    monkeypatch.setattr(FU, 'PROLOGUE_MAX_BYTES', 0)
+    model = model_of(49)
+    assert not FU.prologue_fits(model.model.layers[0].mlp.down_proj.weight)
+    ids = torch.randint(0, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(49))
+    with torch.no_grad(): full = model(ids[None])[0]
+    dec = StaticDecoder(model, 16, fused='gemv', decode_kernel='dense_decode')
+    pre = dec.prefill(ids[:4])
+    steps = torch.stack([dec.step(int(t)).clone() for t in ids[4:]])
+    torch.testing.assert_close(pre, full[:4], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(steps, full[4:], rtol=1e-4, atol=1e-4)

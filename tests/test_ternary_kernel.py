@@ -161,7 +161,9 @@ def test_dispatcher_errors_and_fallbacks():
 
 def test_pick_config_and_bytes():
     dec = pick_config(1, 4096, 4096, 0, 132)
-    assert dec.kernel in ('mv', 'mma') and dec.block_m == 16 and dec.split_k >= 1
+    assert dec.kernel in ('mv', 'mvtc', 'mma') and dec.block_m == 16 and dec.split_k >= 1
+    from minicpm4_core.kernels.ternary import DECODE_KERNEL
+    assert dec.kernel == DECODE_KERNEL and pick_config(4, 4096, 4096, 0, 132).kernel == 'mv'   # mvtc: M = 1 only
     assert -(-4096 // dec.block_n) * dec.split_k >= 132 // 2  # the grid covers the GPU
     assert pick_config(1, 4096, 1024, 128).block_k <= 128   # tiles never straddle a group
     assert pick_config(2048, 4096, 1024).kernel == 'dequant'
@@ -208,3 +210,62 @@ def test_one_backend_vocabulary():
             infllmv2._kernels(x)
     finally:
         infllmv2.SPARSE_IMPL = old
+
+
+# ---- mvtc: paired unpacking, x not staged (issue 13, session 2026-12-04d) ----
+
+def _problem_aligned(N, K, G, dtype, align=4, per_tensor=False, seed=0):
+    "Like _problem, packed with rows of a multiple of 4 bytes (mvtc reads the bytes as int32 words)."
+    g = torch.Generator().manual_seed(seed + N * 31 + K + G)
+    q = torch.randint(-1, 2, (N, K), generator=g)
+    qw = pack_ternary(q, max(align, G or 1))
+    s = (torch.rand(N, math.ceil(K / G), generator=g) if G else torch.rand(1 if per_tensor else N, 1, generator=g)) + 0.5
+    return torch.randn(1, K, generator=g).to(dtype), qw, s
+
+
+MVTC = [  # N, K, group, config
+    (72, 512, 0, TernaryConfig('mvtc', 16, 64, 64)),             # ragged N (masked words)
+    (96, 1000, 0, TernaryConfig('mvtc', 16, 32, 64, split_k=3)), # K < 4 * K4 (padded codes), uneven split
+    (128, 1024, 0, TernaryConfig('mvtc', 16, 64, 128, split_k=2)),   # even tiles, split-K reduction
+    (64, 1024, 64, TernaryConfig('mvtc', 16, 64, 64, split_k=2)),    # group scales, one group per tile
+    (48, 1024, 128, TernaryConfig('mvtc', 16, 16, 32)),          # groups spanning several tiles
+]
+
+
+@pytest.mark.parametrize("N,K,G,cfg", MVTC)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_mvtc_matches_reference(N, K, G, cfg, dtype, tol):
+    "bf16 magics (128, 32, 8, 2) and fp16 magics (1024, 256, 64, 16), one per plane, vs the float32 reference."
+    x, qw, s = _problem_aligned(N, K, G, dtype)
+    assert qw.shape[1] % 4 == 0
+    y = ternary_matmul(x, qw, s, K, G, backend='triton', config=cfg)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert rel(y, ternary_matmul_ref(x.float(), qw, s, K, G)) < tol
+
+
+def test_mvtc_one_hot_columns_and_repeat():
+    "A one-hot x reads one weight column: every plane and byte position lands on its own column."
+    N, K = 64, 512
+    _, qw, s = _problem_aligned(N, K, 0, torch.bfloat16, per_tensor=True, seed=5)
+    cfg = TernaryConfig('mvtc', 16, 64, 64, split_k=2)
+    W = dequantize_ternary(qw, s, K)
+    for k in (0, 1, 2, 3, 5, 127, 128, 129, 256, 383, 384, K - 1):
+        e = torch.zeros(1, K, dtype=torch.bfloat16); e[0, k] = 1.0
+        y = ternary_matmul(e, qw, s, K, backend='triton', config=cfg)[0].float()
+        torch.testing.assert_close(y, W[:, k], rtol=2 ** -7, atol=1e-6)
+    x = torch.randn(1, K).to(torch.bfloat16)
+    assert torch.equal(ternary_matmul(x, qw, s, K, config=cfg), ternary_matmul(x, qw, s, K, config=cfg))
+
+
+def test_mvtc_fallbacks_and_errors():
+    # float32 x and rows that are not whole int32 words take the 'mv' kernel (same result as the reference)
+    x, qw, s = _problem_aligned(40, 256, 0, torch.float32)
+    y = ternary_matmul(x, qw, s, 256, backend='triton', config=TernaryConfig('mvtc', 16, 32, 64))
+    assert rel(y, ternary_matmul_ref(x, qw, s, 256)) < 1e-5
+    x, qw, s = _problem(1, 24, 100, 0, torch.bfloat16)          # K4 = 25 bytes: not a multiple of 4
+    assert qw.shape[1] % 4
+    y = ternary_matmul(x, qw, s, 100, backend='triton', config=TernaryConfig('mvtc', 16, 16, 32))
+    assert rel(y, ternary_matmul_ref(x.float(), qw, s, 100)) < 1e-2
+    x, qw, s = _problem(3, 32, 256, 0, torch.bfloat16)
+    with pytest.raises(ValueError, match="M=1 only"):
+        ternary_matmul(x, qw, s, 256, backend='triton', config=TernaryConfig('mvtc', 16, 32, 64))

@@ -111,7 +111,10 @@ def test_default_config_shapes():
     for M, N, K in [(1, 4096, 4096), (1, 16384, 4096), (1, 4096, 16384), (4, 4096, 4096), (16, 64, 128),
                     (2048, 4096, 4096)]:
         c = default_config(M, N, K, 128)
-        assert 128 % c.block_k == 0 and (c.kernel == 'gemv') == (M == 1) and c.split_k >= 1
+        assert 128 % c.block_k == 0 and (c.kernel in ('gemv', 'gemvtc')) == (M == 1) and c.split_k >= 1
+    from minicpm4_core.kernels.w4a16 import DECODE_KERNEL
+    assert DECODE_KERNEL in ('gemv', 'gemvtc') and default_config(1, 16384, 4096, 128).kernel == DECODE_KERNEL
+    assert default_config(1, 4096, 4096, 32).kernel == 'gemv'              # groups too small for gemvtc's 64-row tiles
 
 
 def test_bad_arguments_rejected():
@@ -192,3 +195,66 @@ def test_dequant_kernel_is_exact_and_dispatched_from_threshold():
         w4a16_matmul(x, qw, s, qz, G, config=W4A16Config('gemv16', 1, 32, 64))
     with pytest.raises(ValueError, match="no split_k"):
         W4A16Config('dequant', 1, 64, 64, 2)
+
+
+# ---- gemvtc: the tensor-core GEMV (issue 13, session 2026-12-04d) ----
+
+GEMVTC = [  # (K, N, G, config): every path of the kernel
+    (256, 72, 128, W4A16Config('gemvtc', 1, 64, 128, 1)),     # ragged N (masked loads), one group per tile
+    (512, 200, 64, W4A16Config('gemvtc', 1, 64, 64, 3)),      # groups of 64, a split that does not divide 8 steps
+    (384, 128, 128, W4A16Config('gemvtc', 1, 128, 128, 8)),   # split clipped to K // block_k = 3, even N
+    (256, 64, 128, W4A16Config('gemvtc', 1, 64, 64, 2)),      # two tiles per group
+    (128, 64, -1, W4A16Config('gemvtc', 1, 64, 128, 1)),      # one group per column
+]
+
+
+@pytest.mark.parametrize("K,N,G,cfg", GEMVTC)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_gemvtc_matches_reference(K, N, G, cfg, dtype, tol):
+    "bf16 (128 + q magic) and fp16 (1024 + q) operands, the zero point folded out of the loop: vs float64."
+    qw, s, qz = random_w4(K, N, G, seed=K + N + cfg.split_k + 100)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(K + 1)).to(dtype)
+    y = torch.full((1, N), float('nan'), dtype=dtype)
+    w4a16_matmul(x, qw, s, qz, G, backend='triton', config=cfg, out=y)
+    assert torch.isfinite(y).all()
+    assert rel(y, ref64(x, qw, s, qz, G)) <= tol
+
+
+def test_gemvtc_one_hot_rows_and_repeat():
+    "A one-hot x reads one weight row: every code position (plane i of half h of word r) lands on its own row."
+    K, N, G = 256, 64, 128
+    qw, s, qz = random_w4(K, N, G, seed=31)
+    cfg = W4A16Config('gemvtc', 1, 64, 128, 2)
+    W = dequantize_w4(qw, s, qz, G)
+    for k in (0, 1, 3, 4, 7, 8, 13, 130, K - 1):
+        e = torch.zeros(1, K, dtype=torch.bfloat16); e[0, k] = 1.0
+        y = w4a16_matmul(e, qw, s, qz, G, backend='triton', config=cfg)[0].float()
+        torch.testing.assert_close(y, W[k], rtol=2 ** -7, atol=1e-6)          # one bf16 rounding of (q - z) * s
+    x = torch.randn(1, K).to(torch.bfloat16)
+    assert torch.equal(w4a16_matmul(x, qw, s, qz, G, config=cfg), w4a16_matmul(x, qw, s, qz, G, config=cfg))
+    assert int(_LOCKS[x.device].abs().sum()) == 0
+
+
+def test_gemvtc_float32_falls_back_and_bad_configs():
+    K, N, G = 256, 64, 128
+    qw, s, qz = random_w4(K, N, G, seed=41)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(4))
+    y = w4a16_matmul(x, qw, s, qz, G, config=W4A16Config('gemvtc', 1, 64, 128, 2))   # float32 x: kernel 1
+    assert y.dtype == torch.float32 and rel(y, ref64(x, qw, s, qz, G)) <= 1e-5
+    with pytest.raises(ValueError, match="block_k >= 64"):
+        W4A16Config('gemvtc', 1, 64, 32)
+    with pytest.raises(ValueError, match="16 \\* num_warps"):
+        W4A16Config('gemvtc', 1, 64, 128, 1, 8)
+    with pytest.raises(ValueError, match="M=1 only"):
+        w4a16_matmul(torch.randn(2, K), qw, s, qz, G, config=W4A16Config('gemvtc', 1, 64, 128))
+
+
+@pytest.mark.parametrize("M", [2, 5, 8])
+def test_small_m_default_matches_reference(M):
+    "Decode batches of 2..8 rows (the engine's batch > 1) on the default kernel, bf16 and fp16."
+    K, N, G = 256, 136, 64
+    qw, s, qz = random_w4(K, N, G, seed=50 + M)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
+        y = w4a16_matmul(x, qw, s, qz, G, backend='triton')
+        assert torch.isfinite(y).all() and rel(y, ref64(x, qw, s, qz, G)) <= 1e-2

@@ -246,11 +246,17 @@ DEFAULT_CONFIG = dict(fwd=dict(num_warps=8, num_stages=2, PAIR=2),
                       s1=dict(num_warps=8, num_stages=2, NBC=32, KT=128, BM=None),
                       # decode; decode_step also: TOPK_DIG (radix bits per top-k step, None: 2 up to 4096 blocks,
                       # else 1), NBC_POOL (blocks pooled per step), POOL_WARPS (of the pool + top-k program),
-                      # FUSED (False: pooling and top-k as two kernels, the path a failed compile falls back to;
-                      # 'auto': fused up to FUSED_MAX_NB blocks: on the H200 the one-program-per-head top-k took
-                      # 29 vs 38 us per step at 512 blocks (32K) but 66 vs 34 us at 2048 blocks (128K))
-                      dec=dict(num_warps=4, num_stages=2, TOPK_DIG=None, NBC_POOL=256, POOL_WARPS=8, FUSED='auto',
-                               FUSED_MAX_NB=1024),
+                      # FUSED ('par': pooling over ~2 programs per SM, NBC_PAR blocks each (None: from the length),
+                      # the top-k + window in the last program of a row, PAR_WARPS warps; True: pooling + top-k in one
+                      # program per row and kv head; False: two kernels, the path a failed compile falls back to;
+                      # 'auto': True up to FUSED_MAX_NB blocks: on the H200 the one-program-per-head top-k took
+                      # 29 vs 38 us per step at 512 blocks (32K) but 66 vs 34 us at 2048 blocks (128K));
+                      # COMBINE ('kernel': its own kernel; 'last': in the attention kernel's last program per row,
+                      # one program merging all heads' splits: 5x slower on the H200, 168-178 vs 25-32 us a step);
+                      # PERSISTENT (the step as one cooperative launch of PROGRAMS x SMs programs, grid barriers)
+                      dec=dict(num_warps=4, num_stages=2, TOPK_DIG=None, NBC_POOL=256, POOL_WARPS=8, FUSED='par',
+                               FUSED_MAX_NB=1024, NBC_PAR=None, PAR_WARPS=8, COMBINE='kernel', COMBINE_WARPS=4,
+                               COMBINE_SP=None, PERSISTENT=False, PROGRAMS=1),
                       # dense_decode: key blocks of BLOCK, about WAVES programs per SM (grid from Nmax, never the length)
                       dense=dict(num_warps=4, num_stages=2, BLOCK=64, WAVES=4, NSPLIT=None))
 
@@ -1038,16 +1044,13 @@ def prefill_select(q, k, topk, **kw):
 
 # %% ../../nbs/11_sparse_kernels.ipynb #be412803
 @triton.jit
-def _dec_attn_kernel(Q, K, V, IDX, SEQ, PO, PM, PL,
-                     sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, si_b, si_h, si_k,
-                     KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale,
-                     ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
-                     PREC: tl.constexpr, DENSE: tl.constexpr):
-    """Split `sp` of query row b, kv head hk -> its unnormalised partial (acc, max, sum). Sparse: list entries
-    [sp * PER, +PER) of IDX. DENSE: every block of the first L keys (KTOP = Nmax, IDX unused), the blocks shared
-    evenly by the NSPLIT programs with L read on the device, so a grid sized from Nmax serves any L <= Nmax."""
-    bh = tl.program_id(0)
-    sp = tl.program_id(1)
+def _dec_attn_part(Q, K, V, IDX, SEQ, bh, sp, sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, si_b, si_h, si_k,
+                   KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale, ROWS: tl.constexpr, D: tl.constexpr,
+                   BD: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr, DENSE: tl.constexpr):
+    """Split `sp` of query row b, kv head hk (bh = b * HKV + hk) -> its unnormalised partial (acc, max, sum).
+    Sparse: list entries [sp * PER, +PER) of IDX. DENSE: every block of the first L keys (KTOP = Nmax, IDX unused),
+    the blocks shared evenly by the NSPLIT programs with L read on the device, so a grid sized from Nmax serves any
+    L <= Nmax."""
     b = bh // HKV
     hk = bh % HKV
     b64 = b.to(tl.int64)
@@ -1092,18 +1095,41 @@ def _dec_attn_kernel(Q, K, V, IDX, SEQ, PO, PM, PL,
                      other=0.0)
         acc = _mma(p.to(vt.dtype), vt, acc * alpha[:, None], PREC)
         m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _dec_attn_item(Q, K, V, IDX, SEQ, PO, PM, PL, bh, sp, sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, si_b, si_h,
+                   si_k, KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale, ROWS: tl.constexpr, D: tl.constexpr,
+                   BD: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr, DENSE: tl.constexpr):
+    "Split sp of row bh: `_dec_attn_part`, its partial stored at row (bh * NSPLIT + sp) of PO/PM/PL (combined later)."
+    acc, m_i, l_i = _dec_attn_part(Q, K, V, IDX, SEQ, bh, sp, sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, si_b,
+                                   si_h, si_k, KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale, ROWS, D, BD, BLOCK, PREC,
+                                   DENSE)
+    r = tl.arange(0, ROWS)
+    d = tl.arange(0, BD)
     row = (bh * NSPLIT + sp).to(tl.int64) * ROWS + r
     tl.store(PO + row[:, None] * BD + d[None, :], acc)
     tl.store(PM + row, m_i)
     tl.store(PL + row, l_i)
 
+
+@triton.jit
+def _dec_attn_kernel(Q, K, V, IDX, SEQ, PO, PM, PL,
+                     sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, si_b, si_h, si_k,
+                     KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale,
+                     ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
+                     PREC: tl.constexpr, DENSE: tl.constexpr):
+    "Program (bh, sp): `_dec_attn_item`."
+    _dec_attn_item(Q, K, V, IDX, SEQ, PO, PM, PL, tl.program_id(0), tl.program_id(1), sq_b, sq_h, sk_b, sk_n, sk_h,
+                   sv_b, sv_n, sv_h, si_b, si_h, si_k, KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale, ROWS, D, BD, BLOCK,
+                   PREC, DENSE)
+
 # %% ../../nbs/11_sparse_kernels.ipynb #4243b7d3
 @triton.jit
-def _dec_combine_kernel(PO, PM, PL, O, so_b, so_h, G, HKV, NSPLIT,
-                        ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, SP: tl.constexpr):
+def _dec_combine_item(PO, PM, PL, O, bh, h, so_b, so_h, G, HKV, NSPLIT,
+                      ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, SP: tl.constexpr):
     "The NSPLIT partials of (row bh, head h) -> O: the max first, then the rescaled sums, SP splits at a time."
-    bh = tl.program_id(0)
-    h = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
     base = bh * NSPLIT
@@ -1126,6 +1152,12 @@ def _dec_combine_kernel(PO, PM, PL, O, so_b, so_h, G, HKV, NSPLIT,
         o += tl.sum(tl.load(PO + row[:, None] * BD + d[None, :], mask=spm[:, None], other=0.0) * w[:, None], 0)
     o = o / tl.where(lsum > 0, lsum, 1.0)
     tl.store(O + b.to(tl.int64) * so_b + (hk * G + h) * so_h + d, o.to(O.dtype.element_ty), mask=d < D)
+
+@triton.jit
+def _dec_combine_kernel(PO, PM, PL, O, so_b, so_h, G, HKV, NSPLIT,
+                        ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, SP: tl.constexpr):
+    "Program (bh, h): `_dec_combine_item`."
+    _dec_combine_item(PO, PM, PL, O, tl.program_id(0), tl.program_id(1), so_b, so_h, G, HKV, NSPLIT, ROWS, D, BD, SP)
 
 # %% ../../nbs/11_sparse_kernels.ipynb #0f7aebc5
 _n_sms = num_sms   # shared launch helper
@@ -1199,11 +1231,11 @@ def sparse_decode(q, k_cache, v_cache, block_idx, cache_seqlens, block_size=64, 
 
 # %% ../../nbs/11_sparse_kernels.ipynb #ee149de0
 @triton.jit
-def _dec_s1_logits_kernel(Q, KC, SEQ, S, PM, PL, sq_b, sq_h, sc_b, sc_n, sc_h, NCMAX, NCH, qk_scale, KS, KSTR, G, HKV, QPER,
-                          ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KT: tl.constexpr,
-                          PREC: tl.constexpr):
-    bh = tl.program_id(0)
-    ch = tl.program_id(1)
+def _dec_logits_item(Q, KC, SEQ, S, PM, PL, CNT, bh, ch, sq_b, sq_h, sc_b, sc_n, sc_h, NCMAX, NCH, qk_scale, KS, KSTR,
+                     G, HKV, QPER, ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KT: tl.constexpr,
+                     PREC: tl.constexpr, CLR: tl.constexpr):
+    """Chunk ch of row bh: its KT logits per head into S, their (max, sum) into PM/PL; CLR: zero the later
+    kernels' per-row counters CNT[2 bh], CNT[2 bh + 1] (stream order puts this before them, also in a graph)."""
     b = bh // HKV
     hk = bh % HKV
     b64 = b.to(tl.int64)
@@ -1225,6 +1257,18 @@ def _dec_s1_logits_kernel(Q, KC, SEQ, S, PM, PL, sq_b, sq_h, sc_b, sc_n, sc_h, N
     sm = tl.sum(tl.exp2(s - tl.where(mx == float('-inf'), 0.0, mx)[:, None]), 1)
     tl.store(PM + (bh * NCH + ch) * ROWS + r, mx)
     tl.store(PL + (bh * NCH + ch) * ROWS + r, sm)
+    if CLR:                                             # both per-row counters of the step (pooling, attention)
+        if ch == 0:
+            tl.store(CNT + bh * 2, 0)
+            tl.store(CNT + bh * 2 + 1, 0)
+
+@triton.jit
+def _dec_s1_logits_kernel(Q, KC, SEQ, S, PM, PL, CNT, sq_b, sq_h, sc_b, sc_n, sc_h, NCMAX, NCH, qk_scale, KS, KSTR,
+                          G, HKV, QPER, ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KT: tl.constexpr,
+                          PREC: tl.constexpr, CLR: tl.constexpr):
+    "Program (bh, ch): `_dec_logits_item`."
+    _dec_logits_item(Q, KC, SEQ, S, PM, PL, CNT, tl.program_id(0), tl.program_id(1), sq_b, sq_h, sc_b, sc_n, sc_h,
+                     NCMAX, NCH, qk_scale, KS, KSTR, G, HKV, QPER, ROWS, D, BD, KT, PREC, CLR)
 
 # %% ../../nbs/11_sparse_kernels.ipynb #84490b8a
 @triton.jit
@@ -1312,9 +1356,9 @@ def decode_block_scores(q, kc, cache_seqlens, *, kernel_size=32, kernel_stride=1
     pl = torch.empty_like(pm)
     scale = D ** -0.5 if scale is None else float(scale)
     c = _cfg(config, 'dec')
-    _dec_s1_logits_kernel[(BQ * Hkv, NCH)](q, kc, seq, S, pm, pl, *q.stride()[:2], *kc.stride()[:3], max(NCmax, 1), NCH,
-                                          scale * LOG2E, p, s, G, Hkv, qper, ROWS=ROWS, D=D, BD=BD, KT=KT, PREC=_prec(q),
-                                          num_warps=c['num_warps'])
+    _dec_s1_logits_kernel[(BQ * Hkv, NCH)](q, kc, seq, S, pm, pl, pm, *q.stride()[:2], *kc.stride()[:3],
+                                          max(NCmax, 1), NCH, scale * LOG2E, p, s, G, Hkv, qper, ROWS=ROWS, D=D, BD=BD,
+                                          KT=KT, PREC=_prec(q), CLR=False, num_warps=c['num_warps'])
     out = torch.empty(BQ, Hkv, NB, dtype=torch.float32, device=q.device)
     NBC = 64
     _dec_s1_blocks_kernel[(BQ * Hkv, triton.cdiv(NB, NBC))](S, pm, pl, seq, out, *out.stride()[:2], max(NCmax, 1), NCH, NB,
@@ -1336,15 +1380,48 @@ def decode_select(q, kc, cache_seqlens, topk, **kw):
 # %% ../../nbs/11_sparse_kernels.ipynb #b2c4e6a1
 @triton.jit
 def _kth_key(u, kk, NBP: tl.constexpr, DIG: tl.constexpr, V: tl.constexpr):
-    """u int64 [NBP] in [0, 2^32) -> the largest t with count(u >= t) >= kk (kk <= NBP), found DIG bits at a time
-    (V = 2^DIG candidates counted in one reduction). Invariant: count(u >= t) >= kk."""
-    v = tl.arange(0, V).to(tl.int64)
-    t = tl.sum(tl.zeros([V], tl.int64), 0)
+    """u uint32 [NBP] -> the largest t with count(u >= t) >= kk (kk <= NBP), found DIG bits at a time (V = 2^DIG
+    candidates counted in one reduction). Invariant: count(u >= t) >= kk. (32-bit unsigned: half the registers and
+    compares of the int64 form it replaces.)"""
+    v = tl.arange(0, V).to(tl.uint32)
+    t = tl.sum(tl.zeros([V], tl.uint32), 0)
     for p in tl.static_range(32 // DIG):
         cand = t + (v << (32 - DIG * (p + 1)))
         n = tl.sum((u[None, :] >= cand[:, None]).to(tl.int32), 1)
-        t = t + ((tl.sum((n >= kk).to(tl.int64), 0) - 1) << (32 - DIG * (p + 1)))
+        t = t + ((tl.sum((n >= kk).to(tl.int32), 0) - 1).to(tl.uint32) << (32 - DIG * (p + 1)))
     return t
+
+
+@triton.jit
+def _row_select(x, c, cm, ob, qb1, NB, KTOP, LOCAL, NBP: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr,
+                WIN: tl.constexpr, DIG: tl.constexpr, V: tl.constexpr):
+    """One row's block scores x [NBP] (c = arange, cm = c < NB) -> at ob: the ascending ids of the top KTOP (-inf
+    never picked, ties to the lower id), with WIN the 'minicpm4' window of query block qb1 (picked ids >= its start
+    dropped after the top-k, then ws .. qb1 appended), -1 after: `attention_blocks(select_blocks(.))` of one row."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)          # int order == float order
+    u = tl.where(cm, key ^ -2147483648, 0).to(tl.uint32, bitcast=True)   # sign bit flipped: unsigned order; padding 0
+    kk = tl.minimum(KTOP, NB)
+    t = _kth_key(u, kk, NBP, DIG, V)
+    gt = u > t
+    eq = u == t
+    need = kk - tl.sum(gt.to(tl.int32), 0)
+    keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
+    keep = keep & (x > float('-inf')) & cm
+    ws = qb1 - LOCAL + 1
+    if WIN:                                                     # the top-k first, then the window filter
+        keep = keep & (c < ws)
+    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(ob + slot, c, mask=keep)
+    nk = tl.sum(keep.to(tl.int32), 0)
+    if WIN:
+        w = tl.arange(0, WP)
+        wid = ws + w
+        nneg = tl.minimum(tl.maximum(-ws, 0), LOCAL)            # window ids below 0 are not written
+        tl.store(ob + nk + w - nneg, wid, mask=(w < LOCAL) & (wid >= 0))
+        nk = nk + LOCAL - nneg
+    j = tl.arange(0, KP)
+    tl.store(ob + j, tl.full([KP], -1, tl.int32), mask=(j >= nk) & (j < KTOP + LOCAL * WIN))
 
 
 @triton.jit
@@ -1370,31 +1447,173 @@ def _dec_pool_topk_kernel(S, PM, PL, SEQ, SC, OUT, so_r, NCMAX, NCH, NB, G, HKV,
     c = tl.arange(0, NBP)
     cm = c < NB
     x = tl.load(SC + bh64 * NB + c, mask=cm, other=float('-inf'))
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)          # int order == float order
-    u = tl.where(cm, key.to(tl.int64) + 2147483648, 0)          # [0, 2^32), padding at the bottom
-    kk = tl.minimum(KTOP, NB)
-    t = _kth_key(u, kk, NBP, DIG, V)
-    gt = u > t
-    eq = u == t
-    need = kk - tl.sum(gt.to(tl.int32), 0)
-    keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
-    keep = keep & (x > float('-inf')) & cm
-    ws = qb1 - LOCAL + 1
-    if WIN:                                                     # the top-k first, then the window filter
-        keep = keep & (c < ws)
-    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
-    ob = OUT + bh64 * so_r
-    tl.store(ob + slot, c, mask=keep)
-    nk = tl.sum(keep.to(tl.int32), 0)
-    if WIN:
-        w = tl.arange(0, WP)
-        wid = ws + w
-        nneg = tl.minimum(tl.maximum(-ws, 0), LOCAL)            # window ids below 0 are not written
-        tl.store(ob + nk + w - nneg, wid, mask=(w < LOCAL) & (wid >= 0))
-        nk = nk + LOCAL - nneg
-    j = tl.arange(0, KP)
-    tl.store(ob + j, tl.full([KP], -1, tl.int32), mask=(j >= nk) & (j < KTOP + LOCAL * WIN))
+    _row_select(x, c, cm, OUT + bh64 * so_r, qb1, NB, KTOP, LOCAL, NBP, KP, WP, WIN, DIG, V)
+
+# %% ../../nbs/11_sparse_kernels.ipynb #b2c4e6a3
+@triton.jit
+def _gpu_fence(x):
+    "fence.acq_rel.gpu in every thread (x: any int32 tensor, returned): the stores before it are visible GPU-wide."
+    return tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _dec_pool_sel_item(S, PM, PL, SEQ, SC, OUT, CNT, bh, pc, so_r, NCMAX, NCH, NB, NPC, G, HKV, INIT, LOCAL, KTOP,
+                       ROWS: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr, NBC: tl.constexpr,
+                       BLOCK: tl.constexpr, CHP: tl.constexpr, SEL: tl.constexpr, NBP: tl.constexpr,
+                       KP: tl.constexpr, WP: tl.constexpr, WIN: tl.constexpr, DIG: tl.constexpr, V: tl.constexpr,
+                       FENCE: tl.constexpr):
+    """Item (bh, pc): pool blocks [pc * NBC, +NBC) of row bh into SC[bh]; the last of the row's NPC items to
+    finish (per-row counter CNT[2 bh], zeroed by the logits kernel) selects the row's list from SC[bh] into OUT[bh]."""
+    b = bh // HKV
+    bh64 = bh.to(tl.int64)
+    r = tl.arange(0, ROWS)
+    lse = _dec_lse(PM, PL, bh, r, NCH, ROWS, CHP)
+    L = tl.load(SEQ + b)
+    qb1 = (L - 1) // BLOCK
+    qb = tl.full([1], 0, tl.int32) + qb1
+    blocks = pc * NBC + tl.arange(0, NBC)
+    sc = _dec_pool(S, bh, r, r < G, lse, blocks, qb, NCMAX, INIT, LOCAL, NBC, ROWS, R, LEFT, SEL)
+    tl.store(SC + bh64 * NB + blocks[None, :], sc, mask=(blocks < NB)[None, :])
+    if FENCE:                                                   # each thread's stores, before the counter
+        _gpu_fence(blocks)
+    tl.debug_barrier()
+    done = tl.atomic_add(CNT + bh * 2, 1, sem='acq_rel', scope='gpu')
+    if done == NPC - 1:                                         # every block of the row is scored
+        c = tl.arange(0, NBP)
+        cm = c < NB
+        x = tl.load(SC + bh64 * NB + c, mask=cm, other=float('-inf'), cache_modifier='.cg')
+        _row_select(x, c, cm, OUT + bh64 * so_r, qb1, NB, KTOP, LOCAL, NBP, KP, WP, WIN, DIG, V)
+
+
+@triton.jit
+def _dec_pool_sel_kernel(S, PM, PL, SEQ, SC, OUT, CNT, so_r, NCMAX, NCH, NB, NPC, G, HKV, INIT, LOCAL, KTOP,
+                         ROWS: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr, NBC: tl.constexpr,
+                         BLOCK: tl.constexpr, CHP: tl.constexpr, SEL: tl.constexpr, NBP: tl.constexpr,
+                         KP: tl.constexpr, WP: tl.constexpr, WIN: tl.constexpr, DIG: tl.constexpr, V: tl.constexpr,
+                         FENCE: tl.constexpr):
+    "Program (bh, pc): `_dec_pool_sel_item`."
+    _dec_pool_sel_item(S, PM, PL, SEQ, SC, OUT, CNT, tl.program_id(0), tl.program_id(1), so_r, NCMAX, NCH, NB, NPC, G,
+                       HKV, INIT, LOCAL, KTOP, ROWS, R, LEFT, NBC, BLOCK, CHP, SEL, NBP, KP, WP, WIN, DIG, V, FENCE)
+
+# %% ../../nbs/11_sparse_kernels.ipynb #b2c4e6a5
+@triton.jit
+def _dec_attn_last_item(Q, K, V, IDX, SEQ, PO, PM, PL, O, CNT, bh, sp,
+                        sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, si_b, si_h, si_k, so_b, so_h,
+                        KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale,
+                        ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
+                        PREC: tl.constexpr, SPC: tl.constexpr, FENCE: tl.constexpr):
+    """Split sp of row bh (`_dec_attn_part`), its partial stored; the last of the row's NSPLIT items to finish
+    (counter CNT[2 bh + 1], zero at launch) merges the row's partials, SPC splits x all heads at a time, into O."""
+    acc, m_i, l_i = _dec_attn_part(Q, K, V, IDX, SEQ, bh, sp, sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, si_b,
+                                   si_h, si_k, KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale, ROWS, D, BD, BLOCK, PREC,
+                                   False)
+    r = tl.arange(0, ROWS)
+    d = tl.arange(0, BD)
+    row = (bh * NSPLIT + sp).to(tl.int64) * ROWS + r
+    tl.store(PO + row[:, None] * BD + d[None, :], acc)
+    tl.store(PM + row, m_i)
+    tl.store(PL + row, l_i)
+    if FENCE:
+        _gpu_fence(r)
+    tl.debug_barrier()
+    done = tl.atomic_add(CNT + bh * 2 + 1, 1, sem='acq_rel', scope='gpu')
+    if done == NSPLIT - 1:                              # every split of the row is stored: merge them
+        base = (bh * NSPLIT).to(tl.int64)
+        s = tl.arange(0, SPC)
+        mx = tl.full([ROWS], float('-inf'), tl.float32)
+        for c0 in range(0, NSPLIT, SPC):
+            sm = (c0 + s < NSPLIT)[:, None]
+            pm = tl.load(PM + (base + c0 + s)[:, None] * ROWS + r[None, :], mask=sm, other=float('-inf'),
+                         cache_modifier='.cg')
+            mx = tl.maximum(mx, tl.max(pm, 0))
+        mu = tl.where(mx == float('-inf'), 0.0, mx)
+        lsum = tl.zeros([ROWS], tl.float32)
+        o = tl.zeros([ROWS, BD], tl.float32)
+        for c0 in range(0, NSPLIT, SPC):
+            sm = (c0 + s < NSPLIT)[:, None]
+            prow = (base + c0 + s)[:, None] * ROWS + r[None, :]                       # [SPC, ROWS]
+            w = tl.exp2(tl.load(PM + prow, mask=sm, other=float('-inf'), cache_modifier='.cg') - mu[None, :])
+            lsum += tl.sum(tl.load(PL + prow, mask=sm, other=0.0, cache_modifier='.cg') * w, 0)
+            po = tl.load(PO + prow[:, :, None] * BD + d[None, None, :], mask=sm[:, :, None], other=0.0,
+                         cache_modifier='.cg')
+            o += tl.sum(po * w[:, :, None], 0)
+        o = o / tl.where(lsum > 0, lsum, 1.0)[:, None]
+        b = bh // HKV
+        hk = bh % HKV
+        tl.store(O + b.to(tl.int64) * so_b + (hk * G + r)[:, None] * so_h + d[None, :], o.to(O.dtype.element_ty),
+                 mask=(r < G)[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def _dec_attn_last_kernel(Q, K, V, IDX, SEQ, PO, PM, PL, O, CNT,
+                          sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, si_b, si_h, si_k, so_b, so_h,
+                          KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale,
+                          ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
+                          PREC: tl.constexpr, SPC: tl.constexpr, FENCE: tl.constexpr):
+    "`_dec_attn_kernel` with the combine folded in: program (bh, sp) = `_dec_attn_last_item`."
+    _dec_attn_last_item(Q, K, V, IDX, SEQ, PO, PM, PL, O, CNT, tl.program_id(0), tl.program_id(1), sq_b, sq_h, sk_b,
+                        sk_n, sk_h, sv_b, sv_n, sv_h, si_b, si_h, si_k, so_b, so_h, KTOP, G, HKV, NSPLIT, PER, QPER,
+                        qk_scale, ROWS, D, BD, BLOCK, PREC, SPC, FENCE)
+
+# %% ../../nbs/11_sparse_kernels.ipynb #b2c4e6a7
+@triton.jit
+def _grid_barrier(BAR, target, FENCE: tl.constexpr):
+    """Wait until all programs have arrived: BAR counts arrivals (one per program per barrier, never reset in
+    between), so the n-th barrier waits for BAR >= n * programs. Needs every program resident (cooperative launch)."""
+    if FENCE:
+        _gpu_fence(tl.arange(0, 16))
+    tl.debug_barrier()
+    tl.atomic_add(BAR, 1, sem='release', scope='gpu')
+    cur = tl.atomic_add(BAR, 0, sem='acquire', scope='gpu')
+    while cur < target:
+        cur = tl.atomic_add(BAR, 0, sem='acquire', scope='gpu')
+    tl.debug_barrier()
+    if FENCE:                                       # every thread orders its later loads after the wait
+        _gpu_fence(tl.arange(0, 16))
+
+
+@triton.jit
+def _dec_step_kernel(QS, Q, K, V, KC, SEQ, S, PM1, PL1, SC, IDX, PO, PM2, PL2, O, CNT, BAR,
+                     sqs_b, sqs_h, sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, sc_b, sc_n, sc_h, so_b, so_h,
+                     BH, NCMAX, NCH, NB, NPC, KALL, TOPK, G, HKV, QPER, INIT, LOCAL, KS, KSTR, NSPLIT, PER, qk_scale,
+                     NPROG, ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KT: tl.constexpr,
+                     PREC: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr, NBC: tl.constexpr,
+                     BLOCK: tl.constexpr, CHP: tl.constexpr, SEL: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr,
+                     WP: tl.constexpr, WIN: tl.constexpr, DIG: tl.constexpr, V2: tl.constexpr, SP: tl.constexpr,
+                     FENCE: tl.constexpr, PHASE: tl.constexpr):
+    """The whole decode step in one launch of NPROG resident programs: logits items, grid barrier, pooling items
+    (the row's last does its top-k + window), grid barrier, attention split items, grid barrier, combine items
+    (row, head). PHASE 0..3: only that phase, no barrier (four launches: the interpreter runs programs one by one)."""
+    pid = tl.program_id(0)
+    if PHASE < 0 or PHASE == 0:
+        for it in range(pid, BH * NCH, NPROG):
+            _dec_logits_item(QS, KC, SEQ, S, PM1, PL1, CNT, it // NCH, it % NCH, sqs_b, sqs_h, sc_b, sc_n, sc_h, NCMAX,
+                             NCH, qk_scale, KS, KSTR, G, HKV, QPER, ROWS, D, BD, KT, PREC, True)
+    if PHASE < 0:
+        _grid_barrier(BAR, NPROG, FENCE)
+    if PHASE < 0 or PHASE == 1:
+        for it in range(pid, BH * NPC, NPROG):
+            _dec_pool_sel_item(S, PM1, PL1, SEQ, SC, IDX, CNT, it // NPC, it % NPC, KALL, NCMAX, NCH, NB, NPC, G, HKV,
+                               INIT, LOCAL, TOPK, ROWS, R, LEFT, NBC, BLOCK, CHP, SEL, NBP, KP, WP, WIN, DIG, V2, FENCE)
+    if PHASE < 0:
+        _grid_barrier(BAR, 2 * NPROG, FENCE)
+    if PHASE < 0 or PHASE == 2:
+        for it in range(pid, BH * NSPLIT, NPROG):
+            _dec_attn_item(Q, K, V, IDX, SEQ, PO, PM2, PL2, it // NSPLIT, it % NSPLIT, sq_b, sq_h, sk_b, sk_n, sk_h,
+                           sv_b, sv_n, sv_h, KALL * HKV, KALL, 1, KALL, G, HKV, NSPLIT, PER, QPER, qk_scale, ROWS, D,
+                           BD, BLOCK, PREC, False)
+    if PHASE < 0:
+        _grid_barrier(BAR, 3 * NPROG, FENCE)
+    if PHASE < 0 or PHASE == 3:
+        for it in range(pid, BH * G, NPROG):
+            _dec_combine_item(PO, PM2, PL2, O, it // G, it % G, so_b, so_h, G, HKV, NSPLIT, ROWS, D, BD, SP)
+    if PHASE < 0:                                   # the last program out resets both barrier counters
+        tl.debug_barrier()
+        out = tl.atomic_add(BAR + 1, 1, sem='acq_rel', scope='gpu')
+        if out == NPROG - 1:
+            tl.atomic_xchg(BAR, 0, sem='relaxed', scope='gpu')
+            tl.atomic_xchg(BAR + 1, 0, sem='relaxed', scope='gpu')
 
 # %% ../../nbs/11_sparse_kernels.ipynb #c0de5a01
 FAST_LAUNCH = True   # decode_step: after a shape's first call, launch its compiled kernels without Triton's binder
@@ -1416,38 +1635,66 @@ class _Launches:
         self.runs, self.bufs = {}, {}
         self.fast = FAST_LAUNCH and not interpreter_active()
 
-    def buf(self, name, n, dev, capturing):
-        if capturing: return torch.empty(max(n, 1), dtype=torch.float32, device=dev)
+    def buf(self, name, n, dev, capturing, dtype=torch.float32):
+        if capturing: return torch.empty(max(n, 1), dtype=dtype, device=dev)
         b = self.bufs.get(name)
         if b is None or b.numel() < n:
             b = self.bufs[name] = torch.empty(max(n, 1, int(1.25 * (0 if b is None else b.numel()))),
-                                              dtype=torch.float32, device=dev)
+                                              dtype=dtype, device=dev)
         return b
 
-    def launch(self, key, fn, grid, args, kw, num_warps, num_stages=None):
+    def launch(self, key, fn, grid, args, kw, num_warps, num_stages=None, stream=None, **opts):
+        """Launch fn on grid. With a cached compiled kernel and a `stream` (the raw CUDA stream, given only when no
+        launch hooks are set: `_raw_stream`), call its launcher as Triton's own runner does, minus the runner's
+        stream lookup and launch-metadata call; else through the runner (`CompiledKernel[grid]`)."""
         r = self.runs.get(key)
         if r is not None:                                # the compiled kernel of this key, constexprs appended
             try:
-                r(*args, *kw.values())
+                if stream is not None:
+                    r[0](grid[0], grid[1], grid[2], stream, r[1], r[2], None, None, None, *args, *kw.values())
+                else:
+                    r[3](*args, *kw.values())
                 return
             except Exception as e:                       # argument parsing fails before any launch
                 self.runs.clear(); self.fast = False
                 _warn_once('dec_fast', f"direct launch failed ({e!r:.120}); using Triton's launcher")
-        opt = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
+        opt = dict(opts, num_warps=num_warps) if num_stages is None else dict(opts, num_warps=num_warps,
+                                                                                 num_stages=num_stages)
         h = fn[grid](*args, **kw, **opt)
         # the direct path needs the constexprs last, in signature order (true of these kernels; checked once)
         if self.fast and hasattr(h, 'run') and list(fn.arg_names[len(args):]) == list(kw):
-            try: self.runs[key] = h[grid]
+            try:
+                runner = h[grid]                         # (loads the module: h.function is set after this)
+                self.runs[key] = (h.run, h.function, h.packed_metadata, runner)
             except Exception as e: _warn_once('dec_fast', f"no direct launch ({e!r:.120}); using Triton's launcher")
+
+
+try:
+    from triton import knobs as _knobs
+except ImportError:                                      # an older Triton: always through the runner
+    _knobs = None
+
+
+def _raw_stream(P, dev):
+    "The current raw CUDA stream for P's direct launches, or None (Triton's runner) when launch hooks are set."
+    if not P.fast or _knobs is None or _knobs.runtime.launch_enter_hook is not None or \
+            _knobs.runtime.launch_exit_hook is not None:
+        return None
+    return torch._C._cuda_getCurrentRawStream(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
 def _capturing(x):
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)                                    # triton.cdiv is a constexpr function: ~5 us a call
+
+
 class _DecPlan(_Launches):
     """decode_step's launches for one family of shapes: everything but the cache length (keys, compressed keys,
-    blocks), which may change on every call (the model's cache views grow by one token per step)."""
+    blocks), which may change on every call (the model's cache views grow by one token per step); what depends on
+    the length (grids, launch keys, constexprs) is kept per (NCmax, num_blocks, kc batch stride) in `lens`."""
     def __init__(self, q, Hkv, topk, p, s, m, init_blocks, local_blocks, selection, qper, scale, config):
         super().__init__()
         BQ, H, D = q.shape
@@ -1458,89 +1705,210 @@ class _DecPlan(_Launches):
             raise ValueError(f"decode_step: config['dec']['NBC_POOL'] must be a power of two >= 16, got {c['NBC_POOL']}")
         if self.dig not in (None, 1, 2, 4):
             raise ValueError(f"decode_step: config['dec']['TOPK_DIG'] must be 1, 2, 4 or None, got {self.dig}")
+        if c['FUSED'] not in (True, False, 'auto', 'par'):
+            raise ValueError(f"decode_step: config['dec']['FUSED'] must be 'par', 'auto', True or False, "
+                             f"got {c['FUSED']!r}")
+        if c.get('COMBINE', 'last') not in ('last', 'kernel'):
+            raise ValueError(f"decode_step: config['dec']['COMBINE'] must be 'last' or 'kernel', got {c['COMBINE']!r}")
+        nbc = c.get('NBC_PAR')
+        if nbc is not None and (nbc < 16 or nbc & (nbc - 1)):
+            raise ValueError(f"decode_step: config['dec']['NBC_PAR'] must be a power of two >= 16 or None, got {nbc}")
         self.BQ, self.Hkv, self.qper, self.topk = BQ, Hkv, qper, topk
         self.qk = (D ** -0.5 if scale is None else float(scale)) * LOG2E
         self.geo = (p, s, m, init_blocks, local_blocks)
         self.win = selection == 'minicpm4' and local_blocks > 0
         self.K = topk + (local_blocks if self.win else 0)
-        self.per = c.get('PER') or max(1, triton.cdiv(self.K * BQ * Hkv, 2 * _n_sms(q.device)))
-        self.nsplit = max(1, triton.cdiv(self.K, self.per))
+        self.sms = _n_sms(q.device)
+        self.per = c.get('PER') or max(1, _cdiv(self.K * BQ * Hkv, 2 * self.sms))
+        self.nsplit = max(1, _cdiv(self.K, self.per))
         prec = _prec(q)
-        self.k1 = dict(ROWS=self.ROWS, D=D, BD=self.BD, KT=64, PREC=prec)
+        # 'par': pooling over many programs, the top-k in the last of a row; True: one program per row and kv head;
+        # False: two kernels (the path a failed compile falls back to); 'auto': True up to FUSED_MAX_NB blocks
+        self.fused, self.fused_max_nb = c['FUSED'], c.get('FUSED_MAX_NB', 1024)
+        self.nbc_par, self.par_warps = nbc, c.get('PAR_WARPS', 8)
+        self.last = c.get('COMBINE', 'last') == 'last'  # the combine inside the attention kernel (its last program)
+        # PERSISTENT: the step as one cooperative launch of PROGRAMS x SMs programs (needs 'par')
+        self.persistent, self.nprog = bool(c.get('PERSISTENT', False)), max(1, int(c.get('PROGRAMS', 1) * self.sms))
+        if self.persistent and c['FUSED'] != 'par':
+            raise ValueError("decode_step: config['dec']['PERSISTENT'] needs FUSED='par'")
+        self.bar = None                                  # the persistent kernel's barrier counters (zero at rest)
+        # the fence is PTX: CUDA only (the interpreter runs programs one after another)
+        self.fence = q.is_cuda and torch.version.hip is None and not interpreter_active()
+        self.k1 = dict(ROWS=self.ROWS, D=D, BD=self.BD, KT=64, PREC=prec, CLR=None)
         self.k2 = dict(ROWS=self.ROWS, R=m // s, LEFT=-(-p // s) - 1, NBC=c['NBC_POOL'], BLOCK=m, CHP=None,
                        SEL=_SEL[selection], NBP=None, KP=max(16, _np2(self.K)), WP=max(16, _np2(max(local_blocks, 1))),
                        WIN=self.win, DIG=None, V=None)
         self.k3 = dict(ROWS=self.ROWS, D=D, BD=self.BD, BLOCK=m, PREC=prec, DENSE=False)
-        self.k4 = dict(ROWS=self.ROWS, D=D, BD=self.BD, SP=min(64, _np2(self.nsplit)))
+        self.k3l = dict(ROWS=self.ROWS, D=D, BD=self.BD, BLOCK=m, PREC=prec,
+                        SPC=max(1, min(_np2(self.nsplit), 8192 // (self.ROWS * self.BD))), FENCE=self.fence)
+        self.k4 = dict(ROWS=self.ROWS, D=D, BD=self.BD, SP=min(c.get('COMBINE_SP') or 64, _np2(self.nsplit)))
+        self.cw = c.get('COMBINE_WARPS', 4)             # combine warps (SP 64 x 128 fp32 tiles: 255 regs at 4)
         self.g2, self.g3, self.g4 = (BQ * Hkv, 1, 1), (BQ * Hkv, self.nsplit, 1), (BQ * Hkv, self.G, 1)
-        self.fused = c['FUSED']                          # pooling + top-k + window in one kernel (else two)
-        self.fused_max_nb = c.get('FUSED_MAX_NB', 1024)
+        self.lens = {}
+        self.so, self.D = H * D, D                       # strides of the contiguous (BQ, H, D) output
+
+    def scratch(self, L, NB, dev, capturing):
+        """(S, pm1, pl1, cnt, sc, po, pm2, pl2) for one length: grown plan buffers (cached in L: an older length's
+        buffers stay valid for it), or fresh ones under CUDA-graph capture (the graph's pool)."""
+        if not capturing and 'bufs' in L: return L['bufs']
+        BH, R = self.BQ * self.Hkv, self.ROWS
+        n1, n2 = BH * L['NCH'] * R, BH * self.nsplit * R
+        b = lambda nm, n, dt=torch.float32: self.buf(nm, n, dev, capturing, dt)
+        pm1 = b('pm1', n1)
+        bufs = (b('S', BH * R * L['NCM']), pm1, b('pl1', n1), b('cnt', 2 * BH, torch.int32) if L['clr'] else pm1,
+                b('sc', BH * NB), b('po', n2 * self.BD), b('pm2', n2), b('pl2', n2))
+        if not capturing: L['bufs'] = bufs
+        return bufs
+
+    def for_len(self, NCmax, NB, sk0):
+        "Grids, launch keys and constexprs of one (NCmax, num_blocks, kc batch stride); cached."
+        k = (NCmax, NB, sk0)
+        L = self.lens.get(k)
+        if L is not None: return L
+        if len(self.lens) >= 512: self.lens.clear()
+        NCM, NCH = max(NCmax, 1), max(1, _cdiv(NCmax, 64))
+        NBP = max(16, _np2(NB))
+        dig = self.dig or (2 if NBP <= 4096 else 1)
+        kw2 = dict(self.k2, CHP=min(64, _np2(NCH)), NBP=NBP, DIG=dig, V=1 << dig)
+        mode = ('par' if self.fused == 'par' else
+                'one' if self.fused is True or (self.fused == 'auto' and NB <= self.fused_max_nb) else 'two')
+        BH = self.BQ * self.Hkv
+        L = dict(NCM=NCM, NCH=NCH, mode=mode, kw2=kw2, clr=mode == 'par' or self.last,
+                 key1=(0, NCH, _spec(sk0), _spec(NCM)), grid1=(BH, NCH, 1),
+                 key2=(1, _spec(NCM), _spec(NCH), _spec(NB), NBP, kw2['CHP'], dig))
+        L['kw1'] = dict(self.k1, CLR=L['clr'])
+        if mode == 'par':                                # ~2 programs per SM: NBC blocks each
+            nbc = self.nbc_par or min(256, max(16, _np2(_cdiv(NB * BH, 2 * self.sms))))
+            npc = _cdiv(NB, nbc)
+            L.update(npc=npc, grid2=(BH, npc, 1), kw2=dict(kw2, NBC=nbc, FENCE=self.fence),
+                     key2=(4, _spec(NCM), _spec(NCH), _spec(NB), NBP, kw2['CHP'], dig, nbc, npc))
+        elif mode == 'two':
+            rb = max(1, 4096 // NBP)                     # `_topk_launch`'s settings, rows (query, kv head)
+            L.update(grid5=(BH, _cdiv(NB, 64), 1), key5=(5, _spec(NCM), _spec(NCH), _spec(NB), kw2['CHP']),
+                     kw5=dict(ROWS=self.ROWS, R=kw2['R'], LEFT=kw2['LEFT'], NBC=64, BLOCK=self.geo[2], CHP=kw2['CHP'],
+                              SEL=kw2['SEL']),
+                     grid6=(_cdiv(BH, rb), 1, 1), key6=(6, _spec(NB), NBP),
+                     kw6=dict(RB=rb, NBP=NBP, KP=kw2['KP'], WIN=self.win, WP=kw2['WP'], BLOCK=self.geo[2]))
+        self.lens[k] = L
+        return L
 
 
-def _dec_plan_key(q_score, q, k_cache, v_cache, kc, seq, rest):
-    """Everything but the length that the kernels are specialised on (shapes, strides, dtypes, 16-byte alignment of
-    each input) + the call's scalars. The length-dependent sizes and strides are keyed per launch (`_spec`)."""
-    return (q.device, q.dtype, q_score.dtype, k_cache.dtype, kc.dtype, seq.dtype, q_score.stride(), q.shape,
-            q.stride(), k_cache.shape[0], k_cache.shape[2:], _spec(k_cache.stride(0)), k_cache.stride()[1:],
-            _spec(v_cache.stride(0)), v_cache.stride()[1:], kc.shape[0],
-            kc.shape[2:], kc.stride()[1:], q_score.data_ptr() % 16, q.data_ptr() % 16, k_cache.data_ptr() % 16,
-            v_cache.data_ptr() % 16, kc.data_ptr() % 16, seq.data_ptr() % 16, rest)
+def _dec_plan_key(q_score, q, k_cache, v_cache, kc, seq, rest, sqs, sq, sk, sv, sc):
+    """Everything but the length that the kernels are specialised on (shapes, strides `s*`, dtypes, 16-byte
+    alignment of each input) + the call's scalars. The length-dependent sizes and strides are keyed per launch."""
+    return (q.device, q.dtype, q_score.dtype, k_cache.dtype, kc.dtype, seq.dtype, sqs, q.shape, sq, k_cache.shape[0],
+            k_cache.shape[2:], _spec(sk[0]), sk[1:], _spec(sv[0]), sv[1:], kc.shape[0], kc.shape[2:], sc[1:],
+            q_score.data_ptr() % 16, q.data_ptr() % 16, k_cache.data_ptr() % 16, v_cache.data_ptr() % 16,
+            kc.data_ptr() % 16, seq.data_ptr() % 16, rest)
 
 
 def decode_step(q_score, q, k_cache, v_cache, kc, cache_seqlens, topk, *, kernel_size=32, kernel_stride=16,
                 block_size=64, init_blocks=1, local_blocks=32, selection='minicpm4', num_blocks, queries_per_row=1,
                 scale=None, config=None):
-    """One cached decoding step on CUDA in four launches: incremental stage-1 logits of q_score; pooling + top-k +
-    window (one program per row and kv head); split-K sparse attention of q; combine. q_score, q (B * R, H, D);
-    k_cache, v_cache (B, Nmax, Hkv, D); kc (B, NCmax, Hkv, D); cache_seqlens int32 (B * R,) on the device.
-    -> (o (B * R, H, D), lists (B * R, Hkv, K)). Same results as `sparse_decode(q, ..., decode_select(q_score, ...))`
-    without their per-call checks (the model checks shapes upstream); no host sync. Per shape, a plan (grids,
-    scratch, compiled kernels) is built once and reused, so an eager call is a few Python lines per launch."""
+    """One cached decoding step on CUDA in three launches (defaults): incremental stage-1 logits of q_score;
+    pooling + top-k + window (config dec.FUSED: 'par' = pooling over many programs, the top-k in the last of a row;
+    True = one program per row and kv head; False = two kernels; 'auto' = True up to FUSED_MAX_NB blocks); split-K
+    sparse attention of q with the combine in its last program (dec.COMBINE='kernel': a separate combine kernel).
+    q_score, q (B * R, H, D); k_cache, v_cache (B, Nmax, Hkv, D); kc (B, NCmax, Hkv, D); cache_seqlens int32 (B * R,)
+    on the device. -> (o (B * R, H, D), lists (B * R, Hkv, K)). Same results as
+    `sparse_decode(q, ..., decode_select(q_score, ...))` without their per-call checks (the model checks shapes
+    upstream); no host sync. Per shape, a plan (grids, scratch, compiled kernels) is built once and reused, so an
+    eager call is a few Python lines per launch."""
     rest = (topk, kernel_size, kernel_stride, block_size, init_blocks, local_blocks, selection, queries_per_row,
             scale, None if config is None else repr(config))
-    key = _dec_plan_key(q_score, q, k_cache, v_cache, kc, cache_seqlens, rest)
+    sqs, sq, sk, sv, sc = q_score.stride(), q.stride(), k_cache.stride(), v_cache.stride(), kc.stride()
+    key = _dec_plan_key(q_score, q, k_cache, v_cache, kc, cache_seqlens, rest, sqs, sq, sk, sv, sc)
     P = _DEC_PLANS.get(key)
     if P is None:
         if len(_DEC_PLANS) >= 64: _DEC_PLANS.clear()     # a bound, should shapes keep changing
         P = _DEC_PLANS[key] = _DecPlan(q, kc.shape[2], topk, kernel_size, kernel_stride, block_size, init_blocks,
                                        local_blocks, selection, queries_per_row, scale, config)
-    p, s, m, init_blocks, local_blocks = P.geo
-    BQ, Hkv, G, ROWS, dev = P.BQ, P.Hkv, P.G, P.ROWS, q.device
-    NCmax, NB = kc.shape[1], num_blocks
-    NCM, NCH = max(NCmax, 1), max(1, triton.cdiv(NCmax, 64))
+    BQ, Hkv, G, dev = P.BQ, P.Hkv, P.G, q.device
+    NB, sk0 = num_blocks, sc[0]
+    L = P.for_len(kc.shape[1], NB, sk0)
+    NCM, NCH, BH = L['NCM'], L['NCH'], BQ * Hkv
     cap = _capturing(q)
-    S = P.buf('S', BQ * Hkv * ROWS * NCM, dev, cap)
-    pm1, pl1 = P.buf('pm1', BQ * Hkv * NCH * ROWS, dev, cap), P.buf('pl1', BQ * Hkv * NCH * ROWS, dev, cap)
-    sk0 = kc.stride(0)
-    P.launch((0, NCH, _spec(sk0), _spec(NCM)), _dec_s1_logits_kernel, (BQ * Hkv, NCH, 1),
-             (q_score, kc, cache_seqlens, S, pm1, pl1, q_score.stride(0), q_score.stride(1), sk0, kc.stride(1),
-              kc.stride(2), NCM, NCH, P.qk, p, s, G, Hkv, P.qper), P.k1, P.nw)
+    st = _raw_stream(P, dev)
+    S, pm1, pl1, cnt, scr, po, pm2, pl2 = P.scratch(L, NB, dev, cap)
+    if P.persistent:
+        return _dec_persistent(P, L, q_score, q, k_cache, v_cache, kc, cache_seqlens, NB, sqs, sq, sk, sv, sc, cap,
+                               (S, pm1, pl1, cnt, scr, po, pm2, pl2), st)
+    P.launch(L['key1'], _dec_s1_logits_kernel, L['grid1'],
+             (q_score, kc, cache_seqlens, S, pm1, pl1, cnt, sqs[0], sqs[1], sk0, sc[1], sc[2], NCM, NCH, P.qk,
+              P.geo[0], P.geo[1], G, Hkv, P.qper), L['kw1'], P.nw, None, st)
     idx = torch.empty(BQ, Hkv, P.K, dtype=torch.int32, device=dev)
-    NBP = max(16, _np2(NB))
-    dig = P.dig or (2 if NBP <= 4096 else 1)
-    kw2 = dict(P.k2, CHP=min(64, _np2(NCH)), NBP=NBP, DIG=dig, V=1 << dig)
-    fused = P.fused is True or (P.fused == 'auto' and NB <= P.fused_max_nb)
-    if fused:
+    mode, init_blocks, local_blocks = L['mode'], P.geo[3], P.geo[4]
+    if mode == 'par':
         try:
-            P.launch((1, _spec(NCM), _spec(NCH), _spec(NB), NBP, kw2['CHP'], dig), _dec_pool_topk_kernel, P.g2,
-                     (S, pm1, pl1, cache_seqlens, P.buf('sc', BQ * Hkv * NB, dev, cap), idx, P.K, NCM, NCH, NB, G,
-                      Hkv, init_blocks, local_blocks, P.topk), kw2, P.pool_warps)
-        except Exception as e:                           # e.g. a Triton that cannot compile it: the 3-kernel path
-            P.fused = fused = False
+            P.launch(L['key2'], _dec_pool_sel_kernel, L['grid2'],
+                     (S, pm1, pl1, cache_seqlens, scr, idx, cnt, P.K, NCM, NCH, NB, L['npc'], G, Hkv, init_blocks,
+                      local_blocks, P.topk), L['kw2'], P.par_warps, None, st)
+        except Exception as e:                           # e.g. a Triton without the atomics/fence: two kernels
+            if P.persistent: raise
+            P.fused, P.lens = False, {}
+            _warn_once('dec_par', f"decode_step: parallel pooling + top-k failed ({e!r:.200}); using two kernels")
+            L = P.for_len(kc.shape[1], NB, sk0)
+            mode = L['mode']
+    elif mode == 'one':
+        try:
+            P.launch(L['key2'], _dec_pool_topk_kernel, P.g2,
+                     (S, pm1, pl1, cache_seqlens, scr, idx, P.K, NCM, NCH, NB, G, Hkv, init_blocks, local_blocks,
+                      P.topk), L['kw2'], P.pool_warps, None, st)
+        except Exception as e:                           # e.g. a Triton that cannot compile it: the 2-kernel path
+            P.fused, P.lens = False, {}
             _warn_once('dec_fused', f"decode_step: fused pooling + top-k failed ({e!r:.200}); using two kernels")
-    if not fused:                                        # pooling kernel, then select_lists' top-k + window kernel
-        sc = torch.empty(BQ, Hkv, NB, dtype=torch.float32, device=dev)
-        _dec_s1_blocks_kernel[(BQ * Hkv, triton.cdiv(NB, 64))](
-            S, pm1, pl1, cache_seqlens, sc, Hkv * NB, NB, NCM, NCH, NB, G, Hkv, init_blocks, local_blocks, ROWS=ROWS,
-            R=kw2['R'], LEFT=kw2['LEFT'], NBC=64, BLOCK=m, CHP=kw2['CHP'], SEL=kw2['SEL'], num_warps=P.nw)
-        idx = _topk_launch(sc[:, None], P.topk, cache_seqlens, local_blocks if P.win else 0, m)[:, 0]
-    n2 = BQ * Hkv * P.nsplit * ROWS
-    po, pm2, pl2 = P.buf('po', n2 * P.BD, dev, cap), P.buf('pm2', n2, dev, cap), P.buf('pl2', n2, dev, cap)
-    P.launch((2,), _dec_attn_kernel, P.g3, (q, k_cache, v_cache, idx, cache_seqlens, po, pm2, pl2, q.stride(0),
-                                            q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], P.K * Hkv, P.K,
-                                            1, P.K, G, Hkv, P.nsplit, P.per, P.qper, P.qk), P.k3, P.nw, P.ns)
-    o = torch.empty_like(q)
-    P.launch((3,), _dec_combine_kernel, P.g4, (po, pm2, pl2, o, o.stride(0), o.stride(1), G, Hkv, P.nsplit), P.k4, 4)
+            L = P.for_len(kc.shape[1], NB, sk0)
+            mode = L['mode']
+    if mode == 'two':                                    # pooling kernel, then select_lists' top-k + window kernel
+        P.launch(L['key5'], _dec_s1_blocks_kernel, L['grid5'], (S, pm1, pl1, cache_seqlens, scr, Hkv * NB, NB, NCM,
+                                                              NCH, NB, G, Hkv, init_blocks, local_blocks),
+                 L['kw5'], P.nw, None, st)
+        P.launch(L['key6'], _topk_kernel, L['grid6'], (scr, idx, cache_seqlens, BH, NB, P.K, NB, P.topk, 1, Hkv,
+                                                      local_blocks if P.win else 0, Hkv), L['kw6'], 4, None, st)
+    o = torch.empty(q.shape, dtype=q.dtype, device=dev)  # contiguous (BQ, H, D): strides H * D, D
+    if P.last and L['clr']:                              # (the counters were zeroed by this call's logits kernel)
+        try:
+            P.launch((7,), _dec_attn_last_kernel, P.g3,
+                     (q, k_cache, v_cache, idx, cache_seqlens, po, pm2, pl2, o, cnt, sq[0], sq[1], sk[0], sk[1], sk[2],
+                      sv[0], sv[1], sv[2], P.K * Hkv, P.K, 1, P.so, P.D, P.K, G, Hkv, P.nsplit, P.per, P.qper, P.qk),
+                     P.k3l, P.nw, P.ns, st)
+            return o, idx
+        except Exception as e:                           # the combine as its own kernel
+            P.last, P.lens = False, {}
+            _warn_once('dec_last', f"decode_step: attention + combine in one kernel failed ({e!r:.200}); "
+                       "using a combine kernel")
+    P.launch((2,), _dec_attn_kernel, P.g3, (q, k_cache, v_cache, idx, cache_seqlens, po, pm2, pl2, sq[0], sq[1],
+                                            sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], P.K * Hkv, P.K, 1, P.K, G, Hkv,
+                                            P.nsplit, P.per, P.qper, P.qk), P.k3, P.nw, P.ns, st)
+    P.launch((3,), _dec_combine_kernel, P.g4, (po, pm2, pl2, o, P.so, P.D, G, Hkv, P.nsplit), P.k4, P.cw, None, st)
+    return o, idx
+
+
+
+def _dec_persistent(P, L, q_score, q, k_cache, v_cache, kc, seq, NB, sqs, sq, sk, sv, sc, cap, bufs, st):
+    "decode_step as one launch of `_dec_step_kernel` (three phase launches in the interpreter)."
+    S, pm1, pl1, cnt, scr, po, pm2, pl2 = bufs
+    dev, BH = q.device, P.BQ * P.Hkv
+    if cap: bar = torch.zeros(2, dtype=torch.int32, device=dev)      # a memset node in the graph, then self-reset
+    else:
+        if P.bar is None or P.bar.device != dev: P.bar = torch.zeros(2, dtype=torch.int32, device=dev)
+        bar = P.bar
+    idx = torch.empty(P.BQ, P.Hkv, P.K, dtype=torch.int32, device=dev)
+    o = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    kw2, (p, s, m, init_blocks, local_blocks) = L['kw2'], P.geo
+    args = (q_score, q, k_cache, v_cache, kc, seq, S, pm1, pl1, scr, idx, po, pm2, pl2, o, cnt, bar, sqs[0], sqs[1],
+            sq[0], sq[1], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sc[0], sc[1], sc[2], P.so, P.D, BH, L['NCM'],
+            L['NCH'], NB, L['npc'], P.K, P.topk, P.G, P.Hkv, P.qper, init_blocks, local_blocks, p, s, P.nsplit, P.per,
+            P.qk, P.nprog)
+    kw = dict(ROWS=P.ROWS, D=P.D, BD=P.BD, KT=64, PREC=P.k1['PREC'], R=kw2['R'], LEFT=kw2['LEFT'], NBC=kw2['NBC'],
+              BLOCK=m, CHP=kw2['CHP'], SEL=kw2['SEL'], NBP=kw2['NBP'], KP=kw2['KP'], WP=kw2['WP'], WIN=kw2['WIN'],
+              DIG=kw2['DIG'], V2=kw2['V'], SP=P.k4['SP'], FENCE=P.fence, PHASE=-1)
+    if interpreter_active():
+        for ph in range(4):
+            _dec_step_kernel[(P.nprog,)](*args, **dict(kw, PHASE=ph), num_warps=P.nw)
+    else:
+        P.launch(('step',) + L['key2'], _dec_step_kernel, (P.nprog, 1, 1), args, kw, P.nw, P.ns, st,
+                 launch_cooperative_grid=True)
     return o, idx
 
 # %% ../../nbs/11_sparse_kernels.ipynb #a1d3e5c1
@@ -1578,12 +1946,14 @@ def dense_decode(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend='aut
     n = BQ * Hkv * ns * P.ROWS
     cap = _capturing(q)
     po, pm, pl = P.buf('po', n * P.BD, q.device, cap), P.buf('pm', n, q.device, cap), P.buf('pl', n, q.device, cap)
+    st = _raw_stream(P, q.device)
     P.launch((0, ns, _spec(Nmax)), _dec_attn_kernel, (BQ * Hkv, ns, 1),
              (q, k_cache, v_cache, seq, seq, po, pm, pl, q.stride(0), q.stride(1), *k_cache.stride()[:3],
-              *v_cache.stride()[:3], 0, 0, 0, Nmax, P.G, Hkv, ns, 0, queries_per_row, scale * LOG2E), P.k1, P.nw, P.ns)
+              *v_cache.stride()[:3], 0, 0, 0, Nmax, P.G, Hkv, ns, 0, queries_per_row, scale * LOG2E),
+             P.k1, P.nw, P.ns, st)
     o = torch.empty_like(q)
     P.launch((1, ns), _dec_combine_kernel, (BQ * Hkv, P.G, 1),
-             (po, pm, pl, o, o.stride(0), o.stride(1), P.G, Hkv, ns), dict(P.k2, SP=min(64, _np2(ns))), 4)
+             (po, pm, pl, o, o.stride(0), o.stride(1), P.G, Hkv, ns), dict(P.k2, SP=min(64, _np2(ns))), 4, None, st)
     return o.view(shape)
 
 

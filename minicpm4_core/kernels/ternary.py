@@ -10,6 +10,7 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/ternary_kernel.html.md"""
 # %% ../../nbs/51_ternary_kernel.ipynb #6c872bb9
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -21,9 +22,9 @@ import triton.language as tl
 from ._common import BACKENDS, _warn_once, interpreter_active, num_sms, resolve_backend  # noqa: F401
 
 # %% auto #0
-__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'SPLIT_TARGET', 'ternary_bytes', 'packed_cols', 'pack_ternary', 'unpack_ternary',
-           'dequantize_ternary', 'ternary_matmul_ref', 'TernaryConfig', 'pick_config', 'kernel_scales',
-           'ternary_dequantize', 'ternary_matmul']
+__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'SPLIT_TARGET', 'DECODE_KERNEL', 'ternary_bytes', 'packed_cols', 'pack_ternary',
+           'unpack_ternary', 'dequantize_ternary', 'ternary_matmul_ref', 'TernaryConfig', 'pick_config',
+           'kernel_scales', 'ternary_dequantize', 'ternary_matmul']
 
 # %% ../../nbs/51_ternary_kernel.ipynb #82e732f5
 def ternary_bytes(M: int, K: int, N: int, group_size: int = 0, act_bytes: int = 2, scale_bytes: int = 2) -> dict:
@@ -290,6 +291,156 @@ def _ternary_mv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K4,
             tl.store(y, tot.to(y_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(tile, 0)
 
+# %% ../../nbs/51_ternary_kernel.ipynb #e2f9b4c6
+@triton.jit
+def _byte_pairs(w, INTERP: tl.constexpr):
+    "int32 words (4 packed bytes) -> two int32 holding bytes (0, 1) and (2, 3) in the low bytes of their 16-bit halves."
+    if INTERP:
+        return (w & 0xFF) | ((w << 8) & 0xFF0000), ((w >> 16) & 0xFF) | ((w >> 8) & 0xFF0000)
+    return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0, 0x4140; prmt.b32 $1, $2, 0, 0x4342;", "=r,=r,r", [w],
+                                     dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _plane_pair(e, I: tl.constexpr, F16: tl.constexpr, INTERP: tl.constexpr):
+    """int16 bytes -> plane I's weight c - 1 in {-1, 0, 1}, exact, in bf16 (or fp16 when F16): (magic + c) - (magic + 1)
+    with the code at bits 2I..2I+1 as the magic's lowest mantissa bits. CUDA: one LOP3 + one HFMA2 per two weights."""
+    if INTERP:
+        if F16:
+            m = 0x6400 if I == 0 else (0x5C00 if I == 1 else (0x5400 if I == 2 else 0x4C00))
+            v = ((e & (3 << (2 * I))) | m).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            return v - (1025.0 if I == 0 else (257.0 if I == 1 else (65.0 if I == 2 else 17.0)))
+        m = 0x4300 if I == 0 else (0x4200 if I == 1 else (0x4100 if I == 2 else 0x4000))
+        v = ((e & (3 << (2 * I))) | m).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
+        return v - (129.0 if I == 0 else (33.0 if I == 1 else (9.0 if I == 2 else 3.0)))
+    elif F16:
+        if I == 0:
+            return tl.inline_asm_elementwise("{.reg .b32 t, c; mov.b32 c, 0x64016401; lop3.b32 t, $1, 0x00030003, 0x64006400, 0xea; sub.rn.f16x2 $0, t, c;}", "=r,r", [e], dtype=tl.float16, is_pure=True, pack=2)
+        elif I == 1:
+            return tl.inline_asm_elementwise("{.reg .b32 t, c; mov.b32 c, 0x5C045C04; lop3.b32 t, $1, 0x000C000C, 0x5C005C00, 0xea; sub.rn.f16x2 $0, t, c;}", "=r,r", [e], dtype=tl.float16, is_pure=True, pack=2)
+        elif I == 2:
+            return tl.inline_asm_elementwise("{.reg .b32 t, c; mov.b32 c, 0x54105410; lop3.b32 t, $1, 0x00300030, 0x54005400, 0xea; sub.rn.f16x2 $0, t, c;}", "=r,r", [e], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise("{.reg .b32 t, c; mov.b32 c, 0x4C404C40; lop3.b32 t, $1, 0x00C000C0, 0x4C004C00, 0xea; sub.rn.f16x2 $0, t, c;}", "=r,r", [e], dtype=tl.float16, is_pure=True, pack=2)
+    elif I == 0:
+        return tl.inline_asm_elementwise("{.reg .b32 t, o, c; mov.b32 o, 0x3F803F80; mov.b32 c, 0xC301C301; lop3.b32 t, $1, 0x00030003, 0x43004300, 0xea; fma.rn.bf16x2 $0, t, o, c;}", "=r,r", [e], dtype=tl.bfloat16, is_pure=True, pack=2)
+    elif I == 1:
+        return tl.inline_asm_elementwise("{.reg .b32 t, o, c; mov.b32 o, 0x3F803F80; mov.b32 c, 0xC204C204; lop3.b32 t, $1, 0x000C000C, 0x42004200, 0xea; fma.rn.bf16x2 $0, t, o, c;}", "=r,r", [e], dtype=tl.bfloat16, is_pure=True, pack=2)
+    elif I == 2:
+        return tl.inline_asm_elementwise("{.reg .b32 t, o, c; mov.b32 o, 0x3F803F80; mov.b32 c, 0xC110C110; lop3.b32 t, $1, 0x00300030, 0x41004100, 0xea; fma.rn.bf16x2 $0, t, o, c;}", "=r,r", [e], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise("{.reg .b32 t, o, c; mov.b32 o, 0x3F803F80; mov.b32 c, 0xC040C040; lop3.b32 t, $1, 0x00C000C0, 0x40004000, 0xea; fma.rn.bf16x2 $0, t, o, c;}", "=r,r", [e], dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+# %% ../../nbs/51_ternary_kernel.ipynb #6e7f8091
+@triton.jit
+def _mvtc_side(x_ptr, s_ptr, offs_n, mask_n, offs_j, t, K, K4, stride_sn, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+               EVEN: tl.constexpr):
+    """Byte tile t's activations of the four planes (BLOCK_K,) each (columns i*K4 + j) and, with group scales, the
+    four planes' scales (BLOCK_N,) float32 (with GROUP == 0 the row scale, unused in the loop)."""
+    j = t * BLOCK_K + offs_j
+    if EVEN:
+        x0 = tl.load(x_ptr + j)
+        x1 = tl.load(x_ptr + K4 + j)
+        x2 = tl.load(x_ptr + 2 * K4 + j)
+        x3 = tl.load(x_ptr + 3 * K4 + j)
+    else:
+        x0 = tl.load(x_ptr + j, mask=(j < K) & (j < K4), other=0.0)
+        x1 = tl.load(x_ptr + K4 + j, mask=(K4 + j < K) & (j < K4), other=0.0)
+        x2 = tl.load(x_ptr + 2 * K4 + j, mask=(2 * K4 + j < K) & (j < K4), other=0.0)
+        x3 = tl.load(x_ptr + 3 * K4 + j, mask=(3 * K4 + j < K) & (j < K4), other=0.0)
+    if GROUP == 0:
+        s0 = tl.load(s_ptr + offs_n * 0, mask=mask_n, other=0.0).to(tl.float32)    # placeholder of the right type
+        s1 = s0
+        s2 = s0
+        s3 = s0
+    else:
+        base = s_ptr + offs_n * stride_sn + (t * BLOCK_K) // GROUP
+        s0 = tl.load(base, mask=mask_n, other=0.0).to(tl.float32)
+        s1 = tl.load(base + K4 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+        s2 = tl.load(base + 2 * K4 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+        s3 = tl.load(base + 3 * K4 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+    return x0, x1, x2, x3, s0, s1, s2, s3
+
+
+# %% ../../nbs/51_ternary_kernel.ipynb #f3a0c5d7
+@triton.jit
+def _ternary_mvtc_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, K4, stride_wn, stride_sn,
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                         EVEN: tl.constexpr, INTERP: tl.constexpr):
+    """y[n] = sum_k W[n, k] x[k] for one row x (K,) bf16/fp16; w_ptr: the packed bytes viewed as int32 (N, K4 // 4),
+    stride_wn in bytes; grid (cdiv(N, BLOCK_N), 1, SPLIT_K); split-K partials reduced by the last program of a tile."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(2)
+    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
+    W4: tl.constexpr = BLOCK_K // 4
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_a = tl.arange(0, W4)
+    offs_j = tl.arange(0, BLOCK_K)
+    col16 = tl.arange(0, 16)
+    mask_n = offs_n < N
+    t_lo, t_hi = _k_tiles(pid_k, K4, BLOCK_K, SPLIT_K)
+    w_rows = w_ptr + offs_n[:, None] * (stride_wn // 4) + offs_a[None, :]
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    # the four planes' activations (and group scales) of the next tile are loaded one iteration ahead into registers:
+    # waited for inside the iteration they cost ~3.7 us per tile on the H200 (time follows iterations, not bytes)
+    x0, x1, x2, x3, s0, s1, s2, s3 = _mvtc_side(x_ptr, s_ptr, offs_n, mask_n, offs_j, tl.minimum(t_lo, t_hi - 1), K, K4,
+                                                stride_sn, GROUP, BLOCK_K, EVEN)
+    for t in range(t_lo, t_hi):
+        if EVEN:
+            w = tl.load(w_rows + t * W4)
+        else:
+            w = tl.load(w_rows + t * W4, mask=mask_n[:, None] & (t * BLOCK_K + 4 * offs_a[None, :] < K4), other=0)
+        x0n, x1n, x2n, x3n, s0n, s1n, s2n, s3n = _mvtc_side(x_ptr, s_ptr, offs_n, mask_n, offs_j,
+                                                            tl.minimum(t + 1, t_hi - 1), K, K4, stride_sn, GROUP,
+                                                            BLOCK_K, EVEN)
+        t0, t1 = _byte_pairs(w, INTERP)
+        P = tl.join(t0, t1)                                                              # (BN, W4, 2): bytes 2p, 2p+1
+        E = tl.reshape(tl.join(P.to(tl.int16), (P >> 16).to(tl.int16)), (BLOCK_N, BLOCK_K))   # E[n, j] = byte j
+        if GROUP == 0:
+            # one scale per row: the four planes side by side along K' = i * BLOCK_K + j (register moves only), so one
+            # MMA and one x tile per step instead of four (4 shared-memory barriers and MMA waits fewer)
+            d0 = _plane_pair(E, 0, F16, INTERP)
+            d1 = _plane_pair(E, 1, F16, INTERP)
+            d2 = _plane_pair(E, 2, F16, INTERP)
+            d3 = _plane_pair(E, 3, F16, INTERP)
+            A = tl.reshape(tl.permute(tl.join(tl.join(d0, d1), tl.join(d2, d3)), (0, 3, 2, 1)), (BLOCK_N, 4 * BLOCK_K))
+            xa = tl.reshape(tl.permute(tl.join(tl.join(x0, x1), tl.join(x2, x3)), (2, 1, 0)), (4 * BLOCK_K,))
+            xt = tl.broadcast_to(xa[:, None], (4 * BLOCK_K, 16))   # x in every column (equal outputs; no select)
+            if INTERP:
+                acc += tl.dot(A, xt.to(tl.float32))
+            else:
+                acc += tl.dot(A, xt.to(x_ptr.dtype.element_ty))
+        else:             # group scales differ between the planes: one MMA per plane, scaled after it
+            for i in tl.static_range(4):
+                xi = x0 if i == 0 else (x1 if i == 1 else (x2 if i == 2 else x3))
+                xt = tl.broadcast_to(xi[:, None], (BLOCK_K, 16))
+                d = _plane_pair(E, i, F16, INTERP)                                       # (BLOCK_N, BLOCK_K): c - 1
+                if INTERP:
+                    p = tl.dot(d, xt.to(tl.float32))
+                else:
+                    p = tl.dot(d, xt.to(x_ptr.dtype.element_ty))
+                si = s0 if i == 0 else (s1 if i == 1 else (s2 if i == 2 else s3))
+                acc += p * si[:, None]
+        x0, x1, x2, x3, s0, s1, s2, s3 = x0n, x1n, x2n, x3n, s0n, s1n, s2n, s3n
+    if GROUP == 0:
+        acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    out = tl.sum(tl.where(col16[None, :] == 0, acc, 0.0), axis=1)    # the 16 columns are equal: take column 0
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(ws_ptr + pid_k * N + offs_n, out, mask=mask_n)
+        tl.debug_barrier()
+        tile = cnt_ptr + pid_n
+        done = tl.atomic_add(tile, 1, sem='acq_rel')
+        if done == SPLIT_K - 1:
+            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k in range(SPLIT_K):
+                tot += tl.load(ws_ptr + k * N + offs_n, mask=mask_n, other=0.0, cache_modifier='.cg')
+            tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(tile, 0)
+
+
 # %% ../../nbs/51_ternary_kernel.ipynb #a3bdd301
 @triton.jit
 def _ternary_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, K4, stride_wn, stride_sn, stride_on,
@@ -361,12 +512,13 @@ def _ternary_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, K4, stride_xm, stride
         tl.atomic_add(y_ptr + m * stride_ym + offs_n, out, mask=mask_n)
 
 # %% ../../nbs/51_ternary_kernel.ipynb #ce4fc6cf
-KERNELS = ('mv', 'mma', 'fma', 'dequant')
+KERNELS = ('mv', 'mvtc', 'mma', 'fma', 'dequant')
 
 
 @dataclass(frozen=True)
 class TernaryConfig:
-    """One launch configuration. kernel: 'mv' (tensor cores, weights as the left operand; decode), 'mma' (tensor
+    """One launch configuration. kernel: 'mv' (tensor cores, weights as the left operand; decode), 'mvtc' (M = 1: `mv` with
+    paired unpacking, x not staged), 'mma' (tensor
     cores, x as the left operand; any M), 'fma' (CUDA-core GEMV) or 'dequant' (unpack to x.dtype, then F.linear).
     n_acc: 1 or 4 accumulators (4 = one per plane; tiles of at most 32 rows)."""
     kernel: str = 'mv'
@@ -385,7 +537,7 @@ class TernaryConfig:
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"{name}={v} must be a power of two")
-        if self.kernel in ('mv', 'mma') and (self.block_m < 16 or self.block_n < 16 or self.block_k < 16):
+        if self.kernel in ('mv', 'mvtc', 'mma') and (self.block_m < 16 or self.block_n < 16 or self.block_k < 16):
             raise ValueError(f"the {self.kernel!r} kernel needs block_m, block_n, block_k >= 16, got "
                              f"{self.block_m}, {self.block_n}, {self.block_k}")
         if self.split_k < 1:
@@ -399,8 +551,10 @@ _num_sms = num_sms   # shared launch helper (minicpm4_core.kernels._common)
 
 DEQUANT_MIN_M = 1024  # from M = DEQUANT_MIN_M on, unpack once and use cuBLAS
 SPLIT_TARGET = 2     # decode: split K while the grid stays within this many programs per SM (slices >= 2 tiles)
+DECODE_KERNEL = 'mv'  # M = 1 default: 'mv' (version 2) or 'mvtc' (version 3), whichever the H200 sweep found faster
 
 # %% ../../nbs/51_ternary_kernel.ipynb #51148798
+@functools.lru_cache(maxsize=4096)     # pure in its arguments: no dataclass construction per eager call
 def pick_config(M: int, N: int, K4: int, group_size: int = 0, n_sm: int = 132) -> TernaryConfig:
     "Default launch for x (M, K) @ W.T with W packed to (N, K4) bytes."
     if M <= 16:
@@ -412,7 +566,7 @@ def pick_config(M: int, N: int, K4: int, group_size: int = 0, n_sm: int = 132) -
         if tiles >= 4:
             while n_ctas * split * 2 <= SPLIT_TARGET * n_sm and split * 2 <= tiles // 2:
                 split *= 2
-        return TernaryConfig('mv', 16, bn, bk, split, 4, 3, 1)
+        return TernaryConfig(DECODE_KERNEL if M == 1 else 'mv', 16, bn, bk, split, 4, 3, 1)
     if M >= DEQUANT_MIN_M:
         return TernaryConfig('dequant', 1, 64, 64, 1, 4, 1)
     bk = 64 if not group_size else min(64, group_size)
@@ -455,6 +609,13 @@ def _launch(x2, qweight, s, y, K, K4, group_size, cfg: TernaryConfig):
                                  y.stride(0), GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
                                  SPLIT_K=cfg.split_k, EVEN=even, INTERP=interpreter_active(), NACC=cfg.n_acc,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif cfg.kernel == 'mvtc':
+        grid = (triton.cdiv(N, cfg.block_n), 1, cfg.split_k)
+        ws = torch.empty(cfg.split_k, N, device=x2.device, dtype=torch.float32) if cfg.split_k > 1 else y
+        cnt = _tile_counters(x2.device, grid[0]) if cfg.split_k > 1 else y
+        _ternary_mvtc_kernel[grid](x2, qweight.view(torch.int32), s, y, ws, cnt, N, K, K4, qweight.stride(0), s_stride,
+                                   GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT_K=cfg.split_k, EVEN=even,
+                                   INTERP=interpreter_active(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     elif cfg.kernel == 'mv':
         grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
         if cfg.split_k > 1:
@@ -522,6 +683,11 @@ def ternary_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     qweight = qweight.contiguous()
     s = kernel_scales(scale, N, K4, group_size)
     cfg = config or pick_config(M, N, K4, group_size, _num_sms(x.device))
+    if cfg.kernel == 'mvtc' and (M != 1 or K4 % 4 or qweight.storage_offset() % 4 or x2.dtype == torch.float32):
+        # its operands are 16-bit and it reads the rows as int32 words
+        if config is not None and M != 1:
+            raise ValueError(f"config.kernel='mvtc' handles M=1 only, got M={M}")
+        cfg = TernaryConfig('mv', 16, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages, 1)
     if cfg.kernel == 'dequant':
         w = ternary_dequantize(qweight, s, K, group_size, x2.dtype, cfg)
         return torch.nn.functional.linear(x2, w).view(*lead, N)

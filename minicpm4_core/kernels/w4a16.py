@@ -10,6 +10,7 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/w4a16_kernel.html.md"""
 # %% ../../nbs/71_w4a16_kernel.ipynb #fbc647a8
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, asdict
 
 import torch
@@ -20,9 +21,9 @@ import triton.language as tl
 from ._common import BACKENDS, interpreter_active, num_sms, resolve_backend  # noqa: F401 (re-exported)
 
 # %% auto #0
-__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size', 'dequantize_w4',
-           'w4a16_matmul_naive', 'W4A16Config', 'default_config', 'w4a16_dequantize', 'w4a16_matmul', 'random_w4',
-           'self_check']
+__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'DECODE_KERNEL', 'w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size',
+           'dequantize_w4', 'w4a16_matmul_naive', 'W4A16Config', 'default_config', 'w4a16_dequantize', 'w4a16_matmul',
+           'random_w4', 'self_check']
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #2b12b3f0
 def w4a16_bytes(M: int, K: int, N: int, group_size: int = 128, act_bytes: int = 2) -> dict:
@@ -296,6 +297,119 @@ def _w4a16_gemv16_kernel(x_ptr, q16_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr,
             tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
             tl.atomic_xchg(lock_ptr + pid_n, 0)
 
+# %% ../../nbs/71_w4a16_kernel.ipynb #b3d91f20
+@triton.jit
+def _w4_plane(w, I: tl.constexpr, F16: tl.constexpr, INTERP: tl.constexpr):
+    """int16 halves holding 4 codes each -> `magic + code I` of each half, exact: bf16 128 + q (0x4300), or fp16
+    1024 + q (0x6400) when F16. On CUDA one SHF + one LOP3 per 32-bit pair (ptxas splits the plain expression)."""
+    if INTERP:
+        if F16:
+            return (((w >> (4 * I)) & 0xF) | 0x6400).to(tl.float16, bitcast=True)
+        return (((w >> (4 * I)) & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True)
+    elif F16:
+        if I == 0:
+            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;", "=r,r", [w],
+                                             dtype=tl.float16, is_pure=True, pack=2)
+        elif I == 1:
+            return tl.inline_asm_elementwise("{.reg .b32 t; shr.u32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;}",
+                                             "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+        elif I == 2:
+            return tl.inline_asm_elementwise("{.reg .b32 t; shr.u32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;}",
+                                             "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise("{.reg .b32 t; shr.u32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;}",
+                                             "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+    elif I == 0:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;", "=r,r", [w],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+    elif I == 1:
+        return tl.inline_asm_elementwise("{.reg .b32 t; shr.u32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;}",
+                                         "=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=2)
+    elif I == 2:
+        return tl.inline_asm_elementwise("{.reg .b32 t; shr.u32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;}",
+                                         "=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise("{.reg .b32 t; shr.u32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;}",
+                                         "=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+# %% ../../nbs/71_w4a16_kernel.ipynb #5d6e7f80
+@triton.jit
+def _gemv_tc_side(x_ptr, s_ptr, z_ptr, offs_n, mask_n, zshift, xrow, k, stride_sg, stride_zg, GROUP: tl.constexpr):
+    """What `_w4a16_gemv_tc_kernel` needs besides the packed words for the tile at row k: its activations (BLOCK_K,)
+    in operand order (`xrow`), the group's scales and zeros (BLOCK_N,) float32."""
+    xt = tl.load(x_ptr + k + xrow)
+    g = k // GROUP
+    s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.).to(tl.float32)
+    z = ((tl.load(z_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0) >> zshift) & 0xF).to(tl.float32)
+    return xt, s, z
+
+
+# %% ../../nbs/71_w4a16_kernel.ipynb #c5e2a7f3
+@triton.jit
+def _w4a16_gemv_tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr,
+                          N, K, k_per_split, split_k, stride_qk, stride_sg, stride_zg,
+                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+                          INTERP: tl.constexpr):
+    # x (K,) bf16 or fp16; qweight (K//8, N) int32; scales (K//G, N); qzeros (K//G, N//8); y (N,). BLOCK_K divides G.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    R: tl.constexpr = BLOCK_K // 8
+    C: tl.constexpr = BLOCK_K // 4                           # halves per column per tile: c = 2r + h (word r, half h)
+    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16   # fp16 x: fp16 operands (1024 + q), else bf16 (128 + q)
+    MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, R)
+    offs_k = tl.arange(0, BLOCK_K)
+    # operand column K' = i * C + c (plane i, half c = 2r + h) multiplies code i of half h of word r: row 8r + 4h + i
+    xrow = ((offs_k % C) // 2) * 8 + ((offs_k % C) % 2) * 4 + offs_k // C
+    col = tl.arange(0, 16)
+    zshift = (offs_n % 8) * 4
+    q_ptrs = qw_ptr + offs_r[None, :] * stride_qk + offs_n[:, None]     # (BLOCK_N, R): contiguous along n
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    # x, scales and zeros of the next tile are loaded one iteration ahead into registers (measured on the H200: waited
+    # for inside the iteration they cost ~2.2 us per 128 rows, and the time followed the iterations, not the bytes)
+    xt, s, z = _gemv_tc_side(x_ptr, s_ptr, z_ptr, offs_n, mask_n, zshift, xrow, tl.minimum(k_lo, K - BLOCK_K),
+                             stride_sg, stride_zg, GROUP)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_N:    # no mask: lets the copy use 16-byte cp.async
+            w32 = tl.load(q_ptrs + (k0 // 8) * stride_qk)
+        else:
+            w32 = tl.load(q_ptrs + (k0 // 8) * stride_qk, mask=mask_n[:, None], other=0)
+        xtn, sn, zn = _gemv_tc_side(x_ptr, s_ptr, z_ptr, offs_n, mask_n, zshift, xrow,
+                                    tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K), stride_sg, stride_zg, GROUP)
+        w = tl.reshape(tl.join(w32.to(tl.int16), (w32 >> 16).to(tl.int16)), (BLOCK_N, C))   # [n, 2r + h]
+        d0 = _w4_plane(w, 0, F16, INTERP)                    # (BLOCK_N, C): MAGIC + q, in x's 16-bit type
+        d1 = _w4_plane(w, 1, F16, INTERP)
+        d2 = _w4_plane(w, 2, F16, INTERP)
+        d3 = _w4_plane(w, 3, F16, INTERP)
+        # the four planes side by side along K' (register moves only): one MMA and one x tile per step, not four
+        A = tl.reshape(tl.permute(tl.join(tl.join(d0, d1), tl.join(d2, d3)), (0, 3, 2, 1)), (BLOCK_N, BLOCK_K))
+        X = tl.where(col[None, :] == 0, xt[:, None], 0.)      # (BLOCK_K, 16): x in column 0, zeros elsewhere
+        if INTERP:    # the interpreter's bf16 dot is wrong: the same exact values in float32
+            t = tl.dot(A.to(tl.float32), X.to(tl.float32))
+        else:
+            t = tl.dot(A, X.to(x_ptr.dtype.element_ty))
+        acc += (t - (MAGIC + z)[:, None] * tl.sum(xt.to(tl.float32))) * s[:, None]
+        xt, s, z = xtn, sn, zn
+    y = tl.sum(tl.where(col[None, :] == 0, acc, 0.), axis=1)    # column 0 (the other columns' updates are dead code)
+    if split_k == 1:
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(ws_ptr + pid_k * N + offs_n, y, mask=mask_n)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem='acq_rel', scope='gpu')
+        if arrived == split_k - 1:
+            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for sk in range(0, split_k):
+                tot += tl.load(ws_ptr + sk * N + offs_n, mask=mask_n, other=0., cache_modifier='.cg')
+            tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
+
+
 # %% ../../nbs/71_w4a16_kernel.ipynb #056a809d
 @triton.jit
 def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg, stride_zg, stride_wk, m0, m1, m2, m3,
@@ -325,13 +439,15 @@ def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg, str
              mask=mask_n[None, :])
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #4da5003b
-KERNELS = ('gemv', 'gemv16', 'gemm', 'dequant')
+KERNELS = ('gemv', 'gemv16', 'gemvtc', 'gemm', 'dequant')
 DEQUANT_MIN_M = 256    # rows from which prefill dequantizes once and calls cuBLAS (tuned on the device)
+DECODE_KERNEL = 'gemvtc'  # M = 1 default: 'gemv' (kernel 1) or 'gemvtc' (kernel 4), whichever the H200 sweep found faster
 
 
 @dataclass(frozen=True)
 class W4A16Config:
-    """Kernel choice and tiling: 'gemv' (M = 1, float32 magic), 'gemv16' (M = 1, fp16-lane magic), 'gemm' (tiles
+    """Kernel choice and tiling: 'gemv' (M = 1, float32 magic), 'gemv16' (M = 1, fp16-lane magic), 'gemvtc' (M = 1,
+    tensor cores, block_k >= 64 dividing the group), 'gemm' (tiles
     dequantized in registers), 'dequant' (write the 16-bit weight with (block_k, block_n) tiles, then torch.matmul)."""
     kernel: str = 'gemm'
     block_m: int = 16
@@ -354,6 +470,9 @@ class W4A16Config:
         if self.block_k < 8 or (self.kernel == 'gemm' and min(self.block_m, self.block_n, self.block_k) < 16):
             raise ValueError(f"W4A16Config: block sizes too small for kernel {self.kernel!r} ({self}); gemv needs "
                              f"block_k >= 8, gemm needs every block >= 16")
+        if self.kernel == 'gemvtc' and (self.block_k < 64 or self.block_n < 16 * self.num_warps):
+            raise ValueError(f"W4A16Config: kernel 'gemvtc' needs block_k >= 64 and block_n >= 16 * num_warps "
+                             f"(one 16-row MMA tile per warp), got {self}")
         if self.kernel == 'dequant' and self.split_k != 1:
             raise ValueError(f"W4A16Config: kernel 'dequant' has no split_k (got {self.split_k})")
 
@@ -369,13 +488,14 @@ def _num_sms(device) -> int:
     return 132 if device is None else num_sms(device)   # shared launch helper (minicpm4_core.kernels._common)
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #602247ce
-def _pick_split(tiles: int, K: int, block_k: int, sms: int, per_sm: int = 2) -> int:
+def _pick_split(tiles: int, K: int, block_k: int, sms: int, per_sm: float = 2) -> int:
     split = 1
     while tiles * split < per_sm * sms and K // (split * 2) >= 2 * block_k and split < 32:
         split *= 2
     return split
 
 
+@functools.lru_cache(maxsize=4096)     # pure in its arguments; saves ~10 us of Python per eager decode call
 def default_config(M: int, N: int, K: int, group_size: int = 128, device=None,
                    dequant_min_m: int = DEQUANT_MIN_M) -> W4A16Config:
     "A good `W4A16Config` for `x (M, K) @ W (K, N)` with groups of `group_size` rows; dequant + cuBLAS from dequant_min_m rows."
@@ -383,10 +503,17 @@ def default_config(M: int, N: int, K: int, group_size: int = 128, device=None,
     sms = _num_sms(device)
     if M >= dequant_min_m:
         return W4A16Config('dequant', 1, 64, _largest_pow2_divisor(G, 64), 1, 4, 1)
-    if M == 1 and G % 8 == 0:
+    if M == 1 and DECODE_KERNEL == 'gemvtc' and G % 64 == 0:   # tensor cores: block_k divides the group, >= 64 rows
         bk = _largest_pow2_divisor(G, 128)
-        bn = 128 if N >= 8192 else 64
-        return W4A16Config('gemv', 1, bn, bk, _pick_split(triton.cdiv(N, bn), K, bk, sms), 4, 4)
+        bn = 128 if N >= 2048 else 64
+        # H200 sweep (session 2026-12-04d): ~256 programs (128 columns: split 2 at 4096x16384, 8 at 16384x4096 and
+        # 4096x4096; 64 columns x split 16 at 4096x256) and 3 stages were the fastest at the four 8B shapes
+        return W4A16Config('gemvtc', 1, bn, bk, _pick_split(triton.cdiv(N, bn), K, bk, sms, 1.5), 4, 3)
+    if M == 1 and G % 8 == 0:
+        # H200 sweep (session 2026-12-04d): 64 columns x split 4 x 4 stages was the fastest kernel-1 config at the three
+        # 8B shapes (4096x16384 21.6 us vs 25.9 us for the earlier 128-column default)
+        bk = _largest_pow2_divisor(G, 128)
+        return W4A16Config('gemv', 1, 64, bk, max(1, min(4, K // (2 * bk))), 4, 4)
     bk = _largest_pow2_divisor(G, 128)
     if bk < 16:
         raise ValueError(f"group_size={group_size}: the GEMM kernel needs groups that are multiples of 16")
@@ -482,8 +609,10 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
     cfg = config or default_config(M, N, K, G, x.device, DEQUANT_MIN_M if dequant_min_m is None else dequant_min_m)
     if G % cfg.block_k:
         raise ValueError(f"config.block_k={cfg.block_k} must divide group_size={G}")
-    if cfg.kernel in ('gemv', 'gemv16') and M != 1:
+    if cfg.kernel in ('gemv', 'gemv16', 'gemvtc') and M != 1:
         raise ValueError(f"config.kernel={cfg.kernel!r} handles M=1 only, got M={M}")
+    if cfg.kernel == 'gemvtc' and x.dtype == torch.float32:   # its operands are 16-bit: float32 x takes kernel 1
+        cfg = W4A16Config('gemv', 1, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
     if cfg.kernel == 'dequant':
         W = _dequant_launch(qweight, scales, qzeros, G, x.dtype, cfg)
         return torch.matmul(x2, W, out=y).reshape(*lead, N)
@@ -497,6 +626,14 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
         _w4a16_gemv_kernel[(tiles, split)](x2, qweight, scales, qzeros, y, ws, lock, N, K, k_per_split, split,
                                            qweight.stride(0), scales.stride(0), qzeros.stride(0), *_MAGIC,
                                            GROUP=G, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch)
+    elif cfg.kernel == 'gemvtc':
+        tiles = triton.cdiv(N, cfg.block_n)
+        ws = torch.empty((split, N), dtype=torch.float32, device=x.device) if split > 1 else y
+        lock = _lock_buffer(x.device, tiles)
+        _w4a16_gemv_tc_kernel[(tiles, split)](x2, qweight, scales, qzeros, y, ws, lock, N, K, k_per_split, split,
+                                              qweight.stride(0), scales.stride(0), qzeros.stride(0), GROUP=G,
+                                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_N=N % cfg.block_n == 0,
+                                              INTERP=interpreter_active(_w4a16_gemv_tc_kernel), **launch)
     elif cfg.kernel == 'gemv16':
         tiles = triton.cdiv(N, cfg.block_n)
         ws = torch.empty((split, N), dtype=torch.float32, device=x.device) if split > 1 else y
@@ -537,7 +674,7 @@ def self_check(shapes=((1, 256, 72), (3, 256, 64), (16, 384, 128), (33, 128, 64)
         x = torch.randn(M, K, device=device, generator=torch.Generator(device).manual_seed(seed + i)).to(dtype)
         ref = x.double() @ dequantize_w4(qw, s, qz, group_size, torch.float64)
         for cfg in (configs or [None]):
-            if cfg is not None and cfg.kernel in ('gemv', 'gemv16') and M != 1:
+            if cfg is not None and cfg.kernel in ('gemv', 'gemv16', 'gemvtc') and M != 1:
                 continue
             y = torch.full((M, N), float('nan'), dtype=dtype, device=device)     # poisoned: every element must be written
             w4a16_matmul(x, qw, s, qz, group_size, backend='triton', config=cfg, out=y)
