@@ -37,8 +37,12 @@ def shard_plan(paths):
     return head, *(sorted(s, key=order.get) for s in shards)
 
 
-def _run(only, root, out, artifacts):
+def _run(only, root, out, artifacts, threads=None):
     # every shard reads and writes one artifacts folder (the base model of 03_train): linked into its run folder
+    if threads:
+        # two shards on two cores: one thread per notebook kernel (the kernels inherit this environment); two
+        # notebooks with two OpenMP threads each on two cores ran 2-6x slower than alone (measured in CI)
+        for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"): os.environ[v] = str(threads)
     out.mkdir(parents=True, exist_ok=True)
     if artifacts != out / 'artifacts': (out / 'artifacts').symlink_to(artifacts, target_is_directory=True)
     return R.run_notebooks("ci", only=only, root=root, out_dir=out)
@@ -56,7 +60,7 @@ def ci_run(tmp_path_factory):
     try:
         results = _run(head, ROOT, base / "head", base / "head" / "artifacts") if head else []
         with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as ex:
-            futs = [ex.submit(_run, s, ROOT, base / f"shard{i}", base / "head" / "artifacts")
+            futs = [ex.submit(_run, s, ROOT, base / f"shard{i}", base / "head" / "artifacts", 1)
                     for i, s in enumerate((a, b)) if s]
             for f in futs: results += f.result()
     finally:

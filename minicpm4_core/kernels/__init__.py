@@ -1,4 +1,5 @@
-"""`minicpm4_core.kernels` holds one module per kernel family (`sparse`, `ternary`, `w4a16`) and what they share
+"""`minicpm4_core.kernels` holds one module per kernel family (`sparse`, `sparse_prefill`, `ternary`, `w4a16`,
+`fused`) and what they share
 (`_common`, notebook `11a_kernel_common`). Its `__init__` only re-exports, lazily, so importing one family never
 imports another.
 
@@ -12,15 +13,15 @@ __all__ = ['FAMILIES']
 # %% ../../nbs/11b_kernel_package.ipynb #3961c579
 from ._common import BACKENDS, _warn_once, interpreter_active, resolve_backend  # noqa: F401
 
-FAMILIES = ('sparse', 'ternary', 'w4a16')
+# sparse: InfLLM v2 attention (nbs/11), sparse_prefill: its prefill selection variants (nbs/11c), ternary (nbs/51),
+# w4a16 (nbs/71), fused: the static decode step's small fused kernels and batch-1 GEMV (nbs/11d)
+FAMILIES = ('sparse', 'sparse_prefill', 'ternary', 'w4a16', 'fused')
 
 
 def _family(name):
-    "Import one family module (`import a.b as c`: no attribute lookup on this package, so no recursion)."
-    if name == 'sparse': import minicpm4_core.kernels.sparse as mod
-    elif name == 'ternary': import minicpm4_core.kernels.ternary as mod
-    else: import minicpm4_core.kernels.w4a16 as mod
-    return mod
+    "Import one family module (import_module does no attribute lookup on this package, so no recursion)."
+    import importlib
+    return importlib.import_module(f'minicpm4_core.kernels.{name}')
 
 
 def __getattr__(name):
