@@ -87,22 +87,22 @@ PREFILL_TOPK = 'bucketed'  # prefill top-k + window on CUDA: 'bucketed' (sparse_
 PREFILL_SCORES = 'plain'   # prefill stage 1 on CUDA: 'plain' (kernels.fused_block_scores) or 'transposed' (slower, H200)
 
 
+def _prefill_fn(setting: str, value: str, plain, alt: str, fn: str):
+    "`plain` when value is 'plain', kernels.sparse_prefill.<fn> when it is `alt`; else a ValueError naming the setting."
+    if value == 'plain': return plain
+    if value != alt: raise ValueError(f"{setting} must be 'plain' or {alt!r}, got {value!r}")
+    import minicpm4_core.kernels.sparse_prefill as sp
+    return getattr(sp, fn)
+
+
 def _select_lists(kern):
     "kernels.select_lists, or with PREFILL_TOPK='bucketed' kernels.sparse_prefill.select_lists_bucketed (same lists)."
-    if PREFILL_TOPK == 'plain': return kern.select_lists
-    if PREFILL_TOPK != 'bucketed':
-        raise ValueError(f"PREFILL_TOPK must be 'plain' or 'bucketed', got {PREFILL_TOPK!r}")
-    import minicpm4_core.kernels.sparse_prefill as sp
-    return sp.select_lists_bucketed
+    return _prefill_fn('PREFILL_TOPK', PREFILL_TOPK, kern.select_lists, 'bucketed', 'select_lists_bucketed')
 
 
 def _scorer(kern):
     "kernels.fused_block_scores, or with PREFILL_SCORES='transposed' kernels.sparse_prefill.block_scores_t."
-    if PREFILL_SCORES == 'plain': return kern.fused_block_scores
-    if PREFILL_SCORES != 'transposed':
-        raise ValueError(f"PREFILL_SCORES must be 'plain' or 'transposed', got {PREFILL_SCORES!r}")
-    import minicpm4_core.kernels.sparse_prefill as sp
-    return sp.block_scores_t
+    return _prefill_fn('PREFILL_SCORES', PREFILL_SCORES, kern.fused_block_scores, 'transposed', 'block_scores_t')
 
 
 def select_auto(q, keys, kc, kc_coarse, n_keys, st):

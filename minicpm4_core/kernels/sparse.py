@@ -1505,15 +1505,10 @@ def _dec_attn_last_item(Q, K, V, IDX, SEQ, PO, PM, PL, O, CNT, bh, sp,
                         PREC: tl.constexpr, SPC: tl.constexpr, FENCE: tl.constexpr):
     """Split sp of row bh (`_dec_attn_part`), its partial stored; the last of the row's NSPLIT items to finish
     (counter CNT[2 bh + 1], zero at launch) merges the row's partials, SPC splits x all heads at a time, into O."""
-    acc, m_i, l_i = _dec_attn_part(Q, K, V, IDX, SEQ, bh, sp, sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, si_b,
-                                   si_h, si_k, KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale, ROWS, D, BD, BLOCK, PREC,
-                                   False)
+    _dec_attn_item(Q, K, V, IDX, SEQ, PO, PM, PL, bh, sp, sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, si_b, si_h,
+                   si_k, KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale, ROWS, D, BD, BLOCK, PREC, False)
     r = tl.arange(0, ROWS)
     d = tl.arange(0, BD)
-    row = (bh * NSPLIT + sp).to(tl.int64) * ROWS + r
-    tl.store(PO + row[:, None] * BD + d[None, :], acc)
-    tl.store(PM + row, m_i)
-    tl.store(PL + row, l_i)
     if FENCE:
         _gpu_fence(r)
     tl.debug_barrier()
