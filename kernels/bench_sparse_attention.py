@@ -309,7 +309,7 @@ def bench_length(N, dev, args):
     attempt('decode_dense_ours_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in dd_fns], 200) / nrot, R)
     attempt('dense_decode_check_rel', lambda: float((dd_fns[0]().float() - de_fns[0]()[:, :, 0].float()).norm() /
                                                     de_fns[0]()[:, :, 0].float().norm()), R)
-    if not args.smoke and torch.cuda.is_available():
+    if not args.smoke and torch.cuda.is_available() and args.dec_sweep == 'old':
         DV = R.setdefault('dense_decode_variants_graph_us', {})
         for blk, waves in ((64, 2), (64, 8), (128, 4), (32, 4)):
             cf = dict(dense=dict(BLOCK=blk, WAVES=waves))
@@ -322,29 +322,54 @@ def bench_length(N, dev, args):
         t = time.perf_counter() - t0; sync()
         return 1e6 * t / (n * len(fns))
 
+    def kernel_us(fns, n=5):   # GPU time per launch of each kernel of a step (torch.profiler, eager)
+        from torch.profiler import ProfilerActivity, profile
+        for f in fns: f()
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                for f in fns: f()
+            sync()
+        out = {}
+        for e in prof.key_averages():
+            t = getattr(e, 'device_time_total', None) or getattr(e, 'cuda_time_total', 0)
+            if t and e.count: out[e.key[:60]] = dict(us=round(t / e.count, 2), per_step=e.count / (n * len(fns)))
+        return out
+
     attempt('decode_step_graph_us', lambda: 1e3 * graph_time(ds_fns), R)      # selection + attention, one step
-    if not args.smoke and torch.cuda.is_available():
-        # the selection paths (dec.FUSED: 'par' = pooling over many programs + top-k in the row's last program, the
-        # default; True = one program per row; False = pooling + top-k kernels) and the 'par' settings: us per step
+    if not args.smoke and torch.cuda.is_available() and args.dec_sweep != 'none':
+        # the selection paths (dec.FUSED: 'par' = pooling over many programs + radix top-k of the whole row in the
+        # row's last program; 'cand' = the same pooling, the last program ranks bounded candidates; True = one
+        # program per row; False = pooling + top-k kernels) and the 'cand' settings: us per step
         SV = R.setdefault('decode_step_variants_graph_us', {})
+        # the opt-ins of session 6 together: PDL launches, the one-pass split combine, the logits tile loaded first
+        ALL_OPT = dict(FUSED='cand', PDL=True, COMBINE='split', POOL_PRELOAD=True)
         HV = R.setdefault('decode_step_variants_eager_us', {})
-        # (FUSED=True / False = last session's two paths, four and five launches; COMBINE='last' = three launches)
-        # (--persistent: only the one-launch rows, the settings sweep is the plain run's)
+        # (--persistent: only the one-launch rows; --dec-sweep old: last session's settings sweep of the 'par' path,
+        # flat within +-1 us on the H200; the default sweep: 'par' vs 'cand' at every length, 'cand' settings at the
+        # longest)
         for dc in ((dict(PERSISTENT=True), dict(PERSISTENT=True, PROGRAMS=2), dict(PERSISTENT=True, PER=2),
-                    dict(PERSISTENT=True, num_warps=8)) if args.persistent else
+                    dict(PERSISTENT=True, num_warps=8), dict(PERSISTENT=True, FUSED='cand')) if args.persistent else
                    (dict(FUSED=True), dict(FUSED=False), dict(COMBINE='last'), dict(NBC_PAR=16), dict(NBC_PAR=32),
                     dict(NBC_PAR=64), dict(PAR_WARPS=4), dict(TOPK_DIG=4), dict(TOPK_DIG=1), dict(PER=2),
                     dict(PER=4), dict(num_warps=8), dict(COMBINE_WARPS=8), dict(COMBINE_SP=16),
-                    dict(PER=2, COMBINE_WARPS=8))):
-            if N != max(args.lengths) and 'FUSED' not in dc and 'PERSISTENT' not in dc:
+                    dict(PER=2, COMBINE_WARPS=8)) if args.dec_sweep == 'old' else
+                   (dict(FUSED='par'), dict(FUSED='cand'), ALL_OPT, dict(FUSED='cand', PDL=True),
+                    dict(FUSED='cand', PDL=True, COMBINE='split'), dict(FUSED='cand', COMBINE='split'),
+                    dict(FUSED='cand', POOL_PRELOAD=True), dict(FUSED='cand', CAND_CJ=32),
+                    dict(FUSED='cand', CAND_CAP=256, CAND_CJ=32), dict(FUSED='cand', NBC_PAR=16),
+                    dict(FUSED='cand', PER=1), dict(FUSED='cand', CHP=64), dict(FUSED='par', PER=1))):
+            if N != max(args.lengths) and len(dc) > 1 and 'PERSISTENT' not in dc and dc != ALL_OPT:
                 continue     # the settings sweep at the longest length only; the paths at every length
             cf = dict(cfg or {}, dec=dc)
             nm = ','.join(f'{k_}={v_}' for k_, v_ in dc.items())
             fns = [lambda c=c, kc_=kc_, cf=cf: sk.decode_step(c[2], c[2], c[0], c[1], kc_, seq, TOPK, **GEO,
                                                               num_blocks=nbk, config=cf) for c, kc_ in zip(caches, kcs)]
             attempt(nm, lambda fns=fns: 1e3 * graph_time(fns), SV)
-            if 'FUSED' in dc or 'COMBINE' in dc or 'PERSISTENT' in dc:
+            if len(dc) == 1 and ('FUSED' in dc or 'COMBINE' in dc) or 'PERSISTENT' in dc or dc == ALL_OPT:
                 attempt(nm, lambda fns=fns: 1e3 * timeit(lambda: [f() for f in fns], 200) / nrot, HV)
+            if args.dec_sweep != 'old' and (len(dc) == 1 and 'FUSED' in dc or dc == ALL_OPT):
+                attempt(nm, lambda fns=fns: kernel_us(fns), R.setdefault('kernel_us_decode_step_variants', {}))
             if 'PERSISTENT' in dc:
                 attempt(nm, lambda fns=fns: host_us(fns), R.setdefault('decode_step_variants_host_us', {}))
 
@@ -353,6 +378,10 @@ def bench_length(N, dev, args):
                     return dict(lists=bool(torch.equal(a[1], b[1])),
                                 out_rel=float((a[0].float() - b[0].float()).norm() / b[0].float().norm()))
                 attempt(nm, same, R.setdefault('decode_step_variants_same_as_default', {}))
+        print(f"  decode_step variants @{N}, us per step, graph: {SV}\n    eager: {HV}", flush=True)
+        for nm, ku in R.get('kernel_us_decode_step_variants', {}).items():
+            print(f"    GPU us per kernel, {nm}: " + (', '.join(f"{k_[:28]} {v_['us']}" for k_, v_ in ku.items())
+                                                     if isinstance(ku, dict) else str(ku)), flush=True)
     attempt('decode_step_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in ds_fns], 200) / nrot, R)
     attempt('decode_wrappers_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in st_fns], 200) / nrot, R)
 
@@ -374,19 +403,6 @@ def bench_length(N, dev, args):
         return buf.getvalue()[-3000:]
     if not args.smoke: attempt('host_profile_decode_step', lambda: host_profile(ds_fns), R)
 
-    def kernel_us(fns, n=5):   # GPU time per launch of each kernel of a step (torch.profiler, eager)
-        from torch.profiler import ProfilerActivity, profile
-        for f in fns: f()
-        sync()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(n):
-                for f in fns: f()
-            sync()
-        out = {}
-        for e in prof.key_averages():
-            t = getattr(e, 'device_time_total', None) or getattr(e, 'cuda_time_total', 0)
-            if t and e.count: out[e.key[:60]] = dict(us=round(t / e.count, 2), per_step=e.count / (n * len(fns)))
-        return out
     if torch.cuda.is_available():
         attempt('kernel_us_decode_step', lambda: kernel_us(ds_fns), R)
         if args.persistent:
@@ -399,7 +415,7 @@ def bench_length(N, dev, args):
     attempt('decode_select_graph_us', lambda: 1e3 * graph_time(se_fns), R)
     attempt('decode_sparse_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in sp_fns], 200) / nrot, R)
     attempt('decode_dense_eager_us', lambda: 1e3 * timeit(lambda: [f() for f in de_fns], 200) / nrot, R)
-    for be_name in ('FLASH_ATTENTION', 'EFFICIENT_ATTENTION'):
+    for be_name in ('FLASH_ATTENTION',):   # (EFFICIENT_ATTENTION: no GQA kernel for this call, 'No available kernel')
         def dense_be(be_name=be_name):
             from torch.nn.attention import SDPBackend, sdpa_kernel
             be = getattr(SDPBackend, be_name)
@@ -812,6 +828,9 @@ def main():
     ap.add_argument('--check-only', action='store_true', help='only the per-token / model parts (no main table)')
     ap.add_argument('--summary', default=None, help='only draw issue12_summary.png from the JSONs in this folder')
     ap.add_argument('--persistent', action='store_true', help="decode: sweep the one-launch step's rows (dec.PERSISTENT)")
+    ap.add_argument('--dec-sweep', default='cand', choices=['cand', 'old', 'none'],
+                    help="decode variants: 'cand' ('par' vs 'cand' + the opt-ins and settings), 'old' (the 'par' "
+                         "settings), 'none' (the default step and the baselines only)")
     ap.add_argument('--band', type=int, nargs='*', default=[], help='lengths for the window-as-band variant rows')
     ap.add_argument('--band-tiles', type=int, nargs='+', default=[1, 2], help='tile_tokens of its selected part')
     ap.add_argument('--band-tokens', type=int, nargs='+', default=[8, 16], help='positions per band tile')

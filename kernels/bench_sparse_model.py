@@ -202,34 +202,47 @@ def model_rows(L, layers, dev):
     if CUDA: torch.cuda.empty_cache()
 
 
-def band_check(L0, sc, dev):
+def band_check(L0, sc, dev, dtype=torch.float32, layers=2):
     """The model's default path (band kernel + bucketed top-k) against the general kernel with the plain top-k
-    (SPARSE_BAND=False, PREFILL_TOPK='plain') on this device, in float32 so that the comparison is not lost in bf16
-    rounding: an 8B-shape model of 2 layers (random weights), 1,000 tokens past dense_len (sparse path), relative
-    difference of the last hidden states and of every parameter gradient of a random loss on them."""
-    model, cfg = build_model(L0, 2, dev)
-    model.float()
+    (SPARSE_BAND=False, PREFILL_TOPK='plain') on this device: an 8B-shape model of `layers` layers (random weights)
+    in `dtype`, 1,000 tokens past dense_len (sparse path), relative difference of the last hidden states and of every
+    parameter gradient of a random loss on them. float32: tight (hidden < 1e-4, grads < 1e-3: the two paths differ
+    only in the order of the softmax sums); bfloat16: loose (hidden < 3e-2, grads < 1e-1: rounding through the
+    layers). The band kernel is really called (counted) on the first path and not on the second."""
+    model, cfg = build_model(L0, layers, dev)
+    model.to(dtype)
     model.config.sparse_config = sc
     L = (sc['dense_len'] + 1000) if not args.smoke else 120
     ids = torch.randint(3, cfg.vocab_size, (1, L), device=dev)
-    w, out = None, {}
+    w, out, calls = None, {}, {}
     old = iv.SPARSE_BAND, iv.PREFILL_TOPK
+    real_band = sk.sparse_attention_band
+
+    def counted(*a, **k):
+        calls[cur] = calls.get(cur, 0) + 1
+        return real_band(*a, **k)
+    sk.sparse_attention_band = counted
     try:
-        for band in (True, False):
-            iv.SPARSE_BAND, iv.PREFILL_TOPK = (True, 'bucketed') if band else (False, 'plain')
+        for cur in (True, False):
+            iv.SPARSE_BAND, iv.PREFILL_TOPK = (True, 'bucketed') if cur else (False, 'plain')
             model.zero_grad(set_to_none=True)
             h = model(ids, return_hidden=True)[1]
             w = torch.randn_like(h) if w is None else w
-            (h * w).sum().backward()
-            out[band] = (h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            (h.float() * w.float()).sum().backward()
+            out[cur] = (h.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
     finally:
         iv.SPARSE_BAND, iv.PREFILL_TOPK = old
+        sk.sparse_attention_band = real_band
     del model
     rel = lambda a, b: float((a - b).norm() / b.norm().clamp(min=1e-30))   # noqa: E731
     (ha, ga), (hb, gb) = out[True], out[False]
     gr = {n: rel(ga[n], gb[n]) for n in gb}
-    res = dict(dtype='float32', layers=2, tokens=L, hidden_rel=rel(ha, hb), grad_rel_max=max(gr.values()),
-               grads=len(gr), worst=max(gr, key=gr.get), ok=bool(rel(ha, hb) < 1e-4 and max(gr.values()) < 1e-3))
+    th, tg = (1e-4, 1e-3) if dtype == torch.float32 else (3e-2, 1e-1)
+    res = dict(dtype=str(dtype)[6:], layers=layers, tokens=L, hidden_rel=rel(ha, hb), grad_rel_max=max(gr.values()),
+               grads=len(gr), worst=max(gr, key=gr.get), band_calls=calls.get(True, 0),
+               band_calls_general_path=calls.get(False, 0), tol=(th, tg),
+               ok=bool(rel(ha, hb) < th and max(gr.values()) < tg and calls.get(True, 0) > 0
+                       and calls.get(False, 0) == 0))
     if CUDA: torch.cuda.empty_cache()
     return res
 
@@ -419,7 +432,9 @@ def attention_rows(N, dev, src):
         attempt('prefill_coarse_bucketed_band_ms', lambda: timeit(prefill('coarse', False, True, True)), S)
         attempt('prefill_fast_exact_ms', lambda: timeit(prefill('transposed', False, True, True)), S)   # same lists
         attempt('prefill_fast_approx_ms', lambda: timeit(prefill('transposed', True, True, True)), S)
-        if CUDA and not args.no_flex and N == max(args.attn_len):      # Flex compiles per shape: longest only
+        # Flex compiles per shape (~20-40 s): at every length unless --flex-len says which (last session's 32K Flex
+        # row was nan because this ran at the longest length only)
+        if CUDA and not args.no_flex and (args.flex_len is None or N in args.flex_len):
             attempt('flex', lambda: flex_per_token(q, k, v, lists, N, dev), S)
     d = num(A.get('dense_cudnn_fwd_ms'))
     for key in ('fwd_current_ms', 'fwd_band_ms', 'prefill_model_default_ms', 'prefill_before_ms',
@@ -551,6 +566,7 @@ def main():
     ap.add_argument('--attn-len', type=int, nargs='*', default=None, help='lengths of the attention rows (default 32K 128K)')
     ap.add_argument('--sources', nargs='+', default=['random', 'structured'], choices=['random', 'structured'])
     ap.add_argument('--no-flex', action='store_true', help='skip FlexAttention (it compiles: ~30-60 s)')
+    ap.add_argument('--flex-len', type=int, nargs='*', default=None, help='lengths with the Flex rows (default: all)')
     ap.add_argument('--smoke', action='store_true', help='CPU dry run: tiny shapes, Triton interpreter')
     ap.add_argument('--stage1-only', type=int, default=0, help='only run stage 1 + top-k once at this N (for ncu)')
     args = ap.parse_args()

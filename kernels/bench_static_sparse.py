@@ -7,6 +7,13 @@ keys give spread-out lists). Also one step's logits: static sparse vs the model'
 
     PYTHONPATH=. python kernels/bench_static_sparse.py --out DIR [--layers 32] [--contexts 32768 131072]
     PYTHONPATH=. python kernels/bench_static_sparse.py --out /tmp/x --tiny      # CPU smoke test (tiny shapes)
+    PYTHONPATH=. python kernels/bench_static_sparse.py --out DIR --profile --layers 8 --contexts 131072
+
+--profile (issue 13, the sparse step's overhead): instead of the rows above, per context: the captured step dense /
+sparse / sparse+update and with the attention removed (the rest of the step alone), the attention alone (one graph
+of a call per layer), the kernels of eager steps by GPU time (torch.profiler: a profiler over a graph replay sees no
+kernels), the same after w4a16 packing with q|k|v, gate|up fused and unfused (`static_decode.FUSE_PACKED`), and the
+engine's decode loop with a host read per token (the loop before) vs none (`Engine.sync_every`).
 """
 import argparse
 import json
@@ -18,6 +25,7 @@ import torch
 from minicpm4_core.attention import dense_attention
 from minicpm4_core.config import MiniCPM4Config
 from minicpm4_core.model import MiniCPM4ForCausalLM
+from minicpm4_core.bench import cpu_time, cuda_graph_time
 from minicpm4_core.static_sparse import StaticSparseDecoder
 
 SPARSE_8B = dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=2048, topk=64,
@@ -50,7 +58,10 @@ def attempt(row, name, fn):
         row[name] = fn()
     except Exception as ex:                     # a failed row must not cost the others (one device call)
         row[name] = f'ERROR {type(ex).__name__}: {str(ex)[:300]}'
-    print(f'  {name}: {row[name]}', flush=True)
+    v = row[name]
+    if isinstance(v, dict) and any(isinstance(x, (dict, list)) for x in v.values()):   # nested: the scalars only
+        v = {k: x for k, x in v.items() if not isinstance(x, (dict, list))}
+    print(f'  {name}: {v}', flush=True)
 
 
 def sync(dev):
@@ -96,6 +107,176 @@ def graph_check(dev, dt, seed=0):
                 argmax_agree=same / len(diffs), graphs=sorted(str(k) for k in dec._graphs))
 
 
+KINDS = (('sparse selection (scores, pool, top-k)', ('_dec_s1', '_dec_pool', '_dec_lse', '_dec_step', '_topk', '_plan',
+                                                   '_kth', '_grid_barrier')),
+         ('decode attention (split-K + combine)', ('_dec_attn', '_dec_combine')),
+         ('w4a16 gemv', ('w4a16',)), ('ternary', ('ternary',)), ('triton gemv', ('_gemv_kernel',)),
+         ('fused small (norm, rope+kv, silu)', ('_add_rms_norm', '_rope_kv', '_silu_mul')),
+         ('cuBLAS', ('gemv', 'gemm', 'nvjet', 'cutlass', 'sm90', 'cublas')))
+
+
+def kind_of(name: str) -> str:
+    n = name.lower()
+    for k, keys in KINDS:
+        if any(x.lower() in n for x in keys): return k
+    return 'other'
+
+
+@torch.no_grad()
+def kernel_table(fn, steps: int = 3) -> dict:
+    """GPU kernels of `steps` eager calls of fn (after one warm-up) by torch.profiler: per call, total us and launches
+    per kernel name and per kind (`KINDS`), and their sum (the device busy time; a graph removes the gaps between)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn(); sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps): fn()
+        sync()
+    by_name = {}
+    want = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    for e in prof.events():
+        if e.device_type != want or (not cuda and e.cpu_parent is not None): continue   # CPU (smoke): top-level ops
+        d = by_name.setdefault(e.name, [0.0, 0])
+        d[0] += e.time_range.elapsed_us() / steps; d[1] += 1 / steps
+    kinds = {}
+    for n, (us, c) in by_name.items():
+        k = kinds.setdefault(kind_of(n), [0.0, 0])
+        k[0] += us; k[1] += c
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+    return dict(busy_us=sum(v[0] for v in by_name.values()), launches=sum(v[1] for v in by_name.values()),
+                kinds={k: dict(us=round(v[0], 1), launches=round(v[1], 1)) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
+                top=[dict(name=n[:90], us=round(v[0], 1), launches=round(v[1], 1)) for n, v in top])
+
+
+def filled_decoder(model, N, dev):
+    "A StaticSparseDecoder of N + 64 slots holding a random state of N keys (values do not change decode cost)."
+    cache = model.new_cache(1, N + 64)
+    for lc in cache.layers: lc.k[:, :N].normal_(); lc.v[:, :N].normal_()
+    cache.length = N
+    dec = StaticSparseDecoder(model, N + 64)
+    dec.load_cache(cache)
+    return dec
+
+
+def profile_context(model, N, dev, reps, tag=''):
+    """The sparse step's parts at N keys: graph ms of the step (dense / sparse / sparse+update / attention removed),
+    the attention alone per layer, the eager steps' kernels."""
+    from minicpm4_core.static_sparse import attend_step
+    r, inner = {}, 8 if dev == 'cuda' else 1
+    timer = cuda_graph_time if dev == 'cuda' else cpu_time
+    dec = filled_decoder(model, N, dev)
+    attempt(r, 'graph_dense_ms', lambda: dec.time_step(reps, inner, sparse=False))
+    attempt(r, 'graph_sparse_ms', lambda: dec.time_step(reps, inner, sparse=True))
+    attempt(r, 'graph_sparse_update_ms', lambda: dec.time_step(reps, inner, sparse=True, update=True))
+    Hq, Dh = dec.Hq, dec.Dh
+    dec._attn = lambda q, kv, *a, **k: q.reshape(q.shape[0], Hq * Dh)        # the step without its attention
+    attempt(r, 'graph_noattn_ms', lambda: dec.time_step(reps, inner, sparse=True))
+    del dec._attn
+    S = dec.base.stack
+    q = torch.randn(1, Hq, Dh, device=dev, dtype=model.dtype)
+    seq = torch.full((1,), N + 1, dtype=torch.int32, device=dev)
+    nl = len(S.p)
+    for sp in (True, False):
+        calls = [lambda l=l: attend_step(q, q, S.kv[l][None, :, :dec.Hkv], S.kv[l][None, :, dec.Hkv:], dec.kc[l], seq,
+                                         dec.st, sparse=sp, n=N + 1, num_blocks=dec.num_blocks) for l in range(nl)]
+        attempt(r, f'attn_alone_{"sparse" if sp else "dense"}_us_per_layer',
+                lambda calls=calls: timer(calls, nl, reps) * 1e3)
+    for k in ('sparse', 'dense'):
+        if isinstance(r.get(f'graph_{k}_ms'), float) and isinstance(r.get('graph_noattn_ms'), float):
+            r[f'attn_in_step_{k}_us_per_layer'] = (r[f'graph_{k}_ms'] - r['graph_noattn_ms']) * 1e3 / nl
+    saved = dec.base.pos.clone()
+    for name, sp, up in (('sparse', True, False), ('dense', False, False), ('sparse_update', True, True)):
+        fn = lambda sp=sp, up=up: (dec.base.pos.copy_(saved), dec._step_static(sp, up))
+        attempt(r, f'eager_kernels_{name}', lambda fn=fn: kernel_table(fn))
+    dec.base.pos.copy_(saved)
+    line = ', '.join(f'{k}={v:.3f}' for k, v in r.items() if isinstance(v, float))
+    print(f'PROFILE{tag} N={N}: {line}', flush=True)
+    for name in ('sparse', 'dense', 'sparse_update'):
+        t = r.get(f'eager_kernels_{name}')
+        if isinstance(t, dict):
+            print(f'  eager {name}: busy {t["busy_us"]:.0f} us, {t["launches"]:.0f} launches; ' +
+                  '; '.join(f'{k} {v["us"]:.0f} us/{v["launches"]:.0f}' for k, v in t['kinds'].items()), flush=True)
+    del dec
+    if dev == 'cuda': torch.cuda.empty_cache()
+    return r
+
+
+@torch.no_grad()
+def engine_loop_ab(shape, layers, ctx, new, dev):
+    """Engine decode tok/s with a host read per token (sync_every=1 with stop id -1, which never comes: the loop before)
+    vs none (no stop ids), same engine and graph; also the captured step alone (ms)."""
+    from minicpm4_core.edge_bench import build_model, preset
+    from minicpm4_core.engine import Engine
+    c = preset(shape, ctx + new + 64, 'bfloat16')
+    if layers:
+        from dataclasses import replace
+        c = replace(c, num_hidden_layers=layers)
+    m = build_model(c, dev, torch.bfloat16)
+    m.config.sparse_config = None
+    e = Engine(m, ctx + new + 64, sparse='dense')
+    ids = torch.randint(3, c.vocab_size, (ctx,)).tolist()
+    out = dict(shape=shape, layers=m.config.num_hidden_layers, context=ctx, new=new)
+    e.generate([ids], 4, stop_ids=[])                                            # capture
+    for name, kw in (('per_token_sync', dict(stop_ids=[-1])), ('no_sync', dict(stop_ids=[]))):
+        e.sync_every = 1 if name == 'per_token_sync' else 16
+        best = None
+        for _ in range(2):
+            e.generate([ids], new, **kw)
+            lt = e.last_timing
+            tps = lt['decode_steps'] / lt['decode_s']
+            best = max(best or 0, tps)
+        out[f'{name}_tok_s'] = best
+    out['graph_step_ms'] = e._static.time_step(10, 8)
+    out['host_gap_ms_per_token'] = 1e3 / out['per_token_sync_tok_s'] - 1e3 / out['no_sync_tok_s']
+    print(f'ENGINE LOOP {out}', flush=True)
+    return out
+
+
+def profile_main(a, dev):
+    from minicpm4_core import static_decode
+    from minicpm4_core.engine import convert_quant
+    t0 = time.perf_counter()
+    cuda = dev == 'cuda'
+    R = dict(device=torch.cuda.get_device_name() if cuda else 'cpu', torch=torch.__version__, mode='profile')
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    _attempt = globals()['attempt']
+    def attempt(row, name, fn):                  # rewrite the JSON after every part: a cut run keeps what it measured
+        _attempt(row, name, fn)
+        R['wall_s'] = time.perf_counter() - t0
+        (out / 'profile_static_sparse.json').write_text(json.dumps(R, indent=1, default=str))
+    for shape in a.engine_shapes:
+        attempt(R, f'engine_loop_{shape}', lambda shape=shape: engine_loop_ab(
+            shape, a.layers if shape == 'minicpm4_8b' else 0, 4096 if cuda else 40, 128 if cuda else 8, dev))
+        if cuda: torch.cuda.empty_cache()
+    model = build(a, dev)
+    R['layers'], R['sparse_config'] = model.config.num_hidden_layers, model.config.sparse_config
+    R['build_s'] = time.perf_counter() - t0
+    for N in a.contexts:
+        attempt(R, f'bf16_{N}', lambda N=N: profile_context(model, N, dev, a.reps))
+    t1 = time.perf_counter()
+    attempt(R, 'w4a16_converted', lambda: convert_quant(model, 'w4a16'))
+    R['w4a16_convert_s'] = time.perf_counter() - t1
+    for N in a.contexts:
+        attempt(R, f'w4a16_fused_{N}', lambda N=N: profile_context(model, N, dev, a.reps, ' w4a16 fused'))
+        static_decode.FUSE_PACKED = False
+        try:
+            def unfused(N=N):
+                dec = filled_decoder(model, N, dev)
+                r = {k: dec.time_step(a.reps, 8 if cuda else 1, sparse=s) for k, s in (('graph_dense_ms', False), ('graph_sparse_ms', True))}
+                dec.base.pos.fill_(N)
+                r['eager_kernels_sparse'] = kernel_table(lambda: (dec.base.pos.fill_(N), dec._step_static(True, False)))
+                return r
+            attempt(R, f'w4a16_unfused_{N}', unfused)
+        finally:
+            static_decode.FUSE_PACKED = True
+        if cuda: torch.cuda.empty_cache()
+    if cuda: R['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
+    R['wall_s'] = time.perf_counter() - t0
+    (out / 'profile_static_sparse.json').write_text(json.dumps(R, indent=1, default=str))
+    print(f'wrote {out / "profile_static_sparse.json"} in {R["wall_s"]:.0f} s', flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--out', required=True)
@@ -106,8 +287,14 @@ def main():
     ap.add_argument('--tiny', action='store_true', help='CPU smoke test: tiny model, contexts 24 and 40')
     ap.add_argument('--quant', default='w4a16', choices=['none', 'w4a16', 'ternary'],
                     help='after the bf16 rows, pack the linears in place (engine.convert_quant) and time the static rows again')
+    ap.add_argument('--profile', action='store_true', help="the sparse step's parts and kernels (see the docstring)")
+    ap.add_argument('--engine-shapes', nargs='*', default=['minicpm4_0_5b', 'minicpm4_8b'],
+                    help='--profile: shapes of the engine-loop A/B at 4K (the 8B one with --layers layers)')
     a = ap.parse_args()
     dev = 'cpu' if a.tiny else 'cuda'
+    if a.profile:
+        if a.tiny: a.contexts, a.reps, a.engine_shapes = [24, 40], 2, ['tiny']
+        return profile_main(a, dev)
     if a.tiny: a.contexts, a.reps = [24, 40], 3
     torch.manual_seed(0)
     t_start = time.perf_counter()

@@ -117,7 +117,9 @@ SWEEP = [  # decode candidates (M = 1): kernel, block_m, block_n, block_k, split
      for (bn, bk, sk, w, st) in [(64, 128, 1, 4, 3), (64, 64, 1, 4, 4), (64, 64, 2, 4, 4), (64, 128, 2, 4, 3),
                                  (64, 64, 4, 4, 4), (64, 128, 4, 4, 3), (128, 64, 1, 4, 3), (128, 64, 2, 4, 3),
                                  (64, 64, 1, 4, 3), (64, 256, 1, 4, 2), (128, 128, 1, 4, 3), (256, 64, 1, 8, 3),
-                                 (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (32, 64, 1, 4, 4), (32, 128, 2, 4, 3)]]
+                                 (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (32, 64, 1, 4, 4), (32, 128, 2, 4, 3)]] + \
+    [TernaryConfig('mvs', 1, bn, bk, sk, w, 1, 1)   # v4 (session 2026-12-04 s6): streaming CUDA-core GEMV
+     for (bn, bk, w) in [(256, 32, 4), (512, 32, 8), (128, 32, 2)] for sk in (8, 16, 32)]
 PREFILL_SWEEP = [  # (M, config) on the 8B gate/up shape
     (2048, TernaryConfig('dequant', 1, 64, 64, 1, 4, 1)), (2048, TernaryConfig('dequant', 1, 32, 128, 1, 4, 1)),
     (2048, TernaryConfig('mma', 128, 128, 64, 1, 8, 3)), (256, TernaryConfig('dequant', 1, 64, 64, 1, 4, 1)),
@@ -144,6 +146,7 @@ def main(argv=None):
     ap.add_argument('--only-8b', action='store_true', help='the four 8B shapes (q/o, k/v, gate/up, down), all M')
     ap.add_argument('--no-sweep', action='store_true')
     ap.add_argument('--no-prefill-sweep', action='store_true')
+    ap.add_argument('--sweep-kernels', default='mv,mvtc,mvs', help='decode kernels of the sweep (comma-separated)')
     ap.add_argument('--Ms', default='1,4,16,2048')
     ap.add_argument('--profile-one', action='store_true', help='one default decode launch (run under ncu)')
     a = ap.parse_args(argv)
@@ -168,7 +171,7 @@ def main(argv=None):
         for model, layer, K, N in heads:
             P = Problem(K, N, 0, gen)
             tb, _ = time_bf16(P, 1, gen)
-            for cfg in SWEEP + [None]:
+            for cfg in [c for c in SWEEP if c.kernel in a.sweep_kernels.split(',')] + [None]:
                 try:
                     tt, sp2, err = time_ternary(P, 1, cfg, gen)
                     row = dict(model=model, layer=layer, K=K, N=N, M=1, bf16_us=tb, ternary_us=tt,

@@ -44,6 +44,12 @@ GEMV = [W4A16Config('gemv', 1, bn, 128, sk, 4, 4) for bn in (64, 128) for sk in 
 GEMVTC = [W4A16Config('gemvtc', 1, bn, bk, sk, w, st)      # tensor-core GEMV, session 2026-12-04d
           for (bn, bk, w) in [(128, 128, 4), (256, 128, 8), (64, 128, 4)] for st in (4, 3) for sk in (4, 8, 2, 16, 1)] + \
          [W4A16Config('gemvtc', 1, 128, 64, sk, 4, 4) for sk in (4, 8, 16)]
+GEMVS = [W4A16Config('gemvs', 1, bn, bk, sk, w, d)       # streaming CUDA-core GEMV (kernel 5), session 2026-12-04 s6
+         for (bn, bk, w, d) in [(256, 32, 1, 2), (256, 8, 1, 3), (512, 32, 1, 2), (1024, 32, 4, 2), (1024, 16, 4, 3)]
+         for sk in (32, 16, 64)]
+GEMVS_BATCH = [W4A16Config('gemvs', 1, bn, bk, sk, w, d)   # kernel 5 at M = 2..4 (one accumulator per row)
+               for (bn, bk, w, d) in [(1024, 16, 4, 2), (512, 16, 4, 2), (1024, 32, 4, 2), (512, 32, 4, 1)]
+               for sk in (16, 8, 32)]
 GEMV16 = [W4A16Config('gemv16', 1, bn, bk, sk, w, st)        # fp16-lane (Marlin-style) conversion, session 3
           for (bn, bk, w, st) in [(128, 128, 4, 2), (64, 128, 4, 2), (256, 64, 4, 2), (128, 64, 4, 3)]
           for sk in (1, 2, 4, 8)]
@@ -84,6 +90,8 @@ def main():
     ap.add_argument('--out', default=os.environ.get('OUT'), help='folder (default: kernels/results/w4a16/<device>-<date>/)')
     ap.add_argument('--budget', type=float, default=110.0, help='seconds for the whole sweep')
     ap.add_argument('--ms', default='1', help='comma-separated decode M values (default 1)')
+    ap.add_argument('--kernels', default='gemvs,gemvtc,gemv',
+                    help='M = 1 kernel families to sweep (comma-separated; the default config is always timed)')
     ap.add_argument('--prefill', action='store_true', help=f'also M={PREFILL_M} on the first shape (dequant + cuBLAS)')
     args = ap.parse_args()
     args.out = str(args.out or run_dir('w4a16', 'cuda'))
@@ -109,7 +117,10 @@ def main():
         for M in Ms:
             x = torch.randn(M, K, device='cuda').to(torch.bfloat16)
             ref = (x.float() @ Wf).double()
-            cands = GEMVTC + GEMV if M == 1 else GEMM_SMALL if M <= 16 else GEMM_PREFILL + DEQUANT
+            fams = dict(gemvs=GEMVS, gemvtc=GEMVTC, gemv=GEMV, gemv16=GEMV16)
+            cands = [c for f in args.kernels.split(',') for c in fams[f]] if M == 1 else \
+                (GEMVS_BATCH if M <= 4 and 'gemvs' in args.kernels.split(',') else []) + GEMM_SMALL if M <= 16 else \
+                GEMM_PREFILL + DEQUANT
             dflt = default_config(M, N, K, G, torch.device('cuda'))
             cands = [dflt] + [c for c in cands if c != dflt]
             case_budget = (args.budget - (time.time() - t_start)) / (n_cases - len(results))

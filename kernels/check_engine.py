@@ -207,13 +207,71 @@ def session5_checks(prompts) -> list[dict]:
     return out
 
 
+def session6_checks(prompts) -> list[dict]:
+    "The loop's rare host reads keep the output; fused packed linears == unfused; spec over a packed target."
+    from minicpm4_core import static_decode as S
+    from minicpm4_core.engine import convert_quant
+    from minicpm4_core.frspec import EagleDraft, frequent_ids
+    out = []
+    run = _recorder(out)
+    def stop_loop():
+        rows = []
+        for dtype in (torch.float32, torch.bfloat16):
+            m = model_of(False, dtype)
+            ref = Engine(m, 1024, max_batch=3).generate(prompts, 64, stop_ids=[])
+            early = {t for r in ref for t in r[:10]}          # stops that first come mid-answer (if the text allows),
+            stop = sorted({next((t for t in r[10:40] if t not in early), -1) for r in ref} - {-1})
+            stop = stop or [ref[-1][0]]                       # else one that ends the last row at once (rows differ)
+            got = {k: Engine(m, 1024, max_batch=3, sync_every=k).generate(prompts, 64, stop_ids=stop) for k in (1, 16)}
+            one = {k: Engine(m, 1024, sync_every=k).generate(prompts[:1], 64, stop_ids=stop) for k in (1, 16)}
+            want = m.generate(prompts, 64, stop_ids=stop, fast=False)
+            rows.append(dict(dtype=str(dtype), stop=stop, same_sync=got[1] == got[16] and one[1] == one[16],
+                             agreement=agreement(got[16], want)[0], lengths=[len(r) for r in got[16]]))
+        ok = all(r['same_sync'] and min(r['lengths']) < 64 for r in rows) and rows[0]['agreement'] == 1.0
+        return dict(ok=ok, rows=rows)
+    def fused_packed():
+        rows = []
+        for dtype in (torch.float32, torch.bfloat16):
+            m = model_of(False, dtype)
+            convert_quant(m, 'w4a16')
+            ids = prompts[0][:200]
+            d1 = S.StaticDecoder(m, 512)
+            S.FUSE_PACKED = False
+            try: d0 = S.StaticDecoder(m, 512)
+            finally: S.FUSE_PACKED = True
+            a, b = d1.prefill(ids).float(), d0.prefill(ids).float()
+            g1, g0 = d1.generate(ids, 64), d0.generate(ids, 64)
+            rows.append(dict(dtype=str(dtype), fused=type(d1.stack.p[0]['wqkv']).__name__,
+                             prefill_max_abs_diff=float((a - b).abs().max()), ref_max_abs=float(b.abs().max()),
+                             greedy_agreement=agreement([g1], [g0])[0]))
+        ok = rows[0]['fused'] == 'QuantLinear' and rows[0]['prefill_max_abs_diff'] < 1e-3 and rows[0]['greedy_agreement'] == 1.0
+        return dict(ok=ok, rows=rows)
+    def spec_int4():
+        rows = []
+        for dtype in (torch.float32, torch.bfloat16):
+            m = model_of(False, dtype)
+            convert_quant(m, 'w4a16')
+            torch.manual_seed(3)
+            draft = EagleDraft(m.config).cuda().to(dtype).eval()
+            vocab = frequent_ids(torch.rand(m.config.vocab_size), 256).cuda()
+            plain = Engine(m, 1024).generate([prompts[0]], 64, stop_ids=[])
+            e = Engine(m, 1024, spec=(draft, vocab))
+            got = e.generate([prompts[0]], 64, stop_ids=[])
+            rows.append(dict(dtype=str(dtype), agreement=agreement(got, plain)[0], quant=e.quant,
+                             accept=e.spec_stats['mean_accept_length'], graphs=e.spec.graphs))
+        return dict(ok=rows[0]['agreement'] == 1.0 and all(r['graphs'] for r in rows), rows=rows)
+    for name, fn in (('loop_stop_ids', stop_loop), ('fused_packed_w4a16', fused_packed), ('spec_over_w4a16', spec_int4)):
+        run(name, fn)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(); ap.add_argument('--out', default=None)
-    ap.add_argument('--parts', default='agreement,session3,session4,session5', help='comma list of the parts to run')
+    ap.add_argument('--parts', default='agreement,session3,session4,session5,session6', help='comma list of the parts to run')
     a = ap.parse_args()
     parts = set(a.parts.split(','))
-    if not parts <= {'agreement', 'session3', 'session4', 'session5'}:
-        ap.error(f"--parts: choose from agreement, session3, session4, session5; got {a.parts!r}")
+    known = {'agreement', 'session3', 'session4', 'session5', 'session6'}
+    if not parts <= known: ap.error(f"--parts: choose from {sorted(known)}; got {a.parts!r}")
     res = dict(env_stamp(torch.device('cuda')), rows=[], parts=sorted(parts))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1024, (n,), generator=g).tolist() for n in (300, 517, 40)]
@@ -237,8 +295,9 @@ def main():
     res['session3'] = extra = session3_checks(prompts) if 'session3' in parts else []
     res['session4'] = extra4 = session4_checks(prompts) if 'session4' in parts else []
     res['session5'] = extra5 = session5_checks(prompts) if 'session5' in parts else []
-    for r in extra + extra4 + extra5: print(r, flush=True)
-    extra = extra + extra4 + extra5
+    res['session6'] = extra6 = session6_checks(prompts) if 'session6' in parts else []
+    for r in extra + extra4 + extra5 + extra6: print(r, flush=True)
+    extra = extra + extra4 + extra5 + extra6
     ok = all('error' not in r and (r['dtype'] != 'torch.float32' or r['token_agreement'] == 1.0) for r in res['rows'])
     ok = ok and all(r.get('ok') for r in extra)
     res['ok'] = ok

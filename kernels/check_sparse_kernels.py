@@ -9,7 +9,7 @@ released selections ('minicpm4': top-k beside a window, the attention lists top-
 inside the top-k). Outputs are poisoned (NaN-filled memory handed back to the allocator) before each run and
 checked finite.
 
-    PYTHONPATH=. python kernels/check_sparse_kernels.py [--out results.json] [--smoke] [--only decode dense_decode]
+    PYTHONPATH=. python kernels/check_sparse_kernels.py [--out results.json] [--smoke] [--only decode dense_decode band]
     TRITON_INTERPRET=1 python kernels/check_sparse_kernels.py --smoke     # tiny shapes, CPU (alias: --tiny)
 """
 import argparse
@@ -129,6 +129,51 @@ def check_stage1(case, dev, gen):
                 topk_tie_rule=tie_rule, lists_ok=lists_ok, ok=pattern and err <= tol and tie_rule and lists_ok)
 
 
+def check_band(case, dev, gen):
+    """sparse_attention_band (the window as a dense causal band + the listed blocks) forward and dq/dk/dv against the
+    reference on the union lists (`attention_blocks`), incl. float32 at head dim 128 (its shared memory: the fp32
+    settings of DEFAULT_CONFIG['fp32'])."""
+    B, T, N, H, Hkv, D, m, local, K, dtype = case
+    dt = getattr(torch, dtype)
+    q = torch.randn(B, T, H, D, generator=gen).to(dev, dt)
+    k = torch.randn(B, N, Hkv, D, generator=gen).to(dev, dt)
+    v = torch.randn(B, N, Hkv, D, generator=gen).to(dev, dt)
+    idx = lists_per_token(B, T, Hkv, N, m, K, dev, gen)
+    do = torch.randn(B, T, H, D, generator=gen).to(dev, dt)
+    poison(dev)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    o = sk.sparse_attention_band(qg, kg, vg, idx, m, local_blocks=local)
+    poison(dev)
+    g = torch.autograd.grad(o, (qg, kg, vg), do)
+    rd = torch.float64 if dev.type == 'cpu' else torch.float32
+    qr, kr, vr = (x.to(rd).requires_grad_() for x in (q, k, v))
+    oref = iv.sparse_attention_ref(qr, kr, vr, iv.attention_blocks(idx, N, m, local), m)
+    gref = torch.autograd.grad(oref, (qr, kr, vr), do.to(rd))
+    errs = dict(o=rel(o, oref), dq=rel(g[0], gref[0]), dk=rel(g[1], gref[1]), dv=rel(g[2], gref[2]))
+    finite = bool(torch.isfinite(o).all()) and all(bool(torch.isfinite(x).all()) for x in g)
+    tol = 1e-4 if dt == torch.float32 else 1e-2
+    return dict(case=case, errs=errs, finite=finite, ok=finite and max(errs.values()) <= tol)
+
+
+def cand_counts(sc, lens, m, topk, groups=128):
+    """How many candidates `_cand_select` ranks per row (its bound from `groups` group maxima of the row's scores,
+    computed here in torch): the blocks with a score >= the topk-th largest group maximum. Rows with more than
+    CAND_CAP (128) take the radix fallback."""
+    out = []
+    for b, L in enumerate(lens):
+        nb = -(-L // m)
+        for h in range(sc.shape[1]):
+            x = sc[b, h].float()
+            nbp = 1 << max(4, (x.shape[-1] - 1).bit_length())
+            xp = torch.full((nbp,), float('-inf'), device=x.device)
+            xp[:nb] = x[:nb]
+            gm = xp.view(-1, min(groups, nbp)).amax(0)             # interleaved groups: g, g + groups, ...
+            t = gm.sort(descending=True).values[min(topk, nb) - 1]
+            out.append(int((xp[:nb] >= t).sum()))
+    return out
+
+
+QUICK = False        # --quick: the new paths only (cand, PDL, split) + the default and 'par'
 PERSISTENT = False   # --persistent: also the one-launch decode step (its grid barriers can hang a broken build)
 
 
@@ -165,7 +210,7 @@ def check_decode(case, dev, gen):
         ok = ok and pat and e <= 1e-2 and same and ea <= 1e-2
     # the model's fused path: decode_step == decode_select + sparse_decode, bit for bit (same kernels)
     o2, idx2 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m))
-    # (COMBINE='kernel', the default: bit for bit; 'last' merges the splits in another order: equal up to rounding)
+    # (sparse_decode's combine kernel vs decode_step's default one-pass 'split' combine: equal up to rounding)
     res['decode_step_o_rel'] = rel(o2, o)
     res['decode_step_same'] = bool(torch.equal(idx2, idx)) and res['decode_step_o_rel'] <= 5e-3
     # T = 3 new tokens of each sequence as 3 query rows of one cache row (cached steps of a few tokens)
@@ -186,7 +231,7 @@ def check_decode(case, dev, gen):
     # radix widths of the fused top-k: the same lists; under a CUDA graph: the same as eager
     o4, idx4 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m))
     same4 = bool(torch.equal(idx4, idx)) and bool(torch.equal(o4, o2))
-    for dig in (1, 4):
+    for dig in (() if QUICK else (1, 4)):
         _, idx5 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m),
                                  config=dict(dec=dict(TOPK_DIG=dig, NBC_POOL=64)))
         same4 = same4 and bool(torch.equal(idx5, idx))
@@ -201,37 +246,70 @@ def check_decode(case, dev, gen):
     # 'par' repeated 30 times eagerly (its last-program top-k depends on a counter and a fence: a race would show as
     # a changed list), and captured once at Nmax then replayed at other lengths against eager calls at them
     paths = {}
-    for nm, dc in (('par', {}), ('par_nbc64', dict(NBC_PAR=64)), ('par_w4', dict(PAR_WARPS=4)),
+    for nm, dc in (('par', {}), ('cand', dict(FUSED='cand')),
+                   ('cand_g32_cap64_cj8', dict(FUSED='cand', CAND_GROUPS=32, CAND_CAP=64, CAND_CJ=8)),
+                   ('cand_cap16_fallback', dict(FUSED='cand', CAND_CAP=16)), ('cand_pdl', dict(FUSED='cand', PDL=True)),
+                   ('par_pdl', dict(FUSED='par', PDL=True)), ('cand_split', dict(FUSED='cand', COMBINE='split')),
+                   ('cand_pdl_split', dict(FUSED='cand', PDL=True, COMBINE='split')),
+                   ('cand_pdl_split_per2', dict(FUSED='cand', PDL=True, COMBINE='split', PER=2)),
+                   ('cand_preload', dict(FUSED='cand', POOL_PRELOAD=True)),
+                   ('cand_all_opt_ins', dict(FUSED='cand', PDL=True, COMBINE='split', POOL_PRELOAD=True)),
+                   ('par_nbc64', dict(NBC_PAR=64)), ('par_w4', dict(PAR_WARPS=4)),
                    ('par_per2', dict(PER=2)), ('combine_kernel', dict(COMBINE='kernel')),
                    ('combine_last', dict(COMBINE='last')), ('combine_w8_sp16', dict(COMBINE_WARPS=8, COMBINE_SP=16)),
                    ('one_program', dict(FUSED=True)), ('two_kernels', dict(FUSED=False, COMBINE='kernel')),
                    ('auto', dict(FUSED='auto'))) + ((('persistent', dict(PERSISTENT=True)),
-                                                     ('persistent_2_per_sm', dict(PERSISTENT=True, PROGRAMS=2)))
+                                                     ('persistent_2_per_sm', dict(PERSISTENT=True, PROGRAMS=2)),
+                                                     ('persistent_cand', dict(PERSISTENT=True, FUSED='cand')))
                                                     if PERSISTENT else ()):
+        if QUICK and nm not in ('par', 'cand', 'cand_cap16_fallback', 'cand_pdl', 'combine_kernel', 'cand_all_opt_ins'):
+            continue
         cf = dict(dec=dict(dc, FUSED=dc.get('FUSED', 'par')))
-        o6, idx6 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m), config=cf)
+        try:
+            o6, idx6 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m), config=cf)
+        except Exception as e:                              # an opt-in path that cannot run here: a failed path
+            paths[nm] = False
+            res.setdefault('path_errors', {})[nm] = repr(e)[:300]
+            continue
         oo = o2                                             # bit for bit: the same kernels in the same order
-        exact = not ({'PER', 'COMBINE_SP'} & set(dc)) and dc.get('COMBINE') != 'last'   # same summation order
+        # bit for bit when the combine and the splits are the default's (the same summation order)
+        exact = not ({'PER', 'COMBINE_SP'} & set(dc)) and \
+            dc.get('COMBINE', sk.DEFAULT_CONFIG['dec']['COMBINE']) == sk.DEFAULT_CONFIG['dec']['COMBINE']
         paths[nm] = bool(torch.equal(idx6, idx)) and (bool(torch.equal(o6, oo)) if exact else rel(o6, o) <= 5e-3)
     rep = True
     for _ in range(30):
         o6, idx6 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m))
         rep = rep and bool(torch.equal(idx6, idx)) and bool(torch.equal(o6, o2))
-    paths['par_30_eager_calls'] = rep
-    for nm, cf in (('par', None),) + ((('persistent', dict(dec=dict(PERSISTENT=True))),) if PERSISTENT else ()):
+    paths['default_30_eager_calls'] = rep
+    rep = True
+    for _ in range(0 if QUICK else 30):                    # (the default is 'cand': the calls above)
+        o6, idx6 = sk.decode_step(q, q, kc, vc, comp, seq, topk, **geo, num_blocks=-(-Nmax // m),
+                                  config=dict(dec=dict(FUSED='par')))
+        rep = rep and bool(torch.equal(idx6, idx)) and bool(torch.equal(o6, o2))
+    if not QUICK: paths['par_30_eager_calls'] = rep
+    res['cand_counts'] = cand_counts(sc, lens, m, topk)
+    for nm, cf in (('default', None),) + (() if QUICK else (('par', dict(dec=dict(FUSED='par'))),
+                                                            ('cand_pdl', dict(dec=dict(FUSED='cand', PDL=True))))) + (
+                   ('cand_all_opt_ins', dict(dec=dict(FUSED='cand', PDL=True, COMBINE='split', POOL_PRELOAD=True))),) + \
+            ((('persistent', dict(dec=dict(PERSISTENT=True))),) if PERSISTENT else ()):
         if dev.type != 'cuda': break
         sq = seq.clone()
-        gr = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(gr):
-            og, idxg = sk.decode_step(q, q, kc, vc, comp, sq, topk, **geo, num_blocks=-(-Nmax // m), config=cf)
-        g_ok = True
-        for i in range(12):
-            ls = torch.randint(1, Nmax + 1, (B,), generator=gen) if i % 3 else torch.tensor(lens)
-            sq.copy_(ls.to(torch.int32))
-            gr.replay()
-            oe, idxe = sk.decode_step(q, q, kc, vc, comp, sq.clone(), topk, **geo, num_blocks=-(-Nmax // m))
-            torch.cuda.synchronize()
-            g_ok = g_ok and bool(torch.equal(idxg, idxe)) and bool(torch.equal(og, oe))
+        try:
+            gr = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gr):
+                og, idxg = sk.decode_step(q, q, kc, vc, comp, sq, topk, **geo, num_blocks=-(-Nmax // m), config=cf)
+            g_ok = True
+            for i in range(6 if QUICK else 12):
+                ls = torch.randint(1, Nmax + 1, (B,), generator=gen) if i % 3 else torch.tensor(lens)
+                sq.copy_(ls.to(torch.int32))
+                gr.replay()
+                oe, idxe = sk.decode_step(q, q, kc, vc, comp, sq.clone(), topk, **geo, num_blocks=-(-Nmax // m),
+                                          config=cf)
+                torch.cuda.synchronize()
+                g_ok = g_ok and bool(torch.equal(idxg, idxe)) and bool(torch.equal(og, oe))
+        except Exception as e:
+            g_ok = False
+            res.setdefault('path_errors', {})[f'{nm}_graph'] = repr(e)[:300]
         paths[f'{nm}_graph_replay_other_lengths'] = g_ok
     res['selection_paths_same'] = paths
     res['ok'] = ok and res['decode_step_same'] and same3 and e3 <= 1e-2 and same4 and all(paths.values())
@@ -283,11 +361,12 @@ def main():
     ap.add_argument('--out', default=None)
     ap.add_argument('--smoke', '--tiny', action='store_true', help='tiny shapes (CPU interpreter)')
     ap.add_argument('--persistent', action='store_true', help='decode: also check the one-launch step (dec.PERSISTENT)')
-    ap.add_argument('--only', nargs='+', default=None, choices=['attention', 'stage1', 'decode', 'dense_decode'],
+    ap.add_argument('--quick', action='store_true', help='fewer cases: decode at 5000/777/12000 and 128K, two band cases')
+    ap.add_argument('--only', nargs='+', default=None, choices=['attention', 'stage1', 'decode', 'dense_decode', 'band'],
                     help='run only these sections (default: all)')
     a = ap.parse_args()
-    global PERSISTENT
-    PERSISTENT = a.persistent
+    global PERSISTENT, QUICK
+    PERSISTENT, QUICK = a.persistent, a.quick
     dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
@@ -301,6 +380,7 @@ def main():
         dec = [((50, 31), 8, 2, 16, g16, 3, 'float32'),
                ((50, 31), 8, 2, 16, dict(g16, selection='minicpm4.1'), 3, 'float32')]
         dd = [((1, 150), 8, 2, 32, 'float32', True), ((97, 33), 8, 2, 32, 'bfloat16', False)]
+        bd = [(1, 30, 90, 8, 2, 16, 16, 2, 3, 'float32'), (2, 17, 40, 4, 1, 32, 16, 1, 2, 'float32')]
     else:
         att = [  # B, T, N, H, Hkv, D, m, K, dtype, lists, config
             (2, 300, 300, 32, 2, 128, 64, 4, 'bfloat16', 'token', None),
@@ -311,6 +391,7 @@ def main():
             (1, 2048, 2048, 32, 2, 128, 64, 16, 'bfloat16', 'block', dict(chunk=16)),   # split reverse lists
             (1, 2048, 3000, 32, 2, 128, 64, 16, 'bfloat16', 'block', dict(fwd=dict(PAIR=2), dq=dict(PAIR=2))),
             (1, 200, 300, 8, 2, 64, 64, 4, 'float32', 'token', None),
+            (1, 300, 700, 32, 2, 128, 64, 6, 'float32', 'token', None),          # fp32 at d 128: its smem settings
             (1, 2048, 2048, 32, 2, 128, 64, 16, 'bfloat16', 'block',     # 64-row tiles, scalar block ids
              dict(tile_tokens=4, fwd=dict(num_warps=4, num_stages=3, PAIR=1), bwd_tile_tokens=4,
                   dq=dict(num_warps=4), dkdv=dict(num_warps=4))),
@@ -338,42 +419,62 @@ def main():
             ((1, 4097, 70000), 32, 2, 128, 'bfloat16', True), ((131072,), 32, 2, 128, 'bfloat16', True),
             ((5000, 63), 32, 2, 128, 'bfloat16', False), ((3000, 777), 12, 4, 64, 'float16', False),
             ((2049, 1), 16, 1, 128, 'float32', True)]
+        bd = [  # B, T, N, H, Hkv, D, block, window blocks, listed blocks, dtype
+            (1, 1024, 2048, 32, 2, 128, 64, 8, 12, 'float32'),                # the 8B shape in fp32 (was OutOfResources)
+            (2, 300, 1000, 32, 2, 128, 64, 4, 6, 'float32'),
+            (1, 1500, 3000, 32, 2, 128, 64, 32, 16, 'bfloat16'),
+            (1, 700, 1500, 16, 2, 64, 64, 4, 8, 'float16')]
+    if a.quick and not a.smoke:
+        dec, bd = [dec[3], dec[0]], [bd[0], bd[2]]             # 128K first
     if a.only:
-        att, s1, dec, dd = (x if nm in a.only else [] for nm, x in
-                            (('attention', att), ('stage1', s1), ('decode', dec), ('dense_decode', dd)))
+        att, s1, dec, dd, bd = (x if nm in a.only else [] for nm, x in
+                                (('attention', att), ('stage1', s1), ('decode', dec), ('dense_decode', dd), ('band', bd)))
+    def dump():                                             # after every case: a timeout keeps what ran
+        if a.out:
+            with open(a.out, 'w') as f: json.dump(results, f, indent=1, default=str)
     results = dict(device=torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu',
                    torch=torch.__version__, triton=__import__('triton').__version__, attention=[], stage1=[],
-                   decode=[], dense_decode=[])
+                   decode=[], dense_decode=[], band=[],
+                   pdl_available=sk._gdc_wait is not None)
+    for c in bd:                                            # first: short, and a timeout keeps it
+        try:
+            r = check_band(c, dev, gen)
+        except Exception as e:                              # e.g. OutOfResources: a failed case, the rest still run
+            r = dict(case=c, errs={}, ok=False, error=repr(e)[:300])
+        results['band'].append(r); dump()
+        print('band', c, {k: f'{v:.1e}' for k, v in r['errs'].items()}, r.get('error', ''), 'OK' if r['ok'] else 'FAIL',
+              flush=True)
     for c in att:
         tol = 1e-4 if c[8] == 'float32' else 1e-2
         r = check_attention(c, dev, gen, tol)
-        results['attention'].append(r)
+        results['attention'].append(r); dump()
         print('attention', c[:10], {k: f'{v:.1e}' for k, v in r['errs'].items()}, 'OK' if r['ok'] else 'FAIL',
               flush=True)
     for c in s1:
         r = check_stage1(c, dev, gen)
-        results['stage1'].append(r)
+        results['stage1'].append(r); dump()
         print('stage1', c[:6], 'approx' if c[8] else 'exact', f"rel {r['rel']:.1e} rows_same {r['rows_same']:.4f}",
               'tie_rule', r['topk_tie_rule'], 'lists', r['lists_ok'], c[6].get('selection', 'minicpm4'),
               'OK' if r['ok'] else 'FAIL', flush=True)
     for c in dec:
         r = check_decode(c, dev, gen)
-        results['decode'].append(r)
+        results['decode'].append(r); dump()
         print('decode', c[0], 'scores', ['%.1e' % e for e in r['score_rel']], 'same_sel', r['same_sel'],
               'attn', ['%.1e' % e for e in r['attn_rel']], 'decode_step', r['decode_step_same'],
               '%.1e' % r['decode_step_o_rel'], 'T=3 rows',
               r['qper3_same_sel'], '%.1e' % r['qper3_attn_rel'], 'direct/radix/graph',
-              r['decode_step_direct_radix_graph_same'], 'paths', r['selection_paths_same'], 'OK' if r['ok'] else 'FAIL',
-              flush=True)
+              r['decode_step_direct_radix_graph_same'], 'paths', r['selection_paths_same'], 'cand_counts',
+              r['cand_counts'], r.get('path_errors', ''), 'OK' if r['ok'] else 'FAIL', flush=True)
     for c in dd:
         r = check_dense_decode(c, dev, gen)
-        results['dense_decode'].append(r)
+        results['dense_decode'].append(r); dump()
         print('dense_decode', c, 'rel (eager, graph replays at other lengths)', ['%.1e' % e for e in r['errs']],
               'OK' if r['ok'] else 'FAIL', flush=True)
     # a kernel that failed to compile would only warn and take a slower path: that counts as a failure here
     from minicpm4_core.kernels._common import _WARNED
     results['kernel_fallbacks'] = sorted(_WARNED)
-    results['all_ok'] = (all(r['ok'] for k in ('attention', 'stage1', 'decode', 'dense_decode') for r in results[k])
+    results['all_ok'] = (all(r['ok'] for k in ('attention', 'stage1', 'decode', 'dense_decode', 'band')
+                             for r in results[k])
                          and not any(w.startswith('dec_') for w in _WARNED))
     if results['kernel_fallbacks']: print('fallbacks taken:', results['kernel_fallbacks'])
     results['seconds'] = time.time() - t0

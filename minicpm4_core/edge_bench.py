@@ -29,10 +29,11 @@ from .io import atomic_write_json
 from .model import MiniCPM4ForCausalLM
 
 # %% auto #0
-__all__ = ['CONFIGS', 'HF_COMPILE_MAX_CONTEXT', 'SPARSE_CONFIGS', 'PARTS', 'EDGE_GBps', 'SPEC_CONFIGS', 'EdgeParams',
-           'SpecParams', 'preset', 'build_model', 'weight_bytes', 'kv_bytes', 'roofline', 'timed_generation',
-           'hf_model', 'dense_config', 'run_decode', 'run_prefill', 'run_kernels', 'run_spec', 'agreement',
-           'distinct_ngrams', 'spec_rows', 'summary_lines', 'plot', 'run', 'main']
+__all__ = ['CONFIGS', 'HF_COMPILE_MAX_CONTEXT', 'SPARSE_CONFIGS', 'PARTS', 'EDGE_GBps', 'HF_COMPILE_EST_S', 'SPEC_CONFIGS',
+           'EdgeParams', 'SpecParams', 'preset', 'build_model', 'weight_bytes', 'kv_bytes', 'roofline',
+           'timed_generation', 'hf_model', 'hf_gen', 'dense_config', 'run_decode', 'prefill_from_decode', 'run_prefill',
+           'run_kernels', 'run_spec', 'agreement', 'distinct_ngrams', 'spec_rows', 'goal_lines', 'summary_lines',
+           'plot', 'run', 'main']
 
 # %% ../nbs/90_edge_bench.ipynb #86d5b03a
 CONFIGS = ('dense-eager', 'generate', 'engine-dense', 'engine-bucket', 'engine-sdpa', 'engine-sparse', 'engine-spec',
@@ -62,6 +63,7 @@ class EdgeParams:
     vocab: str = ''
     prefill_contexts: str = '80,160'
     spec: str = ''                   # SpecParams overrides 'field=value,...'; the CPU uses SpecParams.smoke()
+    grid: str = ''                   # per-configuration rows, see `cells` (empty: every context x batch)
     device: str = 'cpu'
     seed: int = 0
 
@@ -83,6 +85,7 @@ class EdgeParams:
             wrong = [g for g in got if g not in allowed]
             if wrong: raise ValueError(f"{name}: unknown {wrong}; accepted: 'all' or a comma list of {list(allowed)}")
         self.spec_params()                                     # raises on a bad spec override
+        self.grid_map()                                        # raises on a bad grid entry
         for name in ('contexts', 'batches', 'prefill_contexts'):
             vals = self.ints(name)
             if not vals or min(vals) < 1: raise ValueError(f"{name} must be a comma list of ints >= 1, got {getattr(self, name)!r}")
@@ -105,6 +108,35 @@ class EdgeParams:
         return SpecParams(**over) if self.device == 'cuda' else SpecParams.smoke(**over)
 
     def ints(self, name) -> list[int]: return [int(v) for v in str(getattr(self, name)).split(',') if str(v).strip()]
+
+    def grid_map(self) -> dict:
+        """`grid` parsed: {(shape or None, config): [(context, batch), ...]}. Entries `config=CTXS/BATCHES` or
+        `shape:config=CTXS/BATCHES` separated by ';', several CTXS/BATCHES groups of one entry joined by '+';
+        'all' (or no '/BATCHES') takes the `contexts` / `batches` fields; 'none': no rows. E.g. 'hf-compile=4096/1;
+        minicpm4_8b:hf-compile=none;engine-int4=1024,4096/1,4+131072/1'."""
+        out = {}
+        for ent in filter(None, (e.strip() for e in self.grid.split(';'))):
+            key, sep, val = ent.partition('=')
+            shape, _, cfg = key.strip().rpartition(':')
+            if not sep or cfg not in CONFIGS:
+                raise ValueError(f"grid: expected '[shape:]config=CTXS/BATCHES' with a config of {list(CONFIGS)}, got {ent!r}")
+            pairs = []
+            for grp in ([] if val.strip() == 'none' else val.split('+')):   # 'none': no rows (at this shape)
+                cs, _, bs = grp.partition('/')
+                try:
+                    ctx = self.ints('contexts') if cs.strip() == 'all' else [int(x) for x in cs.split(',') if x.strip()]
+                    bat = self.ints('batches') if bs.strip() in ('', 'all') else [int(x) for x in bs.split(',') if x.strip()]
+                except ValueError: raise ValueError(f"grid: contexts/batches must be ints, got {grp!r} in {ent!r}") from None
+                if not ctx or not bat or min(ctx + bat) < 1: raise ValueError(f"grid: empty or < 1 in {ent!r}")
+                pairs += [(c, b) for c in ctx for b in bat if (c, b) not in pairs]
+            out[(shape or None, cfg)] = pairs
+        return out
+
+    def cells(self, shape: str, cfg: str) -> list[tuple[int, int]]:
+        "The (context, batch) rows of one configuration at one shape: its grid entry, else every context x batch."
+        g = self.grid_map()
+        got = g.get((shape, cfg), g.get((None, cfg)))
+        return got if got is not None else [(c, b) for c in self.ints('contexts') for b in self.ints('batches')]
     def names(self, name) -> list[str]:
         v = getattr(self, name)
         return list(CONFIGS if name == 'configs' else PARTS) if v == 'all' else v.split(',')
@@ -129,6 +161,8 @@ class SpecParams:
     draft_batch: int = 32
     draft_s: float = 35.0
     k: int = 2048                    # FR-Spec: the draft's LM head keeps the k most frequent ids
+    int4: bool = True                # also the pair with the target packed to w4a16 (plain int4 engine vs int4 + spec)
+    identity: bool = True            # why bf16 outputs differ: fp32 identity on the same pair, the model's loop vs engine
     prompts: int = 8
     heldout_len: int = 128
     new: int = 128
@@ -229,7 +263,8 @@ def timed_generation(kind: str, gen, prompts, n: int, dev) -> dict:
     res = gen(prompts, n + 1, marks)
     if kind == 'engine':
         lt = res.last_timing
-        out = dict(ttft_s=lt['ttft_s'], decode_s=lt['decode_s'], decode_steps=lt['decode_steps'], backend=lt['backend'])
+        out = dict(ttft_s=lt['ttft_s'], decode_s=lt['decode_s'], decode_steps=lt['decode_steps'], backend=lt['backend'],
+                   prefill_s=lt.get('prefill_s'), setup_s=lt.get('setup_s'))
         d = getattr(res, '_sparse_dec', None)
         if d is not None and dev.type == 'cuda':     # the captured step alone, both variants, at this length
             out['step_ms'] = {k: d.time_step(reps=10, inner=4, sparse=k == 'sparse') for k in ('sparse', 'dense')}
@@ -253,14 +288,18 @@ def hf_model(c: MiniCPM4Config, max_len: int, dev, dtype, compile: bool = False)
     finally:
         torch.set_default_dtype(old)
     hf = hf.to(dev, dtype).eval()
+    return hf, hf_gen(hf, dev, compile)
 
+
+def hf_gen(hf, dev, compile: bool):
+    "gen(prompts, k, marks) through transformers' `generate` with a static cache (+ its torch.compile when `compile`)."
     def gen(prompts, k, marks):
         ids = torch.tensor(prompts, device=dev)
         with torch.no_grad():
             return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
                                do_sample=False, cache_implementation='static', pad_token_id=0, streamer=marks,
                                disable_compile=not compile)
-    return hf, gen
+    return gen
 
 # %% ../nbs/90_edge_bench.ipynb #0fb57f46
 @contextlib.contextmanager
@@ -272,8 +311,9 @@ def dense_config(m):
     finally: m.config.sparse_config = old
 
 
-def _runner(cfg: str, m, p: EdgeParams, L: int, B: int, dev, dtype):
-    "(kind, gen, context manager, sparse?) for one configuration; builds its engine / model (may raise)."
+def _runner(cfg: str, m, p: EdgeParams, L: int, B: int, dev, dtype, shared: dict | None = None):
+    """(kind, gen, context manager, sparse?) for one configuration; builds its engine / model (may raise). shared: a
+    dict kept across the configurations of one shape (the transformers model, built once for hf-static and hf-compile)."""
     mk = lambda **kw: Engine(m, L, max_batch=B, chunk=p.chunk, **kw)
     def eng_gen(e):
         def gen(prompts, k, marks):
@@ -304,50 +344,102 @@ def _runner(cfg: str, m, p: EdgeParams, L: int, B: int, dev, dtype):
             e = Engine(m, L + 64, chunk=p.chunk, spec=(load_draft(p.draft, m), vocab))
         return 'engine', eng_gen(e), dense_config(m), False
     if cfg in ('hf-static', 'hf-compile'):
-        hf, gen = hf_model(m.config, L, dev, dtype, compile=cfg == 'hf-compile')
-        return 'hf', gen, contextlib.nullcontext(), False
+        shared = {} if shared is None else shared
+        if 'hf' not in shared: shared['hf'] = hf_model(m.config, max(L, shared.get('L', 0)), dev, dtype)[0]
+        return 'hf', hf_gen(shared['hf'], dev, cfg == 'hf-compile'), contextlib.nullcontext(), False
     raise ValueError(f"unknown config {cfg!r}")
 
 # %% ../nbs/90_edge_bench.ipynb #154c8140
-def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progress: bool = True) -> tuple[list, list]:
-    "The decode sweep: (rows, notes). on_row(row) is called after each row (the module writes its JSON there)."
+HF_COMPILE_EST_S = 60.0    # a transformers compile row's expected seconds before one was seen (0.5B: ~30-45 s measured)
+
+
+def _deadline_fn(p: EdgeParams, deadline: float | None):
+    "left() -> seconds before the deadline (inf without one); a deadline given wins over p.budget_s from now."
+    if deadline is None and p.budget_s: deadline = time.time() + p.budget_s
+    return lambda: float('inf') if deadline is None else deadline - time.time()
+
+
+def _estimate(seen: dict, shape: str, ctx: int, B: int) -> float:
+    "Expected seconds of a row: the slowest seen at this context and batch, else the nearest shorter one x (ratio)^1.6."
+    if (shape, ctx, B) in seen: return seen[shape, ctx, B]
+    shorter = [(k[1], v) for k, v in seen.items() if len(k) == 3 and k[0] == shape and k[2] == B and k[1] < ctx]
+    if not shorter: return 0.0
+    c0, s0 = max(shorter)
+    return s0 * (ctx / c0) ** 1.6
+
+
+def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progress: bool = True,
+               deadline: float | None = None, seconds: dict | None = None) -> tuple[list, list]:
+    """The decode sweep: (rows, notes). Shapes in order, each built once (random bf16 weights on the device); its
+    configurations in `p.configs` order, each over `p.cells(shape, config)`. on_row(row) after each row (the module
+    writes its JSON there). deadline (time.time() seconds; default now + p.budget_s): a row starts only if the time
+    it is expected to take (the slowest row seen at its context and batch, or HF_COMPILE_EST_S for a first compile)
+    fits; skipped rows are noted. seconds: filled with each configuration's wall time (build + warm-up + rows)."""
     dev, dtype = torch.device(p.device), getattr(torch, p.dtype)
-    contexts, batches, n = p.ints('contexts'), p.ints('batches'), p.new_tokens
-    rows, notes, t_start = [], [], time.time()
+    n = p.new_tokens
+    rows, notes = [], []
+    left = _deadline_fn(p, deadline)
     g = torch.Generator().manual_seed(p.seed)
-    over = lambda: p.budget_s and time.time() - t_start > p.budget_s
+    seen: dict = {}                                   # (shape, context, batch) -> the slowest row's seconds so far
     for shape in p.shapes.split(','):
-        L = max(contexts) + n + 2
-        c = preset(shape, L, p.dtype)
+        cells = {cfg: p.cells(shape, cfg) for cfg in p.names('configs')}
+        L_shape = max(c for cs in cells.values() for c, _ in cs) + n + 2
+        if left() < 10: notes.append(f"{shape}: skipped, budget spent"); continue
+        c = preset(shape, L_shape, p.dtype)
         m = build_model(c, dev, dtype)
         elt = torch.finfo(dtype).bits // 8
+        st = SparseSettings.from_dict(c.sparse_config)
+        shared, packed = dict(L=L_shape), False
         for cfg in p.names('configs'):
-            if over(): notes.append(f"{shape} {cfg}: skipped, budget of {p.budget_s} s spent"); continue
-            if cfg in ('engine-int4', 'engine-sparse-int4') and not any(True for _ in _packed(m)):
-                convert_quant(m, 'w4a16')                     # in place, once: every later row reads int4
-            Bs = [1] if cfg in ('engine-spec', 'hf-compile') else batches
-            if cfg in SPARSE_CONFIGS and Bs != [1]:        # StaticSparseDecoder is batch 1: no eager batch rows
-                notes.append(f"{shape} {cfg}: batch > 1 not run (the static sparse decoder is batch 1; the engine "
-                             f"would fall back to the model's eager loop)")
-                Bs = [b for b in Bs if b == 1]
-                if not Bs: continue
+            t_cfg = time.time()
+            todo = cells[cfg]
+            if cfg in ('engine-spec', 'hf-compile'):
+                todo = [(x, b) for x, b in todo if b == 1]
+                if cfg == 'hf-compile' and (shape, cfg) not in p.grid_map() and (None, cfg) not in p.grid_map():
+                    todo = [(x, b) for x, b in todo if x <= HF_COMPILE_MAX_CONTEXT]   # it recompiles per shape
+            if cfg in SPARSE_CONFIGS:
+                if any(b > 1 for _, b in todo):    # StaticSparseDecoder is batch 1: no eager batch rows
+                    notes.append(f"{shape} {cfg}: batch > 1 not run (the static sparse decoder is batch 1; the engine "
+                                 f"would fall back to the model's eager loop)")
+                if any(st.dense_at(x + 1) for x, _ in todo):
+                    notes.append(f"{shape} {cfg}: contexts below dense_len={st.dense_len} not run (attention is dense "
+                                 f"there: the engine-dense / engine-int4 rows)")
+                todo = [(x, b) for x, b in todo if b == 1 and not st.dense_at(x + 1)]
+            if not todo: continue
+            if packed and cfg not in SPARSE_CONFIGS + ('engine-int4', 'hf-static', 'hf-compile'):
+                notes.append(f"{shape} {cfg}: not run (listed after an int4 configuration: the model is packed in place)")
+                continue
+            if left() < 10: notes.append(f"{shape} {cfg}: skipped, budget spent"); continue
+            if cfg in ('engine-int4', 'engine-sparse-int4') and not packed:
+                t_q = time.time()
+                if not any(True for _ in _packed(m)): convert_quant(m, 'w4a16')   # in place, once
+                packed = True
+                if seconds is not None: seconds[f'{shape} convert w4a16'] = round(time.time() - t_q, 1)
+            Bs = sorted({b for _, b in todo})
+            L = max(x for x, _ in todo) + n + 2
             try:
-                kind, gen, ctxm, sparse = _runner(cfg, m, p, L, max(Bs), dev, dtype)
+                kind, gen, ctxm, sparse = _runner(cfg, m, p, L, max(Bs), dev, dtype, shared)
             except Exception as e:   # a configuration that cannot run here is reported, not hidden
                 notes.append(f"{shape} {cfg}: {type(e).__name__}: {e}"[:400]); continue
             wb = weight_bytes(m)
-            grid = [(ctx, B) for ctx in contexts for B in Bs if cfg != 'hf-compile' or ctx <= HF_COMPILE_MAX_CONTEXT]
-            bar = tqdm(grid, desc=f'{shape} {cfg}', disable=not progress)
+            bar = tqdm(todo, desc=f'{shape} {cfg}', disable=not progress)
             try:
                 with ctxm:
-                    for B in Bs:                     # capture / compile per batch size (a batch has its own graph)
-                        warm = torch.randint(3, c.vocab_size, (B, min(contexts)), generator=g).tolist()
+                    for B in Bs if cfg != 'hf-compile' else ():   # capture per batch size (a batch has its own graph)
+                        warm = torch.randint(3, c.vocab_size, (B, min(x for x, b in todo if b == B)), generator=g).tolist()
                         gen(warm, 2, _Marks(dev))                               # untimed
                     for ctx, B in bar:
-                        if over(): notes.append(f"{shape} {cfg} ctx={ctx} B={B}: skipped (budget)"); continue
+                        first_compile = cfg == 'hf-compile' and (shape, cfg, ctx, B) not in seen
+                        need = HF_COMPILE_EST_S if first_compile else _estimate(seen, shape, ctx, B)
+                        if need > left():
+                            notes.append(f"{shape} {cfg} ctx={ctx} B={B}: skipped (budget: ~{need:.0f} s needed, "
+                                         f"{max(0, left()):.0f} s left)"); continue
+                        t_row = time.time()
                         ps = torch.randint(3, c.vocab_size, (B, ctx), generator=g).tolist()
-                        if cfg == 'generate' or (cfg == 'engine-bucket' and B == 1) or cfg == 'hf-compile':
+                        if cfg == 'generate' or (cfg == 'engine-bucket' and B == 1):
                             gen(ps, 2, _Marks(dev))      # a new length bucket: engine / graph built here, untimed
+                        if cfg == 'hf-compile':          # compiled for exactly the timed shapes (cache of ctx + n + 1)
+                            gen(ps, n + 1, _Marks(dev))
                         if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
                         k = 'engine' if kind == 'generate' else kind
                         tm = timed_generation(k, gen, ps, n, dev)
@@ -355,6 +447,9 @@ def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progr
                                    prefill_tok_s=B * ctx / tm['ttft_s'],
                                    decode_tok_s=B * tm['decode_steps'] / tm['decode_s'] if tm['decode_s'] > 0 else None,
                                    peak_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == 'cuda' else None)
+                        row['wall_s'] = time.time() - t_row
+                        seen[(shape, ctx, B)] = max(seen.get((shape, ctx, B), 0.0), row['wall_s'])
+                        seen[(shape, cfg, ctx, B)] = row['wall_s']
                         rows.append(roofline(row, wb, kv_bytes(c, ctx, sparse, elt), copy_GBps))
                         if on_row: on_row(rows[-1])
             except Exception as e:
@@ -363,9 +458,27 @@ def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progr
                 del gen
                 m.__dict__.pop('_engine_fast', None)
                 if dev.type == 'cuda': torch.cuda.empty_cache()
-        del m
+                if seconds is not None: seconds[f'{shape} {cfg}'] = round(time.time() - t_cfg, 1)
+        del m, shared
         if dev.type == 'cuda': torch.cuda.empty_cache()
     return rows, notes
+
+
+def prefill_from_decode(rows: list) -> list[dict]:
+    """Prefill rows (as `run_prefill`'s) from the decode sweep's batch-1 rows at one shape and context: engine-sparse's
+    `prefill_s` (the model's InfLLM v2 chunked prefill, what the engine runs for a sparse target) against
+    engine-dense's (the static stack's dense chunked prefill); the sparse route's load + capture (`setup_s`) is
+    reported beside, not counted (it is in the row's TTFT)."""
+    b1 = {(r['shape'], r['config'], r['context']): r for r in rows if r['batch'] == 1 and r.get('prefill_s')}
+    out = []
+    for (shape, cfg, ctx), s in sorted(b1.items()):
+        d = b1.get((shape, 'engine-dense', ctx))
+        if cfg != 'engine-sparse' or d is None: continue
+        out.append(dict(shape=shape, context=ctx, attention='sparse', seconds=s['prefill_s'], tok_s=ctx / s['prefill_s'],
+                        speedup_vs_dense=d['prefill_s'] / s['prefill_s'], setup_s=s.get('setup_s'), source='decode rows'))
+        out.append(dict(shape=shape, context=ctx, attention='dense', seconds=d['prefill_s'], tok_s=ctx / d['prefill_s'],
+                        source='decode rows'))
+    return out
 
 
 def _packed(m):
@@ -374,13 +487,14 @@ def _packed(m):
 
 # %% ../nbs/90_edge_bench.ipynb #e5a1c012
 @torch.no_grad()
-def run_prefill(p: EdgeParams, on_row=None) -> tuple[list, list]:
+def run_prefill(p: EdgeParams, on_row=None, deadline: float | None = None) -> tuple[list, list]:
     """Chunked prefill (chunks of p.chunk) of one random prompt per context in p.prefill_contexts on one model:
     'sparse' = the engine's InfLLM v2 prefill (`eager_prefill`: the model's layers and its sparse prefill over a KV
     cache), 'dense' = the engine's dense prefill (`static_prefill`: the static stack, masked SDPA per chunk).
     Rows: shape, context, attention, seconds, tok_s; the sparse rows carry speedup_vs_dense."""
     dev, dtype = torch.device(p.device), getattr(torch, p.dtype)
-    rows, notes, t_start = [], [], time.time()
+    rows, notes = [], []
+    left = _deadline_fn(p, deadline)
     ctxs = p.ints('prefill_contexts')
     for shape in p.shapes.split(','):
         c = preset(shape, max(ctxs) + 8, p.dtype)
@@ -403,7 +517,7 @@ def run_prefill(p: EdgeParams, on_row=None) -> tuple[list, list]:
             ids = torch.randint(3, c.vocab_size, (1, ctx), generator=g).to(dev)
             got = {}
             for a, e in engines.items():
-                if p.budget_s and time.time() - t_start > p.budget_s:
+                if left() <= 0:
                     notes.append(f"prefill {shape} ctx={ctx} {a}: skipped (budget)"); continue
                 try: s = got[a] = prefill(e, ctx, ids)
                 except Exception as ex:
@@ -585,21 +699,38 @@ def run_spec(sp: SpecParams, device: str, log=print, on_stage=None) -> dict:
     for r in rec['rows']: log(f"spec {r['name']:>16}: {r['tok_s']:.0f} tok/s, accept {r['mean_accept_length']:.2f}, "
                               f"x{r['speedup']:.2f} vs the engine without speculation, identical {r['identical']}/"
                               f"{r['prompts']}, tokens {r['tokens']:.3f}, before the first difference {r['prefix']:.3f}")
-    # Why bf16 outputs differ: the same identity in fp32 on the same pair (speculation is exact up to rounding), and
-    # the size of bf16 rounding alone: the model's own loop (M-row GEMMs, its attention) against the plain engine
-    n = min(4, len(heldout))
-    loop = target.generate(heldout[:n], sp.new, stop_ids=[], fast=False)
-    rec['loop_vs_engine'] = agreement(loop, plain[:n])
-    t32, d32 = copy.deepcopy(target).float(), copy.deepcopy(draft).float()
-    f32 = spec_rows(t32, d32, vocab.ids, heldout[:n], sp.new, SPEC_CONFIGS[:2])
-    f32[0].pop('outputs')
-    rec['fp32_check'] = [{k: r[k] for k in ('name', 'identical', 'prompts', 'tokens', 'prefix', 'mean_accept_length')}
-                         for r in f32]
-    del t32, d32
-    tick('identity')
-    log(f"spec identity: {str(dtype)[6:]} model loop vs engine {rec['loop_vs_engine']['identical']}/{n} identical "
-        f"(prefix {rec['loop_vs_engine']['prefix']:.3f}); fp32 " + ', '.join(
-            f"{r['name']} {r['identical']}/{r['prompts']}" for r in rec['fp32_check'][1:]))
+    if sp.identity:
+        # Why bf16 outputs differ: the same identity in fp32 on the same pair (speculation is exact up to rounding), and
+        # the size of bf16 rounding alone: the model's own loop (M-row GEMMs, its attention) against the plain engine
+        n = min(4, len(heldout))
+        loop = target.generate(heldout[:n], sp.new, stop_ids=[], fast=False)
+        rec['loop_vs_engine'] = agreement(loop, plain[:n])
+        t32, d32 = copy.deepcopy(target).float(), copy.deepcopy(draft).float()
+        f32 = spec_rows(t32, d32, vocab.ids, heldout[:n], sp.new, SPEC_CONFIGS[:2])
+        f32[0].pop('outputs')
+        rec['fp32_check'] = [{k: r[k] for k in ('name', 'identical', 'prompts', 'tokens', 'prefix', 'mean_accept_length')}
+                             for r in f32]
+        del t32, d32
+        tick('identity')
+        log(f"spec identity: {str(dtype)[6:]} model loop vs engine {rec['loop_vs_engine']['identical']}/{n} identical "
+            f"(prefix {rec['loop_vs_engine']['prefix']:.3f}); fp32 " + ', '.join(
+                f"{r['name']} {r['identical']}/{r['prompts']}" for r in rec['fp32_check'][1:]))
+    if sp.int4:   # int4 + spec: the target packed (w4a16, round-to-nearest), the same draft, against the int4 engine alone
+        try:
+            t4 = copy.deepcopy(target)
+            convert_quant(t4, 'w4a16')
+            best = max(rec['rows'][1:], key=lambda r: r['speedup'])
+            rows4 = spec_rows(t4, draft, vocab.ids, heldout, sp.new, tuple(c for c in SPEC_CONFIGS if c[0] == best['name']))
+            rows4[0].pop('outputs')
+            for r in rows4: r['name'] = f"int4 {r['name']}"
+            rec['int4_rows'] = rows4
+            del t4
+            for r in rows4: log(f"spec {r['name']:>16}: {r['tok_s']:.0f} tok/s, accept {r['mean_accept_length']:.2f}, "
+                                f"x{r['speedup']:.2f} vs the int4 engine without speculation, identical {r['identical']}/"
+                                f"{r['prompts']}")
+        except Exception as e:
+            rec['int4_note'] = f"int4 + spec: {type(e).__name__}: {e}"[:400]; log(rec['int4_note'])
+        tick('int4')
     rec['seconds']['total'] = round(time.time() - t_all, 1)
     return rec
 
@@ -607,6 +738,7 @@ def run_spec(sp: SpecParams, device: str, log=print, on_stage=None) -> dict:
 SPEC_CONFIGS = (('chain4 FR', True, dict(method='chain', gamma=4)),
                 ('tree5x4/16 FR', True, dict(method='tree', depth=5, topk=4, tree_size=16)),
                 ('tree6x8/32 FR', True, dict(method='tree', depth=6, topk=8, tree_size=32)),
+                ('tree8x8/48 FR', True, dict(method='tree', depth=8, topk=8, tree_size=48)),
                 ('tree5x4/16 full', False, dict(method='tree', depth=5, topk=4, tree_size=16)))
 
 
@@ -654,6 +786,55 @@ def spec_rows(target, draft, vocab_ids, prompts: list, new: int, configs=SPEC_CO
     return rows
 
 # %% ../nbs/90_edge_bench.ipynb #f48e7f69
+def goal_lines(res: dict) -> list[str]:
+    """Issue 13's goals, each as one line with its number from this run's rows and 'met' / 'MISSED' / 'not measured'
+    (ratios only between rows of the same run; the 8B shape is 'minicpm4_8b', the 0.5B shape 'minicpm4_0_5b')."""
+    rows = [r for r in res.get('rows', []) if r.get('decode_tok_s')]
+    tok = lambda shape, cfg, ctx, B=1: next((r['decode_tok_s'] for r in rows if (r['shape'], r['config'], r['context'],
+                                                                                r['batch']) == (shape, cfg, ctx, B)), None)
+    frac = lambda shape, cfg, ctx: next((r.get('roofline_fraction') for r in rows if (r['shape'], r['config'],
+                                                                                      r['context'], r['batch']) == (shape, cfg, ctx, 1)), None)
+    hf = lambda shape, ctx, B=1: max([x for x in (tok(shape, 'hf-static', ctx, B), tok(shape, 'hf-compile', ctx, B)) if x] or [None],
+                                     key=lambda v: v or 0)
+    verdict = lambda v, goal: 'not measured' if v is None else ('met' if v >= goal else 'MISSED')
+    out = []
+    def line(name, v, goal, detail=''):
+        out.append(f"goal {name}: {'-' if v is None else f'{v:.2f}'} (goal >= {goal}) {verdict(v, goal)}{detail}")
+    for shape in ('minicpm4_8b', 'minicpm4_0_5b'):
+        pairs = [(x, B) for x in (1024, 4096, 16384) for B in (1, 4) if tok(shape, 'generate', x, B) and hf(shape, x, B)]
+        worst = min(((tok(shape, 'generate', x, B) / hf(shape, x, B), x, B) for x, B in pairs), default=None)
+        line(f'{shape} model.generate / best transformers (worst of {len(pairs)} rows)', worst and worst[0], 1.0,
+             f' at ctx {worst[1]} B={worst[2]}' if worst else '')
+        line(f'{shape} engine-dense roofline fraction at 4K', frac(shape, 'engine-dense', 4096),
+             0.8 if shape == 'minicpm4_8b' else 0.5)
+        d, h = tok(shape, 'engine-dense', 4096), hf(shape, 4096)
+        line(f'{shape} engine-dense / best transformers at 4K', d / h if d and h else None, 1.0)
+    k = {(r['kernel'], r['M']): r.get('ratio') for r in res.get('kernel_rows', [])}
+    line('W4A16 GEMV M=1 vs bf16', k.get(('w4a16 gemv (default)', 1)), 3.0)
+    line('ternary GEMV M=1 vs bf16', k.get(('ternary gemv', 1)), 4.0)
+    pm = max((m for (n, m) in k if n == 'w4a16 dequant + cuBLAS'), default=None)
+    line(f'int4 prefill (dequantize + cuBLAS, M={pm}) vs bf16 cuBLAS', k.get(('w4a16 dequant + cuBLAS', pm)), 0.9)
+    s4, d8 = tok('minicpm4_8b', 'engine-sparse-int4', 131072), tok('minicpm4_8b', 'engine-dense', 131072)
+    line('8B 128K sparse+int4 / engine-dense', s4 / d8 if s4 and d8 else None, 3.0)
+    hx = max((r['context'] for r in rows if r['shape'] == 'minicpm4_8b' and r['batch'] == 1
+              and r['config'] in ('hf-static', 'hf-compile')), default=None)
+    h8 = hx and hf('minicpm4_8b', hx)
+    line('8B 128K sparse+int4 / transformers', s4 / h8 if s4 and h8 else None, 4.0,
+         '' if hx in (None, 131072) else f' (transformers measured up to {hx}: a lower bound, its static-cache step '
+                                         f'only slows as the context grows)')
+    pre = next((r.get('speedup_vs_dense') for r in res.get('prefill_rows', []) if r['shape'] == 'minicpm4_8b'
+                and r['context'] == 131072 and r['attention'] == 'sparse'), None)
+    line('8B 128K sparse chunked prefill / dense chunked prefill', pre, 3.0)
+    sp = res.get('spec') or {}
+    best = max((r for r in sp.get('rows', [])[1:]), key=lambda r: r['speedup'], default=None)
+    line('FR-Spec on the trained 0.5B pair / the same engine without speculation', best and best['speedup'], 2.0,
+         f" ({best['name']}, accept {best['mean_accept_length']:.2f})" if best else '')
+    tot = res.get('seconds', {}).get('total')
+    out.append(f"goal the whole sweep in one call (< 600 s): {tot} s of run() (plus imports) "
+               f"{'not measured' if tot is None else 'met' if tot < 600 else 'MISSED'}")
+    return out
+
+
 def summary_lines(res: dict) -> list[str]:
     out = []
     for r in res['rows']:
@@ -678,12 +859,16 @@ def summary_lines(res: dict) -> list[str]:
             out.append(f"spec {r['name']:>16}: {r['tok_s']:.0f} tok/s accept {r['mean_accept_length']:.2f} "
                        f"x{r['speedup']:.2f} vs no speculation, identical {r['identical']}/{r['prompts']}, "
                        f"tokens {r.get('tokens', 0):.3f}, prefix {r.get('prefix', 0):.3f}")
+        for r in sp.get('int4_rows', []):
+            out.append(f"spec {r['name']:>16}: {r['tok_s']:.0f} tok/s accept {r['mean_accept_length']:.2f} "
+                       f"x{r['speedup']:.2f} vs the int4 engine alone, identical {r['identical']}/{r['prompts']}")
+        if 'int4_note' in sp: out.append(f"spec note: {sp['int4_note']}")
         if 'fp32_check' in sp:
             out.append(f"spec identity: model loop vs plain engine (run dtype) {sp['loop_vs_engine']} | fp32: "
                        + '; '.join(f"{r['name']} identical {r['identical']}/{r['prompts']} prefix {r['prefix']:.3f}"
                                    for r in sp['fp32_check']))
     out += [f"note: {n}" for n in res['notes']]
-    return out
+    return out + (goal_lines(res) if res.get('params', {}).get('device') == 'cuda' else [])
 
 
 def plot(res: dict):
@@ -711,39 +896,51 @@ def plot(res: dict):
     return fig
 
 # %% ../nbs/90_edge_bench.ipynb #623b35e0
-def run(p: EdgeParams, out: Path | None = None, progress: bool = True) -> dict:
-    "Every part of `p`; with `out`, the JSON is rewritten after each row (a cut run keeps what it measured)."
-    dev = torch.device(p.device)
+def run(p: EdgeParams, out: Path | None = None, progress: bool = True, log=None) -> dict:
+    """Every part of `p`, in the order `p.parts` lists them; with `out`, the JSON is rewritten after each row (a cut
+    run keeps what it measured). p.budget_s covers the whole run: each part starts only if it can still fit (spec:
+    its two training budgets + 40 s), the decode rows each check the time they are expected to take; what is skipped
+    is noted. Without a prefill part, the prefill rows come from the decode rows (`prefill_from_decode`)."""
+    dev, t0 = torch.device(p.device), time.time()
+    log = log or (lambda s: None)
+    deadline = t0 + p.budget_s if p.budget_s else None
+    left = lambda: float('inf') if deadline is None else deadline - time.time()
     res = dict(env=bench.env_stamp(dev), params=asdict(p), ceilings={}, rows=[], kernel_rows=[], notes=[], seconds={})
     dump = (lambda *_: atomic_write_json(out / 'edge_bench.json', json.loads(json.dumps(res, default=str)), indent=1)) if out else (lambda *_: None)
     if dev.type == 'cuda':
         res['ceilings'] = bench.roofline_ceilings(dev, copy_bytes=1 << 30, matmul_n=4096, budget_ms=100)
-    t = time.time()
-    if 'kernels' in p.names('parts'):
-        try: res['kernel_rows'] = run_kernels(p)
-        except Exception as e: res['notes'].append(f"kernels: {type(e).__name__}: {e}"[:400])
-        res['seconds']['kernels'] = round(time.time() - t, 1); dump()
-    t = time.time()
-    if 'decode' in p.names('parts'):
-        rows, notes = run_decode(p, res['ceilings'].get('copy_GBps'), on_row=lambda r: (res['rows'].append(r), dump()),
-                                 progress=progress)
-        res['notes'] += notes
-        res['seconds']['decode'] = round(time.time() - t, 1); dump()
-    t = time.time()
-    if 'prefill' in p.names('parts'):
-        res['prefill_rows'] = []
-        try:
-            _, notes = run_prefill(p, on_row=lambda r: (res['prefill_rows'].append(r), dump()))
+    def on_row(r):
+        res['rows'].append(r); dump()
+        log(summary_lines(dict(rows=[r], kernel_rows=[], notes=[]))[0])
+    for part in p.names('parts'):
+        t = time.time()
+        if part == 'kernels':
+            try: res['kernel_rows'] = run_kernels(p)
+            except Exception as e: res['notes'].append(f"kernels: {type(e).__name__}: {e}"[:400])
+        elif part == 'decode':
+            res['seconds']['decode_configs'] = {}
+            rows, notes = run_decode(p, res['ceilings'].get('copy_GBps'), on_row=on_row, progress=progress,
+                                     deadline=deadline, seconds=res['seconds']['decode_configs'])
             res['notes'] += notes
-        except Exception as e: res['notes'].append(f"prefill: {type(e).__name__}: {e}"[:400])
-        res['seconds']['prefill'] = round(time.time() - t, 1); dump()
-    t = time.time()
-    if 'spec' in p.names('parts'):
-        try: run_spec(p.spec_params(), p.device, log=lambda s: print(s, flush=True),
-                      on_stage=lambda r: (res.__setitem__('spec', r), dump()))
-        except Exception as e: res['notes'].append(f"spec: {type(e).__name__}: {e}"[:600])
-        res['seconds']['spec'] = round(time.time() - t, 1); dump()
+        elif part == 'prefill':
+            res['prefill_rows'] = []
+            try:
+                _, notes = run_prefill(p, on_row=lambda r: (res['prefill_rows'].append(r), dump()), deadline=deadline)
+                res['notes'] += notes
+            except Exception as e: res['notes'].append(f"prefill: {type(e).__name__}: {e}"[:400])
+        elif part == 'spec':
+            sp = p.spec_params()
+            need = sp.train_s + sp.draft_s + (40 if dev.type == 'cuda' else 0)
+            if need > left():
+                res['notes'].append(f"spec: skipped (budget: ~{need:.0f} s needed, {max(0, left()):.0f} s left)"); continue
+            try: run_spec(sp, p.device, log=log, on_stage=lambda r: (res.__setitem__('spec', r), dump()))
+            except Exception as e: res['notes'].append(f"spec: {type(e).__name__}: {e}"[:600])
+        res['seconds'][part] = round(time.time() - t, 1); dump()
+    if 'prefill' not in p.names('parts') and res['rows']:
+        res['prefill_rows'] = prefill_from_decode(res['rows'])
+    res['seconds']['total'] = round(time.time() - t0, 1); dump()
     return res
+
 
 # %% ../nbs/90_edge_bench.ipynb #edc1498a
 def main(argv=None) -> int:
@@ -767,7 +964,7 @@ def main(argv=None) -> int:
     except ValueError as e: ap.error(str(e))
     if p.device == 'cuda' and not torch.cuda.is_available(): ap.error("the profile's device is cuda but none is visible")
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    res = run(p, out, progress=False)
+    res = run(p, out, progress=False, log=lambda s: print(s, flush=True))
     lines = summary_lines(res)
     (out / 'table.md').write_text('\n'.join(lines) + '\n')
     plot(res).savefig(out / 'edge_bench.png', dpi=110)

@@ -24,7 +24,7 @@ from .model import (KVCache, LayerCache, MiniCPM4ForCausalLM, _as_prompt_lists, 
 from .checks import check_finite
 from .config import SparseSettings
 from .static_decode import (BatchStaticDecoder, StaticDecoder, bucket_sizes, check_static_support,
-                                         prep_layer)
+                                         copy_fused, prep_layer)
 from .static_sparse import StaticSparseDecoder
 
 # %% auto #0
@@ -105,14 +105,17 @@ class Engine:
     backend: 'auto' | 'static' | 'eager' (tests force one). length_mode / min_bucket: the static stack's attended length
     ('static': all max_len slots, one CUDA graph; 'bucket': buckets min_bucket * 2^i, one graph each; `bucket_sizes`).
     decode_kernel: the static stack's one-token attention ('auto': split-K `dense_decode` reading the length on the
-    device on CUDA, so 'static' costs the live length; 'sdpa': the masked SDPA over every slot; `StaticStack`)."""
+    device on CUDA, so 'static' costs the live length; 'sdpa': the masked SDPA over every slot; `StaticStack`).
+    sync_every: greedy decoding reads the device (stop ids, finiteness) every this many steps, not at every step, so
+    the host queues the next step while the device runs (no stop ids: only at the first and last step)."""
     def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, max_batch: int = 1, dtype=None, quant=None,
                  sparse='auto', spec=None, chunk: int = 1024, backend: str = 'auto', graphs: bool | None = None,
                  spec_kw: dict | None = None, length_mode: str = 'static', min_bucket: int = 256,
-                 decode_kernel: str = 'auto'):
+                 decode_kernel: str = 'auto', sync_every: int = 16):
         if not isinstance(model, MiniCPM4ForCausalLM):
             raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
-        for name, v, lo in (('max_len', max_len, 2), ('max_batch', max_batch, 1), ('chunk', chunk, 1)):
+        for name, v, lo in (('max_len', max_len, 2), ('max_batch', max_batch, 1), ('chunk', chunk, 1),
+                            ('sync_every', sync_every, 1)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         _check_dtype(dtype)
@@ -131,6 +134,7 @@ class Engine:
         self.model, self.config, self.max_len, self.max_batch = model.eval(), model.config, max_len, max_batch
         self.sparse, self.chunk, self.backend, self.graphs = sparse, chunk, backend, graphs
         self.length_mode, self.min_bucket, self.decode_kernel = length_mode, min_bucket, decode_kernel
+        self.sync_every = sync_every    # greedy with stop ids: host reads every this many steps (none without stops)
         self.spec = self._check_spec(spec, spec_kw or {})
         self._cache = None      # the one static KV allocation of the eager path, made on its first use
         self._static = None     # StaticDecoder (its own static KV buffer), built on first batch-1 use
@@ -150,8 +154,6 @@ def _engine_check_spec(self: Engine, spec, kw: dict):
     draft, vocab = spec
     if not isinstance(draft, EagleDraft): raise ValueError(f"spec[0] must be an EagleDraft, got {type(draft).__name__}")
     if isinstance(vocab, FreqVocab): vocab = vocab.ids
-    if self.quant is not None: raise ValueError("spec with quant is not supported yet: the static speculative stack "
-                                                "reads dense weights")
     if self.sparse == 'dense' and self.config.sparse_config is not None:
         raise ValueError("spec with sparse='dense' on an InfLLM v2 model is not supported")
     return FastSpec(self.model, draft, vocab.to(self.model.device) if vocab is not None else None,
@@ -269,12 +271,14 @@ def sparse_prefill(self: Engine, ids: torch.Tensor) -> torch.Tensor:
     """InfLLM v2 past dense_len: the model's chunked prefill (its sparse prefill kernels) into a KVCache of T positions,
     handed to the StaticSparseDecoder (K/V, pre-RoPE keys, compressed keys): ids (T,) -> last-position logits (1, V).
     The temporary cache is freed on return; on CUDA every step variant is captured here, before the first step."""
-    d, T = self._sparse_dec, ids.numel()
+    d, T, t0 = self._sparse_dec, ids.numel(), _clock(ids.device)
     cache = self.model.new_cache(1, T)
     logits = self.eager_prefill(ids[None], torch.ones(1, T, dtype=torch.long, device=ids.device), cache)
+    t1 = _clock(ids.device)
     d.load_cache(cache)
     del cache
     if d.graphs: d.capture_all()
+    self._prefill_split = dict(prefill_s=t1 - t0, setup_s=_clock(ids.device) - t1)   # generate's last_timing reads it
     return logits
 
 Engine.sparse_prefill = sparse_prefill
@@ -350,21 +354,49 @@ def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, tempera
             cache = self._cache_view(B)
             logits = self.eager_prefill(ids, mask, cache)
             nxt_fn = lambda tok, mask: self.model(tok[:, None], cache=cache, attention_mask=mask)[:, -1]
+        t_pre = _clock(dev)
+        # Host reads (stop check, finiteness) every `every` steps when greedy: between them nothing waits for the device,
+        # so the host queues the next graph replay while the current one runs (no idle gap per token). Sampling and
+        # the first step check at once (a NaN reaching multinomial must be named first). Extra steps past a stop are
+        # padded and cut, so the output is the same as checking at every step.
+        every = 1 if temperature > 0 else (self.sync_every if stop else max_new_tokens)
+        fin = []
         for step in tqdm(range(max_new_tokens), disable=not progress, desc=f'engine ({kind})'):
-            check_finite(logits, f'logits at engine step {step} (NaN/Inf weights or activations?)')   # as the model
+            if step == 0 or every == 1:
+                check_finite(logits, f'logits at engine step {step} (NaN/Inf weights or activations?)')   # as the model
+            else:
+                fin.append(torch.isfinite(logits).all())           # read at the next host check
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out.append(nxt)
-            done = done | torch.isin(nxt, stop_t)
+            if stop: done = done | torch.isin(nxt, stop_t)
             if step == 0: t1 = _clock(dev)
-            if bool(done.all()) or step == max_new_tokens - 1: break
+            last = step == max_new_tokens - 1
+            if last or step % every == 0:
+                _check_flags(fin, step)
+                if last or bool(done.all()): break
             if mask is not None: mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             logits = nxt_fn(nxt, mask)
     t2 = _clock(dev)
-    # time to the first token (prefill + one sample) and the decode steps after it, for benchmarks
+    # time to the first token (prefill + one sample) and the decode steps after it, for benchmarks; prefill_s: the
+    # prompt's forward alone, setup_s: what the sparse route adds before its first step (load_cache + captures)
+    split = self.__dict__.pop('_prefill_split', None) or dict(prefill_s=t_pre - t0, setup_s=0.0)
     self.last_timing = dict(backend=kind, batch=B, prompt_len=T0, ttft_s=t1 - t0, decode_s=t2 - t1,
-                            decode_steps=len(out) - 1)
+                            decode_steps=len(out) - 1, **split)
     return [_cut(r, stop) for r in torch.stack(out, 1).tolist()]
+
+
+def _check_flags(fin: list, step: int) -> None:
+    "Raise NonFiniteError naming the first step whose logits were not finite (flags since the last check); clears fin."
+    if not fin: return
+    ok = torch.stack(fin).cpu()
+    n = len(fin)
+    fin.clear()
+    if not bool(ok.all()):
+        from minicpm4_core.checks import NonFiniteError
+        bad = step - n + 1 + int((~ok).nonzero()[0, 0])
+        raise NonFiniteError(f"logits at engine step {bad} (NaN/Inf weights or activations?): not finite (checked "
+                             f"every {n} steps when greedy: the values are overwritten since)")
 
 
 def _clock(dev) -> float:
@@ -416,6 +448,13 @@ def load_draft(path, target: MiniCPM4ForCausalLM):
     return draft.to(target.device, target.dtype).eval()
 
 # %% ../nbs/80_engine.ipynb #592ed4ec
+def _copies(w) -> list:
+    "The tensors of a prep_layer entry that are copies (a fused dense weight, a fused packed module's buffers)."
+    if isinstance(w, torch.Tensor): return [w]
+    if getattr(w, '_fused_copy', False): return [b for b in w.buffers() if b is not None]
+    return []
+
+
 def _memory(self: Engine) -> dict:
     "Bytes held: weights (incl. packed buffers), the static KV buffer, the static stack's fused copies and buffer."
     m = self.model
@@ -426,12 +465,12 @@ def _memory(self: Engine) -> dict:
     for d in (self._static, self._batch):
         if d is None: continue
         s = d.stack
-        fused = [p[k] for p in s.p for k in ('wqkv', 'wgu') if isinstance(p[k], torch.Tensor)]   # packed: no copy
+        fused = [t for p in s.p for k in ('wqkv', 'wgu') for t in _copies(p[k])]
         st += s.kv.numel() * s.kv.element_size() + sum(t.numel() * t.element_size() for t in fused)
     if self._sparse_dec is not None:
         d = self._sparse_dec
         s = d.base.stack
-        fused = [p[k] for p in s.p for k in ('wqkv', 'wgu') if isinstance(p[k], torch.Tensor)]
+        fused = [t for p in s.p for k in ('wqkv', 'wgu') for t in _copies(p[k])]
         st += sum(t.numel() * t.element_size() for t in [s.kv, d.kc, *fused] + ([d.ring] if d.ring is not None else []))
     return dict(weights=w, kv_cache=kv, static_stack=st, total=w + kv + st)
 
@@ -483,8 +522,7 @@ def _refresh(d, model) -> None:
     with torch.no_grad():
         for p, layer in zip(d.stack.p, model.model.layers):
             new = prep_layer(layer)
-            for k in ('wqkv', 'wgu'):
-                if isinstance(p[k], torch.Tensor): p[k].copy_(new[k])
+            for k in ('wqkv', 'wgu'): copy_fused(p[k], new[k])
         d.norm_w.copy_(model.model.norm.weight / model.config.logit_scale)
 
 

@@ -22,9 +22,9 @@ from .config import MiniCPM4Config, SparseSettings
 from .model import MiniCPM4ForCausalLM, MiniCPM4DecoderLayer, rope_cos_sin
 
 # %% auto #0
-__all__ = ['FUSED_MODES', 'prep_layer', 'attend', 'layer_step', 'layer_step_fused', 'layer_step_gemv', 'check_static_support',
-           'resolve_fused', 'StaticStack', 'capture_graph', 'bucket_sizes', 'StaticDecoder', 'batch_attend',
-           'BatchStaticDecoder']
+__all__ = ['FUSE_PACKED', 'FUSED_MODES', 'fuse_packed', 'prep_layer', 'copy_fused', 'attend', 'layer_step', 'layer_step_fused',
+           'layer_step_gemv', 'check_static_support', 'resolve_fused', 'StaticStack', 'capture_graph', 'bucket_sizes',
+           'StaticDecoder', 'batch_attend', 'BatchStaticDecoder']
 
 # %% ../nbs/61_static_decode.ipynb #5b9ba41a
 def _packed(m) -> bool:
@@ -32,18 +32,54 @@ def _packed(m) -> bool:
     return not isinstance(m, torch.nn.Linear) and hasattr(m, 'qweight')
 
 
+FUSE_PACKED = True   # prep_layer: one packed module for w4a16 q|k|v and gate|up (False: one GEMV each; an A/B switch)
+
+
+def fuse_packed(ms) -> torch.nn.Module | None:
+    """One w4a16 `QuantLinear` whose outputs are the concatenated outputs of `ms` (same input, group size, bits, no
+    act-order permutation): its packed buffers are concatenated along N (a copy), so q|k|v and gate|up each cost one
+    GEMV instead of three / two plus a concatenation. None when `ms` cannot be fused (ternary, mixed settings)."""
+    from minicpm4_core.pgptq import QuantLinear
+    a = ms[0]
+    if not all(type(m) is QuantLinear and m.perm is None and (m.in_features, m.group_size, m.bits) ==
+               (a.in_features, a.group_size, a.bits) for m in ms): return None
+    new = QuantLinear.__new__(QuantLinear)
+    torch.nn.Module.__init__(new)
+    new.in_features, new.out_features = a.in_features, sum(m.out_features for m in ms)
+    new.bits, new.group_size = a.bits, a.group_size
+    for k in ('qweight', 'scales', 'qzeros'): new.register_buffer(k, torch.cat([getattr(m, k) for m in ms], 1))
+    new.register_buffer('perm', None)
+    new._fused_copy = True                    # a copy: `refresh` rewrites it (the model's own modules need nothing)
+    return new
+
+
 def prep_layer(layer: MiniCPM4DecoderLayer) -> dict:
     """The weights of one decoder layer for `layer_step`: norms, fused wqkv (q|k|v rows), wo, fused wgu, wdown, scale.
-    Packed linears (w4a16 / ternary) stay modules, called in place: wqkv -> (q, k, v) modules, wgu -> (gate, up)."""
+    Packed linears: w4a16 q|k|v and gate|up become one packed copy each (`fuse_packed`, while FUSE_PACKED); others
+    (ternary) stay modules called one by one: wqkv -> (q, k, v), wgu -> (gate, up); wo / wdown are the model's own."""
     a, m = layer.self_attn, layer.mlp
     def fuse(*ms):
-        if any(map(_packed, ms)): return tuple(ms)               # called one by one (each its own GEMV)
+        if any(map(_packed, ms)):
+            return (FUSE_PACKED and fuse_packed(ms)) or tuple(ms)     # a tuple: each its own GEMV, outputs concatenated
         return torch.cat([x.weight for x in ms]).detach().contiguous()
     one = lambda x: x if _packed(x) else x.weight.detach()
     return dict(ln1=layer.input_layernorm.weight.detach(), eps1=layer.input_layernorm.eps,
                 ln2=layer.post_attention_layernorm.weight.detach(), eps2=layer.post_attention_layernorm.eps,
                 wqkv=fuse(a.q_proj, a.k_proj, a.v_proj), wo=one(a.o_proj),
                 wgu=fuse(m.gate_proj, m.up_proj), wdown=one(m.down_proj), r=layer.residual_scale)
+
+
+def copy_fused(dst, src) -> None:
+    "Copy a fresh `prep_layer` entry into an existing one in place (a dense tensor or a fused packed module)."
+    if isinstance(dst, torch.Tensor): dst.copy_(src)
+    elif isinstance(dst, torch.nn.Module) and not _is_model_module(dst):
+        for k, b in dst.named_buffers():
+            if b is not None: b.copy_(dict(src.named_buffers())[k])
+
+
+def _is_model_module(m) -> bool:
+    "Whether a prep_layer entry is one of the model's own modules (not a copy): wo / wdown / unfused packed linears."
+    return getattr(m, '_fused_copy', False) is False
 
 
 def _lin(w, x):
@@ -401,8 +437,7 @@ def refresh(self: StaticDecoder) -> StaticDecoder:
     (Parameters *replaced* by new tensors need a new decoder: the other weights are shared views.)"""
     for p, layer in zip(self.stack.p, self.model.model.layers):
         new = prep_layer(layer)
-        for k in ('wqkv', 'wgu'):                 # packed linears are the model's own modules: nothing to copy
-            if isinstance(p[k], torch.Tensor): p[k].copy_(new[k])
+        for k in ('wqkv', 'wgu'): copy_fused(p[k], new[k])   # the model's own packed modules: nothing to copy
     self.norm_w.copy_(self.model.model.norm.weight / self.config.logit_scale)
     return self
 

@@ -20,21 +20,29 @@ from .model import KVCache, MiniCPM4ForCausalLM
 from .static_decode import StaticDecoder, attend, capture_graph, _check_ids, _check_token
 
 # %% auto #0
-__all__ = ['update_kc', 'attend_step', 'StaticSparseDecoder']
+__all__ = ['kc_window', 'update_kc', 'attend_step', 'StaticSparseDecoder']
 
 # %% ../nbs/62_static_sparse_decode.ipynb #4d7aa3e9
-def update_kc(kc, keys, L, p: int, s: int, ring: bool = False):
+def kc_window(L, p: int, s: int, slots: int, ring: bool = False):
+    """(j, idx): the latest complete compression kernel of L keys, (1,) long (0 while L < p), and the `slots`-slot
+    buffer's p slots of its window in position order (ring: slot t % slots). The same for every layer of a step."""
+    j = ((L - p).clamp(min=0) // s)
+    idx = j * s + torch.arange(p, device=L.device)
+    return j, (idx % slots if ring else idx.clamp(max=slots - 1))   # a ring keeps this window until L = (j+1)*s + p
+
+
+def update_kc(kc, keys, L, p: int, s: int, ring: bool = False, at=None):
     """Recompute the latest complete compression kernel of `keys` in place. kc (1, NCmax, Hkv, D); keys: the scoring
     keys (Nmax, Hkv, D) by position, or with ring=True a ring (R, Hkv, D), R >= p + s - 1, holding position t at slot t % R;
-    L (1,) long on the device: keys written so far. No host read: capturable."""
-    j = ((L - p).clamp(min=0) // s)                                   # (1,) latest complete kernel (0 while L < p)
-    idx = j * s + torch.arange(p, device=L.device)                     # its window, in position order
-    if ring: idx = idx % keys.shape[0]                             # the ring keeps this window until L = (j+1)*s + p
-    else: idx = idx.clamp(max=keys.shape[0] - 1)
+    L (1,) long on the device: keys written so far. No host read: capturable.
+    at: `kc_window(L, ...)` computed once for all layers (the step): then kc[j] is written unconditionally - the step
+    updates only when its key completes a kernel (L >= p); without `at`, kc is left as it is while L < p."""
+    j, idx = kc_window(L, p, s, keys.shape[0], ring) if at is None else at
     win = keys.index_select(0, idx)                                    # (p, Hkv, D)
     new = win.float()[None].unfold(1, p, s).mean(-1).to(kc.dtype)       # (1, 1, Hkv, D): compress_keys' reduction
-    old = kc.index_select(1, j)
-    kc.index_copy_(1, j, torch.where(L >= p, new, old))
+    if at is not None:
+        kc.index_copy_(1, j, new); return
+    kc.index_copy_(1, j, torch.where(L >= p, new, kc.index_select(1, j)))
 
 # %% ../nbs/62_static_sparse_decode.ipynb #f9697d69
 def attend_step(q, q_score, k, v, kc, seq, st, *, sparse: bool, n: int, num_blocks: int):
@@ -114,9 +122,9 @@ def _attn(self: StaticSparseDecoder, q, kv, mask=None, span=None, seqlens=None, 
         else:
             k_pre, q_score = qk_nope[:, Hq:], qk_nope[:, :Hq]
         self.ring[l].index_copy_(0, m % self.R, k_pre)
-        if self._update: update_kc(self.kc[l], self.ring[l], L, st.kernel_size, st.kernel_stride, ring=True)
+        if self._update: update_kc(self.kc[l], self.ring[l], L, st.kernel_size, st.kernel_stride, True, self._kc_at)
     elif self._update:
-        update_kc(self.kc[l], kv[:, :Hkv], L, st.kernel_size, st.kernel_stride)
+        update_kc(self.kc[l], kv[:, :Hkv], L, st.kernel_size, st.kernel_stride, at=self._kc_at)
     o = attend_step(q.contiguous(), q_score.contiguous(), kv[None, :, :Hkv], kv[None, :, Hkv:], self.kc[l], self.seq,
                     st, sparse=self._sparse, n=self._n_keys, num_blocks=self.num_blocks)
     return o.reshape(q.shape[0], Hq * self.Dh)
@@ -130,6 +138,10 @@ def _step_static(self: StaticSparseDecoder, sparse: bool, update: bool = True) -
     m = b.pos
     self._m, self._L, self._sparse, self._update = m, m + 1, sparse, update
     self.seq.copy_(self._L)
+    if update:                            # the kernel's index and window once per step, not once per layer
+        st = self.st
+        self._kc_at = kc_window(self._L, st.kernel_size, st.kernel_stride,
+                                self.R if self.ring is not None else self.max_len, self.ring is not None)
     if self.ring is not None: self._cs = S.cos.index_select(0, m)[:, None], S.sin.index_select(0, m)[:, None]
     allowed = None if S.split_decode else b.ar[None] <= m                # the CPU stack still builds its mask
     S.attn = self._attn

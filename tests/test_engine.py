@@ -542,6 +542,9 @@ def test_edge_bench_spec_part_smoke():
     assert d['rows'] == [sp.distill_prompts, sp.prompt_len + sp.distill_new]
     assert all(r['tokens'] == 1.0 and r['prefix'] == 1.0 for r in rec['rows']) and 0 < rec['rows'][0]['distinct4'] <= 1
     assert [r['identical'] for r in rec['fp32_check']] == [2, 2, 2] and rec['loop_vs_engine']['identical'] == 2
+    r4 = rec['int4_rows']                                # the target packed to w4a16: the int4 engine, then int4 + spec
+    assert len(r4) == 2 and r4[0]['name'] == 'int4 plain' and r4[1]['name'].startswith('int4 ')
+    assert r4[1]['identical'] == 2 and r4[1]['mean_accept_length'] >= 1.0 and 'int4_note' not in rec
 
 
 def test_agreement_and_distinct_ngrams():
@@ -581,3 +584,155 @@ def test_engine_sparse_route_on_the_triton_kernels(monkeypatch):
     e = Engine(m, 128, chunk=32)
     assert e.generate([ids], 10, stop_ids=[]) == ref and e._sparse_dec is not None
     assert calls.count('decode_step') >= 1 and calls.count('dense_decode') >= 1 and len(calls) == 9   # 9 steps
+
+
+# ---- session 6: the loop without a host read per token, fused packed q|k|v / gate|up, the one-call edge sweep ----
+
+def test_loop_reads_the_device_rarely_and_keeps_the_output(monkeypatch):
+    """Greedy decoding reads the device at the first and last step only without stop ids, every sync_every steps with
+    them; the output (stops, padding of a batch) is the model's own loop's whatever sync_every."""
+    m = model_of(62)
+    ps = prompts_of(62, (19, 7))
+    ref = m.generate(ps, 14, stop_ids=[], fast=False)
+    stop = [ref[0][3], ref[1][0]]                            # row 1 stops at once, row 0 at its 4th token
+    want = m.generate(ps, 14, stop_ids=stop, fast=False)
+    assert [len(r) for r in want] == [4, 1] and ref[0][:3] != [ref[0][3]] * 3
+    import minicpm4_core.engine as E
+    reads = []
+    real = E._check_flags
+    monkeypatch.setattr(E, '_check_flags', lambda fin, step: (reads.append(step), real(fin, step))[1])
+    for every in (1, 3, 16):
+        eng = Engine(m, 40, max_batch=2, sync_every=every)
+        assert eng.generate(ps, 14, stop_ids=stop) == want
+        reads.clear()
+        assert eng.generate(ps, 14, stop_ids=[]) == ref
+        assert reads == [0, 13]                              # no stop ids: the first and the last step only
+        reads.clear()
+        eng.generate(ps, 14, stop_ids=[-1])                  # a stop that never comes: a read every `every` steps
+        assert reads == sorted({s for s in range(14) if s % every == 0} | {13})
+    with pytest.raises(ValueError, match='sync_every'): Engine(m, 40, sync_every=0)
+
+
+def test_loop_names_the_first_non_finite_step(monkeypatch):
+    "Logits turning NaN at a late step still raise NonFiniteError, naming that step (read at the next host check)."
+    from minicpm4_core.checks import NonFiniteError
+    from minicpm4_core.static_decode import StaticDecoder
+    m = model_of(62)
+    real = StaticDecoder.step
+    def step(self, token):
+        out = real(self, token)
+        if self.n == 30: out.fill_(float('nan'))           # the logits of the 5th step after a 25-token prompt
+        return out
+    monkeypatch.setattr(StaticDecoder, 'step', step)
+    eng = Engine(m, 48)
+    p = prompts_of(62, (25,))[0]
+    with pytest.raises(NonFiniteError, match='engine step 5'): eng.generate([p], 12, stop_ids=[])
+    with pytest.raises(NonFiniteError, match='engine step 5'): eng.generate([p], 12, stop_ids=[-1])
+    assert len(eng.generate([p], 5, stop_ids=[])[0]) == 5                    # before it: fine
+
+
+def test_fused_packed_linears(torch_kernels):
+    "w4a16 q|k|v and gate|up become one packed module each: the same outputs as unfused, refreshed in place."
+    from minicpm4_core import static_decode as S
+    from minicpm4_core.engine import convert_quant
+    m = model_of(63)
+    convert_quant(m, 'w4a16')
+    p = S.prep_layer(m.model.layers[0])
+    assert type(p['wqkv']).__name__ == 'QuantLinear' and p['wqkv'].out_features == 64 + 2 * 32
+    assert p['wgu'].out_features == 2 * 128 and p['wo'] is m.model.layers[0].self_attn.o_proj
+    x = torch.randn(3, 64)
+    a = m.model.layers[0].self_attn
+    torch.testing.assert_close(p['wqkv'](x), torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1))
+    ids = prompts_of(63, (20,))[0]
+    d1 = S.StaticDecoder(m, 40)
+    S_old = S.FUSE_PACKED
+    try:
+        S.FUSE_PACKED = False
+        d0 = S.StaticDecoder(m, 40)
+    finally:
+        S.FUSE_PACKED = S_old
+    assert isinstance(d0.stack.p[0]['wqkv'], tuple)
+    torch.testing.assert_close(d1.prefill(ids), d0.prefill(ids))
+    assert d1.generate(ids, 6) == d0.generate(ids, 6) == m.generate([ids], 6, stop_ids=[], fast=False)[0]
+    with torch.no_grad(): a.k_proj.scales.mul_(2.0)                     # an in-place change of the model's module
+    d1.refresh()
+    torch.testing.assert_close(d1.stack.p[0]['wqkv'](x)[:, 64:96], a.k_proj(x))
+    eng = Engine(m, 40)
+    eng.generate([ids], 3, stop_ids=[])
+    fused = sum(b.numel() * b.element_size() for p in eng._static.stack.p for k in ('wqkv', 'wgu')
+                for b in p[k].buffers() if b is not None)
+    assert eng.memory()['static_stack'] >= fused > 0                    # the fused copies are counted
+
+
+def test_edge_grid_budget_and_prefill_rows():
+    "grid picks each configuration's rows; a row that cannot fit the budget is skipped with a note; prefill rows from decode."
+    from minicpm4_core.edge_bench import EdgeParams, prefill_from_decode, run
+    with pytest.raises(ValueError, match='grid'): EdgeParams(grid='fast=40/1').checked()
+    with pytest.raises(ValueError, match='grid'): EdgeParams(grid='engine-dense=40/x').checked()
+    p = EdgeParams(contexts='40,80,120', batches='1,2', new_tokens=3, chunk=32, parts='decode',
+                   configs='engine-dense,engine-sparse,dense-eager,hf-compile',
+                   grid='engine-dense=all/1+40/2;engine-sparse=40,80,120/1,2;tiny:dense-eager=80/2;hf-compile=40/1').checked()
+    assert p.cells('tiny', 'engine-dense') == [(40, 1), (80, 1), (120, 1), (40, 2)]
+    assert p.cells('tiny', 'dense-eager') == [(80, 2)] and p.cells('other', 'dense-eager') == p.cells('x', 'engine-bucket')
+    q = EdgeParams(grid='tiny:hf-compile=none;hf-compile=40/1').checked()
+    assert q.cells('tiny', 'hf-compile') == [] and q.cells('big', 'hf-compile') == [(40, 1)]
+    import minicpm4_core.edge_bench as EB
+    EB_est = EB.HF_COMPILE_EST_S
+    try:
+        EB.HF_COMPILE_EST_S = 1e6                       # a compile that cannot fit: skipped, with a note
+        p.budget_s = 1e5
+        res = run(p)
+    finally:
+        EB.HF_COMPILE_EST_S = EB_est
+    got = [(r['config'], r['context'], r['batch']) for r in res['rows']]
+    assert got == [('engine-dense', 40, 1), ('engine-dense', 80, 1), ('engine-dense', 120, 1), ('engine-dense', 40, 2),
+                   ('engine-sparse', 80, 1), ('engine-sparse', 120, 1), ('dense-eager', 80, 2)]   # dense_len = 64
+    assert any('hf-compile' in n and 'skipped' in n for n in res['notes'])
+    assert any('engine-sparse' in n and 'below dense_len' in n for n in res['notes'])
+    assert [(r['context'], r['attention']) for r in res['prefill_rows']] == [(80, 'sparse'), (80, 'dense'),
+                                                                            (120, 'sparse'), (120, 'dense')]
+    s, d = res['prefill_rows'][:2]
+    assert s['speedup_vs_dense'] == pytest.approx(d['seconds'] / s['seconds']) and s['setup_s'] >= 0
+    assert all(r['prefill_s'] <= r['ttft_s'] for r in res['rows'] if r['config'] != 'dense-eager')
+    assert prefill_from_decode([]) == []
+
+
+def test_edge_goal_lines():
+    "Each goal's number from one run's rows, with its verdict; absent rows say 'not measured'."
+    from minicpm4_core.edge_bench import goal_lines
+    row = lambda shape, cfg, ctx, tps, B=1, **kw: dict(shape=shape, config=cfg, context=ctx, batch=B, decode_tok_s=tps, **kw)
+    res = dict(rows=[row('minicpm4_8b', 'engine-dense', 4096, 200.0, roofline_fraction=0.85),
+                     row('minicpm4_8b', 'hf-static', 4096, 20.0), row('minicpm4_8b', 'hf-compile', 4096, 100.0),
+                     row('minicpm4_8b', 'generate', 4096, 190.0), row('minicpm4_8b', 'hf-static', 16384, 50.0),
+                     row('minicpm4_8b', 'engine-dense', 131072, 160.0),
+                     row('minicpm4_8b', 'engine-sparse-int4', 131072, 240.0)],
+               kernel_rows=[dict(kernel='w4a16 gemv (default)', M=1, ratio=1.6)],
+               prefill_rows=[dict(shape='minicpm4_8b', context=131072, attention='sparse', speedup_vs_dense=1.5)],
+               spec=dict(rows=[dict(name='plain', speedup=1.0), dict(name='tree', speedup=2.2, mean_accept_length=5.0)]),
+               seconds=dict(total=480.0))
+    g = {l.split(':')[0]: l for l in goal_lines(res)}
+    assert g['goal minicpm4_8b model.generate / best transformers (worst of 1 rows)'].endswith('met at ctx 4096 B=1')
+    assert '1.90' in g['goal minicpm4_8b model.generate / best transformers (worst of 1 rows)']   # vs the compiled one
+    assert g['goal minicpm4_8b engine-dense roofline fraction at 4K'].endswith('met')
+    assert g['goal minicpm4_0_5b engine-dense roofline fraction at 4K'].endswith('not measured')
+    assert '1.50 (goal >= 3.0) MISSED' in g['goal 8B 128K sparse+int4 / engine-dense']
+    assert '4.80 (goal >= 4.0) met (transformers measured up to 16384' in g['goal 8B 128K sparse+int4 / transformers']
+    assert 'MISSED' in g['goal W4A16 GEMV M=1 vs bf16'] and 'not measured' in g['goal ternary GEMV M=1 vs bf16']
+    assert '2.20 (goal >= 2.0) met (tree, accept 5.00)' in g['goal FR-Spec on the trained 0.5B pair / the same engine without speculation']
+    assert g['goal the whole sweep in one call (< 600 s)'].endswith('met')
+
+
+@pytest.mark.parametrize('quant', ['w4a16', 'ternary'])
+def test_frspec_over_a_packed_target(quant, torch_kernels):
+    "FR-Spec in the engine over packed linears (the static stack calls them; the draft reads the dense head): greedy =="
+    from minicpm4_core.frspec import EagleDraft, frequent_ids
+    m = model_of(71, sparse_config=dict(SPARSE, dense_len=256))      # InfLLM v2 on, contexts below dense_len
+    torch.manual_seed(71)
+    draft = EagleDraft(m.config).eval()
+    vocab = frequent_ids(torch.rand(97), 48, force_ids=[2])
+    p = prompts_of(71, (12,))[0]
+    spec = Engine(m, 96, quant=quant, spec=(draft, vocab), spec_kw=dict(depth=3, topk=3, tree_size=8))
+    assert spec.quant == quant and spec.n_quant == 14
+    ref = m.generate([p], 20, stop_ids=[], fast=False)                  # the packed model's own loop
+    assert spec.generate([p], 20, stop_ids=[]) == ref == Engine(m, 96).generate([p], 20, stop_ids=[])
+    assert spec.spec_stats['tokens'] >= 20

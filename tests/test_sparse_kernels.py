@@ -7,9 +7,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from minicpm4_core import infllmv2 as iv  # noqa: E402
 from minicpm4_core.kernels import sparse as sk  # noqa: E402
+from minicpm4_core.kernels.sparse import _cand_select, _row_select  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sk.interpreter_active(), reason="needs TRITON_INTERPRET=1 before triton import")
 
@@ -590,12 +593,17 @@ def test_decode_step_unfused_fallback_same_lists():
 
 @pytest.mark.parametrize("fused,nbc,T,selection,combine", [
     ('par', None, 1, 'minicpm4', 'kernel'), ('par', 16, 3, 'minicpm4', 'last'), ('par', 32, 2, 'minicpm4.1', 'last'),
-    ('par', 16, 2, 'minicpm4', 'kernel'), (True, None, 2, 'minicpm4', 'last'), (False, None, 3, 'minicpm4', 'kernel')])
+    ('par', 16, 2, 'minicpm4', 'kernel'), (True, None, 2, 'minicpm4', 'last'), (False, None, 3, 'minicpm4', 'kernel'),
+    ('cand', None, 1, 'minicpm4', 'kernel'), ('cand', 16, 3, 'minicpm4.1', 'split'), ('par', None, 2, 'minicpm4', 'split'),
+    ('cand8', 16, 2, 'minicpm4', 'kernel'), ('cand8', None, 1, 'minicpm4.1', 'kernel')])
 def test_decode_step_selection_paths_match_reference(fused, nbc, T, selection, combine):
     """Every selection path of decode_step ('par': pooling over several programs per row, the top-k in the row's
-    last program; True: one program; False: two kernels), with the combine in the attention's last program or in
-    its own kernel, == the reference's lists and attention: B = 2 sequences of different lengths (not multiples of
-    the block), T = 1..3 new tokens per sequence, a row of exact ties (all keys equal), called twice on one plan (the
+    last program; 'cand': the same, ranking bounded candidates ('cand8': 8 groups give the bound, 16 candidate slots,
+    chunks of 4: the tie row overflows into the radix fallback; the logits tile loaded before the LSE,
+    POOL_PRELOAD); True: one program; False: two
+    kernels), with the combine in the attention's last program, in its own kernel or split over columns in one pass
+    ('split'), == the reference's lists and attention: B = 2 sequences of different lengths (not multiples of the
+    block), T = 1..3 new tokens per sequence, a row of exact ties (all keys equal), called twice on one plan (the
     per-row counters must start from zero again)."""
     g = torch.Generator().manual_seed(11 + T)
     geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2, selection=selection)
@@ -605,6 +613,8 @@ def test_decode_step_selection_paths_match_reference(fused, nbc, T, selection, c
     lens = (413, 150)
     kc = iv.compress_keys(k, 8, 4)
     cfg = dict(dec=dict(FUSED=fused, NBC_PAR=nbc, COMBINE=combine, PER=2))   # PER 2: several splits per row
+    if fused == 'cand8':
+        cfg['dec'].update(FUSED='cand', CAND_GROUPS=8, CAND_CAP=16, CAND_CJ=4, POOL_PRELOAD=True)
     for call in range(2):
         q = torch.randn(B * T, H, D, generator=g)
         seq = torch.tensor([L - T + 1 + t for L in lens for t in range(T)], dtype=torch.int32)
@@ -628,10 +638,13 @@ def test_decode_step_selection_paths_match_reference(fused, nbc, T, selection, c
     with pytest.raises(ValueError, match="COMBINE"):
         sk.decode_step(q, q, k, v, kc, seq, topk, **geo, num_blocks=27, queries_per_row=T,
                        config=dict(dec=dict(COMBINE='first')))
+    with pytest.raises(ValueError, match="COMBINE_DC"):
+        sk.decode_step(q, q, k, v, kc, seq, topk, **geo, num_blocks=27, queries_per_row=T,
+                       config=dict(dec=dict(COMBINE='split', COMBINE_DC=24)))
 
 
-@pytest.mark.parametrize("programs,T", [(0.02, 2), (1, 1)])
-def test_decode_step_persistent_same_as_three_launches(programs, T):
+@pytest.mark.parametrize("programs,T,fused", [(0.02, 2, 'par'), (1, 1, 'par'), (0.02, 1, 'cand'), (1, 2, 'pre')])
+def test_decode_step_persistent_same_as_three_launches(programs, T, fused):
     """PERSISTENT: the step's three phases as items of one kernel (strided over PROGRAMS x SMs programs; 0.02 x 132 =
     2 programs walk many items each) == the three-launch step bit for bit, and the reference's lists. (The
     interpreter runs the phases as three launches; the grid barriers themselves run only on a GPU.)"""
@@ -644,9 +657,13 @@ def test_decode_step_persistent_same_as_three_launches(programs, T):
     q = torch.randn(B * T, H, D, generator=g)
     seq = torch.tensor([L - T + 1 + t for L in lens for t in range(T)], dtype=torch.int32)
     kw = dict(**geo, num_blocks=-(-Nmax // 16), queries_per_row=T)
-    o, idx = sk.decode_step(q, q, k, v, kc, seq, topk, **kw, config=dict(dec=dict(PER=2, NBC_PAR=16)))
-    op, idxp = sk.decode_step(q, q, k, v, kc, seq, topk, **kw,
-                              config=dict(dec=dict(PER=2, NBC_PAR=16, PERSISTENT=True, PROGRAMS=programs)))
+    pre = fused == 'pre'                                       # 'cand' with the logits tile loaded first
+    fused = 'cand' if pre else fused
+    o, idx = sk.decode_step(q, q, k, v, kc, seq, topk, **kw, config=dict(dec=dict(PER=2, NBC_PAR=16, FUSED=fused,
+                                                                                   POOL_PRELOAD=pre)))
+    op, idxp = sk.decode_step(q, q, k, v, kc, seq, topk, **kw, config=dict(dec=dict(PER=2, NBC_PAR=16, FUSED=fused,
+                                                                                     POOL_PRELOAD=pre, PERSISTENT=True,
+                                                                                     PROGRAMS=programs)))
     assert torch.equal(idxp, idx) and torch.equal(op, o)
     for b, L in enumerate(lens):
         ridx = iv.attention_blocks(iv.select_blocks(iv.block_scores(q[b * T:(b + 1) * T][None], k[b:b + 1, :L], **geo),
@@ -700,3 +717,126 @@ def test_direct_launch_calls_the_launcher_like_tritons_runner():
     assert calls[2] == calls[1] and len(calls) == 3
     L.launch(('k',), Kernel(), (3, 2, 1), ('y', 6), dict(BLOCK=64), 4)
     assert calls[3] == ('runner', (3, 2, 1), 'y', 6, 64)
+
+
+# ---------------------------------------------------------------------------------------------- bounded candidates
+
+
+@triton.jit
+def _select_rows_kernel(X, OUT, CS, NBS, QB, KTOP, LOCAL, NBP: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr,
+                        WIN: tl.constexpr, DIG: tl.constexpr, V: tl.constexpr, CAP: tl.constexpr, GN: tl.constexpr,
+                        CJ: tl.constexpr):
+    "Row r of X (NBP scores, NBS[r] of them real): `_cand_select` (CAP > 0) or `_row_select` into OUT[r]."
+    r = tl.program_id(0)
+    nb = tl.load(NBS + r)
+    qb1 = tl.load(QB + r)
+    c = tl.arange(0, NBP)
+    cm = c < nb
+    x = tl.load(X + r * NBP + c, mask=cm, other=float('-inf'))
+    ob = OUT + r * (KTOP + LOCAL * WIN)
+    if CAP > 0:
+        _cand_select(x, c, cm, ob, CS + r * CAP, qb1, nb, KTOP, LOCAL, NBP, KP, WP, WIN, DIG, V, CAP, GN, CJ)
+    else:
+        _row_select(x, c, cm, ob, qb1, nb, KTOP, LOCAL, NBP, KP, WP, WIN, DIG, V)
+
+
+def _select_rows_ref(x, nbs, qbs, ktop, local, win):
+    """The definition, in torch: top min(ktop, nb) blocks by (float order of the score, then the lower id), -inf and
+    NaN dropped afterwards, then with win the window [qb - local + 1, qb] (ids >= its start dropped, the window
+    appended), ascending ids, -1 padded."""
+    out = []
+    for r in range(x.shape[0]):
+        nb, qb = int(nbs[r]), int(qbs[r])
+        bits = x[r, :nb].view(torch.int32).long()
+        key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        order = sorted(range(nb), key=lambda i: (-int(key[i]), i))[:min(ktop, nb)]
+        ids = sorted(i for i in order if bool(x[r, i] > float('-inf')) and (not win or i < qb - local + 1))
+        if win: ids += [w for w in range(qb - local + 1, qb + 1) if w >= 0]
+        out.append(ids + [-1] * (ktop + local * win - len(ids)))
+    return torch.tensor(out, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("gn,cap,cj,ktop,win", [(16, 64, 16, 5, True), (4, 16, 4, 3, False), (64, 64, 8, 20, True),
+                                                (1, 16, 16, 1, False), (8, 32, 32, 12, False)])
+def test_cand_select_equals_the_definition(gn, cap, cj, ktop, win):
+    """`_cand_select` (bound from gn group maxima, cap candidate slots, chunks of cj) == the definition == the radix
+    `_row_select`, on fresh random rows of 64 slots: continuous scores, few distinct values (ties, often more than cap
+    candidates: the fallback), -inf and +inf (sinks), a NaN, short rows (fewer blocks than ktop, 1 block), a flat
+    row; window starts below 0 and inside the row."""
+    g = torch.Generator().manual_seed(gn * 1000 + cap + ktop)
+    NBP, R, local = 64, 12, 3
+    x = torch.rand(R, NBP, generator=g)
+    x[1] = torch.randint(0, 4, (NBP,), generator=g).float() / 4            # 4 values: many ties
+    x[2] = torch.randint(0, 20, (NBP,), generator=g).float()
+    x[3, torch.randperm(NBP, generator=g)[:20]] = float('-inf')
+    x[4, :2] = float('inf')
+    x[5, 7] = float('nan')
+    x[6] = 0.5                                                               # flat: every score ties
+    x[7] = -torch.rand(NBP, generator=g)                                     # negative scores (signed keys)
+    nbs = torch.randint(1, NBP + 1, (R,), generator=g).int()
+    nbs[:8] = torch.tensor([64, 64, 50, 64, 33, 64, 64, 40]).int()
+    nbs[8], nbs[9] = 1, ktop - 1 if ktop > 1 else 2                           # fewer blocks than ktop
+    qbs = torch.stack([torch.randint(0, int(n), (1,), generator=g)[0] for n in nbs]).int()
+    qbs[0], qbs[1] = 1, nbs[1] - 1                                           # window below 0 / at the end
+    ref = _select_rows_ref(x, nbs, qbs, ktop, local, win)
+    K = ktop + local * win
+    for c_ in (cap, 0):
+        out = torch.full((R, K), -7, dtype=torch.int32)
+        cs = torch.zeros(R * max(c_, 1), dtype=torch.int64)
+        _select_rows_kernel[(R,)](x, out, cs, nbs, qbs, ktop, local, NBP=NBP, KP=sk._np2(max(K, 16)), WP=16, WIN=win,
+                                  DIG=2, V=4, CAP=c_, GN=gn, CJ=cj)
+        assert torch.equal(out, ref), (c_, (out != ref).any(1))
+
+
+def test_fp32_settings_replace_the_defaults_unless_set():
+    """float32 inputs take DEFAULT_CONFIG['fp32'] (the forward's PAIR 1: 2 x 128-key fp32 K/V stages need 264,192 B of
+    shared memory at d 128, over the H200's 232,448); bf16 keeps the defaults; a config that sets the key wins."""
+    f32, bf = torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16)
+    assert sk._cfg(None, 'fwd', f32)['PAIR'] == 1 and sk._cfg(None, 'dq', f32)['PAIR'] == 1
+    assert sk._cfg(None, 'fwd', bf)['PAIR'] == sk.DEFAULT_CONFIG['fwd']['PAIR'] == 2
+    assert sk._cfg(dict(fwd=dict(PAIR=2)), 'fwd', f32)['PAIR'] == 2
+    assert sk._cfg(dict(fwd=dict(num_warps=4)), 'fwd', f32) == dict(sk.DEFAULT_CONFIG['fwd'], PAIR=1, num_warps=4)
+
+
+def test_decode_step_cand_short_contexts_and_batch():
+    """FUSED='cand' on B = 4 sequences of one padded cache: fewer blocks than topk (17 and 40 keys), lengths that are
+    not multiples of the block, a long row (groups of 2 blocks give the bound: CAND_GROUPS 16 at 32 slots), and a
+    sequence of one block; lists == the reference's, output == the radix path's bit for bit."""
+    g = torch.Generator().manual_seed(41)
+    geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2)
+    B, Nmax, H, Hkv, D, topk = 4, 500, 8, 2, 16, 6
+    k, v = torch.randn(B, Nmax, Hkv, D, generator=g), torch.randn(B, Nmax, Hkv, D, generator=g)
+    lens = (17, 40, 497, 9)
+    kc = iv.compress_keys(k, 8, 4)
+    q = torch.randn(B, H, D, generator=g)
+    seq = torch.tensor(lens, dtype=torch.int32)
+    kw = dict(**geo, num_blocks=-(-Nmax // 16))
+    o, idx = sk.decode_step(q, q, k, v, kc, seq, topk, **kw, config=dict(dec=dict(FUSED='cand', CAND_GROUPS=16)))
+    o2, idx2 = sk.decode_step(q, q, k, v, kc, seq, topk, **kw, config=dict(dec=dict(FUSED='par')))
+    assert torch.equal(idx, idx2) and torch.equal(o, o2)
+    for b, L in enumerate(lens):
+        sc = iv.block_scores(q[b:b + 1, None], k[b:b + 1, :L], **geo)
+        ridx = iv.attention_blocks(iv.select_blocks(sc, topk, check=False), L, 16, 2)[0, 0]
+        assert torch.equal(idx[b], ridx.int()), b
+    with pytest.raises(ValueError, match="CAND_CAP"):
+        sk.decode_step(q, q, k, v, kc, seq, topk, **kw, config=dict(dec=dict(FUSED='cand', CAND_CAP=24)))
+
+
+@pytest.mark.parametrize("sp,dc", [(2, 16), (8, 32)])
+def test_decode_step_split_combine_online_chunks(sp, dc):
+    """COMBINE='split' (one pass, online rescaling over chunks of COMBINE_SP splits, COMBINE_DC columns a program) ==
+    the two-pass combine kernel up to rounding: several chunks (sp 2: 4 chunks of 8 splits), empty splits (-1 list
+    entries of a 40-key sequence: max -inf, sum 0), and a head dim of 32 split over 2 programs (dc 16)."""
+    g = torch.Generator().manual_seed(50 + sp)
+    geo = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2)
+    B, Nmax, H, Hkv, D, topk = 2, 300, 8, 2, 32, 6
+    k, v = torch.randn(B, Nmax, Hkv, D, generator=g), torch.randn(B, Nmax, Hkv, D, generator=g)
+    kc, q = iv.compress_keys(k, 8, 4), torch.randn(B, H, D, generator=g)
+    seq = torch.tensor([297, 40], dtype=torch.int32)
+    kw = dict(**geo, num_blocks=-(-Nmax // 16))
+    o, idx = sk.decode_step(q, q, k, v, kc, seq, topk, **kw, config=dict(dec=dict(PER=1)))
+    o2, idx2 = sk.decode_step(q, q, k, v, kc, seq, topk, **kw,
+                              config=dict(dec=dict(PER=1, COMBINE='split', COMBINE_SP=sp, COMBINE_DC=dc)))
+    assert torch.equal(idx, idx2) and (idx[1] < 0).any()          # the short row has empty splits
+    assert rel(o2, o) < 1e-6
+    assert rel(o2, sk.sparse_decode(q, k, v, idx, seq, 16, backend='torch')) < 1e-5

@@ -180,3 +180,19 @@ def test_packed_linears(quant, monkeypatch):
     ours, ref, modes, _, _ = decode_pair(model, 40, 12, seed=8)
     assert any(modes) and not all(modes)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('ring', [False, True])
+def test_update_kc_with_a_shared_window(ring):
+    "The step's form (kc_window once, `at=`) writes what the standalone update writes once a kernel is complete."
+    from minicpm4_core.static_sparse import kc_window
+    g = torch.Generator().manual_seed(7)
+    p, s, N = 6, 2, 40
+    keys = torch.randn(N if not ring else p + s - 1, 2, 8, generator=g)
+    for t in range(p, 30):
+        L = torch.tensor([t])
+        a, b = torch.randn(1, 20, 2, 8, generator=g), None
+        b = a.clone()
+        update_kc(a, keys, L, p, s, ring)
+        update_kc(b, keys, L, p, s, ring, at=kc_window(L, p, s, keys.shape[0], ring))
+        assert torch.equal(a, b), t

@@ -161,7 +161,8 @@ def test_dispatcher_errors_and_fallbacks():
 
 def test_pick_config_and_bytes():
     dec = pick_config(1, 4096, 4096, 0, 132)
-    assert dec.kernel in ('mv', 'mvtc', 'mma') and dec.block_m == 16 and dec.split_k >= 1
+    assert dec.kernel in ('mv', 'mvtc', 'mvs', 'mma') and dec.block_m == (1 if dec.kernel == 'mvs' else 16)
+    assert dec.split_k >= 1
     from minicpm4_core.kernels.ternary import DECODE_KERNEL
     assert dec.kernel == DECODE_KERNEL and pick_config(4, 4096, 4096, 0, 132).kernel == 'mv'   # mvtc: M = 1 only
     assert -(-4096 // dec.block_n) * dec.split_k >= 132 // 2  # the grid covers the GPU
@@ -269,3 +270,85 @@ def test_mvtc_fallbacks_and_errors():
     x, qw, s = _problem(3, 32, 256, 0, torch.bfloat16)
     with pytest.raises(ValueError, match="M=1 only"):
         ternary_matmul(x, qw, s, 256, backend='triton', config=TernaryConfig('mvtc', 16, 32, 64))
+
+
+# ---- mvs: the streaming CUDA-core GEMV (version 4, issue 13, session 2026-12-04 s6) ----
+
+MVS = [  # N, K, config, per_tensor
+    (72, 512, TernaryConfig('mvs', 1, 64, 32), False),              # ragged N (masked rows)
+    (96, 1000, TernaryConfig('mvs', 1, 32, 16, split_k=3), False),  # K < 4 * K4 (padded codes), uneven split
+    (128, 1024, TernaryConfig('mvs', 1, 128, 32, split_k=2), True), # even tiles, split-K reduction, per-tensor scale
+    (40, 768, TernaryConfig("mvs", 1, 64, 64, split_k=5, num_warps=2), False),   # split clipped to the 3 steps, 2 warps
+    (256, 256, TernaryConfig('mvs', 1, 512, 32, split_k=8), False),  # more splits than steps (clipped), rows > N
+    (64, 2048, TernaryConfig('mvs', 1, 64, 16, split_k=12), False),  # 12 splits: the epilogue's 8-wide loop twice
+]
+
+
+@pytest.mark.parametrize("N,K,cfg,per_tensor", MVS)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-4)])
+def test_mvs_matches_reference(N, K, cfg, per_tensor, dtype, tol):
+    "bf16 pairs with scaled activations (bf16 x read 4 per int64, other dtypes by scalar loads) vs the reference."
+    x, qw, s = _problem_aligned(N, K, 0, dtype, per_tensor=per_tensor, seed=7)
+    x = x * 3
+    y = ternary_matmul(x, qw, s, K, backend='triton', config=cfg)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert rel(y, ternary_matmul_ref(x.double().float(), qw, s, K)) < tol
+
+
+def test_mvs_one_hot_columns_and_repeat():
+    "A one-hot x reads one weight column: every plane and byte position (both pairs, both halves) on its own column."
+    N, K = 64, 512
+    _, qw, s = _problem_aligned(N, K, 0, torch.float32, seed=9)
+    cfg = TernaryConfig('mvs', 1, 64, 32, split_k=2)
+    W = dequantize_ternary(qw, s, K)
+    for k in (0, 1, 2, 3, 5, 6, 127, 128, 129, 130, 131, 256, 383, 384, 386, K - 1):
+        e = torch.zeros(1, K); e[0, k] = 1.0
+        for dt in (torch.float32, torch.bfloat16):
+            y = ternary_matmul(e.to(dt), qw, s, K, backend='triton', config=cfg)[0].float()
+            torch.testing.assert_close(y, W[:, k], rtol=2 ** -7 if dt == torch.bfloat16 else 1e-5, atol=1e-6)
+    x = torch.randn(1, K).to(torch.bfloat16)
+    assert torch.equal(ternary_matmul(x, qw, s, K, config=cfg), ternary_matmul(x, qw, s, K, config=cfg))
+
+
+def test_mvs_fallbacks_and_errors():
+    # group scales and rows that are not whole int32 words take the 'mv' kernel (same result as the reference)
+    x, qw, s = _problem_aligned(48, 1024, 128, torch.bfloat16)
+    y = ternary_matmul(x, qw, s, 1024, 128, backend='triton', config=TernaryConfig('mvs', 1, 64, 32))
+    assert rel(y, ternary_matmul_ref(x.float(), qw, s, 1024, 128)) < 1e-2
+    x, qw, s = _problem(1, 24, 100, 0, torch.bfloat16)          # K4 = 25 bytes: not a multiple of 4
+    y = ternary_matmul(x, qw, s, 100, backend='triton', config=TernaryConfig('mvs', 1, 64, 32))
+    assert rel(y, ternary_matmul_ref(x.float(), qw, s, 100)) < 1e-2
+    x, qw, s = _problem(3, 32, 256, 0, torch.bfloat16)
+    with pytest.raises(ValueError, match="M=1 only"):
+        ternary_matmul(x, qw, s, 256, backend='triton', config=TernaryConfig('mvs', 1, 32, 64))
+    with pytest.raises(ValueError, match="block_k >= 16"):
+        TernaryConfig('mvs', 1, 32, 8)
+
+
+@pytest.mark.parametrize("N,K", [(72, 512), (300, 1024), (4096, 256)])
+def test_mvs_default_configs(monkeypatch, N, K):
+    "With version 4 as the decode default, pick_config's choices are valid and correct; groups keep 'mv'."
+    import minicpm4_core.kernels.ternary as tk
+    monkeypatch.setattr(tk, 'DECODE_KERNEL', 'mvs')
+    tk.pick_config.cache_clear()
+    try:
+        c = tk.pick_config(1, N, K // 4, 0, 132)
+        assert c.kernel == 'mvs' and c.split_k >= 1 and c.block_k >= 16
+        assert tk.pick_config(1, N, K // 4, 128, 132).kernel == 'mv'       # group scales: version 2
+        big = tk.pick_config(1, 16384, 1024, 0, 132)
+        assert -(-16384 // big.block_n) * big.split_k >= 132
+        x, qw, s = _problem_aligned(N, K, 0, torch.bfloat16, seed=3)
+        y = ternary_matmul(x, qw, s, K, backend='triton')
+        assert rel(y, ternary_matmul_ref(x.float(), qw, s, K)) < 1e-2
+    finally:
+        tk.pick_config.cache_clear()
+
+
+def test_mvs_activation_views():
+    "bf16 x read as int64 when 8-byte aligned, by scalar loads otherwise: a (1, K) view with a row stride, both offsets."
+    K = 256
+    _, qw, s = _problem_aligned(64, K, 0, torch.bfloat16, seed=11)
+    big = torch.randn(3, K + 4, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    for x in (big[1:2, 4:], big[1:2, 2:2 + K]):
+        y = ternary_matmul(x, qw, s, K, backend='triton', config=TernaryConfig('mvs', 1, 64, 32, split_k=2))
+        assert rel(y, ternary_matmul_ref(x.float(), qw, s, K)) < 1e-2

@@ -111,9 +111,11 @@ def test_default_config_shapes():
     for M, N, K in [(1, 4096, 4096), (1, 16384, 4096), (1, 4096, 16384), (4, 4096, 4096), (16, 64, 128),
                     (2048, 4096, 4096)]:
         c = default_config(M, N, K, 128)
-        assert 128 % c.block_k == 0 and (c.kernel in ('gemv', 'gemvtc')) == (M == 1) and c.split_k >= 1
-    from minicpm4_core.kernels.w4a16 import DECODE_KERNEL
-    assert DECODE_KERNEL in ('gemv', 'gemvtc') and default_config(1, 16384, 4096, 128).kernel == DECODE_KERNEL
+        assert 128 % c.block_k == 0 and c.split_k >= 1
+        assert (c.kernel in ('gemv', 'gemvtc', 'gemvs')) == (M == 1) or (c.kernel == 'gemvs' and M <= 4)
+    from minicpm4_core.kernels.w4a16 import DECODE_KERNEL, GEMVS_MIN_N
+    assert DECODE_KERNEL in ('gemv', 'gemvtc', 'gemvs') and default_config(1, 4096, 16384, 128).kernel == DECODE_KERNEL
+    assert default_config(1, 16384, 4096, 128).kernel == ('gemvs' if 0 < GEMVS_MIN_N <= 16384 else DECODE_KERNEL)
     assert default_config(1, 4096, 4096, 32).kernel == 'gemv'              # groups too small for gemvtc's 64-row tiles
 
 
@@ -258,3 +260,133 @@ def test_small_m_default_matches_reference(M):
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
         y = w4a16_matmul(x, qw, s, qz, G, backend='triton')
         assert torch.isfinite(y).all() and rel(y, ref64(x, qw, s, qz, G)) <= 1e-2
+
+
+# ---- gemvs: the streaming CUDA-core GEMV (kernel 5, issue 13, session 2026-12-04 s6) ----
+
+GEMVS = [  # (K, N, G, config): every path of the kernel
+    (256, 72, 128, W4A16Config('gemvs', 1, 128, 32, 1, 1, 2)),     # ragged N (masked loads), four steps per group
+    (512, 200, 64, W4A16Config('gemvs', 1, 256, 32, 3, 2, 3)),     # groups of 64, a split that does not divide 8 steps
+    (384, 128, 128, W4A16Config('gemvs', 1, 128, 32, 16, 1, 1)),   # split clipped to K // block_k = 12, even N
+    (256, 1024, 32, W4A16Config('gemvs', 1, 512, 32, 2, 4, 2)),    # groups of 32, 4 warps
+    (128, 64, -1, W4A16Config('gemvs', 1, 128, 32, 1, 1, 3)),      # one group per column; depth 3
+    (192, 136, 64, W4A16Config('gemvs', 1, 128, 8, 5, 1, 2)),      # one word row per step
+    (512, 136, 128, W4A16Config('gemvs', 1, 128, 16, 12, 1, 2)),   # 12 splits: the epilogue's 8-wide loop twice
+]
+
+
+@pytest.mark.parametrize("K,N,G,cfg", GEMVS)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 2e-5)])
+def test_gemvs_matches_reference(K, N, G, cfg, dtype, tol):
+    "bf16-pair unpack with the stray low half cancelled through x: vs float64, bf16/fp16/float32 activations."
+    qw, s, qz = random_w4(K, N, G, seed=K + N + cfg.split_k + 200)
+    x = (torch.randn(1, K, generator=torch.Generator().manual_seed(K + 3)) * 3).to(dtype)
+    y = torch.full((1, N), float('nan'), dtype=dtype)
+    w4a16_matmul(x, qw, s, qz, G, backend='triton', config=cfg, out=y)
+    assert torch.isfinite(y).all()
+    assert rel(y, ref64(x, qw, s, qz, G)) <= tol
+
+
+def test_gemvs_one_hot_rows_extreme_codes_and_repeat():
+    "One-hot x reads one weight row (each code position, both halves of each pair); all-0 and all-15 codes."
+    K, N, G = 256, 128, 128
+    qw, s, qz = random_w4(K, N, G, seed=61)
+    qw[0] = 0                                  # codes 0 everywhere in word row 0 (rows 0..7)
+    qw[1] = -1                                 # codes 15 everywhere in word row 1 (rows 8..15)
+    cfg = W4A16Config('gemvs', 1, 128, 32, 2, 1, 2)
+    W = dequantize_w4(qw, s, qz, G)
+    for k in (0, 1, 3, 4, 7, 8, 11, 12, 15, 130, K - 1):
+        e = torch.zeros(1, K, dtype=torch.float32); e[0, k] = 1.0
+        y = w4a16_matmul(e, qw, s, qz, G, backend='triton', config=cfg)[0]
+        torch.testing.assert_close(y, W[k], rtol=1e-5, atol=1e-6)
+    x = torch.randn(1, K).to(torch.bfloat16)
+    assert torch.equal(w4a16_matmul(x, qw, s, qz, G, config=cfg), w4a16_matmul(x, qw, s, qz, G, config=cfg))
+    assert int(_LOCKS[x.device].abs().sum()) == 0
+
+
+def test_gemvs_bad_configs():
+    K, N, G = 256, 128, 128
+    qw, s, qz = random_w4(K, N, G, seed=71)
+    with pytest.raises(ValueError, match="128 \\* num_warps"):
+        W4A16Config('gemvs', 1, 128, 32, 1, 2)
+    with pytest.raises(ValueError, match="num_stages"):
+        W4A16Config('gemvs', 1, 128, 32, 1, 1, 4)
+    with pytest.raises(ValueError, match="block_k <= 32"):
+        W4A16Config('gemvs', 1, 128, 64, 1, 1, 2)
+    with pytest.raises(ValueError, match="M <= 4"):
+        w4a16_matmul(torch.randn(5, K), qw, s, qz, G, config=W4A16Config('gemvs', 1, 128, 32, 1, 1, 2))
+    qw, s, qz = random_w4(K, N, 16, seed=72)
+    with pytest.raises(ValueError, match="must divide group_size"):
+        w4a16_matmul(torch.randn(1, K), qw, s, qz, 16, config=W4A16Config('gemvs', 1, 128, 32, 1, 1, 2))
+
+
+@pytest.mark.parametrize("M,cfg", [(2, W4A16Config('gemvs', 1, 128, 32, 2, 1, 2)), (3, W4A16Config('gemvs', 1, 256, 16, 3, 2, 1)),
+                                   (4, W4A16Config('gemvs', 1, 128, 32, 1, 1, 3))])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 2e-5)])
+def test_gemvs_small_batches(M, cfg, dtype, tol):
+    "Batched decode (M <= 4): one accumulator per row, the unpack shared; ragged N, strided rows of x."
+    K, N, G = 256, 200, 64
+    qw, s, qz = random_w4(K, N, G, seed=80 + M)
+    xb = torch.randn(M, K + 8, generator=torch.Generator().manual_seed(M)).to(dtype)
+    x = xb[:, :K]                                        # rows of stride K + 8 (unit stride along K)
+    y = w4a16_matmul(x, qw, s, qz, G, backend='triton', config=cfg)
+    ref = ref64(x, qw, s, qz, G)
+    assert torch.isfinite(y).all() and y.shape == (M, N)
+    for m in range(M):                                   # each row on its own (a mixed-up row would pass a norm test)
+        assert rel(y[m], ref[m]) <= tol
+
+
+@pytest.mark.parametrize("M,K,N,G", [(1, 512, 200, 128), (1, 256, 4096, 64), (3, 256, 136, 32), (4, 1024, 64, -1)])
+def test_gemvs_default_configs(monkeypatch, M, K, N, G):
+    "With kernel 5 as the decode/batch default, default_config's choices are valid and correct (any N, K, group)."
+    import minicpm4_core.kernels.w4a16 as w4
+    monkeypatch.setattr(w4, 'DECODE_KERNEL', 'gemvs')
+    monkeypatch.setattr(w4, 'BATCH_KERNEL', 'gemvs')
+    w4.default_config.cache_clear()
+    try:
+        c = w4.default_config(M, N, K, G)
+        assert c.kernel == 'gemvs' and (K if G == -1 else G) % c.block_k == 0 and 1 <= c.split_k <= w4.GEMVS_MAX_SPLIT
+        assert c.block_n >= 128 * c.num_warps and (c.block_n // 2 < N or c.num_warps == 1)
+        for n_ in (16384, 4096):    # 8B shapes: enough programs for the GPU
+            big = w4.default_config(M, n_, 4096, 128, None)
+            assert -(-n_ // big.block_n) * big.split_k >= 132
+        qw, s, qz = random_w4(K, N, G, seed=90 + M)
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16)
+        y = w4a16_matmul(x, qw, s, qz, G, backend='triton')
+        assert rel(y, ref64(x, qw, s, qz, G)) <= 1e-2
+    finally:
+        w4.default_config.cache_clear()
+
+
+def test_gemvs_activation_views():
+    "bf16 x read as int64 when 8-byte aligned, by scalar loads otherwise: a (1, K) view with a row stride, both offsets."
+    K, N, G = 256, 128, 128
+    qw, s, qz = random_w4(K, N, G, seed=95)
+    big = torch.randn(3, K + 4, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    cfg = W4A16Config('gemvs', 1, 128, 32, 2, 1, 2)
+    for x in (big[1:2, 4:], big[1:2, 2:2 + K]):          # data_ptr % 8 == 0 (int64 path), == 4 (scalar path)
+        y = w4a16_matmul(x, qw, s, qz, G, backend='triton', config=cfg)
+        assert rel(y, ref64(x, qw, s, qz, G)) <= 1e-2
+
+
+def test_gemvs_default_failure_falls_back_once(monkeypatch):
+    "If kernel 5 fails as a default (a compiler of another version), the call still answers, says so once, and the"
+    "defaults avoid it from then on; an explicit gemvs config raises."
+    import minicpm4_core.kernels.w4a16 as w4
+    def boom(*a, **k): raise RuntimeError("simulated compile failure")
+    monkeypatch.setattr(w4, '_gemvs_launch', boom)
+    monkeypatch.setattr(w4, '_GEMVS_FAILED', [])
+    w4.default_config.cache_clear()
+    try:
+        K, N, G = 256, 8192, 128                      # N >= GEMVS_MIN_N: kernel 5 is the default
+        qw, s, qz = random_w4(K, N, G, seed=99)
+        x = torch.randn(1, K, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+        assert w4.default_config(1, N, K, G).kernel == 'gemvs'
+        with pytest.warns(UserWarning, match="kernel 5"):
+            y = w4.w4a16_matmul(x, qw, s, qz, G, backend='triton')
+        assert rel(y, ref64(x, qw, s, qz, G)) <= 1e-2
+        assert w4.default_config(1, N, K, G).kernel != 'gemvs' and w4._GEMVS_FAILED
+        with pytest.raises(RuntimeError, match="simulated"):
+            w4.w4a16_matmul(x, qw, s, qz, G, backend='triton', config=W4A16Config('gemvs', 1, 256, 32, 2, 1, 2))
+    finally:
+        w4.default_config.cache_clear()

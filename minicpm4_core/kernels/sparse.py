@@ -17,6 +17,10 @@ __all__ = ['COMPILED', 'LOG2E', 'DEFAULT_CONFIG', 'AUTO_MIN_T', 'AUTO_UNION', 'B
 import torch
 import triton
 import triton.language as tl
+try:                                        # programmatic dependent launch (sm_90+): decode_step's opt-in dec.PDL
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch, gdc_wait as _gdc_wait
+except ImportError:
+    _gdc_launch = _gdc_wait = None
 
 from .. import infllmv2_ref as _iv   # the definitions these kernels compute (and fall back to)
 from ._common import BACKENDS, _warn_once, next_pow2, num_sms, resolve_backend  # noqa: F401
@@ -253,16 +257,33 @@ DEFAULT_CONFIG = dict(fwd=dict(num_warps=8, num_stages=2, PAIR=2),
                       # 29 vs 38 us per step at 512 blocks (32K) but 66 vs 34 us at 2048 blocks (128K));
                       # COMBINE ('kernel': its own kernel; 'last': in the attention kernel's last program per row,
                       # one program merging all heads' splits: 5x slower on the H200, 168-178 vs 25-32 us a step);
-                      # PERSISTENT (the step as one cooperative launch of PROGRAMS x SMs programs, grid barriers)
-                      dec=dict(num_warps=4, num_stages=2, TOPK_DIG=None, NBC_POOL=256, POOL_WARPS=8, FUSED='par',
-                               FUSED_MAX_NB=1024, NBC_PAR=None, PAR_WARPS=8, COMBINE='kernel', COMBINE_WARPS=4,
-                               COMBINE_SP=None, PERSISTENT=False, PROGRAMS=1),
+                      # PERSISTENT (the step as one cooperative launch of PROGRAMS x SMs programs, grid barriers);
+                      # FUSED='cand' (default since the H200 run of session 6: 28.2 vs 32.7 us a step at 128K):
+                      # the 'par' pooling, its last program ranking bounded candidates (`_cand_select`:
+                      # CAND_GROUPS group maxima give the bound, CAND_CAP candidate slots a row, CAND_CJ per chunk);
+                      # PDL (CUDA sm_90+: the step's kernels 2-4 by programmatic dependent launch, with 'par'/'cand');
+                      # COMBINE='split' (default since the H200 round 1b of session 6: -1..-2.5 us a step at 32K and
+                      # 128K): one-pass combine, programs (row, head, COMBINE_DC columns); POOL_PRELOAD:
+                      # the pooling programs load their logits before the head LSE ('par'/'cand')
+                      dec=dict(num_warps=4, num_stages=2, TOPK_DIG=None, NBC_POOL=256, POOL_WARPS=8, FUSED='cand',
+                               FUSED_MAX_NB=1024, NBC_PAR=None, PAR_WARPS=8, COMBINE='split', COMBINE_WARPS=4,
+                               COMBINE_SP=None, PERSISTENT=False, PROGRAMS=1, CAND_CAP=128, CAND_GROUPS=128,
+                               CAND_CJ=128, PDL=False, COMBINE_DC=32, CHP=128, POOL_PRELOAD=False),
                       # dense_decode: key blocks of BLOCK, about WAVES programs per SM (grid from Nmax, never the length)
-                      dense=dict(num_warps=4, num_stages=2, BLOCK=64, WAVES=4, NSPLIT=None))
+                      dense=dict(num_warps=4, num_stages=2, BLOCK=64, WAVES=4, NSPLIT=None),
+                      # float32 inputs: these replace the defaults above unless `config` sets them. Shared memory of
+                      # the forward / band-selected kernels (sm_90 build, 128-row tiles, d 128, 2 stages) is about
+                      # num_stages x (K + V tiles of PAIR * 64 keys x 128 x 4 B): PAIR 2 = 264,192 B > the H200's
+                      # 232,448 (OutOfResources at fp32, d 128), PAIR 1 = 164,356 B; bf16 halves the tiles.
+                      fp32=dict(fwd=dict(PAIR=1), dq=dict(PAIR=1)))
 
 
-def _cfg(config, key):
+def _cfg(config, key, x=None):
+    """DEFAULT_CONFIG[key] updated with config[key]; with x a float32 tensor, DEFAULT_CONFIG['fp32'][key] first
+    (settings that fit fp32 tiles in shared memory; what config sets wins)."""
     c = dict(DEFAULT_CONFIG[key]) if isinstance(DEFAULT_CONFIG[key], dict) else DEFAULT_CONFIG[key]
+    if x is not None and x.dtype == torch.float32 and isinstance(c, dict):
+        c.update(DEFAULT_CONFIG['fp32'].get(key, {}))
     if config and key in config and config[key] is not None:
         if isinstance(c, dict): c.update(config[key])
         else: c = config[key]
@@ -319,7 +340,7 @@ def _sparse_fwd(q, k, v, meta: _Meta, config=None):
     o = torch.empty_like(q)
     lse = torch.empty((M.B, M.H, M.T), dtype=torch.float32, device=q.device)
     if M.T == 0: return o, lse
-    c = _cfg(config, 'fwd')
+    c = _cfg(config, 'fwd', q)
     h = _sparse_fwd_kernel[(M.NT, M.B * M.Hkv)](
         q, k, v, o, lse, M.cnt, M.uni, M.bits, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         M.T, M.N, M.G, M.Hkv, M.NT, M.UMAX, M.scale * LOG2E,
@@ -476,7 +497,7 @@ def _sparse_bwd(do, q, k, v, o, lse, M: _Meta, config=None):
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     if M.T == 0: return dq, dk.to(k.dtype), dv.to(v.dtype)
-    c = _cfg(config, 'dq')
+    c = _cfg(config, 'dq', q)
     h = _sparse_bwd_dq_kernel[(M.NT, M.B * M.Hkv)](
         q, k, v, o, do, dq, lse, delta, M.cnt, M.uni, M.bits,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
@@ -675,7 +696,7 @@ def _band_fwd(q, k, v, sel, M: _Meta, W, config=None):
         BM=bm, GP=M.GP, D=M.D, BD=M.BD, BLOCK=M.m, COLS=c['COLS'], PREC=_prec(q),
         num_warps=c['num_warps'], num_stages=c['num_stages'])
     _keep('band', h)
-    f = _cfg(config, 'fwd')
+    f = _cfg(config, 'fwd', q)
     h = _band_sel_kernel[(M.NT, M.B * M.Hkv)](
         q, k, v, ob, lb, o, lse, M.cnt, M.uni, M.bits, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *o.stride()[:3], *ob.stride()[:3], M.T, M.N, M.G, M.Hkv, M.NT, M.UMAX, M.scale * LOG2E,
@@ -1119,8 +1140,11 @@ def _dec_attn_kernel(Q, K, V, IDX, SEQ, PO, PM, PL,
                      sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, si_b, si_h, si_k,
                      KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale,
                      ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr,
-                     PREC: tl.constexpr, DENSE: tl.constexpr):
-    "Program (bh, sp): `_dec_attn_item`."
+                     PREC: tl.constexpr, DENSE: tl.constexpr, PDL: tl.constexpr = False):
+    "Program (bh, sp): `_dec_attn_item`. PDL: as `_dec_pool_sel_kernel`'s."
+    if PDL:
+        _gdc_wait()
+        _gdc_launch()
     _dec_attn_item(Q, K, V, IDX, SEQ, PO, PM, PL, tl.program_id(0), tl.program_id(1), sq_b, sq_h, sk_b, sk_n, sk_h,
                    sv_b, sv_n, sv_h, si_b, si_h, si_k, KTOP, G, HKV, NSPLIT, PER, QPER, qk_scale, ROWS, D, BD, BLOCK,
                    PREC, DENSE)
@@ -1155,9 +1179,47 @@ def _dec_combine_item(PO, PM, PL, O, bh, h, so_b, so_h, G, HKV, NSPLIT,
 
 @triton.jit
 def _dec_combine_kernel(PO, PM, PL, O, so_b, so_h, G, HKV, NSPLIT,
-                        ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, SP: tl.constexpr):
-    "Program (bh, h): `_dec_combine_item`."
+                        ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, SP: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    "Program (bh, h): `_dec_combine_item`. PDL: wait for the previous kernel first (launched with launch_pdl)."
+    if PDL:
+        _gdc_wait()
     _dec_combine_item(PO, PM, PL, O, tl.program_id(0), tl.program_id(1), so_b, so_h, G, HKV, NSPLIT, ROWS, D, BD, SP)
+
+
+@triton.jit
+def _dec_combine_split_kernel(PO, PM, PL, O, so_b, so_h, G, HKV, NSPLIT, ROWS: tl.constexpr, D: tl.constexpr,
+                              BD: tl.constexpr, SP: tl.constexpr, DC: tl.constexpr, PDL: tl.constexpr = False):
+    """Program (bh, h, dc): columns [dc * DC, +DC) of head h's output from the NSPLIT partials of row bh, in one pass
+    (online rescaling over chunks of SP splits; one chunk when NSPLIT <= SP: one round of loads, not two).
+    decode_step's dec.COMBINE='split': BD / DC times more programs than `_dec_combine_kernel`, equal up to rounding."""
+    if PDL:
+        _gdc_wait()
+    bh = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.program_id(2) * DC + tl.arange(0, DC)
+    b = bh // HKV
+    hk = bh % HKV
+    base = bh * NSPLIT
+    mx = tl.max(tl.full([SP], float('-inf'), tl.float32), 0)
+    lsum = tl.sum(tl.zeros([SP], tl.float32), 0)
+    o = tl.zeros([DC], tl.float32)
+    for c0 in range(0, NSPLIT, SP):
+        sp = c0 + tl.arange(0, SP)
+        spm = sp < NSPLIT
+        row = (base + sp).to(tl.int64) * ROWS + h
+        m = tl.load(PM + row, mask=spm, other=float('-inf'))
+        ls = tl.load(PL + row, mask=spm, other=0.0)
+        po = tl.load(PO + row[:, None] * BD + d[None, :], mask=spm[:, None], other=0.0)
+        mn = tl.maximum(mx, tl.max(m, 0))
+        mu = tl.where(mn == float('-inf'), 0.0, mn)
+        a = tl.exp2(mx - mu)
+        w = tl.exp2(m - mu)
+        lsum = lsum * a + tl.sum(ls * w, 0)
+        o = o * a + tl.sum(po * w[:, None], 0)
+        mx = mn
+    o = o / tl.where(lsum > 0, lsum, 1.0)
+    tl.store(O + b.to(tl.int64) * so_b + (hk * G + h) * so_h + d, o.to(O.dtype.element_ty), mask=d < D)
 
 # %% ../../nbs/11_sparse_kernels.ipynb #0f7aebc5
 _n_sms = num_sms   # shared launch helper
@@ -1265,8 +1327,10 @@ def _dec_logits_item(Q, KC, SEQ, S, PM, PL, CNT, bh, ch, sq_b, sq_h, sc_b, sc_n,
 @triton.jit
 def _dec_s1_logits_kernel(Q, KC, SEQ, S, PM, PL, CNT, sq_b, sq_h, sc_b, sc_n, sc_h, NCMAX, NCH, qk_scale, KS, KSTR,
                           G, HKV, QPER, ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KT: tl.constexpr,
-                          PREC: tl.constexpr, CLR: tl.constexpr):
-    "Program (bh, ch): `_dec_logits_item`."
+                          PREC: tl.constexpr, CLR: tl.constexpr, PDL: tl.constexpr = False):
+    "Program (bh, ch): `_dec_logits_item`. PDL: let the next kernel (launched with launch_pdl) start launching."
+    if PDL:
+        _gdc_launch()
     _dec_logits_item(Q, KC, SEQ, S, PM, PL, CNT, tl.program_id(0), tl.program_id(1), sq_b, sq_h, sc_b, sc_n, sc_h,
                      NCMAX, NCH, qk_scale, KS, KSTR, G, HKV, QPER, ROWS, D, BD, KT, PREC, CLR)
 
@@ -1393,6 +1457,21 @@ def _kth_key(u, kk, NBP: tl.constexpr, DIG: tl.constexpr, V: tl.constexpr):
 
 
 @triton.jit
+def _row_tail(ob, nk, qb1, KTOP, LOCAL, KP: tl.constexpr, WP: tl.constexpr, WIN: tl.constexpr):
+    """After the nk picked ids at ob: with WIN the 'minicpm4' window ws .. qb1 (ws = qb1 - LOCAL + 1; ids below 0
+    not written), then -1 up to KTOP (+ LOCAL). Shared by both selections (`_row_select`, `_cand_select`)."""
+    if WIN:
+        w = tl.arange(0, WP)
+        ws = qb1 - LOCAL + 1
+        wid = ws + w
+        nneg = tl.minimum(tl.maximum(-ws, 0), LOCAL)            # window ids below 0 are not written
+        tl.store(ob + nk + w - nneg, wid, mask=(w < LOCAL) & (wid >= 0))
+        nk = nk + LOCAL - nneg
+    j = tl.arange(0, KP)
+    tl.store(ob + j, tl.full([KP], -1, tl.int32), mask=(j >= nk) & (j < KTOP + LOCAL * WIN))
+
+
+@triton.jit
 def _row_select(x, c, cm, ob, qb1, NB, KTOP, LOCAL, NBP: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr,
                 WIN: tl.constexpr, DIG: tl.constexpr, V: tl.constexpr):
     """One row's block scores x [NBP] (c = arange, cm = c < NB) -> at ob: the ascending ids of the top KTOP (-inf
@@ -1413,15 +1492,7 @@ def _row_select(x, c, cm, ob, qb1, NB, KTOP, LOCAL, NBP: tl.constexpr, KP: tl.co
         keep = keep & (c < ws)
     slot = tl.cumsum(keep.to(tl.int32), 0) - 1
     tl.store(ob + slot, c, mask=keep)
-    nk = tl.sum(keep.to(tl.int32), 0)
-    if WIN:
-        w = tl.arange(0, WP)
-        wid = ws + w
-        nneg = tl.minimum(tl.maximum(-ws, 0), LOCAL)            # window ids below 0 are not written
-        tl.store(ob + nk + w - nneg, wid, mask=(w < LOCAL) & (wid >= 0))
-        nk = nk + LOCAL - nneg
-    j = tl.arange(0, KP)
-    tl.store(ob + j, tl.full([KP], -1, tl.int32), mask=(j >= nk) & (j < KTOP + LOCAL * WIN))
+    _row_tail(ob, tl.sum(keep.to(tl.int32), 0), qb1, KTOP, LOCAL, KP, WP, WIN)
 
 
 @triton.jit
@@ -1458,22 +1529,36 @@ def _gpu_fence(x):
 
 
 @triton.jit
-def _dec_pool_sel_item(S, PM, PL, SEQ, SC, OUT, CNT, bh, pc, so_r, NCMAX, NCH, NB, NPC, G, HKV, INIT, LOCAL, KTOP,
+def _dec_pool_sel_item(S, PM, PL, SEQ, SC, OUT, CNT, CS, bh, pc, so_r, NCMAX, NCH, NB, NPC, G, HKV, INIT, LOCAL, KTOP,
                        ROWS: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr, NBC: tl.constexpr,
                        BLOCK: tl.constexpr, CHP: tl.constexpr, SEL: tl.constexpr, NBP: tl.constexpr,
                        KP: tl.constexpr, WP: tl.constexpr, WIN: tl.constexpr, DIG: tl.constexpr, V: tl.constexpr,
-                       FENCE: tl.constexpr):
+                       FENCE: tl.constexpr, CAP: tl.constexpr, GN: tl.constexpr, CJ: tl.constexpr,
+                       PRE: tl.constexpr):
     """Item (bh, pc): pool blocks [pc * NBC, +NBC) of row bh into SC[bh]; the last of the row's NPC items to
-    finish (per-row counter CNT[2 bh], zeroed by the logits kernel) selects the row's list from SC[bh] into OUT[bh]."""
+    finish (per-row counter CNT[2 bh], zeroed by the logits kernel) selects the row's list from SC[bh] into OUT[bh]:
+    CAP > 0: `_cand_select` (bounded candidates, CAP int64 slots of CS[bh]); CAP == 0: `_row_select` (radix).
+    PRE > 0 (a power of two >= R + LEFT): the blocks' logits loaded first as one [ROWS, NBC, PRE] tile, so their
+    loads overlap the head LSE's (else `_dec_pool`, after the LSE)."""
     b = bh // HKV
     bh64 = bh.to(tl.int64)
     r = tl.arange(0, ROWS)
+    blocks = pc * NBC + tl.arange(0, NBC)
+    if PRE > 0:
+        o = tl.arange(0, PRE)
+        j = blocks[:, None] * R - LEFT + o[None, :]
+        jm = (j >= 0) & (j < NCMAX) & (o < R + LEFT)[None, :]
+        s3 = tl.load(S + (bh * ROWS + r).to(tl.int64)[:, None, None] * NCMAX + j[None, :, :],
+                     mask=(r < G)[:, None, None] & jm[None, :, :], other=float('-inf'))
     lse = _dec_lse(PM, PL, bh, r, NCH, ROWS, CHP)
     L = tl.load(SEQ + b)
     qb1 = (L - 1) // BLOCK
     qb = tl.full([1], 0, tl.int32) + qb1
-    blocks = pc * NBC + tl.arange(0, NBC)
-    sc = _dec_pool(S, bh, r, r < G, lse, blocks, qb, NCMAX, INIT, LOCAL, NBC, ROWS, R, LEFT, SEL)
+    if PRE > 0:
+        best = tl.max(tl.sum(tl.exp2(s3 - lse[:, None, None]), 0), 1)
+        sc = _block_epilogue(best[None, :], blocks, qb, INIT, LOCAL, SEL)
+    else:
+        sc = _dec_pool(S, bh, r, r < G, lse, blocks, qb, NCMAX, INIT, LOCAL, NBC, ROWS, R, LEFT, SEL)
     tl.store(SC + bh64 * NB + blocks[None, :], sc, mask=(blocks < NB)[None, :])
     if FENCE:                                                   # each thread's stores, before the counter
         _gpu_fence(blocks)
@@ -1483,18 +1568,74 @@ def _dec_pool_sel_item(S, PM, PL, SEQ, SC, OUT, CNT, bh, pc, so_r, NCMAX, NCH, N
         c = tl.arange(0, NBP)
         cm = c < NB
         x = tl.load(SC + bh64 * NB + c, mask=cm, other=float('-inf'), cache_modifier='.cg')
-        _row_select(x, c, cm, OUT + bh64 * so_r, qb1, NB, KTOP, LOCAL, NBP, KP, WP, WIN, DIG, V)
+        if CAP > 0:
+            _cand_select(x, c, cm, OUT + bh64 * so_r, CS + bh64 * CAP, qb1, NB, KTOP, LOCAL, NBP, KP, WP, WIN, DIG,
+                         V, CAP, GN, CJ)
+        else:
+            _row_select(x, c, cm, OUT + bh64 * so_r, qb1, NB, KTOP, LOCAL, NBP, KP, WP, WIN, DIG, V)
 
 
 @triton.jit
-def _dec_pool_sel_kernel(S, PM, PL, SEQ, SC, OUT, CNT, so_r, NCMAX, NCH, NB, NPC, G, HKV, INIT, LOCAL, KTOP,
+def _dec_pool_sel_kernel(S, PM, PL, SEQ, SC, OUT, CNT, CS, so_r, NCMAX, NCH, NB, NPC, G, HKV, INIT, LOCAL, KTOP,
                          ROWS: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr, NBC: tl.constexpr,
                          BLOCK: tl.constexpr, CHP: tl.constexpr, SEL: tl.constexpr, NBP: tl.constexpr,
                          KP: tl.constexpr, WP: tl.constexpr, WIN: tl.constexpr, DIG: tl.constexpr, V: tl.constexpr,
-                         FENCE: tl.constexpr):
-    "Program (bh, pc): `_dec_pool_sel_item`."
-    _dec_pool_sel_item(S, PM, PL, SEQ, SC, OUT, CNT, tl.program_id(0), tl.program_id(1), so_r, NCMAX, NCH, NB, NPC, G,
-                       HKV, INIT, LOCAL, KTOP, ROWS, R, LEFT, NBC, BLOCK, CHP, SEL, NBP, KP, WP, WIN, DIG, V, FENCE)
+                         FENCE: tl.constexpr, CAP: tl.constexpr, GN: tl.constexpr, CJ: tl.constexpr,
+                         PRE: tl.constexpr = 0, PDL: tl.constexpr = False):
+    """Program (bh, pc): `_dec_pool_sel_item`. PDL (launched with launch_pdl): wait for the previous kernel (all of
+    it, its stores visible) before anything else, and let the next one start launching."""
+    if PDL:
+        _gdc_wait()
+        _gdc_launch()
+    _dec_pool_sel_item(S, PM, PL, SEQ, SC, OUT, CNT, CS, tl.program_id(0), tl.program_id(1), so_r, NCMAX, NCH, NB, NPC,
+                       G, HKV, INIT, LOCAL, KTOP, ROWS, R, LEFT, NBC, BLOCK, CHP, SEL, NBP, KP, WP, WIN, DIG, V, FENCE,
+                       CAP, GN, CJ, PRE)
+
+# %% ../../nbs/11_sparse_kernels.ipynb #c4d1e002
+@triton.jit
+def _cand_select(x, c, cm, ob, CS, qb1, NB, KTOP, LOCAL, NBP: tl.constexpr, KP: tl.constexpr, WP: tl.constexpr,
+                 WIN: tl.constexpr, DIG: tl.constexpr, V: tl.constexpr, CAP: tl.constexpr, GN: tl.constexpr,
+                 CJ: tl.constexpr):
+    """`_row_select`'s list from bounded candidates: x [NBP] the row's scores (c = arange, cm = c < NB), ob the row's
+    output, CS CAP int64 scratch slots of the row. GN interleaved groups (a power of two <= NBP; group g = the blocks
+    g, g + GN, ...: every group holds real blocks whenever the row has >= GN, whatever its length) give the bound.
+    CJ >= CAP: the ranks from one [CAP, CAP] comparison of the candidates in registers; else chunks of CJ reloaded."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)          # int order == float order
+    key = tl.where(cm, key, -2147483648)                        # padding below every score
+    kk = tl.minimum(KTOP, NB)
+    gm = tl.max(tl.reshape(key, [NBP // GN, GN]), 0)            # maxima of the interleaved groups
+    ge = tl.sum((gm[None, :] >= gm[:, None]).to(tl.int32), 1)   # ge[i] = #{j: gm[j] >= gm[i]}
+    t = tl.max(tl.where(ge >= kk, gm, -2147483648), 0)          # the kk-th largest group maximum
+    cand = cm & (key >= t)
+    n = tl.sum(cand.to(tl.int32), 0)
+    if n <= CAP:
+        pos = tl.cumsum(cand.to(tl.int32), 0) - 1
+        tl.store(CS + pos, key.to(tl.int64) * NBP + (NBP - 1 - c), mask=cand)
+        tl.debug_barrier()                                      # the candidates, written by all threads
+        i = tl.arange(0, CAP)
+        lo = -1152921504606846976                               # -2^60: below every packed key (>= -2^52)
+        pi = tl.load(CS + i, mask=i < n, other=lo, cache_modifier='.cg')
+        if CJ >= CAP:                                           # one comparison, no reload
+            rank = tl.sum((pi[None, :] > pi[:, None]).to(tl.int32), 1)
+        else:
+            rank = tl.zeros([CAP], tl.int32)
+            for j0 in range(0, n, CJ):
+                j = j0 + tl.arange(0, CJ)
+                pj = tl.load(CS + j, mask=j < n, other=lo, cache_modifier='.cg')
+                rank += tl.sum((pj[None, :] > pi[:, None]).to(tl.int32), 1)
+        low = pi & (NBP - 1)                                    # (NBP a power of two: exact split)
+        ki = ((pi - low) // NBP).to(tl.int32)
+        ids = (NBP - 1 - low).to(tl.int32)
+        # kept: top kk, neither -inf (key -2139095041) nor NaN (above +inf's key 2139095040, or below -inf's)
+        keep = (i < n) & (rank < kk) & (ki > -2139095041) & (ki <= 2139095040)
+        if WIN:                                                 # the top-k first, then the window filter
+            keep = keep & (ids < qb1 - LOCAL + 1)
+        slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(ob + slot, ids, mask=keep)
+        _row_tail(ob, tl.sum(keep.to(tl.int32), 0), qb1, KTOP, LOCAL, KP, WP, WIN)
+    else:                                                       # too many candidates (e.g. equal scores)
+        _row_select(x, c, cm, ob, qb1, NB, KTOP, LOCAL, NBP, KP, WP, WIN, DIG, V)
 
 # %% ../../nbs/11_sparse_kernels.ipynb #b2c4e6a5
 @triton.jit
@@ -1569,14 +1710,15 @@ def _grid_barrier(BAR, target, FENCE: tl.constexpr):
 
 
 @triton.jit
-def _dec_step_kernel(QS, Q, K, V, KC, SEQ, S, PM1, PL1, SC, IDX, PO, PM2, PL2, O, CNT, BAR,
+def _dec_step_kernel(QS, Q, K, V, KC, SEQ, S, PM1, PL1, SC, IDX, PO, PM2, PL2, O, CNT, BAR, CS,
                      sqs_b, sqs_h, sq_b, sq_h, sk_b, sk_n, sk_h, sv_b, sv_n, sv_h, sc_b, sc_n, sc_h, so_b, so_h,
                      BH, NCMAX, NCH, NB, NPC, KALL, TOPK, G, HKV, QPER, INIT, LOCAL, KS, KSTR, NSPLIT, PER, qk_scale,
                      NPROG, ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KT: tl.constexpr,
                      PREC: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr, NBC: tl.constexpr,
                      BLOCK: tl.constexpr, CHP: tl.constexpr, SEL: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr,
                      WP: tl.constexpr, WIN: tl.constexpr, DIG: tl.constexpr, V2: tl.constexpr, SP: tl.constexpr,
-                     FENCE: tl.constexpr, PHASE: tl.constexpr):
+                     FENCE: tl.constexpr, PHASE: tl.constexpr, CAP: tl.constexpr, GN: tl.constexpr,
+                     CJ: tl.constexpr, PRE: tl.constexpr = 0):
     """The whole decode step in one launch of NPROG resident programs: logits items, grid barrier, pooling items
     (the row's last does its top-k + window), grid barrier, attention split items, grid barrier, combine items
     (row, head). PHASE 0..3: only that phase, no barrier (four launches: the interpreter runs programs one by one)."""
@@ -1589,8 +1731,9 @@ def _dec_step_kernel(QS, Q, K, V, KC, SEQ, S, PM1, PL1, SC, IDX, PO, PM2, PL2, O
         _grid_barrier(BAR, NPROG, FENCE)
     if PHASE < 0 or PHASE == 1:
         for it in range(pid, BH * NPC, NPROG):
-            _dec_pool_sel_item(S, PM1, PL1, SEQ, SC, IDX, CNT, it // NPC, it % NPC, KALL, NCMAX, NCH, NB, NPC, G, HKV,
-                               INIT, LOCAL, TOPK, ROWS, R, LEFT, NBC, BLOCK, CHP, SEL, NBP, KP, WP, WIN, DIG, V2, FENCE)
+            _dec_pool_sel_item(S, PM1, PL1, SEQ, SC, IDX, CNT, CS, it // NPC, it % NPC, KALL, NCMAX, NCH, NB, NPC, G,
+                               HKV, INIT, LOCAL, TOPK, ROWS, R, LEFT, NBC, BLOCK, CHP, SEL, NBP, KP, WP, WIN, DIG, V2,
+                               FENCE, CAP, GN, CJ, PRE)
     if PHASE < 0:
         _grid_barrier(BAR, 2 * NPROG, FENCE)
     if PHASE < 0 or PHASE == 2:
@@ -1696,15 +1839,23 @@ class _DecPlan(_Launches):
         c = _cfg(config, 'dec')
         self.G, self.ROWS, self.BD = H // Hkv, max(16, _np2(H // Hkv)), max(16, _np2(D))
         self.nw, self.ns, self.pool_warps, self.dig = c['num_warps'], c['num_stages'], c['POOL_WARPS'], c['TOPK_DIG']
+        self.chp = c.get('CHP') or 64                    # logits-chunk partials merged per step of `_dec_lse`
+        if self.chp < 1 or self.chp & (self.chp - 1):
+            raise ValueError(f"decode_step: config['dec']['CHP'] must be a power of two, got {self.chp!r}")
         if c['NBC_POOL'] < 16 or c['NBC_POOL'] & (c['NBC_POOL'] - 1):
             raise ValueError(f"decode_step: config['dec']['NBC_POOL'] must be a power of two >= 16, got {c['NBC_POOL']}")
         if self.dig not in (None, 1, 2, 4):
             raise ValueError(f"decode_step: config['dec']['TOPK_DIG'] must be 1, 2, 4 or None, got {self.dig}")
-        if c['FUSED'] not in (True, False, 'auto', 'par'):
-            raise ValueError(f"decode_step: config['dec']['FUSED'] must be 'par', 'auto', True or False, "
+        if c['FUSED'] not in (True, False, 'auto', 'par', 'cand'):
+            raise ValueError(f"decode_step: config['dec']['FUSED'] must be 'cand', 'par', 'auto', True or False, "
                              f"got {c['FUSED']!r}")
-        if c.get('COMBINE', 'last') not in ('last', 'kernel'):
-            raise ValueError(f"decode_step: config['dec']['COMBINE'] must be 'last' or 'kernel', got {c['COMBINE']!r}")
+        cap, gn, cj = c.get('CAND_CAP', 256), c.get('CAND_GROUPS', 128), c.get('CAND_CJ', 32)
+        for nm, v, lo in (('CAND_CAP', cap, 16), ('CAND_GROUPS', gn, 1), ('CAND_CJ', cj, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo or v & (v - 1):
+                raise ValueError(f"decode_step: config['dec']['{nm}'] must be a power of two >= {lo}, got {v!r}")
+        if c.get('COMBINE', 'last') not in ('last', 'kernel', 'split'):
+            raise ValueError(f"decode_step: config['dec']['COMBINE'] must be 'kernel', 'split' or 'last', "
+                             f"got {c['COMBINE']!r}")
         nbc = c.get('NBC_PAR')
         if nbc is not None and (nbc < 16 or nbc & (nbc - 1)):
             raise ValueError(f"decode_step: config['dec']['NBC_PAR'] must be a power of two >= 16 or None, got {nbc}")
@@ -1714,7 +1865,9 @@ class _DecPlan(_Launches):
         self.win = selection == 'minicpm4' and local_blocks > 0
         self.K = topk + (local_blocks if self.win else 0)
         self.sms = _n_sms(q.device)
-        self.per = c.get('PER') or max(1, _cdiv(self.K * BQ * Hkv, 2 * self.sms))
+        # list entries per attention program: about one program per SM (H200, 128K, B 1: PER 2 = 96 programs took
+        # 26.1 us a step vs 28.2 at PER 1 = 192 programs, the 'cand' path; fewer partials for the combine)
+        self.per = c.get('PER') or max(1, _cdiv(self.K * BQ * Hkv, self.sms))
         self.nsplit = max(1, _cdiv(self.K, self.per))
         prec = _prec(q)
         # 'par': pooling over many programs, the top-k in the last of a row; True: one program per row and kv head;
@@ -1724,26 +1877,46 @@ class _DecPlan(_Launches):
         self.last = c.get('COMBINE', 'last') == 'last'  # the combine inside the attention kernel (its last program)
         # PERSISTENT: the step as one cooperative launch of PROGRAMS x SMs programs (needs 'par')
         self.persistent, self.nprog = bool(c.get('PERSISTENT', False)), max(1, int(c.get('PROGRAMS', 1) * self.sms))
-        if self.persistent and c['FUSED'] != 'par':
-            raise ValueError("decode_step: config['dec']['PERSISTENT'] needs FUSED='par'")
+        if self.persistent and c['FUSED'] not in ('par', 'cand'):
+            raise ValueError("decode_step: config['dec']['PERSISTENT'] needs FUSED='par' or 'cand'")
+        # 'cand': the 'par' pooling, the last program ranks bounded candidates (`_cand_select`, CAP slots a row)
+        self.cap, self.gn, self.cj = (cap if c['FUSED'] == 'cand' else 0), gn, cj
+        # POOL_PRELOAD: the pooling items load their logits tile before the LSE (overlapping the two loads)
+        self.pre = _np2(m // s + -(-p // s) - 1) if c.get('POOL_PRELOAD') else 0
         self.bar = None                                  # the persistent kernel's barrier counters (zero at rest)
+        # PDL: programmatic dependent launch (sm_90+, CUDA): kernels 2-4 of the step are launched with launch_pdl and
+        # wait (griddepcontrol.wait) for their predecessor inside; the first kernel waits for the work before it as
+        # usual. Cuts the launch gap between the step's kernels (also in a CUDA graph).
+        self.pdl = bool(c.get('PDL', False)) and q.is_cuda and torch.version.hip is None and \
+            not interpreter_active() and _gdc_wait is not None and torch.cuda.get_device_capability(q.device)[0] >= 9
+        self.opt_pdl = dict(launch_pdl=True) if self.pdl else {}
         # the fence is PTX: CUDA only (the interpreter runs programs one after another)
         self.fence = q.is_cuda and torch.version.hip is None and not interpreter_active()
         self.k1 = dict(ROWS=self.ROWS, D=D, BD=self.BD, KT=64, PREC=prec, CLR=None)
         self.k2 = dict(ROWS=self.ROWS, R=m // s, LEFT=-(-p // s) - 1, NBC=c['NBC_POOL'], BLOCK=m, CHP=None,
                        SEL=_SEL[selection], NBP=None, KP=max(16, _np2(self.K)), WP=max(16, _np2(max(local_blocks, 1))),
                        WIN=self.win, DIG=None, V=None)
-        self.k3 = dict(ROWS=self.ROWS, D=D, BD=self.BD, BLOCK=m, PREC=prec, DENSE=False)
+        self.k3 = dict(ROWS=self.ROWS, D=D, BD=self.BD, BLOCK=m, PREC=prec, DENSE=False, PDL=self.pdl)
         self.k3l = dict(ROWS=self.ROWS, D=D, BD=self.BD, BLOCK=m, PREC=prec,
                         SPC=max(1, min(_np2(self.nsplit), 8192 // (self.ROWS * self.BD))), FENCE=self.fence)
-        self.k4 = dict(ROWS=self.ROWS, D=D, BD=self.BD, SP=min(c.get('COMBINE_SP') or 64, _np2(self.nsplit)))
+        self.k4 = dict(ROWS=self.ROWS, D=D, BD=self.BD, SP=min(c.get('COMBINE_SP') or 64, _np2(self.nsplit)),
+                       PDL=self.pdl)
         self.cw = c.get('COMBINE_WARPS', 4)             # combine warps (SP 64 x 128 fp32 tiles: 255 regs at 4)
+        # COMBINE='split': the one-pass combine over (row, head, COMBINE_DC columns)
+        dcol = c.get('COMBINE_DC', 32)
+        if isinstance(dcol, bool) or not isinstance(dcol, int) or dcol < 16 or dcol & (dcol - 1):
+            raise ValueError(f"decode_step: config['dec']['COMBINE_DC'] must be a power of two >= 16, got {dcol!r}")
+        dcol = min(dcol, self.BD)
+        self.split = c.get('COMBINE', 'last') == 'split'
+        self.k4s = dict(ROWS=self.ROWS, D=D, BD=self.BD, SP=min(c.get('COMBINE_SP') or 128, _np2(self.nsplit)), DC=dcol,
+                        PDL=self.pdl)
+        self.g4s = (BQ * Hkv, self.G, self.BD // dcol)
         self.g2, self.g3, self.g4 = (BQ * Hkv, 1, 1), (BQ * Hkv, self.nsplit, 1), (BQ * Hkv, self.G, 1)
         self.lens = {}
         self.so, self.D = H * D, D                       # strides of the contiguous (BQ, H, D) output
 
     def scratch(self, L, NB, dev, capturing):
-        """(S, pm1, pl1, cnt, sc, po, pm2, pl2) for one length: grown plan buffers (cached in L: an older length's
+        """(S, pm1, pl1, cnt, sc, po, pm2, pl2, cs) for one length: grown plan buffers (cached in L: an older length's
         buffers stay valid for it), or fresh ones under CUDA-graph capture (the graph's pool)."""
         if not capturing and 'bufs' in L: return L['bufs']
         BH, R = self.BQ * self.Hkv, self.ROWS
@@ -1751,7 +1924,8 @@ class _DecPlan(_Launches):
         b = lambda nm, n, dt=torch.float32: self.buf(nm, n, dev, capturing, dt)
         pm1 = b('pm1', n1)
         bufs = (b('S', BH * R * L['NCM']), pm1, b('pl1', n1), b('cnt', 2 * BH, torch.int32) if L['clr'] else pm1,
-                b('sc', BH * NB), b('po', n2 * self.BD), b('pm2', n2), b('pl2', n2))
+                b('sc', BH * NB), b('po', n2 * self.BD), b('pm2', n2), b('pl2', n2),
+                b('cs', BH * self.cap, torch.int64) if self.cap else pm1)
         if not capturing: L['bufs'] = bufs
         return bufs
 
@@ -1764,18 +1938,20 @@ class _DecPlan(_Launches):
         NCM, NCH = max(NCmax, 1), max(1, _cdiv(NCmax, 64))
         NBP = max(16, _np2(NB))
         dig = self.dig or (2 if NBP <= 4096 else 1)
-        kw2 = dict(self.k2, CHP=min(64, _np2(NCH)), NBP=NBP, DIG=dig, V=1 << dig)
-        mode = ('par' if self.fused == 'par' else
+        kw2 = dict(self.k2, CHP=min(self.chp, _np2(NCH)), NBP=NBP, DIG=dig, V=1 << dig)
+        mode = ('par' if self.fused in ('par', 'cand') else
                 'one' if self.fused is True or (self.fused == 'auto' and NB <= self.fused_max_nb) else 'two')
         BH = self.BQ * self.Hkv
         L = dict(NCM=NCM, NCH=NCH, mode=mode, kw2=kw2, clr=mode == 'par' or self.last,
                  key1=(0, NCH, _spec(sk0), _spec(NCM)), grid1=(BH, NCH, 1),
                  key2=(1, _spec(NCM), _spec(NCH), _spec(NB), NBP, kw2['CHP'], dig))
-        L['kw1'] = dict(self.k1, CLR=L['clr'])
-        if mode == 'par':                                # ~2 programs per SM: NBC blocks each
-            nbc = self.nbc_par or min(256, max(16, _np2(_cdiv(NB * BH, 2 * self.sms))))
+        L['kw1'] = dict(self.k1, CLR=L['clr'], PDL=self.pdl and mode == 'par')
+        if mode == 'par':                                # 'par': ~2 programs per SM, 'cand': ~1 (NBC blocks each)
+            nbc = self.nbc_par or min(256, max(16, _np2(_cdiv(NB * BH, (1 if self.cap else 2) * self.sms))))
             npc = _cdiv(NB, nbc)
-            L.update(npc=npc, grid2=(BH, npc, 1), kw2=dict(kw2, NBC=nbc, FENCE=self.fence),
+            L.update(npc=npc, grid2=(BH, npc, 1),
+                     kw2=dict(kw2, NBC=nbc, FENCE=self.fence, CAP=self.cap, GN=min(NBP, self.gn), CJ=self.cj,
+                              PRE=self.pre, PDL=self.pdl),
                      key2=(4, _spec(NCM), _spec(NCH), _spec(NB), NBP, kw2['CHP'], dig, nbc, npc))
         elif mode == 'two':
             rb = max(1, 4096 // NBP)                     # `_topk_launch`'s settings, rows (query, kv head)
@@ -1800,10 +1976,11 @@ def _dec_plan_key(q_score, q, k_cache, v_cache, kc, seq, rest, sqs, sq, sk, sv, 
 def decode_step(q_score, q, k_cache, v_cache, kc, cache_seqlens, topk, *, kernel_size=32, kernel_stride=16,
                 block_size=64, init_blocks=1, local_blocks=32, selection='minicpm4', num_blocks, queries_per_row=1,
                 scale=None, config=None):
-    """One cached decoding step on CUDA in three launches (defaults): incremental stage-1 logits of q_score;
+    """One cached decoding step on CUDA in four launches (defaults): incremental stage-1 logits of q_score;
     pooling + top-k + window (config dec.FUSED: 'par' = pooling over many programs, the top-k in the last of a row;
+    'cand' = the same, the last program ranking bounded candidates (`_cand_select`) instead of the whole row;
     True = one program per row and kv head; False = two kernels; 'auto' = True up to FUSED_MAX_NB blocks); split-K
-    sparse attention of q with the combine in its last program (dec.COMBINE='kernel': a separate combine kernel).
+    sparse attention of q, then the combine kernel (dec.COMBINE='last': the combine in the attention's last program).
     q_score, q (B * R, H, D); k_cache, v_cache (B, Nmax, Hkv, D); kc (B, NCmax, Hkv, D); cache_seqlens int32 (B * R,)
     on the device. -> (o (B * R, H, D), lists (B * R, Hkv, K)). Same results as
     `sparse_decode(q, ..., decode_select(q_score, ...))` without their per-call checks (the model checks shapes
@@ -1824,10 +2001,11 @@ def decode_step(q_score, q, k_cache, v_cache, kc, cache_seqlens, topk, *, kernel
     NCM, NCH, BH = L['NCM'], L['NCH'], BQ * Hkv
     cap = _capturing(q)
     st = _raw_stream(P, dev)
-    S, pm1, pl1, cnt, scr, po, pm2, pl2 = P.scratch(L, NB, dev, cap)
+    bufs = P.scratch(L, NB, dev, cap)
+    S, pm1, pl1, cnt, scr, po, pm2, pl2, cs = bufs
     if P.persistent:
         return _dec_persistent(P, L, q_score, q, k_cache, v_cache, kc, cache_seqlens, NB, sqs, sq, sk, sv, sc, cap,
-                               (S, pm1, pl1, cnt, scr, po, pm2, pl2), st)
+                               bufs, st)
     P.launch(L['key1'], _dec_s1_logits_kernel, L['grid1'],
              (q_score, kc, cache_seqlens, S, pm1, pl1, cnt, sqs[0], sqs[1], sk0, sc[1], sc[2], NCM, NCH, P.qk,
               P.geo[0], P.geo[1], G, Hkv, P.qper), L['kw1'], P.nw, None, st)
@@ -1836,8 +2014,8 @@ def decode_step(q_score, q, k_cache, v_cache, kc, cache_seqlens, topk, *, kernel
     if mode == 'par':
         try:
             P.launch(L['key2'], _dec_pool_sel_kernel, L['grid2'],
-                     (S, pm1, pl1, cache_seqlens, scr, idx, cnt, P.K, NCM, NCH, NB, L['npc'], G, Hkv, init_blocks,
-                      local_blocks, P.topk), L['kw2'], P.par_warps, None, st)
+                     (S, pm1, pl1, cache_seqlens, scr, idx, cnt, cs, P.K, NCM, NCH, NB, L['npc'], G, Hkv, init_blocks,
+                      local_blocks, P.topk), L['kw2'], P.par_warps, None, st, **P.opt_pdl)
         except Exception as e:                           # e.g. a Triton without the atomics/fence: two kernels
             if P.persistent: raise
             P.fused, P.lens = False, {}
@@ -1874,15 +2052,21 @@ def decode_step(q_score, q, k_cache, v_cache, kc, cache_seqlens, topk, *, kernel
                        "using a combine kernel")
     P.launch((2,), _dec_attn_kernel, P.g3, (q, k_cache, v_cache, idx, cache_seqlens, po, pm2, pl2, sq[0], sq[1],
                                             sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], P.K * Hkv, P.K, 1, P.K, G, Hkv,
-                                            P.nsplit, P.per, P.qper, P.qk), P.k3, P.nw, P.ns, st)
-    P.launch((3,), _dec_combine_kernel, P.g4, (po, pm2, pl2, o, P.so, P.D, G, Hkv, P.nsplit), P.k4, P.cw, None, st)
+                                            P.nsplit, P.per, P.qper, P.qk), P.k3, P.nw, P.ns, st,
+             **(P.opt_pdl if mode == 'par' else {}))
+    if P.split:
+        P.launch((8,), _dec_combine_split_kernel, P.g4s, (po, pm2, pl2, o, P.so, P.D, G, Hkv, P.nsplit), P.k4s, P.cw,
+                 None, st, **P.opt_pdl)
+    else:
+        P.launch((3,), _dec_combine_kernel, P.g4, (po, pm2, pl2, o, P.so, P.D, G, Hkv, P.nsplit), P.k4, P.cw, None, st,
+                 **P.opt_pdl)
     return o, idx
 
 
 
 def _dec_persistent(P, L, q_score, q, k_cache, v_cache, kc, seq, NB, sqs, sq, sk, sv, sc, cap, bufs, st):
     "decode_step as one launch of `_dec_step_kernel` (three phase launches in the interpreter)."
-    S, pm1, pl1, cnt, scr, po, pm2, pl2 = bufs
+    S, pm1, pl1, cnt, scr, po, pm2, pl2, cs = bufs
     dev, BH = q.device, P.BQ * P.Hkv
     if cap: bar = torch.zeros(2, dtype=torch.int32, device=dev)      # a memset node in the graph, then self-reset
     else:
@@ -1891,13 +2075,14 @@ def _dec_persistent(P, L, q_score, q, k_cache, v_cache, kc, seq, NB, sqs, sq, sk
     idx = torch.empty(P.BQ, P.Hkv, P.K, dtype=torch.int32, device=dev)
     o = torch.empty(q.shape, dtype=q.dtype, device=dev)
     kw2, (p, s, m, init_blocks, local_blocks) = L['kw2'], P.geo
-    args = (q_score, q, k_cache, v_cache, kc, seq, S, pm1, pl1, scr, idx, po, pm2, pl2, o, cnt, bar, sqs[0], sqs[1],
+    args = (q_score, q, k_cache, v_cache, kc, seq, S, pm1, pl1, scr, idx, po, pm2, pl2, o, cnt, bar, cs, sqs[0], sqs[1],
             sq[0], sq[1], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sc[0], sc[1], sc[2], P.so, P.D, BH, L['NCM'],
             L['NCH'], NB, L['npc'], P.K, P.topk, P.G, P.Hkv, P.qper, init_blocks, local_blocks, p, s, P.nsplit, P.per,
             P.qk, P.nprog)
     kw = dict(ROWS=P.ROWS, D=P.D, BD=P.BD, KT=64, PREC=P.k1['PREC'], R=kw2['R'], LEFT=kw2['LEFT'], NBC=kw2['NBC'],
               BLOCK=m, CHP=kw2['CHP'], SEL=kw2['SEL'], NBP=kw2['NBP'], KP=kw2['KP'], WP=kw2['WP'], WIN=kw2['WIN'],
-              DIG=kw2['DIG'], V2=kw2['V'], SP=P.k4['SP'], FENCE=P.fence, PHASE=-1)
+              DIG=kw2['DIG'], V2=kw2['V'], SP=P.k4['SP'], FENCE=P.fence, PHASE=-1, CAP=kw2['CAP'], GN=kw2['GN'],
+              CJ=kw2['CJ'], PRE=kw2['PRE'])
     if interpreter_active():
         for ph in range(4):
             _dec_step_kernel[(P.nprog,)](*args, **dict(kw, PHASE=ph), num_warps=P.nw)
@@ -1964,8 +2149,8 @@ class _DenseDecPlan(_Launches):
         self.G, self.ROWS, self.BD = H // Hkv, max(16, _np2(H // Hkv)), max(16, _np2(D))
         self.rows, self.waves, self.fixed = BQ * Hkv, c['WAVES'], c['NSPLIT']
         self.nw, self.ns = c['num_warps'], c['num_stages']
-        self.k1 = dict(ROWS=self.ROWS, D=D, BD=self.BD, BLOCK=m, PREC=_prec(q), DENSE=True)
-        self.k2 = dict(ROWS=self.ROWS, D=D, BD=self.BD, SP=None)
+        self.k1 = dict(ROWS=self.ROWS, D=D, BD=self.BD, BLOCK=m, PREC=_prec(q), DENSE=True, PDL=False)
+        self.k2 = dict(ROWS=self.ROWS, D=D, BD=self.BD, SP=None, PDL=False)
 
     def nsplit_for(self, Nmax, dev):
         ns = self.fixed or min(triton.cdiv(max(Nmax, 1), self.m), triton.cdiv(self.waves * _n_sms(dev), self.rows))

@@ -8,7 +8,7 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/sparse_prefill.html.md"""
 
 # %% auto #0
 __all__ = ['S1T_CONFIG', 'stage1_cost', 'select_lists_bucketed', 'coarse_block_scores', 'prefill_select_fast',
-           'selection_overlap', 'block_scores_t']
+           'selection_overlap', 'block_scores_t', 'list_stats', 'goal_verdict', 'issue12_rows', 'format_issue12_rows']
 
 # %% ../../nbs/11c_sparse_prefill.ipynb #a7456f22
 import math
@@ -271,3 +271,183 @@ def block_scores_t(q, k, *, kernel_size=32, kernel_stride=16, block_size=64, ini
                              NBC=NBC, BLOCK=m, PREC=prec, SEL=_sk._SEL[sel], num_warps=c['num_warps'],
                              num_stages=c['num_stages'])
     return out
+
+# %% ../../nbs/11c_sparse_prefill.ipynb #78980098
+def _list_bitmap(lists, nb):
+    "lists (R, T, K) int (-1 = none) -> bool (T, R, nb) membership."
+    R, T, K = lists.shape
+    b = torch.zeros(T, R, nb + 1, dtype=torch.bool, device=lists.device)
+    b.scatter_(2, torch.where(lists < 0, nb, lists).long().permute(1, 0, 2), True)
+    return b[..., :nb]
+
+
+def list_stats(lists, n_keys, block_size=64, local_blocks=32, distances=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+               tiles=(1, 2, 8, 64)):
+    """Overlap and tile unions of per-token attention lists.
+
+    lists: (B, T, Hkv, K) or (T, Hkv, K) int block ids (-1 = empty), queries at the last T of n_keys positions;
+    local_blocks: the window (blocks [qb - local_blocks + 1, qb], qb the query's block) left out of the 'sel' part.
+    Counts only choosing rows (visible blocks qb + 1 > K). -> dict of floats / lists: rows, full_size, sel_size
+    (mean blocks per row), full_overlap / sel_overlap (one value per distance: sum over rows and kv heads of
+    |L_t & L_t+d| / sum of |L_t|), full_union_tile{n} / sel_union_tile{n} (mean distinct blocks per tile of n
+    consecutive choosing rows and kv head), distances, tiles."""
+    if lists.ndim == 3: lists = lists[None]
+    if lists.ndim != 4: raise ValueError(f"list_stats: lists must be (B, T, Hkv, K) or (T, Hkv, K), got {tuple(lists.shape)}")
+    B, T, Hkv, K = lists.shape
+    if T > n_keys: raise ValueError(f"list_stats: {T} query rows but n_keys={n_keys}")
+    nb = -(-n_keys // block_size)
+    qb = (torch.arange(n_keys - T, n_keys, device=lists.device) // block_size).view(1, T, 1, 1)
+    idx = lists.long()
+    sel = torch.where((idx > qb - local_blocks) & (idx <= qb), -1, idx)
+    first = int(((qb.view(-1) + 1) > K).nonzero()[0]) if bool(((qb.view(-1) + 1) > K).any()) else T
+    out = dict(rows=T - first, distances=list(distances), tiles=list(tiles))
+    for name, x in (('full', idx), ('sel', sel)):
+        bm = _list_bitmap(x.permute(0, 2, 1, 3).reshape(B * Hkv, T, K)[:, first:], nb)   # (T', R, nb)
+        n = bm.shape[0]
+        size = bm.sum(-1).float()
+        out[f'{name}_size'] = float(size.mean()) if n else float('nan')
+        ov = []
+        for dd in distances:
+            if dd >= n: ov.append(float('nan')); continue
+            inter = (bm[:-dd] & bm[dd:]).sum(-1).float().sum()
+            ov.append(float(inter / size[:-dd].sum().clamp(min=1)))
+        out[f'{name}_overlap'] = ov
+        for tt in tiles:
+            m = n // tt
+            out[f'{name}_union_tile{tt}'] = (float(bm[:m * tt].view(m, tt, *bm.shape[1:]).any(1).sum(-1).float().mean())
+                                             if m else float('nan'))
+    return out
+
+# %% ../../nbs/11c_sparse_prefill.ipynb #6a722f87
+def goal_verdict(ratio, goal, strict=False):
+    """(verdict, margin) of a speed ratio (baseline / ours) against a goal (None: no goal). verdict: 'met',
+    'missed', 'no goal' or 'not measured' (ratio NaN/None); margin: ratio / goal when met, goal / ratio (the factor
+    still missing) when missed, None otherwise. strict: the goal is 'faster than' (ratio > goal, not >=)."""
+    if ratio is None or ratio != ratio: return 'not measured', None
+    if goal is None: return 'no goal', None
+    if goal <= 0: raise ValueError(f"goal must be > 0 or None, got {goal!r}")
+    ok = ratio > goal if strict else ratio >= goal
+    return ('met', ratio / goal) if ok else ('missed', goal / ratio)
+
+
+def _num(x):
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else float('nan')
+
+
+def _k(n):
+    "A length as the issue writes it: 131072 -> '128K' (short ones as they are)."
+    n = int(n)
+    return f'{n // 1024}K' if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _get(d, *keys):
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def issue12_rows(res):
+    """The rows of issue 12's table from a `kernels/bench_issue12.py` result dict -> list of dicts: group, row,
+    ours, baseline, unit, ratio (baseline / ours), goal, strict, verdict, margin. Goals (the issue's): prefill @128K
+    per-token lists >= 5.25x dense; backward @128K >= 4.4x; our forward faster than FlexAttention on the same lists
+    (32K-128K); decode step @128K >= 3x dense in a CUDA graph, >= 2x eager; selection <= the attention kernel; model
+    forward >= 1.3x @32K, >= 2x @128K; cached decoding faster than dense @32K and @128K."""
+    rows = []
+
+    def add(group, row, ours, base, unit, goal=None, strict=False, note=None):
+        o, b = _num(ours), _num(base)
+        ratio = b / o if o == o and b == b and o > 0 else float('nan')
+        v, m = goal_verdict(ratio, goal, strict)
+        rows.append(dict(group=group, row=row, ours=o, baseline=b, unit=unit, ratio=ratio, goal=goal, strict=strict,
+                         verdict=v, margin=m, note=note))
+    att = res.get('attention', {})
+    for n in sorted(att, key=int, reverse=True):
+        A = att[n]
+        if not isinstance(A, dict): continue
+        K = _k(n)
+        big = int(n) >= 131072
+        dense = A.get('dense_cudnn_fwd_ms')
+        S, B, T, C = (A.get(s, {}) for s in ('random', 'block_shared', 'trained', 'structured'))
+        add('prefill', f'prefill @{K}, per-token lists (a: random q/k): stage 1 + top-k + band fwd vs dense cuDNN',
+            S.get('prefill_ms'), dense, 'ms', 5.25 if big else None)
+        add('prefill', f'prefill @{K}, block-shared lists (stage 1 + top-k + fwd on one list per 64 queries)',
+            B.get('prefill_ms'), dense, 'ms')
+        if T: add('prefill', f'prefill @{K}, per-token lists (b: SmolLM2 trained lists on the 8B shape)',
+                  T.get('prefill_ms'), dense, 'ms', 5.25 if big else None)
+        if C: add('prefill', f'prefill @{K}, per-token lists (c: synthetic structured q/k, not a model)',
+                  C.get('prefill_ms'), dense, 'ms', 5.25 if big else None)
+        add('forward', f'sparse fwd alone @{K}, per-token lists (a), band kernel vs dense cuDNN fwd',
+            S.get('fwd_band_ms'), dense, 'ms')
+        add('forward', f'sparse fwd vs FlexAttention @{K}, same per-token lists (a)', S.get('fwd_band_ms'),
+            _get(S, 'flex', 'ms'), 'ms', 1.0, True)
+        gen, band = _num(B.get('fwd_general_ms')), _num(B.get('fwd_band_ms'))
+        best = min(x for x in (gen, band, float('inf')) if x == x)
+        add('forward', f'sparse fwd vs FlexAttention @{K}, same block-shared lists', best if best < float('inf') else None,
+            _get(B, 'flex', 'ms'), 'ms', 1.0, True, note='ours = the faster of the general and band kernels '
+            f'(general {gen:.1f}, band {band:.1f} ms)')
+        if T: add('forward', f'sparse fwd vs FlexAttention @{K}, same per-token lists (b: trained)',
+                  T.get('fwd_band_ms'), _get(T, 'flex', 'ms'), 'ms', 1.0, True)
+        if 'bwd_band_ms' in S or 'dense_cudnn_bwd_ms' in A:
+            add('backward', f'sparse bwd @{K}, per-token lists (a) vs dense cuDNN bwd', S.get('bwd_band_ms'),
+                A.get('dense_cudnn_bwd_ms'), 'ms', 4.4 if big else None)
+    for n, R in sorted(res.get('decode', {}).items(), key=lambda kv: -int(kv[0])):
+        if not isinstance(R, dict): continue
+        K = _k(n)
+        add('decode', f'decode step @{K} (selection + attention), CUDA graph vs cuDNN SDPA', R.get('step_graph_us'),
+            R.get('dense_graph_us'), 'us', 3.0)
+        add('decode', f'decode step @{K}, eager vs cuDNN SDPA eager', R.get('step_eager_us'), R.get('dense_eager_us'),
+            'us', 2.0)
+        add('decode', f'decode step @{K}: its selection kernels vs its attention kernels (profiler; goal: '
+            'selection <= attention)', R.get('step_select_us'), R.get('step_attention_us'), 'us', 1.0)
+        add('decode', f'decode attention alone @{K} (sparse_decode on given lists) vs cuDNN SDPA, CUDA graphs',
+            R.get('attention_graph_us'), R.get('dense_graph_us'), 'us')
+        add('decode', f'decode selection alone (decode_select) vs sparse_decode alone @{K}, CUDA graphs',
+            R.get('select_graph_us'), R.get('attention_graph_us'), 'us')
+    goals = {32768: 1.3, 131072: 2.0}
+    for n, R in sorted(res.get('model', {}).items(), key=lambda kv: int(kv[0])):
+        if not isinstance(R, dict): continue
+        add('model', f"8B-shape model forward @{_k(n)}, sparse vs dense (est. 32 layers from "
+            f"{R.get('layers')})", R.get('sparse_est32_ms'), R.get('dense_est32_ms'), 'ms', goals.get(int(n)),
+            note=f"measured {_num(R.get('x_measured')):.2f}x; free-attention ceiling "
+                 f"{_num(R.get('x_ceiling_free_attention')):.2f}x")
+        spl, head = R.get('sparse_split_per_layer'), _num(R.get('head_ms'))
+        for src, what in (('trained', 'b: SmolLM2 trained lists'), ('structured', 'c: synthetic structured q/k')):
+            pre = _num(_get(att, n, src, 'prefill_ms'))
+            if isinstance(spl, dict) and pre == pre:      # derived: the model layer with that source's prefill
+                est = 32 * (_num(R.get('sparse_layer_ms')) - _num(spl.get('attention')) + pre) + head
+                add('model', f"8B-shape model forward @{_k(n)} with the ({what}) prefill in place of its own attention "
+                    "(derived, not a model run)", est, R.get('dense_est32_ms'), 'ms',
+                    note=f'32 x (sparse layer - its attention + {pre:.1f} ms) + LM head')
+    sd = _get(res, 'static_decode', 'rows') or {}
+    for n in sorted((k for k in sd if str(k).isdigit()), key=int):
+        R = sd[n]
+        if not isinstance(R, dict): continue
+        K = _k(n)
+        g = 1.0 if int(n) >= 32768 else None
+        add('cached decoding', f'8B-shape cached decoding @{K}: static sparse graph vs static dense stack (ms/token)',
+            R.get('static_sparse_graph_ms'), R.get('static_dense_stack_ms'), 'ms', g, True)
+        add('cached decoding', f'8B-shape cached decoding @{K}: model eager loop, sparse vs dense (ms/token)',
+            R.get('model_eager_sparse_ms'), R.get('model_eager_dense_ms'), 'ms')
+    for n, R in sorted((res.get('smollm2') or {}).items(), key=lambda kv: int(kv[0])):
+        if not isinstance(R, dict): continue
+        srcs = [s_ for s_ in ('trained', 'random') if isinstance(R.get(s_), dict) and R[s_]]
+        pre = all('prefill_ms' in R[s_] for s_ in srcs)         # the same quantity for both sources
+        for src in srcs:
+            X = R[src]
+            what = 'prefill (stage 1 + top-k + band)' if pre else 'band fwd'
+            add('SmolLM2 shape', f"SmolLM2 shape (9/3 heads, d 64) @{_k(n)}, {src} lists: {what} vs dense",
+                X.get('prefill_ms' if pre else 'fwd_band_ms'), R.get('dense_cudnn_fwd_ms'), 'ms')
+    return rows
+
+
+def format_issue12_rows(rows, notes=True):
+    "A markdown table of `issue12_rows` (+ the rows' notes below it)."
+    out = ['| what | ours | baseline | ratio | goal | verdict |', '|---|---|---|---|---|---|']
+    for r in rows:
+        u = r['unit']
+        g = '' if r['goal'] is None else (f"> {r['goal']:g}x" if r['strict'] else f">= {r['goal']:g}x")
+        v = r['verdict'] + ('' if r['margin'] is None else
+                            f" ({r['margin']:.2f}x {'over' if r['verdict'] == 'met' else 'short'})")
+        out.append(f"| {r['row']} | {r['ours']:.4g} {u} | {r['baseline']:.4g} {u} | {r['ratio']:.2f}x | {g} | {v} |")
+    if notes: out += [''] + [f"- {r['row']}: {r['note']}" for r in rows if r.get('note')]
+    return '\n'.join(out)

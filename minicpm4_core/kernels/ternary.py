@@ -22,8 +22,8 @@ import triton.language as tl
 from ._common import BACKENDS, _warn_once, interpreter_active, num_sms, resolve_backend  # noqa: F401
 
 # %% auto #0
-__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'SPLIT_TARGET', 'DECODE_KERNEL', 'ternary_bytes', 'packed_cols', 'pack_ternary',
-           'unpack_ternary', 'dequantize_ternary', 'ternary_matmul_ref', 'TernaryConfig', 'pick_config',
+__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'SPLIT_TARGET', 'DECODE_KERNEL', 'MVS_TILE', 'MVS_PER_SM', 'ternary_bytes', 'packed_cols',
+           'pack_ternary', 'unpack_ternary', 'dequantize_ternary', 'ternary_matmul_ref', 'TernaryConfig', 'pick_config',
            'kernel_scales', 'ternary_dequantize', 'ternary_matmul']
 
 # %% ../../nbs/51_ternary_kernel.ipynb #82e732f5
@@ -441,6 +441,148 @@ def _ternary_mvtc_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, K4, 
             tl.atomic_xchg(tile, 0)
 
 
+# %% ../../nbs/51_ternary_kernel.ipynb #f4a0b1c3
+@triton.jit
+def _mvs_x(x_ptr, base, offs_w, lim, K, B: tl.constexpr, EVEN: tl.constexpr):
+    "Activations of byte B of each word of the step (W,) float32: x[base + 4 w + B], zero from `lim` words or column K on."
+    k = base + 4 * offs_w + B
+    if EVEN:
+        return tl.load(x_ptr + k).to(tl.float32)
+    return tl.load(x_ptr + k, mask=(offs_w < lim) & (k < K), other=0.).to(tl.float32)
+
+@triton.jit
+def _mvs_x64(x_ptr, base, offs_w, lim, K, EVEN: tl.constexpr):
+    "bf16 x seen as int64: the four activations of each word of the step (W,) in one 8-byte load (base: multiple of 4)."
+    if EVEN:
+        return tl.load(x_ptr + base // 4 + offs_w)
+    return tl.load(x_ptr + base // 4 + offs_w, mask=(offs_w < lim) & (base + 4 * offs_w < K), other=0)
+
+
+@triton.jit
+def _mvs_dec(v):
+    "Four bf16 packed in an int64 (little-endian) -> four float32, exactly (a bf16 is the top half of a float32)."
+    lo = v.to(tl.int32)
+    hi = (v >> 32).to(tl.int32)
+    return ((lo << 16).to(tl.float32, bitcast=True), (lo & -65536).to(tl.float32, bitcast=True),
+            (hi << 16).to(tl.float32, bitcast=True), (hi & -65536).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _mvs_x4(x_ptr, base, offs_w, lim, K, EVEN: tl.constexpr):
+    "The four activations of each word of the step (bytes 0..3), (W,) float32 each, by scalar loads (any dtype)."
+    x0 = _mvs_x(x_ptr, base, offs_w, lim, K, 0, EVEN)
+    x1 = _mvs_x(x_ptr, base, offs_w, lim, K, 1, EVEN)
+    x2 = _mvs_x(x_ptr, base, offs_w, lim, K, 2, EVEN)
+    x3 = _mvs_x(x_ptr, base, offs_w, lim, K, 3, EVEN)
+    return x0, x1, x2, x3
+
+@triton.jit
+def _mvs_pair(acc, v, xh, xl, magic, MASK: tl.constexpr, SHR: tl.constexpr):
+    """The codes at bits MASK (after a right shift SHR) of both 16-bit halves of v, at bit b: one LOP3 makes the bf16
+    pair (1 + c_hi 2^(b-7), 1 + c_lo 2^(b-7)); read as a float32 it is the hi value + (0x3F80 + c_lo 2^b) / 2^23,
+    shifted left by 16 exactly the lo value. Returns acc + xh * pair + xl * (pair << 16): two FFMAs."""
+    if SHR > 0:
+        p = ((v >> SHR) & MASK) | magic
+    else:
+        p = (v & MASK) | magic
+    acc = acc + xh[None, :] * p.to(tl.float32, bitcast=True)
+    return acc + xl[None, :] * (p << 16).to(tl.float32, bitcast=True)
+
+@triton.jit
+def _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, I: tl.constexpr):
+    """Plane I of the step's words: bytes (0, 2) from wt, bytes (1, 3) from wb = wt >> 8, activations x0..x3 (W,).
+    The codes sit at bits b = 2I (I < 3) or, shifted right by 2, at b = 4 (I = 3): their activations are scaled by
+    F = 2^(7-b) (exact), the lo ones less xh / 65536 (which cancels the stray low half of the float32 pair). Adds to cx
+    what the plane adds to acc besides sum x q: F x + 16128 / 2^23 F x_hi + x."""
+    F: tl.constexpr = 128.0 if I == 0 else (32.0 if I == 1 else 8.0)
+    MASK: tl.constexpr = 0x00030003 if I == 0 else (0x000C000C if I == 1 else 0x00300030)
+    SHR: tl.constexpr = 2 if I == 3 else 0
+    cx += (x0 + x1) * (F + 1.0) + (x2 + x3) * (F * (1.0 + 16128.0 / 8388608.0) + 1.0)
+    h2 = x2 * F
+    h3 = x3 * F
+    acc = _mvs_pair(acc, wt, h2, x0 * F - h2 * (1.0 / 65536), magic, MASK, SHR)
+    return _mvs_pair(acc, wb, h3, x1 * F - h3 * (1.0 / 65536), magic, MASK, SHR), cx
+
+# %% ../../nbs/51_ternary_kernel.ipynb #f4a0b1c4
+@triton.jit
+def _ternary_mvs_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, K4, stride_wn, stride_sn, words_per_split,
+                        split_k, magic, BLOCK_N: tl.constexpr, W: tl.constexpr, X64: tl.constexpr,
+                        EVEN: tl.constexpr):
+    """y[n] = s[n] sum_k W[n, k] x[k] for one row x (K,); w_ptr: the packed bytes as int32 words (N, K4 // 4), stride_wn
+    in words; one scale per row (stride_sn = 1) or per tensor (0); X64: x is bf16 passed as int64 (4 per load).
+    A program: BLOCK_N rows x W words per step (16-byte loads along the row), the next step's words (and with X64 its
+    activations) loaded one iteration ahead; grid (cdiv(N, BLOCK_N), split_k), split-K partials reduced by the last program of a row tile."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, W)
+    mask_n = offs_n < N
+    KW = K4 // 4
+    w_lo = pid_k * words_per_split
+    w_hi = tl.minimum(w_lo + words_per_split, KW)
+    rows = w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :]
+    acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+    cx = tl.zeros((W,), dtype=tl.float32)       # per word slot: what acc holds besides sum x q (see the end)
+    if EVEN:
+        wt = tl.load(rows + tl.minimum(w_lo, KW - W))
+    else:
+        wt = tl.load(rows + w_lo, mask=mask_n[:, None] & (w_lo + offs_w[None, :] < w_hi), other=0)
+    if X64:
+        wf = tl.minimum(w_lo, KW - W) if EVEN else w_lo
+        v0 = _mvs_x64(x_ptr, 4 * wf, offs_w, w_hi - wf, K, EVEN)
+        v1 = _mvs_x64(x_ptr, K4 + 4 * wf, offs_w, w_hi - wf, K, EVEN)
+        v2 = _mvs_x64(x_ptr, 2 * K4 + 4 * wf, offs_w, w_hi - wf, K, EVEN)
+        v3 = _mvs_x64(x_ptr, 3 * K4 + 4 * wf, offs_w, w_hi - wf, K, EVEN)
+    for w0 in range(w_lo, w_hi, W):
+        if EVEN:
+            wn = tl.load(rows + tl.minimum(w0 + W, w_hi - W))
+        else:
+            wn = tl.load(rows + w0 + W, mask=mask_n[:, None] & (w0 + W + offs_w[None, :] < w_hi), other=0)
+        lim = w_hi - w0
+        wb = wt >> 8
+        if X64:   # the next step's activations, an iteration ahead (waited for in the step: time ~ steps, not bytes)
+            wx = tl.minimum(w0 + W, w_hi - W) if EVEN else w0 + W
+            n0 = _mvs_x64(x_ptr, 4 * wx, offs_w, w_hi - wx, K, EVEN)
+            n1 = _mvs_x64(x_ptr, K4 + 4 * wx, offs_w, w_hi - wx, K, EVEN)
+            n2 = _mvs_x64(x_ptr, 2 * K4 + 4 * wx, offs_w, w_hi - wx, K, EVEN)
+            n3 = _mvs_x64(x_ptr, 3 * K4 + 4 * wx, offs_w, w_hi - wx, K, EVEN)
+            x0, x1, x2, x3 = _mvs_dec(v0)
+            acc, cx = _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, 0)
+            x0, x1, x2, x3 = _mvs_dec(v1)
+            acc, cx = _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, 1)
+            x0, x1, x2, x3 = _mvs_dec(v2)
+            acc, cx = _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, 2)
+            x0, x1, x2, x3 = _mvs_dec(v3)
+            acc, cx = _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, 3)
+            v0, v1, v2, v3 = n0, n1, n2, n3
+        else:
+            x0, x1, x2, x3 = _mvs_x4(x_ptr, 4 * w0, offs_w, lim, K, EVEN)
+            acc, cx = _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, 0)
+            x0, x1, x2, x3 = _mvs_x4(x_ptr, K4 + 4 * w0, offs_w, lim, K, EVEN)
+            acc, cx = _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, 1)
+            x0, x1, x2, x3 = _mvs_x4(x_ptr, 2 * K4 + 4 * w0, offs_w, lim, K, EVEN)
+            acc, cx = _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, 2)
+            x0, x1, x2, x3 = _mvs_x4(x_ptr, 3 * K4 + 4 * w0, offs_w, lim, K, EVEN)
+            acc, cx = _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, 3)
+        wt = wn
+    # acc = sum_planes F x + x c + 16128 / 2^23 F x_hi, cx = sum_planes F x + 16128 / 2^23 F x_hi + x: acc - cx = sum x q
+    t = tl.sum(acc, axis=1) - tl.sum(cx, axis=0)
+    out = t * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.).to(tl.float32)
+    if split_k == 1:
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(ws_ptr + pid_k * N + offs_n, out, mask=mask_n)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem='acq_rel', scope='gpu')
+        if done == split_k - 1:
+            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(0, split_k, 8):       # 8 independent loads in flight per iteration (a serial chain: ~10 us)
+                for j in tl.static_range(8):
+                    tot += tl.load(ws_ptr + (k0 + j) * N + offs_n, mask=mask_n & (offs_n * 0 + k0 + j < split_k),
+                                   other=0.0, cache_modifier='.cg')
+            tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
 # %% ../../nbs/51_ternary_kernel.ipynb #a3bdd301
 @triton.jit
 def _ternary_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, K4, stride_wn, stride_sn, stride_on,
@@ -512,13 +654,14 @@ def _ternary_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, K4, stride_xm, stride
         tl.atomic_add(y_ptr + m * stride_ym + offs_n, out, mask=mask_n)
 
 # %% ../../nbs/51_ternary_kernel.ipynb #ce4fc6cf
-KERNELS = ('mv', 'mvtc', 'mma', 'fma', 'dequant')
+KERNELS = ('mv', 'mvtc', 'mvs', 'mma', 'fma', 'dequant')
 
 
 @dataclass(frozen=True)
 class TernaryConfig:
     """One launch configuration. kernel: 'mv' (tensor cores, weights as the left operand; decode), 'mvtc' (M = 1: `mv` with
-    paired unpacking, x not staged), 'mma' (tensor
+    paired unpacking, x not staged), 'mvs' (M = 1: streaming CUDA-core GEMV, version 4; block_k = bytes per row per
+    step, num_stages unused), 'mma' (tensor
     cores, x as the left operand; any M), 'fma' (CUDA-core GEMV) or 'dequant' (unpack to x.dtype, then F.linear).
     n_acc: 1 or 4 accumulators (4 = one per plane; tiles of at most 32 rows)."""
     kernel: str = 'mv'
@@ -542,6 +685,8 @@ class TernaryConfig:
                              f"{self.block_m}, {self.block_n}, {self.block_k}")
         if self.split_k < 1:
             raise ValueError(f"split_k={self.split_k} must be >= 1")
+        if self.kernel == 'mvs' and self.block_k < 16:
+            raise ValueError(f"the 'mvs' kernel needs block_k >= 16 bytes (one 16-byte load per thread), got {self.block_k}")
         if self.n_acc not in (1, 4) or (self.n_acc == 4 and self.block_m > 32):
             raise ValueError(f"n_acc={self.n_acc}: accepted 1, or 4 with block_m <= 32")
 
@@ -551,12 +696,23 @@ _num_sms = num_sms   # shared launch helper (minicpm4_core.kernels._common)
 
 DEQUANT_MIN_M = 1024  # from M = DEQUANT_MIN_M on, unpack once and use cuBLAS
 SPLIT_TARGET = 2     # decode: split K while the grid stays within this many programs per SM (slices >= 2 tiles)
-DECODE_KERNEL = 'mv'  # M = 1 default: 'mv' (version 2) or 'mvtc' (version 3), whichever the H200 sweep found faster
+DECODE_KERNEL = 'mv'  # M = 1 default: 'mv' (v2), 'mvtc' (v3) or 'mvs' (v4), whichever the H200 sweep found faster
+MVS_TILE = (512, 32, 4)   # version 4: rows per program, bytes per row per step, warps
+MVS_PER_SM = 2            # version 4: split K until about this many programs per SM
 
 # %% ../../nbs/51_ternary_kernel.ipynb #51148798
 @functools.lru_cache(maxsize=4096)     # pure in its arguments: no dataclass construction per eager call
 def pick_config(M: int, N: int, K4: int, group_size: int = 0, n_sm: int = 132) -> TernaryConfig:
     "Default launch for x (M, K) @ W.T with W packed to (N, K4) bytes."
+    if M == 1 and DECODE_KERNEL == 'mvs' and not group_size and K4 % 4 == 0:
+        bn, bk, w = MVS_TILE
+        while bn > 64 and bn // 2 >= N:
+            bn //= 2
+        tiles, steps = -(-N // bn), -(-K4 // bk)
+        split = 1
+        while tiles * split < MVS_PER_SM * n_sm and split * 2 <= steps:
+            split *= 2
+        return TernaryConfig('mvs', 1, bn, bk, split, w, 1, 1)
     if M <= 16:
         bn, bk = 64, 128
         if group_size: bk = min(bk, group_size)
@@ -566,7 +722,7 @@ def pick_config(M: int, N: int, K4: int, group_size: int = 0, n_sm: int = 132) -
         if tiles >= 4:
             while n_ctas * split * 2 <= SPLIT_TARGET * n_sm and split * 2 <= tiles // 2:
                 split *= 2
-        return TernaryConfig(DECODE_KERNEL if M == 1 else 'mv', 16, bn, bk, split, 4, 3, 1)
+        return TernaryConfig(DECODE_KERNEL if M == 1 and DECODE_KERNEL != 'mvs' else 'mv', 16, bn, bk, split, 4, 3, 1)
     if M >= DEQUANT_MIN_M:
         return TernaryConfig('dequant', 1, 64, 64, 1, 4, 1)
     bk = 64 if not group_size else min(64, group_size)
@@ -598,6 +754,9 @@ def _tile_counters(dev, n: int) -> torch.Tensor:
     return c
 
 # %% ../../nbs/51_ternary_kernel.ipynb #3a77e732
+_MVS_MAGIC = 0x3F803F80   # the bf16 pair (1, 1) of version 4, passed as an argument (a literal costs a MOV per LOP3)
+
+
 def _launch(x2, qweight, s, y, K, K4, group_size, cfg: TernaryConfig):
     M, N = x2.shape[0], qweight.shape[0]
     bk = cfg.block_k if not group_size else min(cfg.block_k, group_size)
@@ -609,6 +768,20 @@ def _launch(x2, qweight, s, y, K, K4, group_size, cfg: TernaryConfig):
                                  y.stride(0), GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
                                  SPLIT_K=cfg.split_k, EVEN=even, INTERP=interpreter_active(), NACC=cfg.n_acc,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif cfg.kernel == 'mvs':
+        W = cfg.block_k // 4
+        KW = K4 // 4
+        split = max(1, min(cfg.split_k, triton.cdiv(KW, W)))
+        wps = triton.cdiv(KW, split * W) * W
+        grid = (triton.cdiv(N, cfg.block_n), split)
+        ws = torch.empty(split, N, device=x2.device, dtype=torch.float32) if split > 1 else y
+        cnt = _tile_counters(x2.device, grid[0]) if split > 1 else y
+        x64 = x2.dtype == torch.bfloat16 and K % 4 == 0 and x2.data_ptr() % 8 == 0
+        xa = x2.reshape(-1).view(torch.int64) if x64 else x2
+        _ternary_mvs_kernel[grid](xa, qweight.view(torch.int32), s, y, ws, cnt, N, K, K4, qweight.stride(0) // 4,
+                                  s_stride, wps, split, _MVS_MAGIC, BLOCK_N=cfg.block_n, W=W, X64=x64,
+                                  EVEN=N % cfg.block_n == 0 and KW % W == 0 and K == 4 * K4,
+                                  num_warps=cfg.num_warps, num_stages=1)
     elif cfg.kernel == 'mvtc':
         grid = (triton.cdiv(N, cfg.block_n), 1, cfg.split_k)
         ws = torch.empty(cfg.split_k, N, device=x2.device, dtype=torch.float32) if cfg.split_k > 1 else y
@@ -683,6 +856,11 @@ def ternary_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     qweight = qweight.contiguous()
     s = kernel_scales(scale, N, K4, group_size)
     cfg = config or pick_config(M, N, K4, group_size, _num_sms(x.device))
+    if cfg.kernel == 'mvs' and (M != 1 or K4 % 4 or qweight.storage_offset() % 4 or group_size):
+        # it reads the rows as int32 words and has one scale per row or tensor
+        if config is not None and M != 1:
+            raise ValueError(f"config.kernel='mvs' handles M=1 only, got M={M}")
+        cfg = TernaryConfig('mv', 16, 64, 128, cfg.split_k, 4, 3, 1)
     if cfg.kernel == 'mvtc' and (M != 1 or K4 % 4 or qweight.storage_offset() % 4 or x2.dtype == torch.float32):
         # its operands are 16-bit and it reads the rows as int32 words
         if config is not None and M != 1:
@@ -691,7 +869,7 @@ def ternary_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     if cfg.kernel == 'dequant':
         w = ternary_dequantize(qweight, s, K, group_size, x2.dtype, cfg)
         return torch.nn.functional.linear(x2, w).view(*lead, N)
-    if cfg.split_k > 1 and cfg.kernel != 'mv':
+    if cfg.split_k > 1 and cfg.kernel not in ('mv', 'mvs'):   # the atomic split-K kernels: zero-fill, then cast
         y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
         _launch(x2, qweight, s, y, K, K4, group_size, cfg)
         y = y.to(x.dtype)

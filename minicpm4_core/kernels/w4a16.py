@@ -18,12 +18,13 @@ import triton
 import triton.language as tl
 
 # one interpreter test and one set of warn-once keys for all kernel modules
-from ._common import BACKENDS, interpreter_active, num_sms, resolve_backend  # noqa: F401 (re-exported)
+from ._common import BACKENDS, _warn_once, interpreter_active, num_sms, resolve_backend  # noqa: F401 (re-exported)
 
 # %% auto #0
-__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'DECODE_KERNEL', 'w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size',
-           'dequantize_w4', 'w4a16_matmul_naive', 'W4A16Config', 'default_config', 'w4a16_dequantize', 'w4a16_matmul',
-           'random_w4', 'self_check']
+__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'DECODE_KERNEL', 'GEMVS_MIN_N', 'BATCH_KERNEL', 'GEMVS_TILE', 'GEMVS_PER_SM',
+           'GEMVS_MAX_SPLIT', 'w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size', 'dequantize_w4',
+           'w4a16_matmul_naive', 'W4A16Config', 'default_config', 'w4a16_dequantize', 'w4a16_matmul', 'random_w4',
+           'self_check']
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #2b12b3f0
 def w4a16_bytes(M: int, K: int, N: int, group_size: int = 128, act_bytes: int = 2) -> dict:
@@ -410,6 +411,271 @@ def _w4a16_gemv_tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr,
             tl.atomic_xchg(lock_ptr + pid_n, 0)
 
 
+# %% ../../nbs/71_w4a16_kernel.ipynb #e5a1b2c4
+@triton.jit
+def _gemvs_row(qw_ptr, offs_n, mask_n, row, last_row, stride_qk, EVEN_N: tl.constexpr):
+    "Word row `row` (clamped to `last_row`, the split's last) of the program's columns: (BLOCK_N,) int32, 16-byte loads."
+    p = qw_ptr + tl.minimum(row, last_row) * stride_qk + offs_n
+    if EVEN_N:
+        return tl.load(p)
+    else:
+        return tl.load(p, mask=mask_n, other=0)
+
+
+@triton.jit
+def _w4_pairs(w, mask, magic):
+    """The four planes of the words w as bf16 pairs: plane i is `((w >> 4i) & 0x000F000F) | 0x43004300` = (128 + q_hi,
+    128 + q_lo) (codes 4 + i and i), one LOP3 (+ one SHF). Read as a float32 the pair is 128 + q_hi + (0x4300 + q_lo)
+    / 65536 (f_i), shifted left by 16 exactly 128 + q_lo (g_i). Returns f0, g0, ..., f3, g3 (BLOCK_N,) float32."""
+    p0 = (w & mask) | magic
+    p1 = ((w >> 4) & mask) | magic
+    p2 = ((w >> 8) & mask) | magic
+    p3 = ((w >> 12) & mask) | magic
+    return (p0.to(tl.float32, bitcast=True), (p0 << 16).to(tl.float32, bitcast=True),
+            p1.to(tl.float32, bitcast=True), (p1 << 16).to(tl.float32, bitcast=True),
+            p2.to(tl.float32, bitcast=True), (p2 << 16).to(tl.float32, bitcast=True),
+            p3.to(tl.float32, bitcast=True), (p3 << 16).to(tl.float32, bitcast=True))
+
+# %% ../../nbs/71_w4a16_kernel.ipynb #e5a1b2c5
+@triton.jit
+def _gemvs_dot(t, sx, sxh, xb, valid, f0, g0, f1, g1, f2, g2, f3, g3, MASKED: tl.constexpr):
+    """One activation row's share of a word row: the 8 activations at xb (scalar loads: the same address in every
+    thread; zeros where not `valid`, a padding row of the batch), t += x_hi f_i + (x_lo - x_hi / 65536) g_i (8 FFMAs:
+    the -x_hi/65536 cancels f's stray low half), and the sums sx (all 8) and sxh (the 4 hi codes) for the correction."""
+    if MASKED:
+        xh0 = tl.load(xb + 4, mask=valid, other=0.).to(tl.float32)
+        xh1 = tl.load(xb + 5, mask=valid, other=0.).to(tl.float32)
+        xh2 = tl.load(xb + 6, mask=valid, other=0.).to(tl.float32)
+        xh3 = tl.load(xb + 7, mask=valid, other=0.).to(tl.float32)
+        xl0 = tl.load(xb + 0, mask=valid, other=0.).to(tl.float32)
+        xl1 = tl.load(xb + 1, mask=valid, other=0.).to(tl.float32)
+        xl2 = tl.load(xb + 2, mask=valid, other=0.).to(tl.float32)
+        xl3 = tl.load(xb + 3, mask=valid, other=0.).to(tl.float32)
+    else:
+        xh0 = tl.load(xb + 4).to(tl.float32)
+        xh1 = tl.load(xb + 5).to(tl.float32)
+        xh2 = tl.load(xb + 6).to(tl.float32)
+        xh3 = tl.load(xb + 7).to(tl.float32)
+        xl0 = tl.load(xb + 0).to(tl.float32)
+        xl1 = tl.load(xb + 1).to(tl.float32)
+        xl2 = tl.load(xb + 2).to(tl.float32)
+        xl3 = tl.load(xb + 3).to(tl.float32)
+    hs = xh0 + xh1 + xh2 + xh3
+    sx += hs + xl0 + xl1 + xl2 + xl3
+    sxh += hs
+    t = t + xh0 * f0
+    t = t + (xl0 - xh0 * (1.0 / 65536)) * g0
+    t = t + xh1 * f1
+    t = t + (xl1 - xh1 * (1.0 / 65536)) * g1
+    t = t + xh2 * f2
+    t = t + (xl2 - xh2 * (1.0 / 65536)) * g2
+    t = t + xh3 * f3
+    t = t + (xl3 - xh3 * (1.0 / 65536)) * g3
+    return t, sx, sxh
+
+
+@triton.jit
+def _bf16x4(v):
+    "Four bf16 packed in an int64 (little-endian) -> four float32, exactly (a bf16 is the top half of a float32)."
+    lo = v.to(tl.int32)
+    hi = (v >> 32).to(tl.int32)
+    return ((lo << 16).to(tl.float32, bitcast=True), (lo & -65536).to(tl.float32, bitcast=True),
+            (hi << 16).to(tl.float32, bitcast=True), (hi & -65536).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _gemvs_dot_v(t, sx, sxh, xa, xb, f0, g0, f1, g1, f2, g2, f3, g3):
+    """`_gemvs_dot` with the word row's 8 bf16 activations already in registers as two int64 (xa: rows 8r..8r+3, the
+    lo codes; xb: rows 8r+4..8r+7, the hi codes)."""
+    xl0, xl1, xl2, xl3 = _bf16x4(xa)
+    xh0, xh1, xh2, xh3 = _bf16x4(xb)
+    hs = xh0 + xh1 + xh2 + xh3
+    sx += hs + xl0 + xl1 + xl2 + xl3
+    sxh += hs
+    t = t + xh0 * f0
+    t = t + (xl0 - xh0 * (1.0 / 65536)) * g0
+    t = t + xh1 * f1
+    t = t + (xl1 - xh1 * (1.0 / 65536)) * g1
+    t = t + xh2 * f2
+    t = t + (xl2 - xh2 * (1.0 / 65536)) * g2
+    t = t + xh3 * f3
+    t = t + (xl3 - xh3 * (1.0 / 65536)) * g3
+    return t, sx, sxh
+
+
+@triton.jit
+def _gemvs_out(acc, m, M, pid_k, split_k, offs_n, mask_n, N, y_ptr, stride_ym, ws_ptr):
+    "Row m's result: straight to y without split, else the split's partial to the workspace (split, M, N)."
+    if split_k == 1:
+        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n & (offs_n * 0 + m < M))
+    else:
+        tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, acc, mask=mask_n & (offs_n * 0 + m < M))
+
+
+@triton.jit
+def _gemvs_reduce(m, M, split_k, offs_n, mask_n, N, y_ptr, stride_ym, ws_ptr):
+    "The last split of a column tile adds the partials of row m."
+    tot = tl.zeros(offs_n.shape, dtype=tl.float32)
+    valid = mask_n & (offs_n * 0 + m < M)
+    for s0 in range(0, split_k, 8):       # 8 independent loads in flight per iteration (a serial chain: ~10 us)
+        for j in tl.static_range(8):
+            tot += tl.load(ws_ptr + ((s0 + j) * M + m) * N + offs_n, mask=valid & (offs_n * 0 + s0 + j < split_k), other=0.,
+                           cache_modifier='.cg')
+    tl.store(y_ptr + m * stride_ym + offs_n, tot.to(y_ptr.dtype.element_ty), mask=mask_n & (offs_n * 0 + m < M))
+
+# %% ../../nbs/71_w4a16_kernel.ipynb #e5a1b2c6
+@triton.jit
+def _w4a16_gemvs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr,
+                        M, N, K, k_per_split, split_k, stride_xm, stride_ym, stride_qk, stride_sg, stride_zg, mask,
+                        magic, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, DEPTH: tl.constexpr, EVEN_N: tl.constexpr, X64: tl.constexpr):
+    # x (M, K), M <= BLOCK_M <= 4, unit stride along K; qweight (K//8, N) int32; scales (K//G, N); qzeros (K//G, N//8)
+    # int32; y (M, N). BLOCK_K divides G. A step is BLOCK_K rows = R word rows, unrolled; the word row DEPTH rows ahead
+    # is loaded before each row's math; the unpacked pairs serve all BLOCK_M activation rows. X64 (M = 1, bf16 x,
+    # BLOCK_K <= 32): x passed as int64 (4 activations each), the next step's activations loaded a step ahead.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    R: tl.constexpr = BLOCK_K // 8
+    MASKED: tl.constexpr = BLOCK_M > 1
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    zshift = (offs_n % 8) * 4
+    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    last = tl.maximum(k_hi // 8 - 1, 0)
+    r0 = k_lo // 8
+    w0 = _gemvs_row(qw_ptr, offs_n, mask_n, r0, last, stride_qk, EVEN_N)
+    if X64 and DEPTH > 0:   # the first step's activations: word row r is int64 2r (its rows 8r..8r+3) and 2r + 1 (8r+4..8r+7)
+        xr = x_ptr + 2 * (tl.minimum(k_lo, K - BLOCK_K) // 8)
+        xa0 = tl.load(xr)
+        xb0 = tl.load(xr + 1)
+        xa1 = xa0
+        xb1 = xb0
+        xa2 = xa0
+        xb2 = xb0
+        xa3 = xa0
+        xb3 = xb0
+        if R > 1:
+            xa1 = tl.load(xr + 2)
+            xb1 = tl.load(xr + 3)
+        if R > 2:
+            xa2 = tl.load(xr + 4)
+            xb2 = tl.load(xr + 5)
+            xa3 = tl.load(xr + 6)
+            xb3 = tl.load(xr + 7)
+    w1 = w0
+    w2 = w0
+    if DEPTH >= 2:
+        w1 = _gemvs_row(qw_ptr, offs_n, mask_n, r0 + 1, last, stride_qk, EVEN_N)
+    if DEPTH >= 3:
+        w2 = _gemvs_row(qw_ptr, offs_n, mask_n, r0 + 2, last, stride_qk, EVEN_N)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        g = k0 // GROUP
+        if EVEN_N:
+            s = tl.load(s_ptr + g * stride_sg + offs_n).to(tl.float32)
+            zw = tl.load(z_ptr + g * stride_zg + offs_n // 8)
+        else:
+            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.).to(tl.float32)
+            zw = tl.load(z_ptr + g * stride_zg + offs_n // 8, mask=mask_n, other=0)
+        t0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        t1 = t0
+        t2 = t0
+        t3 = t0
+        sx0 = 0.0
+        sx1 = 0.0
+        sx2 = 0.0
+        sx3 = 0.0
+        sh0 = 0.0
+        sh1 = 0.0
+        sh2 = 0.0
+        sh3 = 0.0
+        if X64 and DEPTH > 0:   # the next step's activations, a step ahead (waited for in the step they cost ~0.5 us per row)
+            xr = x_ptr + 2 * (tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K) // 8)
+            ya0 = tl.load(xr)
+            yb0 = tl.load(xr + 1)
+            ya1 = ya0
+            yb1 = yb0
+            ya2 = ya0
+            yb2 = yb0
+            ya3 = ya0
+            yb3 = yb0
+            if R > 1:
+                ya1 = tl.load(xr + 2)
+                yb1 = tl.load(xr + 3)
+            if R > 2:
+                ya2 = tl.load(xr + 4)
+                yb2 = tl.load(xr + 5)
+                ya3 = tl.load(xr + 6)
+                yb3 = tl.load(xr + 7)
+        for r in tl.static_range(R):
+            w = w0
+            if DEPTH == 0:        # no register window: Triton's pipeliner stages the rows (cp.async, num_stages)
+                w = _gemvs_row(qw_ptr, offs_n, mask_n, k0 // 8 + r, last, stride_qk, EVEN_N)
+            nxt = _gemvs_row(qw_ptr, offs_n, mask_n, k0 // 8 + r + DEPTH, last, stride_qk, EVEN_N)
+            if DEPTH <= 1:
+                w0 = nxt
+            elif DEPTH == 2:
+                w0 = w1
+                w1 = nxt
+            else:
+                w0 = w1
+                w1 = w2
+                w2 = nxt
+            f0, g0, f1, g1, f2, g2, f3, g3 = _w4_pairs(w, mask, magic)
+            xb = x_ptr + k0 + 8 * r
+            if X64 and DEPTH == 0:
+                xa = tl.load(x_ptr + 2 * (k0 // 8 + r))
+                xc = tl.load(x_ptr + 2 * (k0 // 8 + r) + 1)
+                t0, sx0, sh0 = _gemvs_dot_v(t0, sx0, sh0, xa, xc, f0, g0, f1, g1, f2, g2, f3, g3)
+            elif X64:
+                xa = xa0 if r == 0 else (xa1 if r == 1 else (xa2 if r == 2 else xa3))
+                xc = xb0 if r == 0 else (xb1 if r == 1 else (xb2 if r == 2 else xb3))
+                t0, sx0, sh0 = _gemvs_dot_v(t0, sx0, sh0, xa, xc, f0, g0, f1, g1, f2, g2, f3, g3)
+            else:
+                t0, sx0, sh0 = _gemvs_dot(t0, sx0, sh0, xb, 0 < M, f0, g0, f1, g1, f2, g2, f3, g3, MASKED)
+            if BLOCK_M > 1:
+                t1, sx1, sh1 = _gemvs_dot(t1, sx1, sh1, xb + stride_xm, 1 < M, f0, g0, f1, g1, f2, g2, f3, g3, MASKED)
+            if BLOCK_M > 2:
+                t2, sx2, sh2 = _gemvs_dot(t2, sx2, sh2, xb + 2 * stride_xm, 2 < M, f0, g0, f1, g1, f2, g2, f3, g3,
+                                          MASKED)
+            if BLOCK_M > 3:
+                t3, sx3, sh3 = _gemvs_dot(t3, sx3, sh3, xb + 3 * stride_xm, 3 < M, f0, g0, f1, g1, f2, g2, f3, g3,
+                                          MASKED)
+        # t = sum x (128 + q) + 17024/65536 sum xh (exact algebra): subtract (128 + z) sum x and the constant
+        z = ((zw >> zshift) & 0xF).to(tl.float32)
+        acc0 += (t0 - (128.0 * sx0 + (17024.0 / 65536.0) * sh0) - z * sx0) * s
+        if BLOCK_M > 1:
+            acc1 += (t1 - (128.0 * sx1 + (17024.0 / 65536.0) * sh1) - z * sx1) * s
+        if BLOCK_M > 2:
+            acc2 += (t2 - (128.0 * sx2 + (17024.0 / 65536.0) * sh2) - z * sx2) * s
+        if BLOCK_M > 3:
+            acc3 += (t3 - (128.0 * sx3 + (17024.0 / 65536.0) * sh3) - z * sx3) * s
+        if X64 and DEPTH > 0:
+            xa0, xb0, xa1, xb1, xa2, xb2, xa3, xb3 = ya0, yb0, ya1, yb1, ya2, yb2, ya3, yb3
+    _gemvs_out(acc0, 0, M, pid_k, split_k, offs_n, mask_n, N, y_ptr, stride_ym, ws_ptr)
+    if BLOCK_M > 1:
+        _gemvs_out(acc1, 1, M, pid_k, split_k, offs_n, mask_n, N, y_ptr, stride_ym, ws_ptr)
+    if BLOCK_M > 2:
+        _gemvs_out(acc2, 2, M, pid_k, split_k, offs_n, mask_n, N, y_ptr, stride_ym, ws_ptr)
+    if BLOCK_M > 3:
+        _gemvs_out(acc3, 3, M, pid_k, split_k, offs_n, mask_n, N, y_ptr, stride_ym, ws_ptr)
+    if split_k > 1:
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem='acq_rel', scope='gpu')
+        if arrived == split_k - 1:
+            _gemvs_reduce(0, M, split_k, offs_n, mask_n, N, y_ptr, stride_ym, ws_ptr)
+            if BLOCK_M > 1:
+                _gemvs_reduce(1, M, split_k, offs_n, mask_n, N, y_ptr, stride_ym, ws_ptr)
+            if BLOCK_M > 2:
+                _gemvs_reduce(2, M, split_k, offs_n, mask_n, N, y_ptr, stride_ym, ws_ptr)
+            if BLOCK_M > 3:
+                _gemvs_reduce(3, M, split_k, offs_n, mask_n, N, y_ptr, stride_ym, ws_ptr)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
+
 # %% ../../nbs/71_w4a16_kernel.ipynb #056a809d
 @triton.jit
 def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg, stride_zg, stride_wk, m0, m1, m2, m3,
@@ -439,15 +705,25 @@ def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg, str
              mask=mask_n[None, :])
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #4da5003b
-KERNELS = ('gemv', 'gemv16', 'gemvtc', 'gemm', 'dequant')
+KERNELS = ('gemv', 'gemv16', 'gemvtc', 'gemvs', 'gemm', 'dequant')
 DEQUANT_MIN_M = 256    # rows from which prefill dequantizes once and calls cuBLAS (tuned on the device)
-DECODE_KERNEL = 'gemvtc'  # M = 1 default: 'gemv' (kernel 1) or 'gemvtc' (kernel 4), whichever the H200 sweep found faster
+DECODE_KERNEL = 'gemvtc'  # M = 1 default: 'gemv' (kernel 1), 'gemvtc' (kernel 4) or 'gemvs' (kernel 5), the H200's fastest
+GEMVS_MIN_N = 8192        # ... except kernel 5 from this many columns on (H200: 16.4 us vs gemvtc 20.8 at 4096 x 16384;
+                          # slower than gemvtc at 16384 x 4096, 4096 x 4096, 4096 x 256); 0 = never
+BATCH_KERNEL = 'gemm'     # M = 2..4 default: 'gemm' (kernel 2) or 'gemvs' (kernel 5), whichever the H200 sweep found faster
+# kernel 5's tiles (block_n, block_k cap, warps, prefetch depth) at M = 1 and M = 2..4 (H200 sweep: n256 k32 w1 d2
+# split 32 the best at 4096 x 16384), its programs per SM and its largest split
+GEMVS_TILE = {1: (256, 32, 1, 2), 4: (1024, 16, 4, 2)}
+GEMVS_PER_SM = 15
+GEMVS_MAX_SPLIT = 32      # the last split of a column tile adds all partials: more splits, a longer tail
+_GEMVS_FAILED: list = []  # kernel 5 failed to compile or launch as a default (said once): defaults avoid it
 
 
 @dataclass(frozen=True)
 class W4A16Config:
     """Kernel choice and tiling: 'gemv' (M = 1, float32 magic), 'gemv16' (M = 1, fp16-lane magic), 'gemvtc' (M = 1,
-    tensor cores, block_k >= 64 dividing the group), 'gemm' (tiles
+    tensor cores, block_k >= 64 dividing the group), 'gemvs' (M <= 4, streaming CUDA-core GEMV, kernel 5;
+    num_stages = its register prefetch depth in word rows), 'gemm' (tiles
     dequantized in registers), 'dequant' (write the 16-bit weight with (block_k, block_n) tiles, then torch.matmul)."""
     kernel: str = 'gemm'
     block_m: int = 16
@@ -473,6 +749,10 @@ class W4A16Config:
         if self.kernel == 'gemvtc' and (self.block_k < 64 or self.block_n < 16 * self.num_warps):
             raise ValueError(f"W4A16Config: kernel 'gemvtc' needs block_k >= 64 and block_n >= 16 * num_warps "
                              f"(one 16-row MMA tile per warp), got {self}")
+        if self.kernel == 'gemvs' and (self.block_n < 128 * self.num_warps or self.num_stages > 3 or self.block_k > 32):
+            raise ValueError(f"W4A16Config: kernel 'gemvs' needs block_n >= 128 * num_warps (a 16-byte load per thread "
+                             f"along n), num_stages (its prefetch depth in word rows) <= 3 and block_k <= 32 (at most "
+                             f"4 word rows per step), got {self}")
         if self.kernel == 'dequant' and self.split_k != 1:
             raise ValueError(f"W4A16Config: kernel 'dequant' has no split_k (got {self.split_k})")
 
@@ -495,6 +775,24 @@ def _pick_split(tiles: int, K: int, block_k: int, sms: int, per_sm: float = 2) -
     return split
 
 
+def _gemvs_config(M: int, N: int, K: int, G: int, sms: int) -> W4A16Config:
+    """Kernel 5 for M <= 4: the `GEMVS_TILE` of M; fewer warps (same words per thread) while the columns are too few
+    to fill ~`GEMVS_PER_SM` programs per SM with at most `GEMVS_MAX_SPLIT` splits, then split K (>= one step each)."""
+    bn, bk, w, d = GEMVS_TILE[1 if M == 1 else 4]
+    bk = _largest_pow2_divisor(G, bk)
+    want = GEMVS_PER_SM * sms * (1 if w == 1 else 1 / w)    # programs (of `w` warps) wanted
+    while w > 1 and (bn // 2 >= N or triton.cdiv(N, bn) * GEMVS_MAX_SPLIT < want):
+        bn, w = bn // 2, w // 2
+        want = GEMVS_PER_SM * sms / w
+    while bn > 128 and bn // 2 >= N:                         # one warp: fewer words per thread for tiny N
+        bn //= 2
+    tiles = triton.cdiv(N, bn)
+    split = 1
+    while tiles * split < want and K // (split * 2) >= bk and split < GEMVS_MAX_SPLIT:
+        split *= 2
+    return W4A16Config('gemvs', 1, bn, bk, split, w, d)
+
+
 @functools.lru_cache(maxsize=4096)     # pure in its arguments; saves ~10 us of Python per eager decode call
 def default_config(M: int, N: int, K: int, group_size: int = 128, device=None,
                    dequant_min_m: int = DEQUANT_MIN_M) -> W4A16Config:
@@ -503,6 +801,9 @@ def default_config(M: int, N: int, K: int, group_size: int = 128, device=None,
     sms = _num_sms(device)
     if M >= dequant_min_m:
         return W4A16Config('dequant', 1, 64, _largest_pow2_divisor(G, 64), 1, 4, 1)
+    if G % 16 == 0 and not _GEMVS_FAILED and ((M == 1 and (DECODE_KERNEL == 'gemvs' or 0 < GEMVS_MIN_N <= N))
+                                             or (2 <= M <= 4 and BATCH_KERNEL == 'gemvs')):
+        return _gemvs_config(M, N, K, G, sms)
     if M == 1 and DECODE_KERNEL == 'gemvtc' and G % 64 == 0:   # tensor cores: block_k divides the group, >= 64 rows
         bk = _largest_pow2_divisor(G, 128)
         bn = 128 if N >= 2048 else 64
@@ -526,6 +827,7 @@ def default_config(M: int, N: int, K: int, group_size: int = 128, device=None,
 # %% ../../nbs/71_w4a16_kernel.ipynb #0d579f81
 _LOCKS: dict = {}
 _MAGIC = tuple((150 - 4 * jj) << 23 for jj in range(4))   # float32 bits of 2^23, 2^19, 2^15, 2^11
+_PAIR = (0x000F000F, 0x43004300)   # kernel 5: code mask and the bf16 pair (128, 128), passed as arguments (see kernel 5)
 
 
 def _lock_buffer(device, n: int) -> torch.Tensor:
@@ -560,6 +862,15 @@ def _check_w4a16_args(x, qweight, scales, qzeros, group_size):
     return K, N, G
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #5c6a3fe4
+def _gemvs_launch(x2, x64, qweight, scales, qzeros, y, ws, lock, M, N, K, k_per_split, split, G, cfg, tiles):
+    "Kernel 5's launch (x2 (M, K), y (M, N); ws (split, M, N) when split > 1)."
+    _w4a16_gemvs_kernel[(tiles, split)](x2.reshape(-1).view(torch.int64) if x64 else x2, qweight, scales, qzeros, y, ws,
+                                        lock, M, N, K, k_per_split, split, x2.stride(0), y.stride(0), qweight.stride(0),
+                                        scales.stride(0), qzeros.stride(0), *_PAIR, GROUP=G, BLOCK_M=M,
+                                        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DEPTH=cfg.num_stages,
+                                        EVEN_N=N % cfg.block_n == 0, X64=x64, num_warps=cfg.num_warps, num_stages=1)
+
+
 def _dequant_launch(qweight, scales, qzeros, G: int, dtype, cfg: W4A16Config) -> torch.Tensor:
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     if G % cfg.block_k: raise ValueError(f"config.block_k={cfg.block_k} must divide group_size={G}")
@@ -611,6 +922,8 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
         raise ValueError(f"config.block_k={cfg.block_k} must divide group_size={G}")
     if cfg.kernel in ('gemv', 'gemv16', 'gemvtc') and M != 1:
         raise ValueError(f"config.kernel={cfg.kernel!r} handles M=1 only, got M={M}")
+    if cfg.kernel == 'gemvs' and M > 4:
+        raise ValueError(f"config.kernel='gemvs' handles M <= 4 (one accumulator per row), got M={M}")
     if cfg.kernel == 'gemvtc' and x.dtype == torch.float32:   # its operands are 16-bit: float32 x takes kernel 1
         cfg = W4A16Config('gemv', 1, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
     if cfg.kernel == 'dequant':
@@ -634,6 +947,22 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
                                               qweight.stride(0), scales.stride(0), qzeros.stride(0), GROUP=G,
                                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_N=N % cfg.block_n == 0,
                                               INTERP=interpreter_active(_w4a16_gemv_tc_kernel), **launch)
+    elif cfg.kernel == 'gemvs':
+        tiles = triton.cdiv(N, cfg.block_n)
+        ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else y
+        lock = _lock_buffer(x.device, tiles)
+        # bf16 x read 4 activations per int64 (M = 1, 8-byte aligned), a step ahead
+        x64 = M == 1 and x.dtype == torch.bfloat16 and x2.data_ptr() % 8 == 0
+        try:
+            _gemvs_launch(x2, x64, qweight, scales, qzeros, y, ws, lock, M, N, K, k_per_split, split, G, cfg, tiles)
+        except Exception as e:    # a default choice (the newest kernel) must not take the caller down: say so, avoid it
+            if config is not None:
+                raise
+            _GEMVS_FAILED.append(f"{type(e).__name__}: {e}"[:500])
+            _warn_once('w4a16 gemvs', f"w4a16_matmul: kernel 5 (gemvs) failed as a default ({_GEMVS_FAILED[-1]}); "
+                                      f"the defaults use the other kernels from now on")
+            default_config.cache_clear()
+            return w4a16_matmul(x, qweight, scales, qzeros, G, backend='triton', out=out, dequant_min_m=dequant_min_m)
     elif cfg.kernel == 'gemv16':
         tiles = triton.cdiv(N, cfg.block_n)
         ws = torch.empty((split, N), dtype=torch.float32, device=x.device) if split > 1 else y
@@ -674,7 +1003,8 @@ def self_check(shapes=((1, 256, 72), (3, 256, 64), (16, 384, 128), (33, 128, 64)
         x = torch.randn(M, K, device=device, generator=torch.Generator(device).manual_seed(seed + i)).to(dtype)
         ref = x.double() @ dequantize_w4(qw, s, qz, group_size, torch.float64)
         for cfg in (configs or [None]):
-            if cfg is not None and cfg.kernel in ('gemv', 'gemv16', 'gemvtc') and M != 1:
+            if cfg is not None and ((cfg.kernel in ('gemv', 'gemv16', 'gemvtc') and M != 1)
+                                    or (cfg.kernel == 'gemvs' and M > 4)):
                 continue
             y = torch.full((M, N), float('nan'), dtype=dtype, device=device)     # poisoned: every element must be written
             w4a16_matmul(x, qw, s, qz, group_size, backend='triton', config=cfg, out=y)
