@@ -876,9 +876,12 @@ def plot(res: dict):
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, 2, figsize=(12, 4.2))
     rows = [r for r in res['rows'] if r['batch'] == 1 and r.get('decode_tok_s')]
+    # one colour per configuration, one line style per shape: 14 series would repeat a 10-colour cycle
+    colour = {c: f'C{i % 10}' for i, c in enumerate(sorted({r['config'] for r in res['rows']}))}
+    style = {s: st for s, st in zip(sorted({r['shape'] for r in res['rows']}), ('s--', 'o-', '^:', 'v-.'))}
     for key in sorted({(r['shape'], r['config']) for r in rows}):
         d = sorted((r['context'], r['decode_tok_s']) for r in rows if (r['shape'], r['config']) == key)
-        axs[0].plot(*zip(*d), 'o-', label=' '.join(key))
+        axs[0].plot(*zip(*d), style.get(key[0], 'o-'), color=colour[key[1]], label=' '.join(key), ms=4)
     axs[0].set(xscale='log', xlabel='context (tokens)', ylabel='decode tokens/s (batch 1)', title='decode speed')
     axs[0].legend(fontsize=6)
     rf = [r for r in res['rows'] if 'roofline_fraction' in r]
@@ -886,7 +889,8 @@ def plot(res: dict):
         cfgs = sorted({r['config'] for r in rf})
         for i, cfg in enumerate(cfgs):
             d = [r for r in rf if r['config'] == cfg]
-            axs[1].scatter([r['bytes_per_token'] / 1e6 for r in d], [r['roofline_fraction'] for r in d], label=cfg, s=14)
+            axs[1].scatter([r['bytes_per_token'] / 1e6 for r in d], [r['roofline_fraction'] for r in d], label=cfg, s=14,
+                           color=colour[cfg])
         axs[1].set(xscale='log', xlabel='MB read per token', ylabel='fraction of copy bandwidth', title='roofline')
         axs[1].legend(fontsize=6)
     else:

@@ -28,8 +28,8 @@ from .static_decode import (BatchStaticDecoder, StaticDecoder, bucket_sizes, che
 from .static_sparse import StaticSparseDecoder
 
 # %% auto #0
-__all__ = ['dequantized_weight', 'quant_linear', 'convert_quant', 'Engine', 'eager_prefill', 'static_prefill', 'sparse_prefill',
-           'load_draft', 'fast_refusal', 'generate_fast']
+__all__ = ['dequantized_weight', 'quant_linear', 'convert_quant', 'Engine', 'EagerSpec', 'eager_prefill', 'static_prefill',
+           'sparse_prefill', 'load_draft', 'fast_refusal', 'generate_fast']
 
 # %% ../nbs/80_engine.ipynb #656468bd
 def _quant_kind(m: nn.Module) -> str | None:
@@ -101,7 +101,8 @@ class Engine:
 
     dtype: cast the model (in place) first. quant: None | 'w4a16' | 'ternary' (packs the model in place when needed).
     sparse: 'auto' (the model's attention), 'dense' (force dense attention), or True (require an InfLLM v2 model).
-    spec: None or (draft, vocab_ids) for FR-Spec (greedy, batch 1, dense context). chunk: prefill chunk length.
+    spec: None or (draft, vocab_ids) for FR-Spec (greedy, batch 1; `FastSpec`'s graphs while the context stays dense,
+    `EagerSpec` (the model's own tree verification, eager) for an InfLLM v2 target past dense_len). chunk: prefill chunk length.
     backend: 'auto' | 'static' | 'eager' (tests force one). length_mode / min_bucket: the static stack's attended length
     ('static': all max_len slots, one CUDA graph; 'bucket': buckets min_bucket * 2^i, one graph each; `bucket_sizes`).
     decode_kernel: the static stack's one-token attention ('auto': split-K `dense_decode` reading the length on the
@@ -156,8 +157,42 @@ def _engine_check_spec(self: Engine, spec, kw: dict):
     if isinstance(vocab, FreqVocab): vocab = vocab.ids
     if self.sparse == 'dense' and self.config.sparse_config is not None:
         raise ValueError("spec with sparse='dense' on an InfLLM v2 model is not supported")
+    if self.sparse_static():
+        # FastSpec's static target attends densely; past dense_len each tree node needs its own InfLLM v2 selection,
+        # which the model's forward computes (`speculative_generate`): correct, but eager (no graphs)
+        return EagerSpec(draft, vocab.to(self.model.device) if vocab is not None else None, kw)
     return FastSpec(self.model, draft, vocab.to(self.model.device) if vocab is not None else None,
                     max_len=self.max_len, graphs=self.graphs, **kw)
+
+class EagerSpec:
+    """FR-Spec of an engine whose InfLLM v2 target goes sparse within max_len: greedy tree (or chain) drafting, and
+    verification through the model's own forward (`speculative_generate`), whose tree attention gives each node the
+    selection the model's cached decoding would make. kw: FastSpec's (method, gamma, depth, topk, tree_size)."""
+    KEYS = dict(method='tree', gamma=4, depth=5, topk=4, tree_size=16)      # FastSpec's defaults
+
+    def __init__(self, draft, vocab_ids, kw: dict):
+        bad = sorted(set(kw) - set(self.KEYS))
+        if bad: raise ValueError(f"spec_kw: unknown {bad}; accepted: {sorted(self.KEYS)}")
+        from minicpm4_core.frspec import check_spec_args
+        self.draft, self.vocab_ids, self.kw = draft, vocab_ids, {**self.KEYS, **kw}
+        k = self.kw
+        check_spec_args(k['method'], k['gamma'], k['depth'], k['topk'], k['tree_size'], 0.0, 1,
+                        None if vocab_ids is None else len(vocab_ids))
+        self.N, self.D = (k['gamma'], k['gamma']) if k['method'] == 'chain' else (k['tree_size'], k['depth'])
+        self.last_stats = {}
+        print("Engine: FR-Spec over an InfLLM v2 target past dense_len verifies its trees through the model's own "
+              "forward (eager; FastSpec's CUDA graphs attend densely)")
+
+    def generate(self, model, prompt, max_new_tokens: int) -> list[int]:
+        "Greedy new tokens (exactly max_new_tokens, as FastSpec: no early stop). Stats in .last_stats."
+        from minicpm4_core.frspec import SpecStats, speculative_generate
+        st = SpecStats()
+        toks = speculative_generate(model, self.draft, prompt, max_new_tokens, vocab_ids=self.vocab_ids,
+                                    stop_ids=[], stats=st, **self.kw)[:max_new_tokens]
+        self.last_stats = dict(rounds=st.rounds, tokens=len(toks), mean_accept_length=st.mean_accept_length,
+                               histogram=st.histogram(), path='eager')
+        return toks
+
 
 Engine._check_spec = _engine_check_spec
 
@@ -414,7 +449,7 @@ Engine.generate = _engine_generate
 
 # %% ../nbs/80_engine.ipynb #6550adec
 def _spec_generate(self: Engine, rows, max_new_tokens: int, temperature: float, stop: list[int]) -> list[list[int]]:
-    "FR-Spec through FastSpec: greedy, batch 1; stops are applied to its output."
+    "FR-Spec through FastSpec (or EagerSpec past dense_len): greedy, batch 1; stops are applied to its output."
     if temperature != 0: raise ValueError("spec decoding in the engine is greedy: pass temperature=0")
     if len(rows) != 1: raise ValueError(f"spec decoding in the engine takes one prompt, got {len(rows)}")
     fs = self.spec
@@ -422,7 +457,8 @@ def _spec_generate(self: Engine, rows, max_new_tokens: int, temperature: float, 
     if need > self.max_len:
         raise ValueError(f"prompt + max_new_tokens + draft tree = {need} slots > max_len={self.max_len}")
     with self._mode():
-        toks = fs.generate(rows[0], max_new_tokens)
+        toks = fs.generate(self.model, rows[0], max_new_tokens) if isinstance(fs, EagerSpec) else \
+            fs.generate(rows[0], max_new_tokens)
     self.spec_stats = fs.last_stats
     return [_cut(toks, stop)]
 

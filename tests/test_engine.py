@@ -736,3 +736,26 @@ def test_frspec_over_a_packed_target(quant, torch_kernels):
     ref = m.generate([p], 20, stop_ids=[], fast=False)                  # the packed model's own loop
     assert spec.generate([p], 20, stop_ids=[]) == ref == Engine(m, 96).generate([p], 20, stop_ids=[])
     assert spec.spec_stats['tokens'] >= 20
+
+
+@pytest.mark.parametrize('quant', [None, 'w4a16'])
+def test_frspec_over_a_sparse_target_past_dense_len(quant, torch_kernels):
+    """FR-Spec in the engine over an InfLLM v2 target that goes sparse (dense_len 16 < a 20-token prompt + 20 new):
+    EagerSpec verifies each tree through the model's forward; greedy == the model's own loop, packed linears or not."""
+    from minicpm4_core.engine import EagerSpec
+    from minicpm4_core.frspec import EagleDraft, frequent_ids
+    m = model_of(72, sparse_config=SPARSE)
+    torch.manual_seed(72)
+    draft = EagleDraft(m.config).eval()
+    vocab = frequent_ids(torch.rand(97), 48, force_ids=[2])
+    p = prompts_of(72, (20,))[0]
+    eng = Engine(m, 96, quant=quant, spec=(draft, vocab), spec_kw=dict(depth=3, topk=3, tree_size=8))
+    assert isinstance(eng.spec, EagerSpec) and eng.quant == quant
+    ref = m.generate([p], 20, stop_ids=[], fast=False)
+    assert eng.generate([p], 20, stop_ids=[]) == ref
+    st = eng.spec_stats
+    assert st['tokens'] == 20 and st['path'] == 'eager' and 1 <= st['rounds'] <= 19 and st['mean_accept_length'] >= 1
+    with pytest.raises(ValueError, match=r"spec_kw: unknown \['share'\]"):
+        Engine(m, 96, spec=(draft, vocab), spec_kw=dict(share=None))
+    with pytest.raises(ValueError, match='prompt \\+ max_new_tokens \\+ draft tree'):
+        eng.generate([p], 70, stop_ids=[])
