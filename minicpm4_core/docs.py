@@ -241,7 +241,11 @@ def render_page(url: str, png=None, width: int = 1280, height: int = 1400, budge
     exe = chromium()
     if exe is None: raise FileNotFoundError("no Chromium found: apt-get install -y chromium")
     with tempfile.TemporaryDirectory() as prof:
+        # no background networking, component updates, sync or QUIC: on a machine without network access Chromium
+        # otherwise retries refused connections, and one CI run saw a page hang past the 120 s timeout
         cmd = [exe, '--headless', '--no-sandbox', '--disable-gpu', '--hide-scrollbars', f'--user-data-dir={prof}',
+               '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic',
+               '--no-first-run',
                '--enable-logging=stderr', '--log-level=0', '--v=0', f'--virtual-time-budget={budget_ms}',
                f'--window-size={width},{height}', f'--screenshot={png}' if png else '--dump-dom', url]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
