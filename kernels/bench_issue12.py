@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sparse_model as bsm  # noqa: E402  (this folder: structured_qk, flex_per_token, build_model, band_check)
 
 from minicpm4_core import infllmv2 as iv  # noqa: E402
-from minicpm4_core.bench import cuda_graph_time, env_stamp, event_time, roofline_ceilings  # noqa: E402
+from minicpm4_core.bench import cuda_graph_time, env_stamp, event_time, kernel_times, roofline_ceilings  # noqa: E402
 from minicpm4_core.io import atomic_write_json  # noqa: E402
 from minicpm4_core.kernels import sparse as sk  # noqa: E402
 from minicpm4_core.kernels import sparse_prefill as sp  # noqa: E402
@@ -348,7 +348,7 @@ def decode_rows(N, dev, a):
             attempt(f'{name}_graph_us', lambda fns=fns: 1e3 * cuda_graph_time(fns, reps=20), R)
         for name, fns in (('step', ds), ('dense', de)):
             attempt(f'{name}_eager_us', lambda fns=fns: 1e3 * timeit(lambda: [f() for f in fns], 200, 10) / nrot, R)
-        attempt('step_kernels_us', lambda: step_kernels(ds), R)
+        attempt('step_kernels_us', lambda: kernel_times(ds), R)
         ks_ = R.get('step_kernels_us')
         if isinstance(ks_, dict):      # the step's own kernels: selection (stage-1 logits, pooling, top-k) vs attention
             R['step_select_us'] = sum(v['us'] * v['per_step'] for k_, v in ks_.items() if _is_select(k_))
@@ -362,20 +362,6 @@ def _is_attn(name): return name.startswith('_dec') and ('attn' in name or 'combi
 def _is_select(name): return name.startswith('_dec') and not _is_attn(name)
 
 
-def step_kernels(fns, n=5):
-    "GPU us per launch of each kernel of a decode step (torch.profiler, eager) and launches per step."
-    from torch.profiler import ProfilerActivity, profile
-    for f in fns: f()
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            for f in fns: f()
-        sync()
-    out = {}
-    for e in prof.key_averages():
-        t = getattr(e, 'device_time_total', None) or getattr(e, 'cuda_time_total', 0)
-        if t and e.count: out[e.key[:60]] = dict(us=t / e.count, per_step=e.count / (n * len(fns)))
-    return out
 
 
 # -------------------------------------------------------------------------------------------------- model rows

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from minicpm4_core import infllmv2 as iv
 from minicpm4_core import kernels as sk
-from minicpm4_core.bench import cuda_graph_time, env_stamp, event_time, roofline_ceilings, run_dir
+from minicpm4_core.bench import cuda_graph_time, env_stamp, event_time, kernel_times, roofline_ceilings, run_dir
 from minicpm4_core.io import atomic_write_json
 
 H, HKV, D, M, TOPK, INIT, LOCAL = 32, 2, 128, 64, 64, 1, 32
@@ -322,19 +322,7 @@ def bench_length(N, dev, args):
         t = time.perf_counter() - t0; sync()
         return 1e6 * t / (n * len(fns))
 
-    def kernel_us(fns, n=5):   # GPU time per launch of each kernel of a step (torch.profiler, eager)
-        from torch.profiler import ProfilerActivity, profile
-        for f in fns: f()
-        sync()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(n):
-                for f in fns: f()
-            sync()
-        out = {}
-        for e in prof.key_averages():
-            t = getattr(e, 'device_time_total', None) or getattr(e, 'cuda_time_total', 0)
-            if t and e.count: out[e.key[:60]] = dict(us=round(t / e.count, 2), per_step=e.count / (n * len(fns)))
-        return out
+    def kernel_us(fns, n=5): return kernel_times(fns, n, ndigits=2)   # GPU us per launch of each kernel (profiler, eager)
 
     attempt('decode_step_graph_us', lambda: 1e3 * graph_time(ds_fns), R)      # selection + attention, one step
     if not args.smoke and torch.cuda.is_available() and args.dec_sweep != 'none':

@@ -25,8 +25,8 @@ from .io import atomic_write_json, read_json
 
 # %% auto #0
 __all__ = ['RESULTS_ENV', 'cpu_time', 'l2_bytes', 'flush_l2', 'copies_beyond_l2', 'event_time', 'cuda_graph_time', 'device_time',
-           'device_tag', 'git_commit', 'env_stamp', 'roofline_ceilings', 'results_root', 'run_name', 'run_dir',
-           'write_result', 'stored_result', 'load_result']
+           'kernel_times', 'device_tag', 'git_commit', 'env_stamp', 'roofline_ceilings', 'results_root', 'run_name',
+           'run_dir', 'write_result', 'stored_result', 'load_result']
 
 # %% ../nbs/09_bench.ipynb #37a5cb26
 def _calls(fns) -> list:
@@ -138,6 +138,28 @@ def device_time(fns, device=None, inner: int | None = None, reps: int = 20) -> f
     "`cuda_graph_time` on a CUDA device, `cpu_time` elsewhere (the eager fallback): median ms per call."
     dev = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     return cuda_graph_time(fns, inner, reps) if dev.type == 'cuda' else cpu_time(fns, inner, reps)
+
+# %% ../nbs/09_bench.ipynb #caf90bff
+def kernel_times(fns, n: int = 5, ndigits: int | None = None) -> dict:
+    """Time per launch of each kernel (or op) of one eager pass over `fns`, from torch.profiler: {name[:60]:
+    dict(us=..., per_step=launches per fn call)}. GPU kernel time on CUDA, CPU op time elsewhere; one warm-up pass first."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for f in fns: f()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            for f in fns: f()
+        sync()
+    out = {}
+    for e in prof.key_averages():
+        t = (getattr(e, 'device_time_total', None) or getattr(e, 'cuda_time_total', 0)) if cuda else e.cpu_time_total
+        if t and e.count:
+            us = t / e.count
+            out[e.key[:60]] = dict(us=us if ndigits is None else round(us, ndigits), per_step=e.count / (n * len(fns)))
+    return out
+
 
 # %% ../nbs/09_bench.ipynb #e8c32bce
 def _device(device=None) -> torch.device:

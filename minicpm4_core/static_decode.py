@@ -70,16 +70,12 @@ def prep_layer(layer: MiniCPM4DecoderLayer) -> dict:
 
 
 def copy_fused(dst, src) -> None:
-    "Copy a fresh `prep_layer` entry into an existing one in place (a dense tensor or a fused packed module)."
+    """Copy a fresh `prep_layer` entry into an existing one in place: a dense tensor or a fused packed module (a copy:
+    `fuse_packed` marks it); the model's own modules (wo / wdown / unfused packed linears) need nothing."""
     if isinstance(dst, torch.Tensor): dst.copy_(src)
-    elif isinstance(dst, torch.nn.Module) and not _is_model_module(dst):
-        for k, b in dst.named_buffers():
-            if b is not None: b.copy_(dict(src.named_buffers())[k])
-
-
-def _is_model_module(m) -> bool:
-    "Whether a prep_layer entry is one of the model's own modules (not a copy): wo / wdown / unfused packed linears."
-    return getattr(m, '_fused_copy', False) is False
+    elif getattr(dst, '_fused_copy', False):
+        fresh = dict(src.named_buffers())                 # named_buffers skips the None `perm`
+        for k, b in dst.named_buffers(): b.copy_(fresh[k])
 
 
 def _lin(w, x):

@@ -126,3 +126,12 @@ def test_stored_results_layout():
         rel = p.relative_to(base).parts
         assert len(rel) >= 3 and re.fullmatch(r'[a-z0-9_]+', rel[0]) and B._RUN.match(rel[1]), p
     assert B.stored_result('infllmv2', 'bench_sparse_attention.json', 'h200', quiet=True) is not None
+
+
+def test_kernel_times_counts_launches_per_call():
+    "Per-op times from the profiler (CPU ops here): each fn's matmul once per call, the add twice per call of fns[1]."
+    from minicpm4_core.bench import kernel_times
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    ks = kernel_times([lambda: a @ b, lambda: (a + b) + b], n=3, ndigits=3)
+    assert ks['aten::mm']['per_step'] == pytest.approx(0.5) and ks['aten::add']['per_step'] == pytest.approx(1.0)
+    assert all(v['us'] > 0 and v['us'] == round(v['us'], 3) for v in ks.values())
