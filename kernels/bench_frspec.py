@@ -13,6 +13,7 @@ training loop. All decoding methods run through `FastSpec` (one CUDA graph per t
 
     python kernels/bench_frspec.py                       # GPU; writes kernels/results/frspec/<device>-<date>/
     python kernels/bench_frspec.py --smoke --out /tmp/frs    # CPU pipeline check, tiny shapes
+    python kernels/bench_frspec.py --round-profile --out DIR  # where a FastSpec round's time goes (random weights)
 
 (from the repository root, or anywhere after `pip install -e .`; timing and stamps come from `minicpm4_core.bench`)
 """
@@ -80,10 +81,21 @@ def main(argv=None):
     ap.add_argument('--skip-head', action='store_true')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--replot-head', metavar='JSON', help='only redraw frspec_lm_head.png from a frspec_lm_head.json')
+    ap.add_argument('--round-profile', action='store_true',
+                    help='only profile FastSpec rounds on random weights of the 0.5B shape (phases, kernels, host loop)')
+    ap.add_argument('--configs', default='tree6x8/32,tree8x8/48,chain4', help='--round-profile: spec configurations')
+    ap.add_argument('--prompt-len', type=int, default=128, help='--round-profile: prompt tokens')
+    ap.add_argument('--k', type=int, default=2048, help="--round-profile: the FR-Spec head's ids (the edge run's k)")
+    ap.add_argument('--round-only', default='', help='--round-profile: more configurations, round graph time only')
+    ap.add_argument('--time-box', type=float, default=80.0,
+                    help='--round-profile: start no configuration after this many seconds (round-only: +15 s)')
+    ap.add_argument('--int4', action='store_true', help='--round-profile: also the w4a16 target forward by rows')
+    ap.add_argument('--no-kernels', action='store_true', help='--round-profile: skip the torch.profiler kernel table')
     a = ap.parse_args(argv)
     dev = torch.device('cpu' if a.smoke or not torch.cuda.is_available() else 'cuda')
     out = Path(a.out) if a.out else run_dir('frspec', dev)
     out.mkdir(parents=True, exist_ok=True)
+    if a.round_profile: return round_profile(a, dev, out)
     if a.replot_head:
         j = json.loads(Path(a.replot_head).read_text())
         return plot_lm_head(j['rows'], out / 'frspec_lm_head.png', f"{j['device']}, torch {j['torch']}. {j.get('note', '')[:90]}")
@@ -224,6 +236,210 @@ def main(argv=None):
     save()
     plot(res, counts, out)
     log('done; wrote', out / 'frspec_e2e.json')
+    return res
+
+
+SPEC_KW = {'chain4': dict(method='chain', gamma=4), 'tree5x4/16': dict(method='tree', depth=5, topk=4, tree_size=16),
+           'tree6x8/32': dict(method='tree', depth=6, topk=8, tree_size=32),
+           'tree8x8/48': dict(method='tree', depth=8, topk=8, tree_size=48)}
+
+
+def _parse_spec(name):
+    "'chain4' / 'treeDxK/N' (the edge run's names) -> FastSpec keywords."
+    if name in SPEC_KW: return SPEC_KW[name]
+    if name.startswith('chain'): return dict(method='chain', gamma=int(name[5:]))
+    d, rest = name[4:].split('x'); k, n = rest.split('/')
+    return dict(method='tree', depth=int(d), topk=int(k), tree_size=int(n))
+
+
+def round_profile(a, dev, out):
+    """Where a FastSpec round's time goes, on random weights of the MiniCPM4-0.5B shape (the costs do not depend on
+    the weights: static shapes; acceptance does, and is not measured here). Per configuration: CUDA-graph replay ms of
+    the round and of its parts (each part replayed from the same state: catch-up, draft = catch-up + expand + best-N,
+    the target's verify forward, the whole verify phase), GPU kernel time per round from torch.profiler on an eager
+    round (launches, top kernels), and generate's loop: one host read per round vs queued rounds, eager vs graph
+    prefill (same outputs required). Baselines in the same run: the engine's plain graph step and its generate."""
+    from minicpm4_core.bench import cuda_graph_time, kernel_times
+    from minicpm4_core.engine import Engine
+    from minicpm4_core.static_decode import attend
+    t_start = time.time()
+    dt = torch.bfloat16 if dev.type == 'cuda' else torch.float32
+    cfg = MiniCPM4Config.minicpm4_0_5b() if not a.smoke else \
+        MiniCPM4Config.tiny(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=128, torch_dtype='float32')
+    with torch.device(dev): target = MiniCPM4ForCausalLM(cfg).to(dt).eval()
+    draft = S.EagleDraft(cfg).to(dev, dt).eval()
+    g = torch.Generator().manual_seed(a.seed)
+    vids = torch.randperm(cfg.vocab_size, generator=g)[:min(a.k, cfg.vocab_size)].sort().values.to(dev)
+    n_new = a.new
+    prompts = torch.randint(4, cfg.vocab_size, (a.prompts, a.prompt_len), generator=g).tolist()
+    Lt = -(-(a.prompt_len + n_new + 64) // 16) * 16                   # the edge run's engine size
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    gt = (lambda fn, inner=4, reps=10: cuda_graph_time(fn, inner, reps)) if dev.type == 'cuda' else \
+        (lambda fn, inner=1, reps=2: S.device_time(fn, dev, inner, reps))
+    res = dict(env_stamp(dev), args=vars(a), Lt=Lt, configs={})
+    save = lambda: atomic_write_json(out / 'round_profile.json', res, indent=1)
+
+    def wall(fn, reps=3):
+        ts = []
+        for _ in range(reps):
+            sync(); t0 = time.perf_counter(); fn(); sync(); ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2]
+
+    # baselines: the engine without speculation (what the edge run's x-factor divides by)
+    eng = Engine(target, Lt)
+    eng.generate([prompts[0]], n_new, stop_ids=[])
+    res['engine_plain_tok_s'] = a.prompts * n_new / sum(wall(lambda p=p: eng.generate([p], n_new, stop_ids=[]), 1)
+                                                        for p in prompts)
+    if eng._static is not None and dev.type == 'cuda': res['engine_plain_step_ms'] = eng._static.time_step()
+    del eng
+    plain = S.FastSpec(target, None, max_len=Lt)
+    plain.generate(prompts[0], 8, speculative=False)
+    res['fastspec_plain_step_ms'] = gt(lambda: plain._plain_step(), 8)      # its masked step (no split-K decode)
+    log(f"engine plain {res['engine_plain_tok_s']:.0f} tok/s, step {res.get('engine_plain_step_ms', 0):.3f} ms; "
+        f"FastSpec plain step {res['fastspec_plain_step_ms']:.3f} ms")
+    # the target's masked forward (a verify's) against its rows, and its LM head alone
+    ar, m0 = plain.ar, a.prompt_len
+    tid = torch.randint(4, cfg.vocab_size, (64,), generator=g).to(dev)
+    res['target_forward_ms'] = {}
+    for T in (1, 9, 17, 33, 49):
+        sl = m0 + ar[:T]
+        allowed = ar[None, :Lt] <= sl[:, None]
+        res['target_forward_ms'][T] = gt(lambda: plain.t.forward(tid[:T], sl, sl, allowed))
+    hx = torch.randn(33, cfg.hidden_size, device=dev, dtype=dt)
+    res['target_head_33_ms'] = gt(lambda: torch.nn.functional.linear(hx, plain.t.head_w).argmax(-1))
+    log('target masked forward ms by rows: ' + ', '.join(f"{T}: {v:.3f}" for T, v in res['target_forward_ms'].items())
+        + f"; head (33 rows) + argmax {res['target_head_33_ms']:.3f}")
+    save()
+    if a.int4:       # the same forward with the target packed to w4a16 (the int4 + spec verify: M = N+1 rows)
+        import copy as _copy
+        from minicpm4_core.engine import convert_quant
+        from minicpm4_core.static_decode import StaticDecoder
+        t4 = _copy.deepcopy(target)
+        convert_quant(t4, 'w4a16')
+        s4 = StaticDecoder(t4, Lt, graphs=False)
+        res['int4_target_forward_ms'] = {}
+        for T in (1, 9, 17, 33, 49):
+            sl = m0 + ar[:T]
+            allowed = ar[None, :Lt] <= sl[:, None]
+            try: res['int4_target_forward_ms'][T] = gt(lambda: s4.forward(tid[:T], sl, sl, allowed))
+            except Exception as ex: res['int4_target_forward_ms'][T] = repr(ex)[:200]
+        log('int4 target masked forward ms by rows: ' + ', '.join(
+            f"{T}: {v:.3f}" if isinstance(v, float) else f"{T}: {v}" for T, v in res['int4_target_forward_ms'].items()))
+        del s4, t4
+        save()
+
+    for name in a.configs.split(','):
+        if time.time() - t_start > a.time_box: log(f'time box: skipping {name}'); continue
+        kw = _parse_spec(name)
+        e = S.FastSpec(target, draft, vids, max_len=Lt, share=plain, **kw)
+        r = res['configs'][name] = dict(kw, D=e.D, k=e.k, N=e.N, C=e.C)
+        # generate: outputs and timings of the loop variants (random pair: acceptance ~1 token per round)
+        outs = {}
+        for qr, gp in ((False, False), (True, False), (True, True)):
+            e.queue_rounds, e.graph_prefill = qr, gp
+            e.generate(prompts[0], n_new)                                       # captures, untimed
+            secs, o, st = 0.0, [], []
+            for p in prompts:
+                sync(); t0 = time.perf_counter(); o.append(e.generate(p, n_new)); sync()
+                secs += time.perf_counter() - t0; st.append(e.last_stats)
+            rounds = sum(s['rounds'] for s in st)
+            key = f"{'queued' if qr else 'read_per_round'}{'+graph_prefill' if gp else ''}"
+            outs[key] = o
+            r[key] = dict(tok_s=len(prompts) * n_new / secs, ms_per_round=secs * 1e3 / rounds, rounds=rounds,
+                          accept=sum(s['mean_accept_length'] for s in st) / len(st),
+                          prefill_ms=1e3 * sum(s['prefill_s'] for s in st) / len(st),
+                          decode_ms_per_round=1e3 * sum(s['decode_s'] for s in st) / rounds,
+                          host_reads=sum(s['host_reads'] for s in st) / len(st))
+        first = next(iter(outs.values()))
+        r['loop_outputs_identical'] = all(v == first for v in outs.values())
+        r['tuning'] = e.tuning
+        # the parts, each a graph replayed from the state after a prefill
+        e.queue_rounds, e.graph_prefill = True, True
+        e._prefill(prompts[0])
+        state = [getattr(e, n) for n in e._STATE]
+        saved = [t.clone() for t in state]
+        restore = lambda: [t.copy_(v) for t, v in zip(state, saved)]
+        with torch.no_grad():
+            f_root, d1, m = S._fast_catchup(e); restore()
+            dr = S._fast_draft(e); restore()
+            fexp = [f_root.clone(), d1.clone(), m.clone()]
+            drs = [x.clone() for x in dr]
+            parts = {'restore': lambda: restore(),
+                     'round': lambda: (restore(), e._round()),
+                     'round_ref_expand': lambda: (setattr(e, 'lean_expand', False), restore(), e._round(),
+                                                  setattr(e, 'lean_expand', True)),
+                     'expand_ref': lambda: S._fast_expand_ref(e, *fexp),
+                     'draft': lambda: (restore(), S._fast_draft(e)),
+                     'catchup': lambda: (restore(), S._fast_catchup(e)),
+                     'expand': lambda: S._fast_expand(e, *fexp),
+                     'verify': lambda: (restore(), S._fast_verify(e, *drs)),
+                     'verify_forward': lambda: e._verify_forward(drs[1], drs[0], drs[2], drs[4]),
+                     'draft_head_k_rows': lambda: S._head_topk(e.d.logits(fexp[0].expand(e.k, -1)), e.k, logprobs=e.k > 1),
+                     'round_untuned': lambda: (untuned(True), restore(), e._round(), untuned(False)),
+                     'verify_forward_untuned': lambda: (untuned(True), e._verify_forward(drs[1], drs[0], drs[2], drs[4]),
+                                                        untuned(False))}
+            ms = {}
+            tuned = (e.t.stack.attn, e.d.stack.attn, e.head_impl, e._vlin)
+            def untuned(on):                  # the defaults (`attend`, torch.topk, cuBLAS) vs what `_tune` picked
+                e.t.stack.attn, e.d.stack.attn, e.head_impl, e._vlin = (attend, attend, 'topk', None) if on else tuned
+            for pn, fn in parts.items():
+                try: ms[pn] = gt(fn)
+                except Exception as ex: ms[pn] = None; r.setdefault('errors', []).append(f"{pn}: {ex!r:.200}")
+            base = ms['restore'] or 0.0
+            r['graph_ms'] = {k: (v - base if v is not None and k not in ('restore', 'expand', 'expand_ref', 'verify_forward',
+                                                                        'verify_forward_untuned',
+                                                                        'draft_head_k_rows') else v) for k, v in ms.items()}
+            r['graph_ms']['select+anc (draft - catchup - expand)'] = (r['graph_ms']['draft'] - r['graph_ms']['catchup']
+                                                                     - ms['expand'])
+            r['graph_ms']['accept+rollback (verify - verify_forward)'] = r['graph_ms']['verify'] - ms['verify_forward']
+            if not a.no_kernels:
+                kt = kernel_times([lambda: (restore(), e._round())], n=3)
+                rkt = kernel_times([lambda: restore()], n=3)
+                for k_, v in rkt.items():
+                    if k_ in kt: kt[k_]['per_step'] -= v['per_step']
+                rows = sorted(((k_, v['us'], v['per_step']) for k_, v in kt.items() if v['per_step'] > 0.01),
+                              key=lambda x: -x[1] * x[2])
+                r['kernels'] = dict(launches=sum(x[2] for x in rows), busy_ms=sum(x[1] * x[2] for x in rows) / 1e3,
+                                    top=[dict(name=k_, us=round(u, 2), per_round=round(c, 2), total_us=round(u * c, 1))
+                                         for k_, u, c in rows[:40]])
+        restore()
+        gm = r['graph_ms']
+        log(f"{name}: round {gm['round']:.3f} ms (with the reference expand {gm['round_ref_expand']:.3f}; expand "
+            f"{ms['expand_ref']:.3f} -> {ms['expand']:.3f}); untuned (attend, torch.topk, cuBLAS): round {gm['round_untuned']:.3f}, "
+            f"verify forward {ms['verify_forward_untuned']:.3f}")
+        log(f"   tuning: " + '; '.join(f"{k_} -> {v['choice']} {v['us']}" for k_, v in (e.tuning or {}).items()
+                                        if isinstance(v, dict)))
+        log(f"{name}: round {gm['round']:.3f} ms = draft {gm['draft']:.3f} (catch-up {gm['catchup']:.3f}, expand "
+            f"{ms['expand']:.3f}, select {gm['select+anc (draft - catchup - expand)']:.3f}) + verify {gm['verify']:.3f} "
+            f"(forward {ms['verify_forward']:.3f}); head(k rows) {ms['draft_head_k_rows']:.3f}"
+            + (f"; eager kernels {r['kernels']['launches']:.0f} per round, busy {r['kernels']['busy_ms']:.3f} ms"
+               if 'kernels' in r else ''))
+        for key in ('read_per_round', 'queued', 'queued+graph_prefill'):
+            x = r[key]
+            log(f"   loop {key:22s}: {x['tok_s']:7.0f} tok/s, {x['ms_per_round']:.3f} ms/round (decode "
+                f"{x['decode_ms_per_round']:.3f}), prefill {x['prefill_ms']:.2f} ms, host reads {x['host_reads']:.1f}, "
+                f"accept {x['accept']:.2f}")
+        log(f"   outputs identical across loop variants: {r['loop_outputs_identical']}")
+        del e
+        save()
+    res['round_only'] = {}
+    for name in [c for c in a.round_only.split(',') if c]:
+        if time.time() - t_start > a.time_box + 15: log(f'time box: skipping {name}'); continue
+        e = S.FastSpec(target, draft, vids, max_len=Lt, share=plain, **_parse_spec(name))
+        e.generate(prompts[0], 8)                                           # tunes (on CUDA), captures the prefill
+        e._prefill(prompts[0])
+        state = [getattr(e, n) for n in e._STATE]
+        saved = [t.clone() for t in state]
+        restore = lambda: [t.copy_(v) for t, v in zip(state, saved)]
+        res['round_only'][name] = x = dict(round_ms=gt(lambda: (restore(), e._round())) - gt(restore), D=e.D, k=e.k, N=e.N,
+                                           tuning={k_: v.get('choice') for k_, v in (e.tuning or {}).items()
+                                                   if isinstance(v, dict)})
+        log(f"{name}: round {x['round_ms']:.3f} ms")
+        restore(); del e
+    res['seconds'] = time.time() - t_start
+    save()
+    log('done; wrote', out / 'round_profile.json')
     return res
 
 

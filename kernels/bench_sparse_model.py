@@ -24,6 +24,16 @@ whole prefill (stage 1 + top-k + forward) in three variants.
     PYTHONPATH=. python kernels/bench_sparse_model.py --out DIR           # H200: ~2-3 min
     PYTHONPATH=. python kernels/bench_sparse_model.py --smoke --out /tmp/x  # CPU interpreter dry run (tiny shapes)
 
+--chunked SHAPE:CTX:LAYERS[:sparse|dense] ... (session 7, issue 13: what bounds the engine's sparse chunked prefill): for each spec
+(e.g. minicpm4_8b:131072:4, minicpm4_0_5b:32768:24) the engine's two chunked prefills of one random prompt, as the
+edge benchmark runs them (`edge_bench.run_prefill`): 'sparse' = `Engine.eager_prefill` (the model's layers, InfLLM v2
+over a KV cache), 'dense' = `Engine.static_prefill` (the static stack); wall seconds of a first (compiling) and a
+second run, then the kernels of a third by GPU time (`bench.kernel_times`), grouped (linears, dense attention, stage 1,
+top-k, sparse attention, copies/elementwise, other) and the GPU-busy share of the wall time (host-bound when low).
+Writes DIR/chunked_prefill.json, prints a table last.
+
+    PYTHONPATH=. python kernels/bench_sparse_model.py --chunked minicpm4_8b:131072:4 --chunk 2048 --out DIR
+
 Writes DIR/bench_sparse_model.json and DIR/bench_sparse_model.png, prints one line per result and a summary.
 """
 import argparse
@@ -51,7 +61,8 @@ CUDA = torch.cuda.is_available()
 
 def save():
     if OUT:
-        atomic_write_json(os.path.join(OUT, 'bench_sparse_model.json'), json.loads(json.dumps(RES, default=str)),
+        atomic_write_json(os.path.join(OUT, 'chunked_prefill.json' if RES.get('file') == 'chunked_prefill'
+                                       else 'bench_sparse_model.json'), json.loads(json.dumps(RES, default=str)),
                           indent=1)
 
 
@@ -558,6 +569,182 @@ def stage1_only(N, dev):
 SMOKE_SPARSE = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=3, dense_len=64)
 
 
+def kernel_group(name: str) -> str:
+    "A kernel's part of a prefill, from its name."
+    n = name.lower()
+    if n.startswith('_s1') or 'score' in n or 'lse' in n: return 'stage1'
+    if 'topk' in n or 'select' in n or 'bucket' in n or '_win' in n: return 'topk'
+    if n.startswith('_band') or n.startswith('_sparse') or 'plan' in n: return 'sparse_attn'
+    if any(k in n for k in ('flash', 'fmha', 'cudnn', 'attention', 'sdpa', 'efficient')): return 'dense_attn'
+    if any(k in n for k in ('gemm', 'gemv', 'nvjet', 'cutlass', 'xmma', 'cublas', 'matmul', 'sm90')): return 'linear'
+    if any(k in n for k in ('copy', 'cat', 'elementwise', 'fill', 'index', 'reduce', 'where', 'rms', 'norm', 'silu',
+                            'mul', 'add', 'rope', 'vectorized')): return 'elementwise'
+    return 'other'
+
+
+class CompileLog:
+    """Triton compiles while active (knobs.runtime.jit_cache_hook / jit_post_compile_hook, Triton >= 3.4): count and
+    seconds per kernel name. Nothing is recorded where the hooks are missing."""
+    def __init__(self):
+        self.n, self.s, self.t0 = {}, {}, {}
+
+    def __enter__(self):
+        try:
+            from triton import knobs
+            self.rt = knobs.runtime
+            self.old = (self.rt.jit_cache_hook, self.rt.jit_post_compile_hook)
+            self.rt.jit_cache_hook, self.rt.jit_post_compile_hook = self.pre, self.post
+        except Exception:
+            self.rt = None
+        return self
+
+    def pre(self, *a, fn=None, key=None, **kw):
+        self.t0[(getattr(fn, 'name', '?'), str(key))] = time.perf_counter()
+        return None                                   # go on compiling
+
+    def post(self, *a, fn=None, key=None, **kw):
+        name = getattr(fn, 'name', '?')
+        t = self.t0.pop((name, str(key)), None)
+        self.n[name] = self.n.get(name, 0) + 1
+        if t is not None: self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t
+        return None
+
+    def __exit__(self, *exc):
+        if self.rt is not None: self.rt.jit_cache_hook, self.rt.jit_post_compile_hook = self.old
+
+    def summary(self):
+        return {k: dict(n=self.n[k], s=round(self.s.get(k, 0.0), 2)) for k in sorted(self.n, key=lambda k: -self.s.get(k, 0))}
+
+
+def band_sel_sweep(dev, N, T=2048, reps=5):
+    """The band forward (window band + selected blocks) of one 2048-query chunk at the end of N keys (8B attention
+    shape, random per-token lists as the model's prefill gets from random weights), per forward config: ms."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, N, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, N, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
+    kc = iv.compress_keys(k, 32, 16)
+    sc = sk.fused_block_scores(q, k, kc=kc, **GEO)
+    idx = sp.select_lists_bucketed(sc, TOPK, N, M, LOCAL)
+    out = {}
+    for name, cfg in (('default', None), ('pair1', dict(fwd=dict(PAIR=1))), ('warps4', dict(fwd=dict(num_warps=4))),
+                      ('stages3', dict(fwd=dict(num_stages=3))), ('pair1_warps4', dict(fwd=dict(PAIR=1, num_warps=4))),
+                      ('tile1', 'tile1'), ('tile4', 'tile4')):
+        kw = dict(config=cfg) if isinstance(cfg, dict) or cfg is None else dict(tile_tokens=int(cfg[4:]))
+        fn = lambda kw=kw: sk.sparse_attention_band(q, k, v, idx, M, local_blocks=LOCAL, check_ids=False, **kw)
+        try:
+            out[name] = round(event_time(fn, budget_ms=300.0, min_reps=3, max_reps=reps, warmup=1), 3)
+        except Exception as ex:
+            out[name] = f'ERROR {type(ex).__name__}: {str(ex)[:120]}'
+    return out
+
+
+def host_profile(fn):
+    """One call of fn under cProfile (the host's view: Python, torch dispatch, Triton launchers), then a device sync:
+    wall s, and the top functions by own time and by cumulative time."""
+    import cProfile
+    import pstats
+    sync()
+    pr = cProfile.Profile()
+    t = time.perf_counter()
+    pr.enable(); fn(); pr.disable()
+    host = time.perf_counter() - t
+    sync()
+    out = dict(host_s=round(host, 4), wall_s=round(time.perf_counter() - t, 4))
+    st = pstats.Stats(pr)
+    rows = [(f'{fn_[0].split("/")[-1]}:{fn_[1]}({fn_[2]})', v[1], round(v[2], 4), round(v[3], 4))
+            for fn_, v in st.stats.items()]                       # name, calls, tottime, cumtime
+    out['tottime'] = [f'{t_:8.4f} {c:7d} {n[:90]}' for n, c, t_, _ in sorted(rows, key=lambda x: -x[2])[:40]]
+    out['cumtime'] = [f'{t_:8.4f} {c:7d} {n[:90]}' for n, c, _, t_ in sorted(rows, key=lambda x: -x[3])[:40]]
+    return out
+
+
+@torch.no_grad()
+def chunked_main(a, dev):
+    """The engine's sparse and dense chunked prefills per spec: wall times and kernels by GPU time (see the doc)."""
+    from dataclasses import replace
+    from minicpm4_core.bench import kernel_times
+    from minicpm4_core.edge_bench import build_model, preset
+    from minicpm4_core.engine import Engine
+    from minicpm4_core.infllmv2_ref import SparseSettings
+    from minicpm4_core.static_decode import StaticDecoder
+    t0 = time.time()
+    left = lambda: a.budget - (time.time() - t0)
+    RES.update(env_stamp(dev), chunk=a.chunk, chunked={})
+    clock = lambda: (sync(), time.perf_counter())[1]
+    for spec in a.chunked:
+        shape, ctx, layers, *which = spec.split(':')       # optional 4th field: sparse | dense (default both)
+        ctx, layers = int(ctx), int(layers)
+        which = ('sparse', 'dense') if not which or which[0] == 'both' else (which[0],)
+        if left() < 0: RES['chunked'][spec] = 'skipped (budget)'; continue
+        R = RES['chunked'][spec] = dict(shape=shape, context=ctx, layers=layers)
+        c = replace(preset(shape, ctx + 8, 'bfloat16'), num_hidden_layers=layers)
+        m = build_model(c, dev, torch.bfloat16)
+        st = SparseSettings.from_dict(c.sparse_config)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, c.vocab_size, (1, ctx), generator=g).to(dev)
+        for att in which:
+            if left() < 0: R[att] = 'skipped (budget)'; continue
+            e = Engine(m, ctx + 8, chunk=a.chunk, sparse='auto' if att == 'sparse' else 'dense')
+            if att == 'dense': e._static = StaticDecoder(m, ctx + 8, graphs=False, dense=True)
+
+            def run(e=e, att=att):
+                cache = m.new_cache(1, ctx) if att == 'sparse' else None
+                with e._mode():
+                    if cache is None: e.static_prefill(ids[0])
+                    else: e.eager_prefill(ids, torch.ones_like(ids), cache)
+            r = R[att] = {}
+            with CompileLog() as cl:
+                t1 = clock(); run(); r['first_s'] = clock() - t1
+            r['compiles'] = cl.summary()
+            r['compile_s'] = round(sum(v['s'] for v in r['compiles'].values()), 2)
+            t1 = clock(); run(); r['second_s'] = clock() - t1
+            print(f'{spec} {att}: first {r["first_s"]:.3f} s (Triton compiles {r["compile_s"]} s: '
+                  f'{ {k: v["n"] for k, v in r["compiles"].items()} }), second {r["second_s"]:.3f} s', flush=True)
+            if left() > 3 * r['second_s']:
+                kt = kernel_times([run], n=1, ndigits=1)
+                tot = {k: v['us'] * v['per_step'] for k, v in kt.items()}
+                r['gpu_busy_s'] = sum(tot.values()) / 1e6
+                r['gpu_busy_share'] = r['gpu_busy_s'] / r['second_s']
+                grp = {}
+                for k, v in tot.items(): grp[kernel_group(k)] = grp.get(kernel_group(k), 0.0) + v / 1e6
+                r['groups_s'] = {k: round(v, 4) for k, v in sorted(grp.items(), key=lambda x: -x[1])}
+                top = sorted(kt.items(), key=lambda x: -tot[x[0]])[:14]
+                r['top_kernels'] = {k: dict(total_s=round(tot[k] / 1e6, 4), us=v['us'], per_run=v['per_step'])
+                                    for k, v in top}
+            if a.host_profile and left() > 3 * r['second_s']:
+                r['host_profile'] = host_profile(run)
+                print(f'{spec} {att}: host profile (cProfile, tottime s):', flush=True)
+                for row in r['host_profile']['tottime'][:22]: print('   ', row, flush=True)
+            del e
+            if CUDA: torch.cuda.empty_cache()
+            save()
+        if isinstance(R.get('sparse'), dict) and isinstance(R.get('dense'), dict):
+            R['speedup_sparse_vs_dense'] = R['dense']['second_s'] / R['sparse']['second_s']
+        del m
+        if CUDA: torch.cuda.empty_cache()
+        save()
+    for N in a.band_sweep:
+        if left() < 0: RES.setdefault('band_sweep', {})[N] = 'skipped (budget)'; continue
+        RES.setdefault('band_sweep', {})[N] = band_sel_sweep(dev, N)
+        print(f'band forward, one 2048-query chunk at {N} keys (ms): {RES["band_sweep"][N]}', flush=True)
+        save()
+    RES['seconds'] = time.time() - t0
+    save()
+    print('\n== chunked prefill (chunk %d): wall s (2nd run), GPU busy s, groups' % a.chunk)
+    for spec, R in RES['chunked'].items():
+        if not isinstance(R, dict): print(spec, R); continue
+        print(f'{spec}: sparse/dense speedup {R.get("speedup_sparse_vs_dense", float("nan")):.2f}x')
+        for att in ('sparse', 'dense'):
+            r = R.get(att)
+            if not isinstance(r, dict): print(f'  {att}: {r}'); continue
+            gs = ', '.join(f'{k} {v:.3f}' for k, v in r.get('groups_s', {}).items())
+            print(f'  {att:6} wall {r["second_s"]:.3f} (first {r["first_s"]:.3f}) busy {r.get("gpu_busy_s", float("nan")):.3f}'
+                  f' s ({r.get("gpu_busy_share", float("nan")):.0%}): {gs}')
+            for k, v in list(r.get('top_kernels', {}).items())[:8]:
+                print(f'      {v["total_s"]:8.4f} s  {v["per_run"]:7.0f} x {v["us"]:9.1f} us  {k}')
+
+
 def main():
     global OUT, args, H, HKV, D, G, M, TOPK, LOCAL
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -569,6 +756,11 @@ def main():
     ap.add_argument('--flex-len', type=int, nargs='*', default=None, help='lengths with the Flex rows (default: all)')
     ap.add_argument('--smoke', action='store_true', help='CPU dry run: tiny shapes, Triton interpreter')
     ap.add_argument('--stage1-only', type=int, default=0, help='only run stage 1 + top-k once at this N (for ncu)')
+    ap.add_argument('--chunked', nargs='*', default=None, help='SHAPE:CTX:LAYERS specs: only the chunked-prefill profile')
+    ap.add_argument('--chunk', type=int, default=2048, help='prefill chunk of --chunked')
+    ap.add_argument('--budget', type=float, default=120.0, help='seconds for --chunked (later specs are skipped)')
+    ap.add_argument('--band-sweep', type=int, nargs='*', default=[], help='--chunked: band forward config sweep at these N')
+    ap.add_argument('--host-profile', action='store_true', help='--chunked: one more run of each prefill under cProfile')
     args = ap.parse_args()
     model = [tuple(int(x) for x in p.split(':')) for p in args.model]
     dev = torch.device('cuda' if CUDA else 'cpu')
@@ -581,6 +773,12 @@ def main():
         args.attn_len = [320] if args.attn_len is None else args.attn_len
         args.no_flex = True
     if args.stage1_only: return stage1_only(args.stage1_only, dev)
+    if args.chunked:
+        OUT = args.out or '.'
+        os.makedirs(OUT, exist_ok=True)
+        RES.clear()
+        RES['file'] = 'chunked_prefill'
+        return chunked_main(args, dev)
     if args.attn_len is None: args.attn_len = [32768, 131072]
     if args.out is None:
         from minicpm4_core.bench import run_dir

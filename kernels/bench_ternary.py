@@ -119,7 +119,14 @@ SWEEP = [  # decode candidates (M = 1): kernel, block_m, block_n, block_k, split
                                  (64, 64, 1, 4, 3), (64, 256, 1, 4, 2), (128, 128, 1, 4, 3), (256, 64, 1, 8, 3),
                                  (64, 64, 8, 4, 4), (64, 128, 8, 4, 3), (32, 64, 1, 4, 4), (32, 128, 2, 4, 3)]] + \
     [TernaryConfig('mvs', 1, bn, bk, sk, w, 1, 1)   # v4 (session 2026-12-04 s6): streaming CUDA-core GEMV
-     for (bn, bk, w) in [(256, 32, 4), (512, 32, 8), (128, 32, 2)] for sk in (8, 16, 32)]
+     for (bn, bk, w) in [(256, 32, 4), (512, 32, 8), (128, 32, 2)] for sk in (8, 16, 32)] + \
+    [TernaryConfig('mvu', 1, bn, bk, 1, w, ch, 1, r)   # v5 (session 2026-12-04 s7): no loop, atomic split
+     for (bn, bk, w, ch, r) in [(256, 32, 4, 1, 0), (256, 32, 4, 2, 0), (256, 32, 4, 1, 64), (256, 32, 4, 2, 80),
+                                (512, 32, 8, 2, 80), (512, 64, 8, 1, 96), (1024, 32, 8, 1, 96), (512, 32, 4, 1, 96),
+                                (512, 32, 8, 2, 0), (512, 64, 8, 1, 0)]] + \
+    [TernaryConfig('mvtu', 1, bn, bk, 1, w, ch, 1, r)   # v6 (session 2026-12-04 s7): v3's tile without the loop
+     for (bn, bk, w, ch, r) in [(64, 64, 4, 2, 0), (64, 128, 4, 1, 0), (64, 64, 4, 1, 0), (64, 128, 4, 2, 0),
+                                (128, 64, 4, 2, 0), (128, 64, 8, 2, 0), (64, 64, 4, 2, 96)]]
 PREFILL_SWEEP = [  # (M, config) on the 8B gate/up shape
     (2048, TernaryConfig('dequant', 1, 64, 64, 1, 4, 1)), (2048, TernaryConfig('dequant', 1, 32, 128, 1, 4, 1)),
     (2048, TernaryConfig('mma', 128, 128, 64, 1, 8, 3)), (256, TernaryConfig('dequant', 1, 64, 64, 1, 4, 1)),
@@ -146,7 +153,7 @@ def main(argv=None):
     ap.add_argument('--only-8b', action='store_true', help='the four 8B shapes (q/o, k/v, gate/up, down), all M')
     ap.add_argument('--no-sweep', action='store_true')
     ap.add_argument('--no-prefill-sweep', action='store_true')
-    ap.add_argument('--sweep-kernels', default='mv,mvtc,mvs', help='decode kernels of the sweep (comma-separated)')
+    ap.add_argument('--sweep-kernels', default='mv,mvu,mvtu', help='decode kernels of the sweep (comma-separated)')
     ap.add_argument('--Ms', default='1,4,16,2048')
     ap.add_argument('--profile-one', action='store_true', help='one default decode launch (run under ncu)')
     a = ap.parse_args(argv)

@@ -47,6 +47,13 @@ GEMVTC = [W4A16Config('gemvtc', 1, bn, bk, sk, w, st)      # tensor-core GEMV, s
 GEMVS = [W4A16Config('gemvs', 1, bn, bk, sk, w, d)       # streaming CUDA-core GEMV (kernel 5), session 2026-12-04 s6
          for (bn, bk, w, d) in [(256, 32, 1, 2), (256, 8, 1, 3), (512, 32, 1, 2), (1024, 32, 4, 2), (1024, 16, 4, 3)]
          for sk in (32, 16, 64)]
+GEMVU = [W4A16Config('gemvu', 1, bn, bk, 1, w, ch, 8, r)   # kernel 6: no loop, atomic split (session 2026-12-04 s7)
+         for (bn, bk, w, ch, r) in [(1024, 32, 4, 2, 0), (1024, 32, 4, 2, 96), (1024, 32, 4, 1, 80), (512, 32, 2, 2, 0),
+                                    (512, 32, 4, 2, 0), (1024, 32, 4, 1, 0), (512, 32, 2, 2, 96), (1024, 32, 4, 1, 64),
+                                    (2048, 32, 8, 2, 0), (256, 32, 1, 2, 0)]]
+GEMVTU = [W4A16Config('gemvtu', 1, bn, bk, 1, w, ch, 8, r)   # kernel 7: kernel 4's tile without the loop (s7)
+          for (bn, bk, w, ch, r) in [(128, 128, 4, 2, 0), (128, 128, 4, 1, 0), (256, 128, 8, 2, 0), (64, 128, 4, 2, 0),
+                                     (128, 64, 4, 2, 0), (256, 128, 8, 1, 0), (128, 128, 4, 2, 96)]]
 GEMVS_BATCH = [W4A16Config('gemvs', 1, bn, bk, sk, w, d)   # kernel 5 at M = 2..4 (one accumulator per row)
                for (bn, bk, w, d) in [(1024, 16, 4, 2), (512, 16, 4, 2), (1024, 32, 4, 2), (512, 32, 4, 1)]
                for sk in (16, 8, 32)]
@@ -90,7 +97,7 @@ def main():
     ap.add_argument('--out', default=os.environ.get('OUT'), help='folder (default: kernels/results/w4a16/<device>-<date>/)')
     ap.add_argument('--budget', type=float, default=110.0, help='seconds for the whole sweep')
     ap.add_argument('--ms', default='1', help='comma-separated decode M values (default 1)')
-    ap.add_argument('--kernels', default='gemvs,gemvtc,gemv',
+    ap.add_argument('--kernels', default='gemvtu,gemvu,gemvs,gemvtc',
                     help='M = 1 kernel families to sweep (comma-separated; the default config is always timed)')
     ap.add_argument('--prefill', action='store_true', help=f'also M={PREFILL_M} on the first shape (dequant + cuBLAS)')
     args = ap.parse_args()
@@ -117,7 +124,7 @@ def main():
         for M in Ms:
             x = torch.randn(M, K, device='cuda').to(torch.bfloat16)
             ref = (x.float() @ Wf).double()
-            fams = dict(gemvs=GEMVS, gemvtc=GEMVTC, gemv=GEMV, gemv16=GEMV16)
+            fams = dict(gemvtu=GEMVTU, gemvu=GEMVU, gemvs=GEMVS, gemvtc=GEMVTC, gemv=GEMV, gemv16=GEMV16)
             cands = [c for f in args.kernels.split(',') for c in fams[f]] if M == 1 else \
                 (GEMVS_BATCH if M <= 4 and 'gemvs' in args.kernels.split(',') else []) + GEMM_SMALL if M <= 16 else \
                 GEMM_PREFILL + DEQUANT
@@ -147,10 +154,14 @@ def main():
                         y2 = w4a16_matmul(x, qw, s, qz, G, config=cfg)
                         rec['rel_err_2nd'] = ((y2.double() - ref).norm() / ref.norm()).item()
                         rec['us'] = graph_time(qcalls(cfg), reps=5)
+                        x3 = torch.randn_like(x)             # after the replays, on a fresh input: a race would show
+                        y3 = w4a16_matmul(x3, qw, s, qz, G, config=cfg)
+                        r3 = (x3.float() @ Wf).double()
+                        rec['rel_err_after'] = ((y3.double() - r3).norm() / r3.norm()).item()
                 except Exception as e:   # a config that does not compile or launch is recorded, not fatal
                     rec['error'] = f"{type(e).__name__}: {str(e)[:300]}"
                 tried.append(rec)
-            ok = [r for r in tried if 'us' in r and r.get('rel_err_2nd', 1) <= 1e-2]
+            ok = [r for r in tried if 'us' in r and r.get('rel_err_2nd', 1) <= 1e-2 and r.get('rel_err_after', 1) <= 1e-2]
             by_kernel = {}                                            # the best time of each kernel family
             for r in ok:
                 k = r['config']['kernel']
@@ -185,7 +196,7 @@ def main():
             print(f"K={K:>5} N={N:>5} M={M:>4}: w4a16 {tq:8.1f} us  bf16 {tb:8.1f} us  x{tb / tq:5.2f}  "
                   f"(best {best['config']['kernel']} bm={best['config']['block_m']} bn={best['config']['block_n']} "
                   f"bk={best['config']['block_k']} split={best['config']['split_k']} w={best['config']['num_warps']} "
-                  f"st={best['config']['num_stages']}; default {dflt.kernel} {t_d:.1f} us x{tb / t_d:.2f}; eager "
+                  f"st={best['config']['num_stages']} r={best['config'].get('max_regs', 0)}; default {dflt.kernel} {t_d:.1f} us x{tb / t_d:.2f}; eager "
                   f"{eager['w4a16_us']:.1f} (default {eager['w4a16_default_us']:.1f}) vs bf16 {eager['bf16_linear_us']:.1f} us; "
                   f"max_err {best.get('max_err', float('nan')):.1e}; {by['w4a16'] / (tq * 1e-6) / 1e9:.0f} GB/s; "
                   f"{len(ok)}/{len(tried)} timed; {time.time() - t_start:.0f} s)",
@@ -209,7 +220,7 @@ def main():
         print(f"{r['K']:>6} {r['N']:>6} {r['M']:>5} {min(r['w4a16_us']):>9.1f} "
               f"{min(min(r['bf16_linear_us']), min(r['bf16_matmul_us'])):>9.1f} {r['speedup']:>8.2f} "
               f"{r['ideal_speedup_bytes']:>6.2f} {r['w4a16_GBps']:>8.0f}  {c['kernel']} m{c['block_m']} n{c['block_n']} "
-              f"k{c['block_k']} s{c['split_k']} w{c['num_warps']} st{c['num_stages']}")
+              f"k{c['block_k']} s{c['split_k']} w{c['num_warps']} st{c['num_stages']} r{c.get('max_regs', 0)}")
     for r in results:
         if r['M'] == 1:
             print(f"GOAL w4a16 M=1 {r['K']}x{r['N']}: graph best x{r['speedup']:.2f} default x{r['default_speedup']:.2f}"

@@ -5,9 +5,10 @@ buckets were captured), sparse='dense' on the static stack, and the new W4A16 ke
 against float64 at the 8B shapes; (session 4) the static stack's one-token attention through `dense_decode` (length
 on the device, one graph) vs the masked SDPA, and packed w4a16 / ternary linears inside the CUDA graphs; (session 5)
 InfLLM v2 targets past dense_len through `StaticSparseDecoder` in the engine and in model.generate, batches in
-model.generate's fast path.
+model.generate's fast path; (session 7) FR-Spec over an InfLLM v2 target past dense_len in CUDA graphs
+(`sparse_spec.SparseFastSpec`): graph == eager, agreement, and its cost at 16K on the 0.5B shape.
 
-    PYTHONPATH=. python kernels/check_engine.py [--out results.json] [--parts agreement,session3,session4,session5]
+    PYTHONPATH=. python kernels/check_engine.py [--out results.json] [--parts agreement,session3,session4,session5,session6,session7]
 """
 import argparse
 import json
@@ -265,12 +266,178 @@ def session6_checks(prompts) -> list[dict]:
     return out
 
 
+def session7_checks(prompts, budget_s: float = 78.0, save=None) -> list[dict]:
+    """FR-Spec over an InfLLM v2 target past dense_len in CUDA graphs (`sparse_spec.SparseFastSpec`), in stages that each
+    print and save as they finish (a time box skips the rest): at a 16K prompt on the 0.5B shape (random bf16 weights,
+    the released sparse_config, a random draft: acceptance ~1, so the figures are costs) ms per round (graph replay)
+    for the edge row's tree 6x8/32 and FastSpec's default 5x4/16, ms per plain StaticSparseDecoder step, tok/s of both,
+    the acceptance that breaks even, spec tokens vs plain decoding's; the verify variants (one masked SDPA - what the
+    edge row ran first -, one attention call per kv head); a tiny fp32 model: graph == eager == model.generate, a
+    verify's logits vs `tree_forward`; last, if time is left, a kernel profile of one eager round."""
+    from minicpm4_core import sparse_spec as SS
+    from minicpm4_core.config import default_sparse_config
+    from minicpm4_core.frspec import EagleDraft, frequent_ids, tree_attention_mask, tree_forward
+    from minicpm4_core.static_sparse import StaticSparseDecoder
+    from minicpm4_core.bench import kernel_times
+    t_start = time.time()
+    left = lambda: budget_s - (time.time() - t_start)
+    r = dict(check='sparse_spec_16k_0.5b', ok=False, stages=[])
+    out = [r]
+
+    def stage(name, fn, need: float):
+        if left() < need:
+            r['stages'].append(f"{name}: skipped ({left():.0f} s left, needs ~{need:.0f})"); print(r['stages'][-1], flush=True)
+        else:
+            t0 = time.time()
+            try: fn(); r['stages'].append(f"{name}: {time.time() - t0:.1f} s")
+            except Exception as e: r['stages'].append(f"{name}: {type(e).__name__}: {e}"[:300])
+            print(r['stages'][-1], {k: v for k, v in r.items() if k not in ('stages', 'top_kernels', 'check')}, flush=True)
+        if save: save(out)
+
+    def round_ms(e, p, reps=8):
+        "Median ms of one round alone: graph replays from the state after the prompt (restored each time)."
+        e._prefill(p)
+        saved = [getattr(e, n).clone() for n in e._STATE]
+        g = e._graphs['_round'].replay if '_round' in e._graphs else e._round   # (a CPU dry run has no graphs)
+        def one():
+            for t, v in zip((getattr(e, n) for n in e._STATE), saved): t.copy_(v)
+            g()
+        ts = []
+        for _ in range(reps):
+            one(); torch.cuda.synchronize(); t1 = time.perf_counter(); one(); torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t1)
+        return round(sorted(ts)[len(ts) // 2] * 1e3, 3)
+
+    ctx, new = 16384, 64
+    L = ctx + new + 96
+    S = {}
+
+    def build():
+        c = MiniCPM4Config.from_preset('minicpm4_0_5b', sparse_config=default_sparse_config(), torch_dtype='bfloat16',
+                                       max_position_embeddings=32768)
+        torch.manual_seed(0)
+        with torch.device('cuda'): S['m'] = MiniCPM4ForCausalLM(c).to(torch.bfloat16).eval()
+        S['draft'] = EagleDraft(c).cuda().to(torch.bfloat16).eval()
+        S['vocab'] = frequent_ids(torch.rand(c.vocab_size), 8192).cuda()
+        S['p'] = torch.randint(0, c.vocab_size, (ctx,), generator=torch.Generator().manual_seed(2)).tolist()
+        r.update(context=ctx, new=new, shape='minicpm4_0_5b', attn_chunk=SS.ATTN_CHUNK)
+
+    def spec_main():                          # the edge row's tree; one prefill chunk (the model decides per call)
+        t0 = time.time()
+        e = S['e'] = SS.SparseFastSpec(S['m'], S['draft'], S['vocab'], max_len=L, chunk=ctx, depth=6, topk=8,
+                                       tree_size=32)
+        e.generate(S['p'], 8)                                               # tuning, capture, compiles: untimed
+        r['warmup_s'] = round(time.time() - t0, 1)
+        r['slots'], r['efficient_lse_kernel'] = e.sd.max_len, SS._EFFICIENT
+        r['round_ms_tree6x8_32'] = round_ms(e, S['p'])
+
+    def plain():
+        d = S['d'] = StaticSparseDecoder(S['m'], L)
+        cache = S['m'].new_cache(1, ctx)
+        with torch.no_grad(): SS.prefill_hidden(S['m'], torch.tensor(S['p']).cuda(), cache, ctx)
+        d.load_cache(cache); del cache
+        d.capture_all()
+        r['plain_step_ms'] = round(d.time_step(), 4)
+        r['break_even_accept_tree6x8_32'] = round(r['round_ms_tree6x8_32'] / r['plain_step_ms'], 2)
+
+    def decode():
+        e, d = S['e'], S['d']
+        torch.cuda.synchronize(); t0 = time.perf_counter()
+        got = e.generate(S['p'], new)
+        torch.cuda.synchronize()
+        st = e.last_stats
+        r.update(spec_wall_s=round(time.perf_counter() - t0, 3), spec_decode_s=round(st['decode_s'], 4),
+                 rounds=st['rounds'], accept=st['mean_accept_length'], spec_tok_s=round((new - 1) / st['decode_s'], 1))
+        cache = S['m'].new_cache(1, ctx)
+        with torch.no_grad(): SS.prefill_hidden(S['m'], torch.tensor(S['p']).cuda(), cache, ctx)
+        d.load_cache(cache); del cache
+        tok, plain_t = torch.tensor([got[0]]).cuda(), []
+        torch.cuda.synchronize(); t1 = time.perf_counter()
+        for _ in range(new - 1):
+            tok = d.step(tok).argmax().view(1); plain_t.append(tok)
+        torch.cuda.synchronize()
+        r['plain_tok_s'] = round((new - 1) / (time.perf_counter() - t1), 1)
+        r['agreement_spec_vs_plain'] = agreement([got[1:new]], [torch.cat(plain_t).tolist()])[0]   # bf16 ties may flip
+        r['ok'] = r['agreement_spec_vs_plain'] >= 0.5
+
+    def variant(name, **kw):
+        def fn():
+            old = (SS.TREE_SELECT, SS.ATTN_CHUNK, SS.ATTN_GROUPED)
+            SS.TREE_SELECT, SS.ATTN_CHUNK, SS.ATTN_GROUPED = kw.get('select', 'masks'), kw.get('chunk', 512), \
+                kw.get('grouped', False)
+            try:
+                ev = SS.SparseFastSpec(S['m'], S['draft'], S['vocab'], max_len=L, chunk=ctx,
+                                       **kw.get('tree', dict(depth=6, topk=8, tree_size=32)))
+                ev.tune = False
+                ev.generate(S['p'], 4)
+                r[f'round_ms_{name}'] = round_ms(ev, S['p'], 5)
+                del ev
+            finally: SS.TREE_SELECT, SS.ATTN_CHUNK, SS.ATTN_GROUPED = old
+        return fn
+
+    def tiny():
+        rows = []
+        for dtype in (torch.float32,):
+            kw = dict(vocab_size=1024, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                      intermediate_size=512, max_position_embeddings=4096, initializer_range=0.3,
+                      sparse_config=dict(kernel_size=32, kernel_stride=16, block_size=64, topk=4, window_size=128,
+                                         init_blocks=1, dense_len=256))
+            torch.manual_seed(0)
+            m = MiniCPM4ForCausalLM(MiniCPM4Config.from_preset('tiny', **kw)).cuda().to(dtype).eval()
+            torch.manual_seed(3)
+            draft = EagleDraft(m.config).cuda().to(dtype).eval()
+            p = prompts[1]                                          # 517 tokens: past dense_len=256
+            want = m.generate([p], 32, stop_ids=[], fast=False)[0]
+            vocab = torch.tensor(sorted(set(want) | {1, 2, 3, 4})).cuda()
+            g = SS.SparseFastSpec(m, draft, vocab, depth=4, topk=4, tree_size=16, max_len=1024)
+            ea = SS.SparseFastSpec(m, draft, vocab, depth=4, topk=4, tree_size=16, max_len=1024, graphs=False)
+            got_g, got_e = g.generate(p, 32), ea.generate(p, 32)
+            gen, par, dep = torch.Generator().manual_seed(5), [-1], [0]
+            for i in range(1, 17):
+                cands = [j for j in range(i) if dep[j] < 4]
+                j = cands[int(torch.randint(0, len(cands), (1,), generator=gen))]
+                par.append(j); dep.append(dep[j] + 1)
+            dep, mask = torch.tensor(dep).cuda(), tree_attention_mask(par).cuda()
+            tok = torch.randint(0, 1024, (17,), generator=gen).cuda()
+            ea._prefill(p)
+            with torch.no_grad():
+                lg, _ = ea._verify_forward(tok, torch.tensor([len(p)]).cuda(), dep, mask)
+                cache = m.new_cache(1, len(p) + 32)
+                SS.prefill_hidden(m, torch.tensor(p).cuda(), cache, 1024)
+                ref, _ = tree_forward(m, tok[None], len(p) + dep, mask, cache)
+            rows.append(dict(dtype=str(dtype), graph_equals_eager=got_g == got_e, equals_model=got_g == want,
+                             accept=g.last_stats['mean_accept_length'],
+                             verify_max_abs_diff=float((lg.float() - ref[0].float()).abs().max())))
+        r['tiny'] = rows
+
+    def profile():
+        e = S['e']
+        e._prefill(S['p'])
+        kt = kernel_times([e._round], n=1)
+        top = sorted(kt.items(), key=lambda kv: -kv[1]['us'] * kv[1]['per_step'])[:16]
+        r['round_kernel_us_total'] = round(sum(v['us'] * v['per_step'] for v in kt.values()), 1)
+        r['round_launches'] = round(sum(v['per_step'] for v in kt.values()), 1)
+        r['top_kernels'] = {k_[:60]: [round(v['us'] * v['per_step'], 1), v['per_step']] for k_, v in top}
+        print(r['top_kernels'], flush=True)
+
+    stage('build', build, 60)
+    stage('spec tree6x8/32: warm-up + round', spec_main, 50)
+    stage('plain step', plain, 30)
+    stage('spec + plain decode', decode, 20)
+    stage('round tree5x4/16', variant('tree5x4_16', tree=dict(depth=5, topk=4, tree_size=16)), 14)
+    stage('round one SDPA (no split)', variant('sdpa', chunk=None), 12)
+    stage('round grouped', variant('grouped', grouped=True), 12)
+    stage('tiny fp32 exactness', tiny, 12)
+    stage('profile', profile, 12)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(); ap.add_argument('--out', default=None)
     ap.add_argument('--parts', default='agreement,session3,session4,session5,session6', help='comma list of the parts to run')
     a = ap.parse_args()
     parts = set(a.parts.split(','))
-    known = {'agreement', 'session3', 'session4', 'session5', 'session6'}
+    known = {'agreement', 'session3', 'session4', 'session5', 'session6', 'session7'}
     if not parts <= known: ap.error(f"--parts: choose from {sorted(known)}; got {a.parts!r}")
     res = dict(env_stamp(torch.device('cuda')), rows=[], parts=sorted(parts))
     g = torch.Generator().manual_seed(1)
@@ -296,8 +463,12 @@ def main():
     res['session4'] = extra4 = session4_checks(prompts) if 'session4' in parts else []
     res['session5'] = extra5 = session5_checks(prompts) if 'session5' in parts else []
     res['session6'] = extra6 = session6_checks(prompts) if 'session6' in parts else []
-    for r in extra + extra4 + extra5 + extra6: print(r, flush=True)
-    extra = extra + extra4 + extra5 + extra6
+    def save7(rows):                                  # the session7 part saves after each of its stages
+        res['session7'] = rows
+        if a.out: open(a.out, 'w').write(json.dumps(res, indent=1, default=str))
+    res['session7'] = extra7 = session7_checks(prompts, save=save7) if 'session7' in parts else []
+    for r in extra + extra4 + extra5 + extra6 + extra7: print(r, flush=True)
+    extra = extra + extra4 + extra5 + extra6 + extra7
     ok = all('error' not in r and (r['dtype'] != 'torch.float32' or r['token_agreement'] == 1.0) for r in res['rows'])
     ok = ok and all(r.get('ok') for r in extra)
     res['ok'] = ok

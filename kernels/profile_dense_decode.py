@@ -13,6 +13,15 @@ and `kernels.dense_decode` (the same kernel with DENSE=True: no list, the split 
 a CUDA graph, also captured over an allocation 8x the live length.
 
     python kernels/profile_dense_decode.py --out DIR [--lengths 1024 4096 16384 131072]
+
+--live (session 7, issue 13: dense_decode's splits share the LIVE length; `DEFAULT_CONFIG['dense']['LIVE']`):
+dense_decode alone in a CUDA graph at each length with Nmax = --nmax (128K + 64) and Nmax = L + 64, the new path
+(LIVE: splits past L exit, the one-pass combine reads only the splits holding keys) vs the old one (LIVE=False:
+every split stores, the two-pass combine reads all), MIN_BLOCKS 2 / 4 at the long buffer, the kernels' GPU times,
+each output vs a float32 torch definition; then (--engine-layers > 0) the 8B static decode step (StaticDecoder in a
+CUDA graph, the engine's decode) at --engine-ctx keys with a --nmax-slot buffer and a ctx + 64 one, LIVE vs old.
+
+    python kernels/profile_dense_decode.py --live --out DIR [--lengths ...] [--engine-layers 32] [--budget 80]
 """
 import argparse
 import json
@@ -136,5 +145,122 @@ def main():
     with open(os.path.join(a.out, 'profile_dense_decode.json'), 'w') as f: json.dump(R, f, indent=1, default=str)
 
 
+def _split_cfg(live, minb=1):
+    "Point the dense_decode default at the new (LIVE) or the old path; plans are rebuilt (they hold the config)."
+    sk.DEFAULT_CONFIG['dense'].update(LIVE=live, MIN_BLOCKS=minb)
+    sk._DEC_PLANS.clear()
+
+
+def _definition(q3, kb, vb, L):
+    "float32 softmax attention of q3 (1, H, D) over the first L keys (GQA by repetition) -> (1, H, D) float."
+    k = kb[0, :L].float().repeat_interleave(G, 1)
+    v = vb[0, :L].float().repeat_interleave(G, 1)
+    p = torch.einsum('hd,nhd->hn', q3[0].float(), k).mul(D ** -0.5).softmax(-1)
+    return torch.einsum('hn,nhd->hd', p, v)[None]
+
+
+def live_main(a):
+    """dense_decode LIVE vs the old path (graph us), two buffer sizes per length; the 8B static step at one context."""
+    import time
+    from minicpm4_core.bench import cuda_graph_time, kernel_times
+    from minicpm4_core.io import atomic_write_json
+    dev, dt = 'cuda', torch.bfloat16
+    t0 = time.time()
+    left = lambda: a.budget - (time.time() - t0)
+    R = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, nmax=a.nmax, rows={}, engine={},
+             notes='graph us of one dense_decode call (8B attention shape, B 1, bf16); old = LIVE=False')
+    out = os.path.join(a.out, 'dense_live.json')
+    save = lambda: atomic_write_json(out, json.loads(json.dumps(R, default=str)), indent=1)
+    torch.manual_seed(0)
+    big = torch.randn(a.nmax, 2 * HKV, D, device=dev, dtype=dt)       # the static stack's (L, 2 Hkv, D) layout
+    q3 = torch.randn(1, H, D, device=dev, dtype=dt)
+    for L in a.lengths:
+        if left() < 0: R['rows'][L] = 'skipped (budget)'; break
+        r = R['rows'][L] = {}
+        seq = torch.tensor([L], device=dev, dtype=torch.int32)
+        small = big[:L + 64].clone()
+        ref = _definition(q3, big[None, :, :HKV], big[None, :, HKV:], L)
+        for bname, buf in (('nmax', big), ('fit', small)):
+            kb, vb = buf[None, :, :HKV], buf[None, :, HKV:]
+            cases = [('live', True, 1), ('old', False, 1)] + ([('live_minb2', True, 2), ('live_minb4', True, 4)]
+                                                               if bname == 'nmax' else [])
+            for name, live, minb in cases:
+                _split_cfg(live, minb)
+                fn = lambda: sk.dense_decode(q3, kb, vb, seq)
+                attempt(r, f'{bname}_{name}_rel', lambda: float((fn().float() - ref).norm() / ref.norm()))
+                attempt(r, f'{bname}_{name}_graph_us', lambda: 1e3 * cuda_graph_time([fn], inner=20, reps=20))
+                if L == 4096 and bname == 'nmax' and minb == 1:
+                    attempt(r, f'{bname}_{name}_kernels', lambda: {k: v['us'] for k, v in
+                                                                  kernel_times([fn], n=5, ndigits=2).items()})
+        P = sk._DenseDecPlan(q3, HKV, None)
+        r['nsplit_nmax'], r['nsplit_fit'] = P.nsplit_for(a.nmax, q3.device), P.nsplit_for(L + 64, q3.device)
+        del small
+        save()
+    _split_cfg(True, 1)
+    del big
+    torch.cuda.empty_cache()
+    if a.engine_layers and left() > 0:
+        attempt(R, 'engine', lambda: engine_step(a, R, left, save))
+    R['seconds'] = round(time.time() - t0, 1)
+    save()
+    print('\n== dense_decode in a graph (us), 8B attention shape; nmax = %d slots, fit = L + 64' % a.nmax)
+    print(f'{"L":>7} {"nsplit":>11} {"nmax live":>10} {"nmax old":>9} {"fit live":>9} {"fit old":>8} '
+          f'{"minb2":>7} {"minb4":>7} {"max rel":>8}')
+    for L, r in R['rows'].items():
+        if not isinstance(r, dict): continue
+        g = lambda k: r.get(k) if isinstance(r.get(k), float) else float('nan')
+        rels = [v for k, v in r.items() if k.endswith('_rel') and isinstance(v, float)]
+        print(f'{L:>7} {r.get("nsplit_nmax")!s:>5}/{r.get("nsplit_fit")!s:>5} {g("nmax_live_graph_us"):10.2f} '
+              f'{g("nmax_old_graph_us"):9.2f} {g("fit_live_graph_us"):9.2f} {g("fit_old_graph_us"):8.2f} '
+              f'{g("nmax_live_minb2_graph_us"):7.2f} {g("nmax_live_minb4_graph_us"):7.2f} {max(rels or [float("nan")]):8.1e}')
+    e = R.get('engine')
+    if isinstance(e, dict) and e:
+        print(f'== 8B static decode step ({e.get("layers")} layers) at {a.engine_ctx} keys, graph ms: ' +
+              ', '.join(f'{k} {v:.3f}' for k, v in e.items() if isinstance(v, float)))
+
+
+@torch.no_grad()
+def engine_step(a, R, left, save):
+    """The engine's decode step (StaticDecoder, one CUDA graph over all slots, dense_decode reading the length) of the
+    8B shape with random weights at a.engine_ctx keys (random K/V written into the buffer), buffer a.nmax vs ctx + 64."""
+    from dataclasses import replace
+    from minicpm4_core.edge_bench import build_model, preset
+    from minicpm4_core.static_decode import StaticDecoder
+    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    c = replace(preset(a.engine_shape, a.nmax + 64, 'bfloat16'), num_hidden_layers=a.engine_layers, sparse_config=None)
+    m = build_model(c, dev, torch.bfloat16)
+    e = R['engine']
+    e['layers'], e['context'] = a.engine_layers, a.engine_ctx
+    for bname, slots in (('nmax', a.nmax), ('fit', a.engine_ctx + 64)):
+        if left() < 0: e[bname] = 'skipped (budget)'; break
+        d = StaticDecoder(m, slots, graphs=dev == 'cuda', dense=True)
+        for kv in d.stack.kv: kv[:a.engine_ctx].normal_()
+        d.pos.fill_(a.engine_ctx); d.n = a.engine_ctx
+        for name, live in (('live', True), ('old', False)):
+            _split_cfg(live, 1)
+            attempt(e, f'{bname}_{name}_step_ms', lambda: d.time_step(20, 8))
+        e[f'{bname}_roofline_tok_s_note'] = 'tok/s = 1000 / step ms (the graph step alone, no host loop)'
+        del d
+        if dev == 'cuda': torch.cuda.empty_cache()
+        save()
+    _split_cfg(True, 1)
+    return e
+
+
 if __name__ == '__main__':
-    main()
+    import sys
+    if '--live' in sys.argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument('--live', action='store_true')
+        ap.add_argument('--lengths', type=int, nargs='+', default=[1024, 4096, 16384, 131072])
+        ap.add_argument('--nmax', type=int, default=131072 + 64)
+        ap.add_argument('--engine-layers', type=int, default=32)
+        ap.add_argument('--engine-ctx', type=int, default=4096)
+        ap.add_argument('--engine-shape', default='minicpm4_8b')
+        ap.add_argument('--budget', type=float, default=80.0)
+        ap.add_argument('--out', default='.')
+        a = ap.parse_args()
+        os.makedirs(a.out, exist_ok=True)
+        live_main(a)
+    else:
+        main()

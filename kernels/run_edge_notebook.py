@@ -2,7 +2,10 @@
 the parameters cell (what papermill does), for a machine without papermill / a Jupyter kernel (the GPU image).
 `display(x)` prints x; figures go to the notebook's `edge_out` folder (the notebook saves them there).
 
-    EDGE_OUT=$OUT/e/edge PYTHONPATH=. python kernels/run_edge_notebook.py --profile edge
+    EDGE_OUT=$OUT/e/edge PYTHONPATH=. python kernels/run_edge_notebook.py --profile edge [--set edge_budget_s=400 ...]
+
+`--set name=value` overrides one of the profile's parameters (a Python literal, else the plain string), e.g. a shorter
+budget when device time is short: `--set edge_budget_s=380 "edge_spec=train_s=60,draft_s=20,identity=False"`.
 """
 import argparse
 import json
@@ -28,12 +31,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--profile', default='edge')
     ap.add_argument('--notebook', default=str(ROOT / 'nbs' / '90_edge_bench.ipynb'))
+    ap.add_argument('--set', nargs='*', default=[], help="parameter overrides name=value (after the profile's)")
     a = ap.parse_args(argv)
     import matplotlib
     matplotlib.use('Agg')
     from minicpm4_core.profiles import load_profile
     from minicpm4_core.runner import RUNNER_KEYS
+    from minicpm4_core.profiles import parse_overrides
     params = {k: v for k, v in load_profile(a.profile, ROOT).items() if k not in RUNNER_KEYS}
+    over = parse_overrides(a.set)
+    params.update(over)
     ns = {'__name__': '__edge_notebook__', 'display': lambda *xs: [print(x.to_string() if hasattr(x, 'to_string')
                                                                          else x) for x in xs]}
     cells, t0 = code_cells(Path(a.notebook)), time.time()
@@ -52,6 +59,9 @@ def main(argv=None) -> int:
             continue
         if is_params:                                   # the profile's values override the notebook's defaults
             declared = {k for k in ns if not k.startswith('_')}
+            unknown = sorted(set(over) - declared)
+            if unknown: raise SystemExit(f"--set: {unknown} are not parameters of {Path(a.notebook).name} "
+                                         f"(its parameters cell: {sorted(declared - {'display'})})")
             ns.update({k: v for k, v in params.items() if k in declared})
             print('parameters:', {k: v for k, v in params.items() if k in declared}, flush=True)
         last = src.strip().splitlines()[-1] if src.strip() else ''

@@ -29,15 +29,15 @@ from .io import atomic_write_json
 from .model import MiniCPM4ForCausalLM
 
 # %% auto #0
-__all__ = ['CONFIGS', 'HF_COMPILE_MAX_CONTEXT', 'SPARSE_CONFIGS', 'PARTS', 'EDGE_GBps', 'HF_COMPILE_EST_S', 'SPEC_CONFIGS',
+__all__ = ['CONFIGS', 'HF_COMPILE_MAX_CONTEXT', 'SPARSE_CONFIGS', 'PARTS', 'EDGE_GBps', 'SPEC_CONFIGS', 'HF_COMPILE_EST_S',
            'EdgeParams', 'SpecParams', 'preset', 'build_model', 'weight_bytes', 'kv_bytes', 'roofline',
            'timed_generation', 'hf_model', 'hf_gen', 'dense_config', 'run_decode', 'prefill_from_decode', 'run_prefill',
-           'run_kernels', 'run_spec', 'agreement', 'distinct_ngrams', 'spec_rows', 'goal_lines', 'summary_lines',
-           'plot', 'run', 'main']
+           'run_kernels', 'run_spec', 'run_spec_long', 'agreement', 'distinct_ngrams', 'spec_rows', 'spec_long_rows',
+           'goal_lines', 'summary_lines', 'plot', 'run', 'main']
 
 # %% ../nbs/90_edge_bench.ipynb #86d5b03a
 CONFIGS = ('dense-eager', 'generate', 'engine-dense', 'engine-bucket', 'engine-sdpa', 'engine-sparse', 'engine-spec',
-           'hf-static', 'hf-compile', 'engine-int4', 'engine-sparse-int4')   # the order they run in: bf16 first, then packed
+           'hf-static', 'hf-compile', 'hf-dynamic', 'engine-int4', 'engine-sparse-int4')   # bf16 first, then packed
 HF_COMPILE_MAX_CONTEXT = 4096   # hf-compile recompiles per context and batch: batch 1, contexts up to this only
 SPARSE_CONFIGS = ('engine-sparse', 'engine-sparse-int4')   # InfLLM v2 past dense_len: StaticSparseDecoder (batch 1)
 PARTS = ('decode', 'kernels', 'prefill', 'spec')
@@ -84,7 +84,7 @@ class EdgeParams:
             got = getattr(self, name).split(',') if getattr(self, name) != 'all' else list(allowed)
             wrong = [g for g in got if g not in allowed]
             if wrong: raise ValueError(f"{name}: unknown {wrong}; accepted: 'all' or a comma list of {list(allowed)}")
-        self.spec_params()                                     # raises on a bad spec override
+        self.spec_params().names()                             # raises on a bad spec override / config name
         self.grid_map()                                        # raises on a bad grid entry
         for name in ('contexts', 'batches', 'prefill_contexts'):
             vals = self.ints(name)
@@ -95,14 +95,18 @@ class EdgeParams:
         return self
 
     def spec_params(self) -> 'SpecParams':
-        "The spec part's parameters: SpecParams() on CUDA, SpecParams.smoke() on the CPU, with `spec` overrides."
+        """The spec part's parameters: SpecParams() on CUDA, SpecParams.smoke() on the CPU, with `spec` overrides
+        'field=value,...' (a comma not followed by `name=` belongs to the value: 'long_contexts=16384,32000,new=64');
+        string fields keep the text as given, the others are Python literals."""
+        import re
         from ast import literal_eval
-        over = {}
-        for kv in filter(None, (s.strip() for s in self.spec.split(','))):
+        over, fs = {}, SpecParams.__dataclass_fields__
+        for kv in filter(None, (s.strip() for s in re.split(r',(?=\s*\w+\s*=)', self.spec))):
             k, sep, v = kv.partition('=')
-            if not sep or k not in SpecParams.__dataclass_fields__:
-                raise ValueError(f"spec: expected 'field=value,...' with fields of SpecParams "
-                                 f"{sorted(SpecParams.__dataclass_fields__)}, got {kv!r}")
+            k, v = k.strip(), v.strip()
+            if not sep or k not in fs:
+                raise ValueError(f"spec: expected 'field=value,...' with fields of SpecParams {sorted(fs)}, got {kv!r}")
+            if isinstance(fs[k].default, str): over[k] = v; continue
             try: over[k] = literal_eval(v)
             except (ValueError, SyntaxError): over[k] = v
         return SpecParams(**over) if self.device == 'cuda' else SpecParams.smoke(**over)
@@ -142,6 +146,15 @@ class EdgeParams:
         return list(CONFIGS if name == 'configs' else PARTS) if v == 'all' else v.split(',')
 
 # %% ../nbs/90_edge_bench.ipynb #e5a1c002
+SPEC_CONFIGS = (('chain4 FR', True, dict(method='chain', gamma=4)),
+                ('tree5x4/16 FR', True, dict(method='tree', depth=5, topk=4, tree_size=16)),
+                ('tree6x8/32 FR', True, dict(method='tree', depth=6, topk=8, tree_size=32)),
+                ('tree8x8/48 FR', True, dict(method='tree', depth=8, topk=8, tree_size=48)),
+                ('chain6 FR', True, dict(method='chain', gamma=6)),
+                ('chain8 FR', True, dict(method='chain', gamma=8)),
+                ('tree5x4/16 full', False, dict(method='tree', depth=5, topk=4, tree_size=16)))
+
+
 @dataclass
 class SpecParams:
     """The spec part: train a `shape` target briefly on real text (`corpus`, a BPE of `bpe` ids), self-distil its
@@ -167,13 +180,33 @@ class SpecParams:
     heldout_len: int = 128
     new: int = 128
     seed: int = 0
+    configs: str = ''                # SPEC_CONFIGS names of the short-context rows, comma list ('': all of them)
+    long_contexts: str = '16384'     # the sparse rows: the pair with InfLLM v2 past dense_len at these contexts ('': none)
+    long_prompts: int = 2            # held-out prompts per context (evenly spaced windows of the held-out text)
+    long_new: int = 128              # tokens generated per prompt (TTFT and decode timed apart)
+    long_int4: bool = True           # sparse + int4 (+ spec): the issue's fourth configuration
+    long_bf16: bool = True           # sparse (+ spec) in bf16 as well
+    long_config: str = ''            # the SPEC_CONFIGS name the long rows use ('': the best short-context row)
+    long_budget_s: float = 90.0      # the long rows start no generation expected to end past this (0: no limit)
 
     @classmethod
     def smoke(cls, **over) -> 'SpecParams':
         "The CPU smoke test: a tiny model, seconds of training (the pipeline, not a speed result)."
         return cls(**{**dict(shape='tiny', bpe=300, seq=48, batch=8, train_s=3.0, distill_prompts=16, prompt_len=12,
-                             distill_new=20, draft_batch=8, draft_s=2.0, k=128, prompts=2, heldout_len=16, new=12),
+                             distill_new=20, draft_batch=8, draft_s=2.0, k=128, prompts=2, heldout_len=16, new=12,
+                             long_contexts='150', long_prompts=1, long_new=10, long_budget_s=0),
                       **over})
+
+    def names(self) -> list[str]:
+        "The short-context SPEC_CONFIGS names to run (raises on an unknown one)."
+        known = [c[0] for c in SPEC_CONFIGS]
+        got = [s.strip() for s in self.configs.split(',') if s.strip()] or known
+        bad = [g for g in got if g not in known] + ([self.long_config] if self.long_config and self.long_config not in known else [])
+        if bad: raise ValueError(f"spec configs: unknown {bad}; accepted: {known}")
+        return got
+
+    def long_ints(self) -> list[int]:
+        return [int(x) for x in str(self.long_contexts).split(',') if str(x).strip()]
 
 
 def _steps_for(model, rows, batch: int, seconds: float, dev, step_fn) -> tuple[int, float]:
@@ -291,14 +324,16 @@ def hf_model(c: MiniCPM4Config, max_len: int, dev, dtype, compile: bool = False)
     return hf, hf_gen(hf, dev, compile)
 
 
-def hf_gen(hf, dev, compile: bool):
-    "gen(prompts, k, marks) through transformers' `generate` with a static cache (+ its torch.compile when `compile`)."
+def hf_gen(hf, dev, compile: bool, cache: str = 'static'):
+    """gen(prompts, k, marks) through transformers' `generate` with a static cache (+ its torch.compile when `compile`),
+    or with its default dynamic cache (`cache='dynamic'`: no (q, max_len) mask buffer, so 128K fits; eager)."""
+    if cache not in ('static', 'dynamic'): raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
     def gen(prompts, k, marks):
         ids = torch.tensor(prompts, device=dev)
         with torch.no_grad():
             return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
-                               do_sample=False, cache_implementation='static', pad_token_id=0, streamer=marks,
-                               disable_compile=not compile)
+                               do_sample=False, cache_implementation='static' if cache == 'static' else None,
+                               pad_token_id=0, streamer=marks, disable_compile=not compile)
     return gen
 
 # %% ../nbs/90_edge_bench.ipynb #0fb57f46
@@ -343,10 +378,11 @@ def _runner(cfg: str, m, p: EdgeParams, L: int, B: int, dev, dtype, shared: dict
         with dense_config(m):
             e = Engine(m, L + 64, chunk=p.chunk, spec=(load_draft(p.draft, m), vocab))
         return 'engine', eng_gen(e), dense_config(m), False
-    if cfg in ('hf-static', 'hf-compile'):
+    if cfg in ('hf-static', 'hf-compile', 'hf-dynamic'):
         shared = {} if shared is None else shared
         if 'hf' not in shared: shared['hf'] = hf_model(m.config, max(L, shared.get('L', 0)), dev, dtype)[0]
-        return 'hf', hf_gen(shared['hf'], dev, cfg == 'hf-compile'), contextlib.nullcontext(), False
+        return 'hf', hf_gen(shared['hf'], dev, cfg == 'hf-compile', 'dynamic' if cfg == 'hf-dynamic' else 'static'), \
+            contextlib.nullcontext(), False
     raise ValueError(f"unknown config {cfg!r}")
 
 # %% ../nbs/90_edge_bench.ipynb #154c8140
@@ -406,7 +442,7 @@ def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progr
                                  f"there: the engine-dense / engine-int4 rows)")
                 todo = [(x, b) for x, b in todo if b == 1 and not st.dense_at(x + 1)]
             if not todo: continue
-            if packed and cfg not in SPARSE_CONFIGS + ('engine-int4', 'hf-static', 'hf-compile'):
+            if packed and cfg not in SPARSE_CONFIGS + ('engine-int4', 'hf-static', 'hf-compile', 'hf-dynamic'):
                 notes.append(f"{shape} {cfg}: not run (listed after an int4 configuration: the model is packed in place)")
                 continue
             if left() < 10: notes.append(f"{shape} {cfg}: skipped, budget spent"); continue
@@ -426,7 +462,9 @@ def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progr
             try:
                 with ctxm:
                     for B in Bs if cfg != 'hf-compile' else ():   # capture per batch size (a batch has its own graph)
-                        warm = torch.randint(3, c.vocab_size, (B, min(x for x, b in todo if b == B)), generator=g).tolist()
+                        wl = min(x for x, b in todo if b == B)
+                        if cfg == 'hf-dynamic': wl = min(wl, 1024)   # no graph or compile to warm: a short call
+                        warm = torch.randint(3, c.vocab_size, (B, wl), generator=g).tolist()
                         gen(warm, 2, _Marks(dev))                               # untimed
                     for ctx, B in bar:
                         first_compile = cfg == 'hf-compile' and (shape, cfg, ctx, B) not in seen
@@ -443,6 +481,8 @@ def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progr
                         if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
                         k = 'engine' if kind == 'generate' else kind
                         tm = timed_generation(k, gen, ps, n, dev)
+                        if cfg == 'hf-dynamic':
+                            tm['backend'] = f"transformers dynamic cache ({getattr(shared['hf'].config, '_attn_implementation', '?')})"
                         row = dict(shape=shape, config=cfg, context=ctx, batch=B, **tm,
                                    prefill_tok_s=B * ctx / tm['ttft_s'],
                                    decode_tok_s=B * tm['decode_steps'] / tm['decode_s'] if tm['decode_s'] > 0 else None,
@@ -637,10 +677,11 @@ def _train_timed(model, rows, sp: SpecParams, batch: int, seconds: float, dev, l
     return res, per
 
 
-def run_spec(sp: SpecParams, device: str, log=print, on_stage=None) -> dict:
+def run_spec(sp: SpecParams, device: str, log=print, on_stage=None, deadline: float | None = None) -> dict:
     """The spec rows: a trained target-draft pair, then the engine with and without speculation (greedy, batch 1).
     Returns dict(corpus, target, draft, rows, seconds); rows: name, tok_s, mean_accept_length, speedup, identical.
-    on_stage(record) after each stage (the module rewrites its JSON there: a cut run keeps what it reached)."""
+    on_stage(record) after each stage (the module rewrites its JSON there: a cut run keeps what it reached).
+    deadline (time.time() seconds): the long rows (`run_spec_long`) stop there at the latest."""
     from minicpm4_core import data as D
     from minicpm4_core import frspec as S
     from minicpm4_core.train import eval_loss
@@ -693,7 +734,7 @@ def run_spec(sp: SpecParams, device: str, log=print, on_stage=None) -> dict:
     hv = D.pack_documents(tok.encode_batch(he), sp.heldout_len, tok.bos_id, tok.eos_id)
     idx = torch.linspace(0, hv.shape[0] - 1, min(sp.prompts, hv.shape[0])).long()
     heldout = hv[idx, :sp.heldout_len].tolist()
-    rec['rows'] = spec_rows(target, draft, vocab.ids, heldout, sp.new)
+    rec['rows'] = spec_rows(target, draft, vocab.ids, heldout, sp.new, tuple(c for c in SPEC_CONFIGS if c[0] in sp.names()))
     plain = rec['rows'][0].pop('outputs')
     tick('timing')
     for r in rec['rows']: log(f"spec {r['name']:>16}: {r['tok_s']:.0f} tok/s, accept {r['mean_accept_length']:.2f}, "
@@ -719,7 +760,7 @@ def run_spec(sp: SpecParams, device: str, log=print, on_stage=None) -> dict:
         try:
             t4 = copy.deepcopy(target)
             convert_quant(t4, 'w4a16')
-            best = max(rec['rows'][1:], key=lambda r: r['speedup'])
+            best = max(rec['rows'][1:], key=lambda r: r.get('decode_speedup') or r['speedup'])
             rows4 = spec_rows(t4, draft, vocab.ids, heldout, sp.new, tuple(c for c in SPEC_CONFIGS if c[0] == best['name']))
             rows4[0].pop('outputs')
             for r in rows4: r['name'] = f"int4 {r['name']}"
@@ -731,17 +772,49 @@ def run_spec(sp: SpecParams, device: str, log=print, on_stage=None) -> dict:
         except Exception as e:
             rec['int4_note'] = f"int4 + spec: {type(e).__name__}: {e}"[:400]; log(rec['int4_note'])
         tick('int4')
+    if sp.long_ints() and (sp.long_int4 or sp.long_bf16):
+        run_spec_long(rec, sp, target, draft, vocab.ids, tok, he, tr, log, deadline)
+        tick('long')
     rec['seconds']['total'] = round(time.time() - t_all, 1)
     return rec
 
+
+def run_spec_long(rec: dict, sp: SpecParams, target, draft, vocab_ids, tok, heldout, train, log=print,
+                  deadline: float | None = None) -> None:
+    """The long rows into rec (`long_rows`, `long_notes`, `long_prompts`): copies of the trained target given InfLLM v2
+    (`_long_sparse_config`), packed to w4a16 (`long_int4`) and/or bf16 (`long_bf16`), each through `spec_long_rows` with
+    the spec configuration `long_config` (or the best short-context row's). Ends by `deadline` and `long_budget_s`."""
+    own = time.time() + sp.long_budget_s if sp.long_budget_s else None
+    deadline = min((d for d in (own, deadline) if d is not None), default=None)
+    rec['long_rows'], rec['long_notes'] = [], []
+    try:
+        prompts, psrc = _long_prompts(tok, heldout, train, sp.long_ints(), sp.long_prompts)
+        rec['long_prompts'] = dict(source=psrc, contexts=sp.long_ints(), per_context=sp.long_prompts, new=sp.long_new,
+                                   sparse_config=_long_sparse_config(sp))
+        best = sp.long_config or max(rec['rows'][1:], key=lambda r: r.get('decode_speedup') or r['speedup'])['name']
+        kw = next(c[2] for c in SPEC_CONFIGS if c[0] == best)
+        vids = vocab_ids if next(c[1] for c in SPEC_CONFIGS if c[0] == best) else None
+    except Exception as e:
+        rec['long_notes'].append(f"long rows: {type(e).__name__}: {e}"[:400]); log(rec['long_notes'][-1]); return
+    chunk = 2048 if target.device.type == 'cuda' else 32
+    for quant in (['w4a16'] if sp.long_int4 else []) + ([None] if sp.long_bf16 else []):
+        try:
+            t = copy.deepcopy(target)
+            t.config.sparse_config = _long_sparse_config(sp)
+            if quant: convert_quant(t, quant)
+            rows, notes = spec_long_rows(t, draft, vids, prompts, sp.long_new, kw, best, chunk, deadline,
+                                         tag='sparse+int4' if quant else 'sparse', log=log)
+            for r in rows: r['quant'] = quant
+            rec['long_rows'] += rows; rec['long_notes'] += notes
+            for n in notes: log(f"spec long note: {n}")
+        except Exception as e:
+            rec['long_notes'].append(f"long rows ({quant or 'bf16'}): {type(e).__name__}: {e}"[:400])
+            log(rec['long_notes'][-1])
+        finally:
+            t = None
+            if target.device.type == 'cuda': torch.cuda.empty_cache()
+
 # %% ../nbs/90_edge_bench.ipynb #e5a1c005
-SPEC_CONFIGS = (('chain4 FR', True, dict(method='chain', gamma=4)),
-                ('tree5x4/16 FR', True, dict(method='tree', depth=5, topk=4, tree_size=16)),
-                ('tree6x8/32 FR', True, dict(method='tree', depth=6, topk=8, tree_size=32)),
-                ('tree8x8/48 FR', True, dict(method='tree', depth=8, topk=8, tree_size=48)),
-                ('tree5x4/16 full', False, dict(method='tree', depth=5, topk=4, tree_size=16)))
-
-
 def agreement(outs: list, ref: list) -> dict:
     """How far token lists agree: identical (whole lists equal), tokens (fraction of equal positions) and prefix (mean
     fraction of each list before its first difference: a late first difference is a rounding near-tie, not a bug)."""
@@ -761,8 +834,11 @@ def distinct_ngrams(rows: list, n: int = 4) -> float:
 @torch.no_grad()
 def spec_rows(target, draft, vocab_ids, prompts: list, new: int, configs=SPEC_CONFIGS) -> list[dict]:
     """Greedy decoding of each prompt through `Engine` without speculation (its static graph) and with FR-Spec per
-    `configs`: wall time of `generate` (prefill included), warm-up/capture untimed. identical / tokens / prefix: the
-    outputs against the plain engine's (`agreement`; in bf16 a near-tie may flip, see `run_spec`'s fp32 check)."""
+    `configs`: wall time of `generate` (prefill included: tok_s, speedup), and decode alone (decode_tok_s, decode_speedup:
+    the tokens after the first over the engine's `last_timing['decode_s']`, or the spec object's `spec_stats['decode_s']`;
+    the two prefills differ - FastSpec's is a CUDA graph, the plain engine's eager - so the decode ratio is the fair one),
+    warm-up/capture untimed. identical / tokens / prefix: the outputs against the plain engine's (`agreement`; in bf16 a
+    near-tie may flip, see `run_spec`'s fp32 check)."""
     dev = target.device
     L = -(-(max(map(len, prompts)) + new + 64) // 16) * 16
     rows, ref = [], None
@@ -770,20 +846,128 @@ def spec_rows(target, draft, vocab_ids, prompts: list, new: int, configs=SPEC_CO
         spec = None if kw is None else (draft, vocab_ids if fr else None)
         e = Engine(target, L, spec=spec, spec_kw=kw)
         e.generate([prompts[0]], new, stop_ids=[])                           # capture, untimed
-        secs, outs, acc = 0.0, [], []
+        secs, outs, acc, dec = 0.0, [], [], []
         for p in prompts:
             t0 = _sync_clock(dev)
             outs.append(e.generate([p], new, stop_ids=[])[0])
             secs += _sync_clock(dev) - t0
             acc.append(e.spec_stats['mean_accept_length'] if spec else 1.0)
+            dec.append((e.spec_stats if spec else getattr(e, 'last_timing', None) or {}).get('decode_s'))
         ref = ref or outs
+        ok = None not in dec and sum(dec or [0]) > 0
         rows.append(dict(name=name, **(kw or {}), k=None if not fr else len(vocab_ids), prompts=len(prompts), new=new,
                          seconds=secs, tok_s=len(prompts) * new / secs, mean_accept_length=sum(acc) / len(acc),
+                         decode_tok_s=len(prompts) * (new - 1) / sum(dec) if ok else None,
                          **agreement(outs, ref), **({} if spec else dict(distinct4=distinct_ngrams(outs)))))
         del e
-    for r in rows: r['speedup'] = r['tok_s'] / rows[0]['tok_s']
+    for r in rows:
+        r['speedup'] = r['tok_s'] / rows[0]['tok_s']
+        if r['decode_tok_s'] and rows[0]['decode_tok_s']: r['decode_speedup'] = r['decode_tok_s'] / rows[0]['decode_tok_s']
     rows[0]['outputs'] = ref
     return rows
+
+# %% ../nbs/90_edge_bench.ipynb #c1834b2c
+def _long_sparse_config(sp: SpecParams) -> dict:
+    "InfLLM v2 for the long rows: the released block (tiny: a small one going sparse from 64 keys)."
+    if sp.shape == 'tiny':
+        return default_sparse_config(kernel_size=32, kernel_stride=16, block_size=16, window_size=32, topk=3, dense_len=64)
+    return default_sparse_config()
+
+
+def _long_prompts(tok, heldout: list[str], train: list[str], ctxs: list[int], n: int) -> tuple[dict, str]:
+    "({context: n prompts}, source): evenly spaced windows of the held-out token stream (+ train text if it is short)."
+    from minicpm4_core.long_context import token_stream
+    s, src = token_stream(tok, heldout), 'held-out'
+    if len(s) < max(ctxs):
+        s, src = torch.cat([s, token_stream(tok, train)]), 'held-out + train (the held-out text is shorter than the context)'
+    out = {}
+    for c in ctxs:
+        if len(s) < c: raise ValueError(f"{src}: {len(s)} tokens, a {c}-token prompt asked for")
+        starts = torch.linspace(0, len(s) - c, n).long().tolist() if n > 1 else [0]
+        out[c] = [s[a:a + c].tolist() for a in starts]
+    return out, f"{src}, {len(s)} tokens"
+
+
+def _timed_gen(e: Engine, prompt: list, new: int, dev) -> dict:
+    "One greedy generation: output, wall_s, and the engine's TTFT / decode split when it gives one (else None)."
+    e.__dict__.pop('last_timing', None)
+    e.__dict__.pop('spec_stats', None)
+    t0 = _sync_clock(dev)
+    out = e.generate([prompt], new, stop_ids=[])[0]
+    wall = _sync_clock(dev) - t0
+    lt, st = getattr(e, 'last_timing', None), dict(getattr(e, 'spec_stats', None) or {})
+    ttft = lt.get('ttft_s') if lt else st.get('ttft_s', st.get('prefill_s'))
+    return dict(out=out, wall_s=wall, ttft_s=ttft, stats=st, backend=(lt or {}).get('backend'))
+
+
+@torch.no_grad()
+def spec_long_rows(target, draft, vocab_ids, prompts: dict, new: int, kw: dict, name: str, chunk: int,
+                   deadline: float | None = None, tag: str = '', log=print) -> tuple[list[dict], list[str]]:
+    """Greedy generation of `new` tokens from each long prompt ({context: [prompts]}) through `Engine` over an InfLLM v2
+    `target`, without speculation, then with FR-Spec (`kw`): rows (name, context, ttft_s, decode_tok_s, acceptance,
+    agreement with the plain engine's outputs). decode_tok_s = (new - 1) / (wall - TTFT), the first token coming with
+    the prefill; when the spec path gives no TTFT, the plain engine's on the same prompt stands in (`ttft_source`).
+    One engine per variant sized for the longest prompt, warmed up (graph captures, kernel compiles for each prompt
+    length) with a short generation per context, untimed. A generation starts only if the slowest one seen so far at
+    its context (x3 for the first speculative one) fits before `deadline` (time.time() seconds); what is skipped is
+    noted."""
+    dev = target.device
+    L = -(-(max(prompts) + new + 96) // 64) * 64
+    left = lambda: float('inf') if deadline is None else deadline - time.time()
+    rows, notes, ref, plain_ttft, seen = [], [], {}, {}, {}
+    for spec in (False, True):
+        label = f"{tag}{'+spec ' + name if spec else ''}"
+        t_setup = time.time()
+        try:
+            e = Engine(target, L, chunk=chunk, spec=(draft, vocab_ids) if spec else None, spec_kw=kw if spec else None)
+            need = 3 * sum(seen.values())
+            if need > left():
+                notes.append(f"long {label}: skipped (budget: ~{need:.0f} s needed, {max(0, left()):.0f} s left)"); continue
+            for ctx in prompts: _timed_gen(e, prompts[ctx][0], min(new, 8), dev)   # warm-up per length: untimed
+            setup = time.time() - t_setup                 # engine build + warm-ups (captures, compiles): for planning
+        except Exception as ex:
+            notes.append(f"long {label}: {type(ex).__name__}: {ex}"[:400]); continue
+        for ctx, ps in prompts.items():
+            outs, walls, ttfts, acc, src, path, backend = [], [], [], [], 'engine', None, None
+            for i, p in enumerate(ps):
+                need = seen.get(ctx, 0.0) * (3 if spec and not outs else 1)
+                if need > left():
+                    notes.append(f"long {label} ctx={ctx} prompt {i}: skipped (budget: ~{need:.0f} s needed, "
+                                 f"{max(0, left()):.0f} s left)"); break
+                try: g = _timed_gen(e, p, new, dev)
+                except Exception as ex:
+                    notes.append(f"long {label} ctx={ctx}: {type(ex).__name__}: {ex}"[:400]); break
+                seen[ctx] = max(seen.get(ctx, 0.0), g['wall_s'])
+                ttft = g['ttft_s']
+                if ttft is None: ttft, src = plain_ttft.get((ctx, i)), 'plain engine (same prompt)'
+                if not spec: plain_ttft[ctx, i] = ttft
+                outs.append(g['out']); walls.append(g['wall_s']); ttfts.append(ttft)
+                acc.append(g['stats'].get('mean_accept_length', 1.0) if spec else 1.0)
+                path, backend = g['stats'].get('path', path), g['backend'] or backend
+            if not outs: continue
+            dec = sum(w - t for w, t in zip(walls, ttfts) if t is not None)
+            row = dict(name=label, spec=name if spec else None, context=ctx, prompts=len(outs), new=new,
+                       ttft_s=None if None in ttfts else sum(ttfts) / len(ttfts), ttft_source=src,
+                       wall_s=sum(walls), tok_s=len(outs) * new / sum(walls),
+                       decode_tok_s=len(outs) * (new - 1) / dec if dec > 0 and None not in ttfts else None,
+                       mean_accept_length=sum(acc) / len(acc), spec_path=path if spec else None, backend=backend,
+                       engine_setup_s=setup)
+            if not spec:
+                ref[ctx] = outs
+                row['distinct4'] = distinct_ngrams(outs)
+            else:
+                row.update(agreement(outs, ref.get(ctx, [])[:len(outs)]) if ctx in ref else {})
+                base = next((r for r in rows if r['context'] == ctx and r['spec'] is None), None)
+                if base and base.get('decode_tok_s') and row['decode_tok_s']:
+                    row['speedup'] = row['decode_tok_s'] / base['decode_tok_s']
+                if base: row['e2e_speedup'] = base['wall_s'] / base['prompts'] / (row['wall_s'] / row['prompts'])
+            rows.append(row)
+            log(f"spec long {label:>28} ctx={ctx}: TTFT {row['ttft_s'] or 0:.3f} s, decode {row['decode_tok_s'] or 0:.0f} "
+                f"tok/s, accept {row['mean_accept_length']:.2f}" + (f", x{row['speedup']:.2f} decode vs no spec, "
+                f"identical {row.get('identical')}/{row['prompts']} [{path}]" if 'speedup' in row else ''))
+        del e
+        if dev.type == 'cuda': torch.cuda.empty_cache()
+    return rows, notes
 
 # %% ../nbs/90_edge_bench.ipynb #f48e7f69
 def goal_lines(res: dict) -> list[str]:
@@ -794,8 +978,8 @@ def goal_lines(res: dict) -> list[str]:
                                                                                 r['batch']) == (shape, cfg, ctx, B)), None)
     frac = lambda shape, cfg, ctx: next((r.get('roofline_fraction') for r in rows if (r['shape'], r['config'],
                                                                                       r['context'], r['batch']) == (shape, cfg, ctx, 1)), None)
-    hf = lambda shape, ctx, B=1: max([x for x in (tok(shape, 'hf-static', ctx, B), tok(shape, 'hf-compile', ctx, B)) if x] or [None],
-                                     key=lambda v: v or 0)
+    hf = lambda shape, ctx, B=1: max([x for x in (tok(shape, c_, ctx, B) for c_ in ('hf-static', 'hf-compile', 'hf-dynamic')) if x]
+                                     or [None], key=lambda v: v or 0)
     verdict = lambda v, goal: 'not measured' if v is None else ('met' if v >= goal else 'MISSED')
     out = []
     def line(name, v, goal, detail=''):
@@ -817,7 +1001,7 @@ def goal_lines(res: dict) -> list[str]:
     s4, d8 = tok('minicpm4_8b', 'engine-sparse-int4', 131072), tok('minicpm4_8b', 'engine-dense', 131072)
     line('8B 128K sparse+int4 / engine-dense', s4 / d8 if s4 and d8 else None, 3.0)
     hx = max((r['context'] for r in rows if r['shape'] == 'minicpm4_8b' and r['batch'] == 1
-              and r['config'] in ('hf-static', 'hf-compile')), default=None)
+              and r['config'] in ('hf-static', 'hf-compile', 'hf-dynamic')), default=None)
     h8 = hx and hf('minicpm4_8b', hx)
     line('8B 128K sparse+int4 / transformers', s4 / h8 if s4 and h8 else None, 4.0,
          '' if hx in (None, 131072) else f' (transformers measured up to {hx}: a lower bound, its static-cache step '
@@ -826,9 +1010,15 @@ def goal_lines(res: dict) -> list[str]:
                 and r['context'] == 131072 and r['attention'] == 'sparse'), None)
     line('8B 128K sparse chunked prefill / dense chunked prefill', pre, 3.0)
     sp = res.get('spec') or {}
-    best = max((r for r in sp.get('rows', [])[1:]), key=lambda r: r['speedup'], default=None)
-    line('FR-Spec on the trained 0.5B pair / the same engine without speculation', best and best['speedup'], 2.0,
-         f" ({best['name']}, accept {best['mean_accept_length']:.2f})" if best else '')
+    sx = lambda r: r.get('decode_speedup') or r['speedup']      # decode alone when measured (the prefills differ)
+    best = max((r for r in sp.get('rows', [])[1:]), key=sx, default=None)
+    line('FR-Spec on the trained 0.5B pair / the same engine without speculation', best and sx(best), 2.0,
+         (f" ({best['name']}, accept {best['mean_accept_length']:.2f})" + (f" decode alone; x{best['speedup']:.2f} wall "
+          f"clock with the prefills" if best.get('decode_speedup') else '')) if best else '')
+    lr = [r for r in sp.get('long_rows', []) if r.get('quant') and r.get('speedup')]
+    lb = max(lr, key=lambda r: r['context'], default=None)
+    line('FR-Spec, sparse + int4 target past dense_len / the same engine without speculation (decode)', lb and lb['speedup'],
+         2.0, f" (ctx {lb['context']}, {lb['spec']}, accept {lb['mean_accept_length']:.2f}, {lb['spec_path']})" if lb else '')
     tot = res.get('seconds', {}).get('total')
     out.append(f"goal the whole sweep in one call (< 600 s): {tot} s of run() (plus imports) "
                f"{'not measured' if tot is None else 'met' if tot < 600 else 'MISSED'}")
@@ -857,12 +1047,22 @@ def summary_lines(res: dict) -> list[str]:
                    f"{d['loss_first']:.2f} -> {d['loss_last']:.2f}; {sp['corpus']['source'][:60]}")
         for r in sp['rows']:
             out.append(f"spec {r['name']:>16}: {r['tok_s']:.0f} tok/s accept {r['mean_accept_length']:.2f} "
-                       f"x{r['speedup']:.2f} vs no speculation, identical {r['identical']}/{r['prompts']}, "
-                       f"tokens {r.get('tokens', 0):.3f}, prefix {r.get('prefix', 0):.3f}")
+                       f"x{r['speedup']:.2f} vs no speculation"
+                       + (f" (decode {r['decode_tok_s']:.0f} tok/s, x{r.get('decode_speedup', 1.0):.2f})" if r.get('decode_tok_s') else '')
+                       + f", identical {r['identical']}/{r['prompts']}, tokens {r.get('tokens', 0):.3f}, prefix {r.get('prefix', 0):.3f}")
         for r in sp.get('int4_rows', []):
             out.append(f"spec {r['name']:>16}: {r['tok_s']:.0f} tok/s accept {r['mean_accept_length']:.2f} "
                        f"x{r['speedup']:.2f} vs the int4 engine alone, identical {r['identical']}/{r['prompts']}")
         if 'int4_note' in sp: out.append(f"spec note: {sp['int4_note']}")
+        for r in sp.get('long_rows', []):
+            out.append(f"spec long {r['name']:>30} ctx={r['context']:>6}: TTFT {r['ttft_s'] or 0:.3f} s, decode "
+                       f"{r['decode_tok_s'] or 0:.0f} tok/s, accept {r['mean_accept_length']:.2f}"
+                       + (f", x{r['speedup']:.2f} decode / x{r['e2e_speedup']:.2f} end-to-end vs no speculation, identical "
+                          f"{r.get('identical')}/{r['prompts']} (prefix {r.get('prefix', 0):.3f}) [{r['spec_path']}]"
+                          if r.get('spec') and 'speedup' in r else f" [{r.get('backend')}]")
+                       + (f", distinct4 {r['distinct4']:.2f}" if 'distinct4' in r else '')
+                       + ('' if r.get('ttft_source', 'engine') == 'engine' else f" (TTFT from the {r['ttft_source']})"))
+        out += [f"spec long note: {n}" for n in sp.get('long_notes', [])]
         if 'fp32_check' in sp:
             out.append(f"spec identity: model loop vs plain engine (run dtype) {sp['loop_vs_engine']} | fp32: "
                        + '; '.join(f"{r['name']} identical {r['identical']}/{r['prompts']} prefix {r['prefix']:.3f}"
@@ -882,6 +1082,11 @@ def plot(res: dict):
     for key in sorted({(r['shape'], r['config']) for r in rows}):
         d = sorted((r['context'], r['decode_tok_s']) for r in rows if (r['shape'], r['config']) == key)
         axs[0].plot(*zip(*d), style.get(key[0], 'o-'), color=colour[key[1]], label=' '.join(key), ms=4)
+    long = [r for r in (res.get('spec') or {}).get('long_rows', []) if r.get('decode_tok_s')]
+    for name in sorted({r['name'] for r in long}):              # the trained 0.5B pair at long context (stars)
+        d = sorted((r['context'], r['decode_tok_s']) for r in long if r['name'] == name)
+        axs[0].plot(*zip(*d), '*-' if '+spec' in name else 'x:', ms=9, label=f'0.5B trained pair: {name}',
+                    color='k' if 'int4' in name else '0.55')
     axs[0].set(xscale='log', xlabel='context (tokens)', ylabel='decode tokens/s (batch 1)', title='decode speed')
     axs[0].legend(fontsize=6)
     rf = [r for r in res['rows'] if 'roofline_fraction' in r]
@@ -903,7 +1108,8 @@ def plot(res: dict):
 def run(p: EdgeParams, out: Path | None = None, progress: bool = True, log=None) -> dict:
     """Every part of `p`, in the order `p.parts` lists them; with `out`, the JSON is rewritten after each row (a cut
     run keeps what it measured). p.budget_s covers the whole run: each part starts only if it can still fit (spec:
-    its two training budgets + 40 s), the decode rows each check the time they are expected to take; what is skipped
+    its two training budgets + 40 s; its long rows stop at the deadline), the decode rows each check the time they are
+    expected to take; what is skipped
     is noted. Without a prefill part, the prefill rows come from the decode rows (`prefill_from_decode`)."""
     dev, t0 = torch.device(p.device), time.time()
     log = log or (lambda s: None)
@@ -937,7 +1143,7 @@ def run(p: EdgeParams, out: Path | None = None, progress: bool = True, log=None)
             need = sp.train_s + sp.draft_s + (40 if dev.type == 'cuda' else 0)
             if need > left():
                 res['notes'].append(f"spec: skipped (budget: ~{need:.0f} s needed, {max(0, left()):.0f} s left)"); continue
-            try: run_spec(sp, p.device, log=log, on_stage=lambda r: (res.__setitem__('spec', r), dump()))
+            try: run_spec(sp, p.device, log=log, on_stage=lambda r: (res.__setitem__('spec', r), dump()), deadline=deadline)
             except Exception as e: res['notes'].append(f"spec: {type(e).__name__}: {e}"[:600])
         res['seconds'][part] = round(time.time() - t, 1); dump()
     if 'prefill' not in p.names('parts') and res['rows']:

@@ -102,7 +102,9 @@ class Engine:
     dtype: cast the model (in place) first. quant: None | 'w4a16' | 'ternary' (packs the model in place when needed).
     sparse: 'auto' (the model's attention), 'dense' (force dense attention), or True (require an InfLLM v2 model).
     spec: None or (draft, vocab_ids) for FR-Spec (greedy, batch 1; `FastSpec`'s graphs while the context stays dense,
-    `EagerSpec` (the model's own tree verification, eager) for an InfLLM v2 target past dense_len). chunk: prefill chunk length.
+    `sparse_spec.SparseFastSpec` (its rounds in graphs, each tree node verified with its own InfLLM v2 selection) for an
+    InfLLM v2 target past dense_len; `EagerSpec`, the model's own tree verification, only where that one refuses:
+    lse_approx, depth + 1 > kernel_stride). chunk: prefill chunk length.
     backend: 'auto' | 'static' | 'eager' (tests force one). length_mode / min_bucket: the static stack's attended length
     ('static': all max_len slots, one CUDA graph; 'bucket': buckets min_bucket * 2^i, one graph each; `bucket_sizes`).
     decode_kernel: the static stack's one-token attention ('auto': split-K `dense_decode` reading the length on the
@@ -157,20 +159,36 @@ def _engine_check_spec(self: Engine, spec, kw: dict):
     if isinstance(vocab, FreqVocab): vocab = vocab.ids
     if self.sparse == 'dense' and self.config.sparse_config is not None:
         raise ValueError("spec with sparse='dense' on an InfLLM v2 model is not supported")
+    vocab = vocab.to(self.model.device) if vocab is not None else None
     if self.sparse_static():
-        # FastSpec's static target attends densely; past dense_len each tree node needs its own InfLLM v2 selection,
-        # which the model's forward computes (`speculative_generate`): correct, but eager (no graphs)
-        return EagerSpec(draft, vocab.to(self.model.device) if vocab is not None else None, kw)
-    return FastSpec(self.model, draft, vocab.to(self.model.device) if vocab is not None else None,
-                    max_len=self.max_len, graphs=self.graphs, **kw)
+        # past dense_len each tree node needs its own InfLLM v2 selection: SparseFastSpec computes it with static shapes
+        # (rounds in CUDA graphs); what it refuses goes through the model's own tree verification (EagerSpec, eager)
+        eager = EagerSpec(draft, vocab, kw, quiet=True)                     # validates spec_kw for both paths
+        why = _sparse_spec_refusal(self, eager.kw)
+        if why: return eager.announce(why)
+        from minicpm4_core.sparse_spec import SparseFastSpec
+        return SparseFastSpec(self.model, draft, vocab, max_len=self.max_len, graphs=self.graphs, chunk=self.chunk,
+                              **eager.kw)
+    return FastSpec(self.model, draft, vocab, max_len=self.max_len, graphs=self.graphs, **kw)
+
+
+def _sparse_spec_refusal(self: Engine, kw: dict) -> str | None:
+    "Why `SparseFastSpec` cannot verify this engine's trees (None when it can)."
+    from minicpm4_core.sparse_spec import check_sparse_spec
+    why = self.static_refusal(1)                                          # LongRoPE range, lse_approx
+    if why: return why
+    try: check_sparse_spec(self.config, kw['gamma'] if kw['method'] == 'chain' else kw['depth'])
+    except ValueError as e: return str(e)
+    return None
 
 class EagerSpec:
-    """FR-Spec of an engine whose InfLLM v2 target goes sparse within max_len: greedy tree (or chain) drafting, and
-    verification through the model's own forward (`speculative_generate`), whose tree attention gives each node the
-    selection the model's cached decoding would make. kw: FastSpec's (method, gamma, depth, topk, tree_size)."""
+    """FR-Spec of an engine whose InfLLM v2 target goes sparse within max_len, where `SparseFastSpec` refuses it: greedy
+    tree (or chain) drafting, and verification through the model's own forward (`speculative_generate`), whose tree
+    attention gives each node the selection the model's cached decoding would make. Eager (a Python loop per node).
+    kw: FastSpec's (method, gamma, depth, topk, tree_size)."""
     KEYS = dict(method='tree', gamma=4, depth=5, topk=4, tree_size=16)      # FastSpec's defaults
 
-    def __init__(self, draft, vocab_ids, kw: dict):
+    def __init__(self, draft, vocab_ids, kw: dict, quiet: bool = False):
         bad = sorted(set(kw) - set(self.KEYS))
         if bad: raise ValueError(f"spec_kw: unknown {bad}; accepted: {sorted(self.KEYS)}")
         from minicpm4_core.frspec import check_spec_args
@@ -180,8 +198,13 @@ class EagerSpec:
                         None if vocab_ids is None else len(vocab_ids))
         self.N, self.D = (k['gamma'], k['gamma']) if k['method'] == 'chain' else (k['tree_size'], k['depth'])
         self.last_stats = {}
+        if not quiet: self.announce("")
+
+    def announce(self, why: str) -> 'EagerSpec':
+        "Say once that this engine's spec runs eagerly, and why. Returns self."
         print("Engine: FR-Spec over an InfLLM v2 target past dense_len verifies its trees through the model's own "
-              "forward (eager; FastSpec's CUDA graphs attend densely)")
+              f"forward (eager, no graphs){': ' + why if why else ''}")
+        return self
 
     def generate(self, model, prompt, max_new_tokens: int) -> list[int]:
         "Greedy new tokens (exactly max_new_tokens, as FastSpec: no early stop). Stats in .last_stats."
@@ -449,17 +472,27 @@ Engine.generate = _engine_generate
 
 # %% ../nbs/80_engine.ipynb #6550adec
 def _spec_generate(self: Engine, rows, max_new_tokens: int, temperature: float, stop: list[int]) -> list[list[int]]:
-    "FR-Spec through FastSpec (or EagerSpec past dense_len): greedy, batch 1; stops are applied to its output."
+    """FR-Spec through FastSpec (SparseFastSpec past dense_len, EagerSpec where that refuses): greedy, batch 1; stops are
+    applied to its output. Sets spec_stats (the spec object's last_stats) and last_timing (ttft_s = prefill_s: the
+    first token comes from the prefill; decode_s: the rounds; None where the eager path does not split them)."""
     if temperature != 0: raise ValueError("spec decoding in the engine is greedy: pass temperature=0")
     if len(rows) != 1: raise ValueError(f"spec decoding in the engine takes one prompt, got {len(rows)}")
     fs = self.spec
     need = len(rows[0]) + max_new_tokens + fs.N + fs.D + 2
     if need > self.max_len:
         raise ValueError(f"prompt + max_new_tokens + draft tree = {need} slots > max_len={self.max_len}")
+    dev = self.model.device
+    t0 = _clock(dev)
     with self._mode():
         toks = fs.generate(self.model, rows[0], max_new_tokens) if isinstance(fs, EagerSpec) else \
             fs.generate(rows[0], max_new_tokens)
-    self.spec_stats = fs.last_stats
+    wall = _clock(dev) - t0
+    self.spec_stats = st = fs.last_stats
+    pre = st.get('prefill_s')
+    self.last_timing = dict(backend='spec', spec_path=st.get('path'), batch=1, prompt_len=len(rows[0]), ttft_s=pre,
+                            decode_s=None if pre is None else wall - pre, decode_steps=max_new_tokens - 1,
+                            prefill_s=getattr(fs, 'last_timing', {}).get('prefill_s', pre),
+                            setup_s=getattr(fs, 'last_timing', {}).get('setup_s'), wall_s=wall)
     return [_cut(toks, stop)]
 
 Engine._spec_generate = _spec_generate
@@ -508,7 +541,15 @@ def _memory(self: Engine) -> dict:
         s = d.base.stack
         fused = [t for p in s.p for k in ('wqkv', 'wgu') for t in _copies(p[k])]
         st += sum(t.numel() * t.element_size() for t in [s.kv, d.kc, *fused] + ([d.ring] if d.ring is not None else []))
-    return dict(weights=w, kv_cache=kv, static_stack=st, total=w + kv + st)
+    sp = 0                        # a FastSpec / SparseFastSpec: its static target's buffers and the draft's stack
+    t = getattr(self.spec, 't', None)
+    if t is not None:
+        bufs = [t.stack.kv, *[x for p in t.stack.p for k in ('wqkv', 'wgu') for x in _copies(p[k])]]
+        sd = getattr(self.spec, 'sd', None)
+        if sd is not None: bufs += [sd.kc] + ([sd.ring] if sd.ring is not None else [])
+        if self.spec.d is not None: bufs.append(self.spec.d.stack.kv)
+        sp = sum(x.numel() * x.element_size() for x in bufs)
+    return dict(weights=w, kv_cache=kv, static_stack=st, spec=sp, total=w + kv + st + sp)
 
 Engine.memory = _memory
 

@@ -22,6 +22,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
@@ -32,7 +34,7 @@ from .attention import AttentionInputs, dense_attention
 from .infllmv2 import compress_keys, infllmv2_attention, select_auto, sparse_attention_auto, sparse_settings
 from .bench import copies_beyond_l2, device_time
 from .io import IntegrityError, atomic_path
-from .static_decode import StaticDecoder, StaticStack, capture_graph, check_static_support
+from .static_decode import StaticDecoder, StaticStack, attend, capture_graph, check_static_support
 # the static forward lived here before notebook 61: the old private names stay importable for one release
 from .static_decode import prep_layer as _prep_layer, layer_step as _layer_step  # noqa: F401
 from .static_decode import StaticStack as _StaticStack, StaticDecoder as _StaticTarget  # noqa: F401
@@ -42,7 +44,7 @@ __all__ = ['METHODS', 'count_token_frequencies', 'frequent_ids', 'coverage_curve
            'plot_coverage', 'EagleDraft', 'DraftHead', 'DraftForTraining', 'self_distill_rows', 'train_draft',
            'target_probs', 'accept_children', 'attention_override', 'sparse_tree_backend', 'tree_attention_mask',
            'tree_forward', 'compact_cache', 'SpecStats', 'check_spec_args', 'DraftTree', 'speculative_generate',
-           'FastSpec', 'bench_lm_head', 'bench_e2e']
+           'skinny_linear', 'FastSpec', 'bench_lm_head', 'bench_e2e']
 
 # %% ../nbs/60_frspec.ipynb #2d64322a
 def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -752,6 +754,74 @@ def speculative_generate(target: MiniCPM4ForCausalLM, draft: EagleDraft, prompt:
     return out[:max_new_tokens]
 
 # %% ../nbs/60_frspec.ipynb #e7cb95b7
+def _rows_attend(q, kv, mask, span: int | None = None, seqlens=None):
+    """`static_decode.attend`'s contract for a few query rows, each row its own batch entry: q (T, Hq, Dh) is viewed as
+    (T, Hkv, G, Dh) (no copy; the G query heads of a kv head are that entry's G query rows), the keys and values
+    (S, Hkv, Dh) are broadcast over the T entries (stride 0, no copy), mask: the first T rows of the stack's additive
+    mask (1, 1, R >= T, S) (R = G*T when built by `StaticStack.run`, whose row blocks repeat) -> o (T, Hq*Dh).
+    Against `attend`: no copy of q in, T*Hkv programs instead of Hkv. seqlens given: `attend` (split-K decode)."""
+    if seqlens is not None: return attend(q, kv, mask, span, seqlens)
+    T, Hq, Dh = q.shape
+    Hkv = kv.shape[1] // 2
+    kva = kv if span is None else kv[:span]
+    k = kva[:, :Hkv].transpose(0, 1)[None].expand(T, -1, -1, -1)
+    v = kva[:, Hkv:].transpose(0, 1)[None].expand(T, -1, -1, -1)
+    o = F.scaled_dot_product_attention(q.unflatten(1, (Hkv, Hq // Hkv)), k, v, attn_mask=mask[0, 0, :T, None, None])
+    return o.reshape(T, Hq * Dh)
+
+
+@triton.jit
+def _skinny_kernel(X, W, Y, M, N, K, sx, sw, sy, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    "Y[:M, n-block] = X[:M] @ W[n-block]^T: all M (<= BM) rows in one program, so each weight tile is read once."
+    rm, rn, rk = tl.arange(0, BM), tl.program_id(0) * BN + tl.arange(0, BN), tl.arange(0, BK)
+    xp = X + rm[:, None] * sx + rk[None, :]
+    wp = W + rn[None, :] * sw + rk[:, None]                          # (BK, BN): a tile of W^T
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, K, BK):
+        acc += tl.dot(tl.load(xp, mask=rm[:, None] < M, other=0.0), tl.load(wp, mask=rn[None, :] < N, other=0.0))
+        xp += BK
+        wp += BK
+    tl.store(Y + rm[:, None] * sy + rn[None, :], acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, bn: int = 16, bk: int = 256, num_warps: int = 4,
+                  num_stages: int = 3) -> torch.Tensor:
+    """x (M, K) @ w (N, K)^T for a few rows (M <= 64; K a multiple of bk): one Triton program per bn output columns
+    holds every row, so the weight streams once (cuBLAS picks 64-row tiles and split-K at these M). A candidate of
+    `FastSpec._tune` for the verify's linears (M = N+1 tree rows); CPU: under TRITON_INTERPRET=1 only."""
+    M, K = x.shape
+    N = w.shape[0]
+    if M > 64 or K % bk or w.shape[1] != K or w.stride(1) != 1:
+        raise ValueError(f"skinny_linear: need x (M <= 64, K), w (N, K) with unit last stride, K % bk == 0; got x "
+                         f"{tuple(x.shape)}, w {tuple(w.shape)}, bk={bk}")
+    x = x.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    bm = 16 if M <= 16 else 64                                        # two compiled row tiles
+    _skinny_kernel[(triton.cdiv(N, bn),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk,
+                                          num_warps=num_warps, num_stages=num_stages)
+    return y
+
+
+class _Skinny:
+    "A weight called as a module by the static stack's `_lin`: `skinny_linear` with a tuned tile (F.linear past 64 rows)."
+    def __init__(self, w, cfg): self.w, self.cfg = w, cfg
+    def __call__(self, x): return skinny_linear(x, self.w, *self.cfg) if x.shape[0] <= 64 else F.linear(x, self.w)
+
+
+class _Attn:
+    """A stack's attention (`attend`'s signature): the rows layout (`_rows_attend`) or the stacked one (`attend`), with
+    an SDPA backend (`torch.nn.attention.SDPBackend`; None: PyTorch's own choice). `FastSpec._tune` picks one by timing."""
+    def __init__(self, rows: bool = False, backend=None): self.rows, self.backend = rows, backend
+
+    def __call__(self, q, kv, mask, span: int | None = None, seqlens=None):
+        fn = _rows_attend if self.rows else attend
+        if self.backend is None: return fn(q, kv, mask, span, seqlens)
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel([self.backend]): return fn(q, kv, mask, span, seqlens)
+
+    def __repr__(self): return f"{'rows' if self.rows else 'stacked'}/{getattr(self.backend, 'name', 'default')}"
+
+
 class _StaticDraft:
     "The EAGLE draft in static form: fc over [norm(feature), norm(embedding)], one StaticStack layer, subset head."
     def __init__(self, draft: EagleDraft, target: MiniCPM4ForCausalLM, vocab_ids, max_len: int):
@@ -759,6 +829,7 @@ class _StaticDraft:
         self.stack = StaticStack([draft.layer], draft.config, max_len, target.device, target.dtype)
         dt = target.dtype
         self.wfc = draft.fc.weight.detach().to(dt)
+        self.fc = lambda x: F.linear(x, self.wfc)      # (`FastSpec._tune` may swap in a `_Skinny`)
         self.hn, self.en = draft.hidden_norm.weight.detach().to(dt), draft.embed_norm.weight.detach().to(dt)
         self.eps_h, self.eps_e = draft.hidden_norm.eps, draft.embed_norm.eps
         self.stack.p = [{k: (v.to(dt) if isinstance(v, torch.Tensor) else v) for k, v in p.items()} for p in self.stack.p]
@@ -769,64 +840,79 @@ class _StaticDraft:
         self.ids = self.head.ids if self.head.ids is not None else torch.arange(c.vocab_size, device=target.device)
         self.H = c.hidden_size
 
-    def forward(self, ids, feats, pos, slots, allowed):
-        "ids (T,), feats (T, H) target features -> draft features (T, H)."
+    def forward(self, ids, feats, pos, slots, allowed, mask=None):
+        """ids (T,), feats (T, H) target features -> draft features (T, H). allowed (T, Ld) bool, or mask (T, Ld)
+        additive (0 / -inf, the stack's dtype) given instead: the stack's attention mask is then its G-fold repeat."""
         e = F.embedding(ids, self.embed_w) * self.scale_emb
-        x = F.linear(torch.cat([F.rms_norm(feats, (self.H,), self.hn, self.eps_h),
-                                F.rms_norm(e, (self.H,), self.en, self.eps_e)], -1), self.wfc)
-        return self.stack.run(x, pos, slots, allowed)
+        x = self.fc(torch.cat([F.rms_norm(feats, (self.H,), self.hn, self.eps_h),
+                               F.rms_norm(e, (self.H,), self.en, self.eps_e)], -1))
+        if mask is None: return self.stack.run(x, pos, slots, allowed)
+        st = self.stack
+        rows = getattr(st.attn, 'rows', st.attn is _rows_attend)       # `_rows_attend` reads T mask rows
+        mask = mask[None, None] if rows else mask.repeat(st.Hq // st.Hkv, 1)[None, None]
+        return st.layers(x, pos, slots, mask, None, None, lambda l: st.kv[l], st.attn)
 
     def logits(self, f):
         "f (T, H) -> logits over the subset (T, k)."
         return F.linear(F.rms_norm(f, (self.H,), self.norm_w, self.eps), self.head_w)
 
 # %% ../nbs/60_frspec.ipynb #5e385781
-def _topk(x: torch.Tensor, k: int, chunk: int = 1024):
-    "torch.topk(x, k, -1) for x (R, n): two-stage for long rows. Returns values, indices (R, k)."
+def _topk(x: torch.Tensor, k: int, chunk: int = 1024, sorted: bool = True, impl: str = 'topk'):
+    """torch.topk(x, k, -1) for x (R, n): two-stage for long rows. Returns values, indices (R, k). sorted=False: in
+    no particular order (saves the sort of the k). impl 'sort': a full sort of each row, then its first k (rows of
+    at most 4 * chunk; one kernel, which on a GPU can beat topk's radix selection on short rows)."""
     n = x.shape[-1]
-    if n <= 4 * chunk or k > chunk: return x.topk(k, -1)
+    if n <= 4 * chunk or k > chunk:
+        if impl == 'sort':
+            v, i = x.sort(-1, descending=True)
+            return v[..., :k], i[..., :k]
+        return x.topk(k, -1, sorted=sorted)
     nb = -(-n // chunk)
     xp = F.pad(x, (0, nb * chunk - n), value=float('-inf')) if nb * chunk != n else x
-    v1, i1 = xp.view(*x.shape[:-1], nb, chunk).topk(k, -1)                      # (R, nb, k)
-    v, j = v1.flatten(-2).topk(k, -1)                                           # (R, k)
+    v1, i1 = xp.view(*x.shape[:-1], nb, chunk).topk(k, -1, sorted=False)       # (R, nb, k)
+    v, j = v1.flatten(-2).topk(k, -1, sorted=sorted)                            # (R, k)
     return v, torch.div(j, k, rounding_mode='floor') * chunk + i1.flatten(-2).gather(-1, j)
 
 
-def _head_topk(logits: torch.Tensor, k: int, logprobs: bool = True):
-    "logits (R, n) -> (values (R, k) float32, indices (R, k)); values are log-probs when `logprobs`."
+def _head_topk(logits: torch.Tensor, k: int, logprobs: bool = True, sorted: bool = True, impl: str = 'topk'):
+    """logits (R, n) -> (values (R, k) float32, indices (R, k)); values are log-probs when `logprobs`. sorted, impl:
+    as `_topk` (the tree drafts need the set, not its order)."""
     if k == 1:
         i = logits.argmax(-1, keepdim=True)
         v = logits.gather(-1, i).float()
-    else:
-        v, i = _topk(logits, k)
-        v = v.float()
-    if logprobs: v = v - torch.logsumexp(logits.float(), -1, keepdim=True)
-    return v, i
+        if logprobs: v = v - torch.logsumexp(logits.float(), -1, keepdim=True)
+        return v, i
+    if logprobs:                                                                # one kernel, then the top-k
+        return _topk(logits.log_softmax(-1, dtype=torch.float32), k, sorted=sorted, impl=impl)
+    v, i = _topk(logits, k, sorted=sorted, impl=impl)
+    return v.float(), i
 
 # %% ../nbs/60_frspec.ipynb #e8d3df27
 def _fast_catchup(e: "FastSpec"):
     """Draft catch-up: D+1 slots, the first cu_n real; returns the root feature f_root (1, H) (the last real output),
     the draft length after it d1 (1,) and m (1,) the index of the pending token."""
     D, ar, d = e.D, e.ar, e.d
-    d0 = e.d_len.clone()
-    sl = d0 + ar[:D + 1]
-    out = d.forward(e.cu_tok, e.cu_feat, sl, sl, ar[None, :e.Ld] <= sl[:, None])
+    sl = e.d_len + ar[:D + 1]
+    d1 = e.d_len + e.cu_n
+    mask = torch.zeros(D + 1, e.Ld, dtype=d.stack.dtype, device=e.dev).masked_fill_(ar[None, :e.Ld] > sl[:, None],
+                                                                                  float('-inf'))
+    out = d.forward(e.cu_tok, e.cu_feat, sl, sl, None, mask)
     f_root = out.index_select(0, e.cu_n - 1)
-    d1 = d0 + e.cu_n
     e.d_len.copy_(d1)
     m = e.t_len.clone()
     return f_root, d1, m
 
 # %% ../nbs/60_frspec.ipynb #24661726
-def _fast_expand(e: "FastSpec", f_root, d1, m):
-    """The tree: candidates 0..C-1 (topk children of each of the topk frontier nodes, depth levels), the root at C.
-    Returns c_tok, c_par, c_dep (C+1,) long and c_sc (C+1,) float32 cumulative log-prob scores."""
+def _fast_expand_ref(e: "FastSpec", f_root, d1, m):
+    """The tree, written to be read (the reference of `_fast_expand`): candidates 0..C-1 (topk children of each of
+    the topk frontier nodes, depth levels), the root at C. Returns c_tok, c_par, c_dep (C+1,) long and c_sc (C+1,)
+    float32 cumulative log-prob scores."""
     k, D, C, ar, d, dev = e.k, e.D, e.C, e.ar, e.d, e.dev
     long = dict(dtype=torch.long, device=dev)
     c_tok, c_par, c_dep = torch.empty(C + 1, **long), torch.empty(C + 1, **long), torch.empty(C + 1, **long)
     c_sc = torch.empty(C + 1, dtype=torch.float32, device=dev)
     c_tok[C:] = e.pending; c_par[C:].fill_(C); c_dep[C:].fill_(0); c_sc[C:].fill_(0)
-    score = lambda f: _head_topk(d.logits(f), k, logprobs=k > 1)
+    score = lambda f: _head_topk(d.logits(f), k, logprobs=k > 1, sorted=False, impl=e.head_impl)
     v, i = score(f_root)
     c_tok[:k] = d.ids[i[0]]; c_sc[:k] = v[0]; c_par[:k].fill_(C); c_dep[:k].fill_(1)
     f_idx, f_feat = ar[:k], f_root.expand(k, -1)
@@ -848,34 +934,73 @@ def _fast_expand(e: "FastSpec", f_root, d1, m):
         c_par[blk:blk + k * k] = f_idx[:, None].expand(k, k).reshape(-1)
         c_dep[blk:blk + k * k].fill_(dd)
         if dd < D:
-            j = sc.flatten().topk(k).indices
+            j = sc.flatten().topk(k, sorted=False).indices
             f_idx, f_feat, f_anc = blk + j, out[j // k], anc[j // k]
     return c_tok, c_par, c_dep, c_sc
 
+def _fast_expand(e: "FastSpec", f_root, d1, m):
+    """`_fast_expand_ref` with fewer kernels per level (same tree): the frontier's scores, tokens and features come
+    straight from the top-k (no writes into and reads from the candidate buffers), the candidates are concatenated
+    once at the end (c_dep is a constant), and the draft's additive mask is carried from level to level: a row is
+    its parent's row plus its own slot (one index, one scatter) instead of a mask rebuilt from an ancestor matrix.
+    A chain (topk 1) takes its one child as the next frontier as it is."""
+    k, D, ar, d = e.k, e.D, e.ar, e.d
+    score = lambda f: _head_topk(d.logits(f), k, logprobs=k > 1, sorted=False, impl=e.head_impl)
+    v, i = score(f_root)
+    f_sc, f_tok, f_idx, f_feat = v[0], d.ids[i[0]], ar[:k], f_root.expand(k, -1)
+    toks, scs, pars = [f_tok], [f_sc], [e.c_par1[:k]]
+    if D > 1:
+        sls = (d1 + ar[:(D - 1) * k]).view(D - 1, k)                  # level dd's draft slots: row dd - 2
+        poss = m + ar[1:D]                                            # level dd's position: m + dd - 1
+        mask = torch.zeros(k, e.Ld, dtype=d.stack.dtype, device=e.dev).masked_fill_(ar[None, :e.Ld] >= d1, float('-inf'))
+        mask.scatter_(1, sls[0, :, None], 0.0)                        # (k, Ld) additive: the prefix and its own slot
+    for dd in range(2, D + 1):
+        out = d.forward(f_tok, f_feat, poss[dd - 2:dd - 1].expand(k), sls[dd - 2], None, mask)
+        v, i = score(out)                                             # (k, k) children of each frontier node
+        sc, tk = (f_sc[:, None] + v).flatten(), d.ids[i.flatten()]
+        toks.append(tk); scs.append(sc); pars.append(f_idx[:, None].expand(k, k).flatten())
+        if dd < D and k == 1:                                         # a chain: the one child is the frontier
+            blk = 1 + (dd - 2)
+            f_sc, f_idx, f_tok, f_feat = sc, ar[blk:blk + 1], tk, out
+            mask.scatter_(1, sls[dd - 1, :, None], 0.0)
+        elif dd < D:
+            f_sc, j = sc.topk(k, sorted=False)
+            jk = torch.div(j, k, rounding_mode='floor')
+            f_idx, f_tok, f_feat = (k + (dd - 2) * k * k) + j, tk[j], out[jk]
+            mask = mask[jk].scatter_(1, sls[dd - 1, :, None], 0.0)
+    return torch.cat(toks + [e.pending]), torch.cat(pars + [e.c_par1[k:]]), e.c_dep, torch.cat(scs + [e.zero1])
+
 # %% ../nbs/60_frspec.ipynb #c7b057ac
+def _ancestors(P: torch.Tensor, depth: int) -> torch.Tensor:
+    """P (n,) parent row of each node (the root its own parent), depths <= depth -> (n, n) bool: anc[i, j] iff j is i
+    or an ancestor of i. Reachability by squaring: A = itself + parent, then A = A @ A (0/1 float, clamped) until
+    2^s >= depth: ceil(log2(depth)) small matmuls instead of depth gather-scatter pairs."""
+    n = P.shape[0]
+    A = torch.eye(n, device=P.device).scatter_(1, P[:, None], 1.0)
+    for _ in range(max(0, math.ceil(math.log2(max(depth, 1))))): A = (A @ A).clamp_(max=1.0)
+    return A > 0
+
+
 def _fast_draft(e: "FastSpec"):
     """Draft phase of a FastSpec round (static shapes): catch-up, tree, best N. Returns m (1,) the pending
     index, tok (N+1,) root + nodes parents first, dep (N+1,), P (N+1,) parent rows, anc (N+1, N+1) ancestors."""
     D, N, C, ar = e.D, e.N, e.C, e.ar
     long = dict(dtype=torch.long, device=e.dev)
     f_root, d1, m = _fast_catchup(e)
-    c_tok, c_par, c_dep, c_sc = _fast_expand(e, f_root, d1, m)
+    c_tok, c_par, c_dep, c_sc = (_fast_expand if e.lean_expand else _fast_expand_ref)(e, f_root, d1, m)
     # 3. keep the best N (ancestor-closed), parents first
     if N < C:
-        key = c_sc[:C].double() - 1e-9 * c_dep[:C].double()
-        chosen = key.topk(N).indices
+        key = c_sc[:C].double() - e.dep_key
+        chosen = key.topk(N, sorted=False).indices
     else:
         chosen = ar[:C]
-    chosen = chosen[(c_dep[chosen] * (C + 1) + chosen).argsort()]
+    chosen = chosen[(e.dep_rank[chosen] + chosen).argsort()]
     pos_of = torch.zeros(C + 1, **long)
-    pos_of[chosen] = 1 + ar[:N]
+    pos_of[chosen] = ar[1:N + 1]
     P = torch.cat([ar[:1], pos_of[c_par[chosen]]])                     # parent of each tree index (root: 0)
     dep = torch.cat([ar[:1], c_dep[chosen]])
     tok = torch.cat([e.pending, c_tok[chosen]])
-    anc = e.eye_n.clone(); cur = P
-    for _ in range(D):
-        anc.scatter_(1, cur[:, None], True); cur = P[cur]
-    return m, tok, dep, P, anc
+    return m, tok, dep, P, _ancestors(P, D)
 
 # %% ../nbs/60_frspec.ipynb #16be6fbf
 def _fast_verify(e: "FastSpec", m, tok, dep, P, anc):
@@ -883,13 +1008,11 @@ def _fast_verify(e: "FastSpec", m, tok, dep, P, anc):
     D, N, ar, dev = e.D, e.N, e.ar, e.dev
     long = dict(dtype=torch.long, device=dev)
     # 4. verify the tree with the target
-    relt = ar[:e.Lt] - m
-    allowed = (relt < 0)[None] | (anc[:, relt.clamp(0, N)] & ((relt >= 0) & (relt <= N))[None])
-    logits, hid = e.t.forward(tok, m + dep, m + ar[:N + 1], allowed)
+    logits, hid = e._verify_forward(tok, m, dep, anc)
     targ = logits.argmax(-1)
     # 5. accept: the deepest node whose whole path matches the target's argmax
-    ok = (tok == targ[P]) | (ar[:N + 1] == 0)
-    for _ in range(D): ok = ok & ok[P]
+    ok = (tok == targ[P]) | e.is_root
+    ok = (ok[None] | ~anc).all(1)                                     # every ancestor (and itself) matches
     best = torch.where(ok, dep, -1).argmax().view(1)                  # (1,): no 0-dim indexing (it syncs)
     a = dep.index_select(0, best)
     pidx = torch.zeros(D + 2, **long).scatter_(0, torch.where(anc.index_select(0, best)[0], dep, D + 1),
@@ -899,10 +1022,12 @@ def _fast_verify(e: "FastSpec", m, tok, dep, P, anc):
     out_tok.scatter_(0, a, bonus)
     e.out_buf.index_copy_(0, e.n_out + ar[:D + 1], out_tok)
     # 6. roll back: accepted nodes' KV to consecutive slots; next round's catch-up inputs
-    e.t.stack.kv.index_copy_(1, m + 1 + ar[:D], e.t.stack.kv.index_select(1, m + pidx[1:D + 1]))
-    e.n_out += a + 1; e.t_len += a + 1; e.rounds += 1
-    e.acc_hist.index_add_(0, a, torch.ones(1, **long))
-    e.cu_tok.copy_(out_tok); e.cu_feat.copy_(hid.index_select(0, pidx[:D + 1])); e.cu_n.copy_(a + 1)
+    e.t.stack.kv.index_copy_(1, m + ar[1:D + 1], e.t.stack.kv.index_select(1, m + pidx[1:D + 1]))
+    a1 = a + 1
+    e.n_out += a1; e.t_len += a1; e.rounds += 1
+    e._after_commit(m, pidx, a)
+    e.acc_hist.index_add_(0, a, e.one1)
+    e.cu_tok.copy_(out_tok); e.cu_feat.copy_(hid.index_select(0, pidx[:D + 1])); e.cu_n.copy_(a1)
     e.pending.copy_(bonus)
 
 # %% ../nbs/60_frspec.ipynb #8c4925ab
@@ -919,7 +1044,6 @@ class FastSpec:
         check_spec_args(method, gamma, depth, topk, tree_size, 0.0, 1,
                         None if vocab_ids is None else len(vocab_ids))
         if not isinstance(max_len, int) or max_len < 16: raise ValueError(f"max_len must be an int >= 16, got {max_len!r}")
-        check_static_support(c, max_len)            # dense targets (or InfLLM v2 ones that stay dense), LongRoPE range
         self.method = method
         self.k, self.D, self.N = (1, gamma, gamma) if method == 'chain' else (topk, depth, tree_size)
         self.C = self.k + (self.D - 1) * self.k * self.k
@@ -931,32 +1055,83 @@ class FastSpec:
         if share is not None and (share.target is not target or share.Lt != max_len):
             raise ValueError("share must be a FastSpec of the same target and max_len")
         self.target = target
-        self.t = share.t if share is not None else StaticDecoder(target, max_len, graphs=False)
+        self.t = share.t if share is not None else self._make_target(target, max_len)
         self.d = _StaticDraft(draft, target, vocab_ids, self.Ld) if draft is not None else None
+        if self.d is not None and self.row_attention: self.d.stack.attn = _rows_attend
         L = lambda *s: torch.zeros(*s, dtype=torch.long, device=dev)
         self.t_len, self.d_len, self.n_out, self.cu_n, self.pending, self.rounds = (L(1) for _ in range(6))
         self.cu_tok, self.out_buf, self.acc_hist = L(self.D + 1), L(max_len + self.D + 2), L(self.D + 1)
         self.cu_feat = torch.zeros(self.D + 1, c.hidden_size, device=dev, dtype=target.dtype)
         self.ar = torch.arange(max(self.Lt, self.Ld), device=dev)
         self.eye_k = torch.eye(self.k, dtype=torch.bool, device=dev)
-        self.eye_n = torch.eye(self.N + 1, dtype=torch.bool, device=dev)
+        k, D, C = self.k, self.D, self.C                 # the tree's constant parts (`_fast_expand`)
+        self.c_dep = torch.tensor([1] * k + [dd for dd in range(2, D + 1) for _ in range(k * k)] + [0], device=dev)
+        self.c_par1 = torch.full((k + 1,), C, dtype=torch.long, device=dev)   # level 1's parent and the root's: C
+        self.zero1 = torch.zeros(1, dtype=torch.float32, device=dev)
+        self.dep_key = 1e-9 * self.c_dep[:C].double()    # best-N: the shallower of equal scores first
+        self.dep_rank = self.c_dep * (C + 1)             # sorting the kept ones: by depth, then candidate index
+        self.is_root = self.ar[:self.N + 1] == 0         # (`_fast_verify`)
+        self.one1 = torch.ones(1, dtype=torch.long, device=dev)
         self._graphs, self.last_stats = {}, {}
+        self.tuning, self.head_impl = None, 'topk'    # `_tune` (on CUDA, at the first generate)
+        self._vlin = None                             # `_tune`: the target's layer weights for the verify (tuned linears)
+        self._pre: dict = {}                         # prompt length -> CUDA graph of the prefill (`graph_prefill`)
+        self._pids = torch.zeros(max_len, dtype=torch.long, device=dev)
+
+    queue_rounds = True     # generate: queue every round that is surely needed before reading n_out (False: one read per round)
+    row_attention = False   # the draft's and the target's attention by `_rows_attend` (False: `static_decode.attend`)
+    lean_expand = True      # `_fast_expand` (False: `_fast_expand_ref`, the readable one; same tree)
+    tune = True             # on CUDA: time attention layouts/backends and head top-k variants once, keep the fastest
+    graph_prefill = True    # on CUDA: the prefill of a prompt length up to 1024 as a CUDA graph (at most 8 lengths kept)
+
+    def _make_target(self, target, max_len):
+        "The static target (a `StaticDecoder`-like object: .forward(ids, pos, slots, allowed), .stack.kv). Subclasses override."
+        check_static_support(target.config, max_len)   # dense targets (or InfLLM v2 ones that stay dense), LongRoPE range
+        t = StaticDecoder(target, max_len, graphs=False)
+        if self.row_attention: t.stack.attn = _rows_attend
+        return t
+
+    def _verify_forward(self, tok, m, dep, anc):
+        "The verify's target pass over the tree: tok/dep (N+1,), m (1,), anc (N+1, N+1) -> logits (N+1, V), hidden (N+1, H)."
+        N, ar = self.N, self.ar
+        slots = m + ar[:N + 1]                        # < Lt: generate checks prompt + max_new_tokens + N + D + 2 <= Lt
+        allowed = (ar[None, :self.Lt] < m).expand(N + 1, -1).scatter(1, slots[None].expand(N + 1, -1), anc)
+        if self._vlin is None: return self.t.forward(tok, m + dep, slots, allowed)
+        st = self.t.stack
+        saved, st.p = st.p, self._vlin                # the tuned linears for this pass only (M = N+1 rows)
+        try: return self.t.forward(tok, m + dep, slots, allowed)
+        finally: st.p = saved
+
+    def _after_commit(self, m, pidx, a):
+        "Called in the round after the KV rollback: m (1,) the pending index, pidx (D+2,) path rows, a (1,) accepted."
 
     _STATE = ('t_len', 'd_len', 'n_out', 'cu_n', 'pending', 'rounds', 'cu_tok', 'cu_feat', 'acc_hist')
 
 # %% ../nbs/60_frspec.ipynb #3202691b
 @patch
 def _prefill(self: FastSpec, prompt):
-    n, ar = len(prompt), self.ar
-    ids = torch.tensor(prompt, device=self.dev)
+    """Prefill the target and the draft with `prompt`; on CUDA (`graph_prefill`) a CUDA graph per prompt length (up to
+    1024 tokens and 4M mask entries: a graph keeps its activations, (n, max_len) masks included; 8 lengths kept)."""
+    n = len(prompt)
+    if not (self.graphs and self.graph_prefill and n <= 1024 and n * max(self.Lt, self.Ld) <= 1 << 22):
+        return self._prefill_ids(n, torch.tensor(prompt, device=self.dev))
+    self._pids[:n].copy_(torch.tensor(prompt))
+    if n not in self._pre:
+        if len(self._pre) >= 8: del self._pre[next(iter(self._pre))]
+        self._pre[n] = capture_graph(lambda: self._prefill_ids(n, self._pids[:n]), [getattr(self, s) for s in self._STATE])
+    self._pre[n].replay()
+
+@patch
+def _prefill_ids(self: FastSpec, n: int, ids):
+    ar = self.ar
     logits, hid = self.t.forward(ids, ar[:n], ar[:n], ar[None, :self.Lt] <= ar[:n, None])
     first = logits[-1:].argmax(-1)
     for name in self._STATE: getattr(self, name).zero_()
-    self.t_len.fill_(n); self.pending.copy_(first); self.out_buf[:1] = first; self.n_out.fill_(1)
+    self.t_len.fill_(n); self.pending.copy_(first); self.out_buf[:1].copy_(first); self.n_out.fill_(1)
     if self.d is not None:
         feats = torch.cat([torch.zeros_like(hid[:1]), hid[:-1]])
         self.d.forward(ids, feats, ar[:n], ar[:n], ar[None, :self.Ld] <= ar[:n, None])
-        self.d_len.fill_(n); self.cu_tok[:1] = first; self.cu_feat[:1] = hid[-1:]; self.cu_n.fill_(1)
+        self.d_len.fill_(n); self.cu_tok[:1].copy_(first); self.cu_feat[:1].copy_(hid[-1:]); self.cu_n.fill_(1)
 
 @patch
 def _plain_step(self: FastSpec):
@@ -970,6 +1145,73 @@ def _plain_step(self: FastSpec):
 @patch
 def _round(self: FastSpec):
     _fast_verify(self, *_fast_draft(self))
+
+@patch
+def _tune(self: FastSpec, reps: int = 5) -> dict:
+    """On CUDA, before anything is captured: time the candidates on this engine's shapes as CUDA-graph replays and keep
+    the fastest - the target's and the draft's attention (stacked or rows layout x PyTorch's SDPA choice, cuDNN,
+    memory-efficient, math), the verify's linears at N+1 rows and the draft's at k rows (cuBLAS or `skinny_linear`
+    tiles), the draft head's top-k (`topk` or `sort`). Every candidate computes the same function (only bf16 rounding
+    may differ, as between any two kernels). A target attention a subclass installed is kept. ~50 timings, about a
+    second, plus a few Triton compiles once per process. -> `self.tuning`: each choice and every candidate's us."""
+    from torch.nn.attention import SDPBackend
+    from .bench import cuda_graph_time
+    dev, ar, res = self.dev, self.ar, {}
+    cands = [_Attn(r, b) for r in (False, True) for b in
+             (None, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)]
+
+    def pick(name, calls: dict):
+        us = {}
+        for key, fn in calls.items():
+            try: us[key] = cuda_graph_time(fn, 8, reps) * 1e3
+            except Exception:                                            # a candidate this build cannot run
+                if dev.type == 'cuda': torch.cuda.synchronize(dev)
+        best = min(us, key=us.get)
+        res[name] = dict(choice=repr(best), us={repr(k): round(v, 2) for k, v in us.items()})
+        return best
+
+    def attn_calls(st, T, S):
+        q = torch.randn(T, st.Hq, st.Dh, device=dev, dtype=st.dtype)
+        allowed = ar[None, :S] <= (S // 2 + ar[:T, None])
+        m = torch.zeros(T, S, dtype=st.dtype, device=dev).masked_fill_(~allowed, float('-inf'))
+        stacked = m.repeat(st.Hq // st.Hkv, 1)[None, None]
+        return {c: (lambda c=c: c(q, st.kv[0], m[None, None] if c.rows else stacked)) for c in cands}
+
+    st = self.t.stack
+    if st.attn is attend or st.attn is _rows_attend or isinstance(st.attn, _Attn):
+        st.attn = pick('verify_attention', attn_calls(st, self.N + 1, self.Lt))
+
+    def linears(prefix, ws: dict, M):
+        "cuBLAS or `skinny_linear` (a few tiles) for each weight at M rows -> {key: tile} where skinny won."
+        out = {}
+        if M > 64 or not all(isinstance(w, torch.Tensor) for w in ws.values()): return out
+        for key, w in ws.items():
+            x = torch.randn(M, w.shape[1], device=dev, dtype=w.dtype)
+            calls = {'cublas': lambda c='cublas', w=w, x=x: F.linear(x, w)}
+            for cfg in ((16, 256, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3)):      # (each a Triton compile per row tile)
+                if w.shape[1] % cfg[1] == 0: calls[cfg] = lambda c=cfg, w=w, x=x: skinny_linear(x, w, *c)
+            best = pick(f'{prefix}_{key}', calls)
+            if best != 'cublas': out[key] = best
+        return out
+
+    keys = ('wqkv', 'wo', 'wgu', 'wdown')
+    sk = linears('verify', {k: st.p[0][k] for k in keys}, self.N + 1)     # the verify's rows (this pass only)
+    self._vlin = [{**p, **{k: _Skinny(p[k], c) for k, c in sk.items()}} for p in st.p] if sk else None
+    if self.d is not None and self.k > 1:            # the draft's levels (k rows; a chain's one row keeps the GEMV path)
+        d = self.d
+        sk = linears('draft', {'wfc': d.wfc, **{k: d.stack.p[0][k] for k in keys}}, self.k)
+        if 'wfc' in sk: d.fc = _Skinny(d.wfc, sk.pop('wfc'))
+        d.stack.p = [{**p, **{k: _Skinny(p[k], c) for k, c in sk.items()}} for p in d.stack.p]
+    if self.d is not None:
+        self.d.stack.attn = pick('draft_attention', attn_calls(self.d.stack, self.k, self.Ld))
+        n = self.d.head_w.shape[0]
+        if self.k > 1 and n <= 4096:
+            x = torch.randn(self.k, n, device=dev, dtype=self.d.head_w.dtype)
+            self.head_impl = pick('head_topk', {i: (lambda i=i: _head_topk(x, self.k, True, False, i))
+                                                for i in ('topk', 'sort')})
+    self.tuning = res
+    return res
+
 
 @patch
 def _runner(self: FastSpec, fn):
@@ -990,18 +1232,29 @@ def generate(self: FastSpec, prompt: Sequence[int], max_new_tokens: int, specula
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     need = len(prompt) + max_new_tokens + self.N + self.D + 2
     if need > self.Lt: raise ValueError(f"prompt + max_new_tokens + tree needs {need} cache slots > max_len={self.Lt}")
+    if self.graphs and self.tune and self.tuning is None:
+        try: self._tune()
+        except Exception as ex:                                  # never worse than not tuning: say so, keep the defaults
+            self.tuning = dict(error=repr(ex)[:300])
+            print(f"FastSpec: tuning failed ({ex!r:.200}); the default kernels are used")
+    t0 = time.perf_counter()
     self._prefill(prompt)
+    left = max_new_tokens - int(self.n_out)                   # (a device read: the prefill is done)
+    t1, checks = time.perf_counter(), 1
     if speculative:
         step = self._runner(self._round)
-        while int(self.n_out) < max_new_tokens: step()
+        while left > 0:
+            # a round gives at most D+1 tokens, so the next ceil(left / (D+1)) rounds all run: queue them, then read
+            for _ in range(-(-left // (self.D + 1)) if self.queue_rounds else 1): step()
+            left = max_new_tokens - int(self.n_out); checks += 1
     else:
         step = self._runner(self._plain_step)
-        for _ in range(max_new_tokens - 1): step()
+        for _ in range(left): step()
     toks = self.out_buf[:max_new_tokens].tolist()
-    r = int(self.rounds)
-    self.last_stats = dict(rounds=r, tokens=int(self.n_out),
-                           mean_accept_length=(int(self.n_out) - 1) / r if r else 1.0,
-                           histogram=self.acc_hist.tolist())
+    r, n_out = int(self.rounds), int(self.n_out)
+    self.last_stats = dict(rounds=r, tokens=n_out, mean_accept_length=(n_out - 1) / r if r else 1.0,
+                           histogram=self.acc_hist.tolist(), path='graphs' if self.graphs else 'eager',
+                           prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, host_reads=checks)
     return toks
 
 # %% ../nbs/60_frspec.ipynb #8a0dcb90

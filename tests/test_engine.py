@@ -739,9 +739,10 @@ def test_frspec_over_a_packed_target(quant, torch_kernels):
 
 
 @pytest.mark.parametrize('quant', [None, 'w4a16'])
-def test_frspec_over_a_sparse_target_past_dense_len(quant, torch_kernels):
-    """FR-Spec in the engine over an InfLLM v2 target that goes sparse (dense_len 16 < a 20-token prompt + 20 new):
-    EagerSpec verifies each tree through the model's forward; greedy == the model's own loop, packed linears or not."""
+def test_frspec_over_a_sparse_target_past_dense_len(quant, torch_kernels, capsys):
+    """FR-Spec in the engine over an InfLLM v2 target that goes sparse (dense_len 16 < a 20-token prompt + 20 new) with
+    kernel_stride 2 < depth + 1: the static verification (sparse_spec.SparseFastSpec, tests/test_sparse_spec.py) refuses,
+    so EagerSpec verifies each tree through the model's forward, saying why; greedy == the model's own loop."""
     from minicpm4_core.engine import EagerSpec
     from minicpm4_core.frspec import EagleDraft, frequent_ids
     m = model_of(72, sparse_config=SPARSE)
@@ -751,6 +752,7 @@ def test_frspec_over_a_sparse_target_past_dense_len(quant, torch_kernels):
     p = prompts_of(72, (20,))[0]
     eng = Engine(m, 96, quant=quant, spec=(draft, vocab), spec_kw=dict(depth=3, topk=3, tree_size=8))
     assert isinstance(eng.spec, EagerSpec) and eng.quant == quant
+    assert 'eager, no graphs): depth=3: a path of depth + 1 = 4 tokens' in capsys.readouterr().out
     ref = m.generate([p], 20, stop_ids=[], fast=False)
     assert eng.generate([p], 20, stop_ids=[]) == ref
     st = eng.spec_stats

@@ -217,6 +217,171 @@ def test_fast_path_matches(pair):
             assert eng.generate(p, 30, speculative=False) == ref
 
 
+
+@pytest.mark.parametrize('kw', [dict(method='tree', depth=5, topk=4, tree_size=12), dict(method='chain', gamma=4),
+                                dict(method='tree', depth=3, topk=6, tree_size=30)])
+def test_lean_expand_equals_reference(pair, kw):
+    """`_fast_expand` (carried masks, one concatenation) builds the same tree as `_fast_expand_ref`, bit for bit, from
+    a random draft state; the draft cache past the committed length holds noise, so reading a slot the level did not
+    write would show."""
+    target, _ = pair
+    torch.manual_seed(3)
+    draft = S.EagleDraft(target.config).eval()                  # fresh random draft: no near-ties from training
+    for vids in (None, torch.randperm(96)[:40].sort().values):
+        e = S.FastSpec(target, draft, vids, max_len=96, **kw)
+        e._prefill(torch.randint(4, 96, (11,)).tolist())
+        with torch.no_grad():
+            fr = S._fast_catchup(e)
+            out = []
+            for fn in (S._fast_expand, S._fast_expand_ref):
+                kv, n = e.d.stack.kv, int(e.d_len)
+                kv[:, n:] = torch.randn_like(kv[:, n:]) * 10
+                out.append(fn(e, *fr))
+        for x, y in zip(*out): assert torch.equal(x, y), (kw, vids is None)
+        assert out[0][0].shape == (e.C + 1,) and int(out[0][1][-1]) == e.C
+
+
+
+def test_ancestors_by_squaring():
+    "`_ancestors` (reachability by squaring) == walking each node's parent chain, on random trees of every depth."
+    g = torch.Generator().manual_seed(0)
+    for depth in range(1, 10):
+        for _ in range(5):
+            n = int(torch.randint(2, 40, (1,), generator=g))
+            dep, P = [0], [0]
+            for i in range(1, n):                             # parents first; a node's depth <= depth
+                cand = [j for j in range(i) if dep[j] < depth]
+                p = cand[int(torch.randint(len(cand), (1,), generator=g))]
+                P.append(p); dep.append(dep[p] + 1)
+            want = torch.zeros(n, n, dtype=torch.bool)
+            for i in range(n):
+                j = i
+                while True:
+                    want[i, j] = True
+                    if j == 0: break
+                    j = P[j]
+            assert torch.equal(S._ancestors(torch.tensor(P), max(dep)), want), (depth, n)
+
+
+def test_rows_attention_matches_attend(pair):
+    """`_rows_attend` (each query row its own batch entry, keys broadcast) == `static_decode.attend` on fresh random
+    inputs, with the stack's G-fold mask or its first rows only, over the whole buffer or a span; and FastSpec with it
+    stays identical to greedy decoding."""
+    from minicpm4_core.static_decode import attend
+    torch.manual_seed(0)
+    for T, Hq, Hkv, L, span in ((1, 4, 2, 40, None), (5, 16, 2, 64, 48), (9, 8, 8, 96, None)):
+        q, kv = torch.randn(T, Hq, 16), torch.randn(L, 2 * Hkv, 16)
+        allowed = torch.rand(T, span or L) < 0.6
+        allowed[:, 0] = True
+        m = torch.zeros(allowed.shape).masked_fill_(~allowed, float('-inf'))
+        want = attend(q, kv, m.repeat(Hq // Hkv, 1)[None, None], span)
+        for mask in (m.repeat(Hq // Hkv, 1)[None, None], m[None, None]):
+            torch.testing.assert_close(S._rows_attend(q, kv, mask, span), want, rtol=1e-5, atol=1e-5)
+    target, draft = pair
+    old = S.FastSpec.row_attention
+    try:
+        S.FastSpec.row_attention = True
+        e = S.FastSpec(target, draft, method='tree', depth=4, topk=3, tree_size=10, max_len=128)
+        assert e.t.stack.attn is S._rows_attend and e.d.stack.attn is S._rows_attend
+        for p in PROMPTS[:2]:
+            assert e.generate(p, 30) == target.generate(p, 30, stop_ids=[])[0]
+            assert e.generate(p, 30, speculative=False) == target.generate(p, 30, stop_ids=[])[0]
+    finally:
+        S.FastSpec.row_attention = old
+
+
+def test_tune_picks_and_keeps_output(pair, monkeypatch):
+    """`FastSpec._tune` (CUDA-only in use) run on the CPU with a fake timer that runs each candidate once: candidates this
+    build cannot run are skipped, the fastest is installed (the target's and the draft's attention, the head's top-k),
+    and the output stays greedy-exact with the picks (the rows layout, the sort top-k)."""
+    import minicpm4_core.bench as B
+    fast = {"rows/MATH", "'sort'", "(16, 256, 4, 3)", "(32, 128, 4, 3)"}   # the fake timer makes these the fastest
+
+    def fake(fn, inner=None, reps=20):
+        fn()                                                         # errors surface as on the GPU
+        return 1.0 if repr(fn.__defaults__[0]) in fast else 5.0      # the candidate is the lambda's default
+    monkeypatch.setattr(B, 'cuda_graph_time', fake)
+    target, draft = pair
+    e = S.FastSpec(target, draft, method='tree', depth=4, topk=3, tree_size=10, max_len=128)
+    res = e._tune()
+    assert res['verify_attention']['choice'] == res['draft_attention']['choice'] == 'rows/MATH'
+    us = res['verify_attention']['us']
+    assert 'stacked/default' in us and 'rows/default' in us and 'rows/CUDNN_ATTENTION' not in us   # no cuDNN on a CPU
+    assert res['head_topk']['choice'] == "'sort'" and e.head_impl == 'sort'
+    assert repr(e.t.stack.attn) == repr(e.d.stack.attn) == 'rows/MATH'
+    picked = {k: res[f'verify_{k}']['choice'] for k in ('wqkv', 'wo', 'wgu', 'wdown')}
+    # the tiny target: K = 64 fits no tile (cuBLAS only), down's K = 128 fits bk = 128: skinny_linear (interpreter)
+    assert picked == dict(wqkv="'cublas'", wo="'cublas'", wgu="'cublas'", wdown='(32, 128, 4, 3)'), picked
+    assert all(isinstance(p['wdown'], S._Skinny) and isinstance(p['wo'], torch.Tensor) for p in e._vlin)
+    assert all(isinstance(p['wdown'], torch.Tensor) for p in e.t.stack.p)               # outside the verify: unchanged
+    assert isinstance(e.d.fc, S._Skinny) and isinstance(e.d.stack.p[0]['wdown'], S._Skinny)   # the draft's K = 128 ones
+    assert isinstance(e.d.stack.p[0]['wo'], torch.Tensor)
+    for p in PROMPTS[:2]:
+        assert e.generate(p, 24) == target.generate(p, 24, stop_ids=[])[0]
+
+
+@pytest.mark.skipif(not __import__('minicpm4_core.kernels._common', fromlist=['x']).interpreter_active(),
+                    reason='needs TRITON_INTERPRET=1 before triton import')
+def test_skinny_linear_matches_linear():
+    "`skinny_linear` (Triton, interpreter on the CPU) == x @ w.T on fresh random inputs, every row count and tile; bad shapes raise."
+    torch.manual_seed(0)
+    for M, N, K, bn, bk in ((1, 40, 256, 16, 256), (5, 48, 512, 32, 128), (33, 100, 256, 16, 256), (49, 64, 512, 64, 128),
+                            (64, 24, 256, 16, 256)):
+        x, w = torch.randn(M, K), torch.randn(N, K)
+        torch.testing.assert_close(S.skinny_linear(x, w, bn, bk), x @ w.T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match='skinny_linear'): S.skinny_linear(torch.randn(65, 256), torch.randn(8, 256))
+    with pytest.raises(ValueError, match='skinny_linear'): S.skinny_linear(torch.randn(4, 200), torch.randn(8, 200))
+
+def test_queued_rounds_same_output_fewer_reads(pair):
+    "Queuing the surely-needed rounds before each host read changes nothing but the number of reads."
+    target, draft = pair
+    e = S.FastSpec(target, draft, method='tree', depth=4, topk=3, tree_size=10, max_len=128)
+    for p in PROMPTS[:3]:
+        got = {}
+        for q in (False, True):
+            e.queue_rounds = q
+            got[q] = (e.generate(p, 40), dict(e.last_stats))
+        (o0, s0), (o1, s1) = got[False], got[True]
+        assert o0 == o1 and s0['rounds'] == s1['rounds'] and s0['histogram'] == s1['histogram']
+        assert s0['host_reads'] == s0['rounds'] + 1 and s1['host_reads'] < s0['host_reads']
+        assert s1['path'] == 'eager' and s1['prefill_s'] >= 0
+
+
+def test_head_topk_logprobs():
+    "Top-k of the head: log-probs equal log_softmax's, one- and two-stage (long rows), and the chain's argmax."
+    torch.manual_seed(0)
+    for n, k in ((300, 5), (9000, 8)):
+        x = torch.randn(3, n) * 3
+        v, i = S._head_topk(x, k)
+        ref = x.log_softmax(-1).topk(k)
+        assert torch.equal(i, ref.indices) and torch.allclose(v, ref.values, atol=1e-6)
+        v, i = S._head_topk(x, k, logprobs=False)
+        assert torch.equal(i, x.topk(k).indices) and torch.allclose(v, x.topk(k).values)
+    v, i = S._head_topk(x, 1)
+    assert torch.equal(i[:, 0], x.argmax(-1)) and torch.allclose(v[:, 0], x.log_softmax(-1).max(-1).values, atol=1e-5)
+
+
+def test_subclass_hooks(pair):
+    "The hooks a subclass overrides (`_make_target`, `_verify_forward`, `_after_commit`) are called, with their shapes."
+    target, draft = pair
+    seen = []
+
+    class Hooked(S.FastSpec):
+        def _make_target(self, target, max_len):
+            seen.append('target'); return super()._make_target(target, max_len)
+
+        def _verify_forward(self, tok, m, dep, anc):
+            assert tok.shape == dep.shape == (self.N + 1,) and m.shape == (1,) and anc.shape == (self.N + 1,) * 2
+            seen.append('verify'); return super()._verify_forward(tok, m, dep, anc)
+
+        def _after_commit(self, m, pidx, a):
+            assert pidx.shape == (self.D + 2,) and a.shape == (1,); seen.append('commit')
+
+    e = Hooked(target, draft, method='tree', depth=3, topk=3, tree_size=8, max_len=64)
+    assert e.generate(PROMPTS[0], 12) == target.generate(PROMPTS[0], 12, stop_ids=[])[0]
+    r = e.last_stats['rounds']
+    assert seen == ['target'] + ['verify', 'commit'] * r
+
 def test_infllmv2_target(pair):
     dense, draft = pair
     sc = dict(kernel_size=4, kernel_stride=2, block_size=4, window_size=8, topk=4, dense_len=16)

@@ -352,3 +352,91 @@ def test_mvs_activation_views():
     for x in (big[1:2, 4:], big[1:2, 2:2 + K]):
         y = ternary_matmul(x, qw, s, K, backend='triton', config=TernaryConfig('mvs', 1, 64, 32, split_k=2))
         assert rel(y, ternary_matmul_ref(x.float(), qw, s, K)) < 1e-2
+
+
+# ---- mvu: the GEMV without a loop (version 5, issue 13, session 2026-12-04 s7) ----
+
+MVU = [  # N, K, config, per_tensor
+    (72, 512, TernaryConfig('mvu', 1, 64, 32, num_warps=2, num_stages=2), False),   # ragged N (masked rows), 2 chunks
+    (128, 1024, TernaryConfig('mvu', 1, 128, 32, num_stages=1), True),             # even tiles, 8 K programs, per-tensor
+    (40, 768, TernaryConfig('mvu', 1, 32, 64, num_warps=1, num_stages=2), False),  # 3 chunks: 2 per program does not tile
+    (256, 128, TernaryConfig('mvu', 1, 512, 32, num_stages=1), False),             # one K program (no atomics), rows > N
+]
+
+
+@pytest.mark.parametrize("N,K,cfg,per_tensor", MVU)
+def test_mvu_matches_reference_and_resets(N, K, cfg, per_tensor):
+    "bf16 x (4 per int64): vs the float64 reference; twice on fresh inputs (the workspace and counters reset)."
+    import minicpm4_core.kernels.ternary as tk
+    for seed in (3, 4):
+        x, qw, s = _problem_aligned(N, K, 0, torch.bfloat16, per_tensor=per_tensor, seed=seed)
+        x = x * 3
+        y = ternary_matmul(x, qw, s, K, backend='triton', config=cfg)
+        assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+        assert rel(y, ternary_matmul_ref(x.double().float(), qw, s, K)) < 1e-2
+    assert float(tk._MVU_WS['cpu'].abs().sum()) == 0 and int(tk._COUNTERS['cpu'].abs().sum()) == 0
+
+
+def test_mvu_one_hot_columns():
+    "A one-hot bf16 x reads one weight column: every plane and byte position, in both chunks of a program."
+    N, K = 64, 512
+    _, qw, s = _problem_aligned(N, K, 0, torch.float32, seed=19)
+    cfg = TernaryConfig('mvu', 1, 64, 16, num_warps=1, num_stages=2)
+    W = dequantize_ternary(qw, s, K)
+    for k in (0, 1, 2, 3, 5, 16, 17, 127, 128, 131, 256, 300, 384, 386, K - 1):
+        e = torch.zeros(1, K, dtype=torch.bfloat16); e[0, k] = 1.0
+        y = ternary_matmul(e, qw, s, K, backend='triton', config=cfg)[0].float()
+        torch.testing.assert_close(y, W[:, k], rtol=2 ** -7, atol=1e-6)
+
+
+def test_mvu_errors():
+    x, qw, s = _problem_aligned(48, 512, 0, torch.float16)
+    with pytest.raises(ValueError, match="bf16 row"):          # float16 x: no int64 activation loads
+        ternary_matmul(x, qw, s, 512, backend='triton', config=TernaryConfig('mvu', 1, 64, 32, num_stages=1))
+    x, qw, s = _problem_aligned(48, 1024, 128, torch.bfloat16)
+    with pytest.raises(ValueError, match="no group scales"):
+        ternary_matmul(x, qw, s, 1024, 128, backend='triton', config=TernaryConfig('mvu', 1, 64, 32, num_stages=2))
+    with pytest.raises(ValueError, match="split_k = 1"):
+        TernaryConfig('mvu', 1, 64, 32, split_k=2, num_stages=1)
+    with pytest.raises(ValueError, match="num_stages"):
+        TernaryConfig('mvu', 1, 64, 32)                          # the default num_stages (4) is not a chunk count
+
+
+# ---- mvtu: version 3's tensor-core tile without the loop (version 6, issue 13, session 2026-12-04 s7) ----
+
+MVTU = [  # N, K, config, per_tensor
+    (72, 512, TernaryConfig('mvtu', 1, 64, 32, num_stages=2), False),     # ragged N, 2 tiles per program, 2 K programs
+    (128, 1024, TernaryConfig('mvtu', 1, 64, 64, num_stages=1), True),    # even rows, 4 K programs, per-tensor scale
+    (64, 768, TernaryConfig('mvtu', 1, 64, 64, num_stages=2), False),     # 3 tiles: 2 per program does not tile -> 1
+    (64, 256, TernaryConfig('mvtu', 1, 64, 64, num_stages=1), False),     # one K program: y stored directly
+]
+
+
+@pytest.mark.parametrize("N,K,cfg,per_tensor", MVTU)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mvtu_matches_reference_and_resets(N, K, cfg, per_tensor, dtype):
+    "bf16/fp16 x: vs the float64 reference, twice on fresh inputs; the workspace and counters reset."
+    import minicpm4_core.kernels.ternary as tk
+    for seed in (5, 6):
+        x, qw, s = _problem_aligned(N, K, 0, dtype, per_tensor=per_tensor, seed=seed)
+        x = x * 3
+        y = ternary_matmul(x, qw, s, K, backend='triton', config=cfg)
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        assert rel(y, ternary_matmul_ref(x.double().float(), qw, s, K)) < 1e-2
+    assert float(tk._MVU_WS['cpu'].abs().sum()) == 0 and int(tk._COUNTERS['cpu'].abs().sum()) == 0
+
+
+def test_mvtu_one_hot_columns_and_errors():
+    "A one-hot x reads one weight column: every plane and byte position, both tiles of a program; bad calls refused."
+    N, K = 64, 512
+    _, qw, s = _problem_aligned(N, K, 0, torch.float32, seed=23)
+    cfg = TernaryConfig('mvtu', 1, 64, 32, num_stages=2)
+    W = dequantize_ternary(qw, s, K)
+    for k in (0, 1, 2, 3, 5, 31, 32, 33, 127, 128, 131, 256, 300, 384, K - 1):
+        e = torch.zeros(1, K, dtype=torch.float16); e[0, k] = 1.0
+        y = ternary_matmul(e, qw, s, K, backend='triton', config=cfg)[0].float()
+        torch.testing.assert_close(y, W[:, k], rtol=2 ** -10, atol=1e-6)
+    with pytest.raises(ValueError, match="bf16 row"):
+        ternary_matmul(torch.randn(1, K), qw, s, K, backend='triton', config=cfg)      # float32 x
+    with pytest.raises(ValueError, match="16 \\* num_warps"):
+        TernaryConfig('mvtu', 1, 32, 32, num_stages=1)

@@ -112,9 +112,14 @@ def test_default_config_shapes():
                     (2048, 4096, 4096)]:
         c = default_config(M, N, K, 128)
         assert 128 % c.block_k == 0 and c.split_k >= 1
-        assert (c.kernel in ('gemv', 'gemvtc', 'gemvs')) == (M == 1) or (c.kernel == 'gemvs' and M <= 4)
+        assert (c.kernel in ('gemv', 'gemvtc', 'gemvs', 'gemvu')) == (M == 1) or (c.kernel == 'gemvs' and M <= 4)
     from minicpm4_core.kernels.w4a16 import DECODE_KERNEL, GEMVS_MIN_N
-    assert DECODE_KERNEL in ('gemv', 'gemvtc', 'gemvs') and default_config(1, 4096, 16384, 128).kernel == DECODE_KERNEL
+    assert DECODE_KERNEL in ('gemv', 'gemvtc', 'gemvs', 'gemvu')
+    assert default_config(1, 4096, 16384, 128).kernel == ('gemvs' if DECODE_KERNEL == 'gemvtc' and 0 < GEMVS_MIN_N <= 4096
+                                                          else DECODE_KERNEL)
+    if DECODE_KERNEL == 'gemvu':
+        assert default_config(1, 4096, 4096, 32).kernel == 'gemvu'         # any group that is a multiple of 8
+        return
     assert default_config(1, 16384, 4096, 128).kernel == ('gemvs' if 0 < GEMVS_MIN_N <= 16384 else DECODE_KERNEL)
     assert default_config(1, 4096, 4096, 32).kernel == 'gemv'              # groups too small for gemvtc's 64-row tiles
 
@@ -376,6 +381,7 @@ def test_gemvs_default_failure_falls_back_once(monkeypatch):
     def boom(*a, **k): raise RuntimeError("simulated compile failure")
     monkeypatch.setattr(w4, '_gemvs_launch', boom)
     monkeypatch.setattr(w4, '_GEMVS_FAILED', [])
+    monkeypatch.setattr(w4, 'DECODE_KERNEL', 'gemvtc')   # kernel 5 is then the default from GEMVS_MIN_N columns
     w4.default_config.cache_clear()
     try:
         K, N, G = 256, 8192, 128                      # N >= GEMVS_MIN_N: kernel 5 is the default
@@ -390,3 +396,127 @@ def test_gemvs_default_failure_falls_back_once(monkeypatch):
             w4.w4a16_matmul(x, qw, s, qz, G, backend='triton', config=W4A16Config('gemvs', 1, 256, 32, 2, 1, 2))
     finally:
         w4.default_config.cache_clear()
+
+
+# ---- gemvu: the GEMV without a loop (kernel 6, issue 13, session 2026-12-04 s7) ----
+
+GEMVU = [  # (K, N, G, config): every path of the kernel
+    (256, 72, 128, W4A16Config('gemvu', 1, 128, 32, 1, 1, 2)),     # ragged N (masked), 2 chunks of one group each
+    (512, 200, 64, W4A16Config('gemvu', 1, 256, 64, 1, 2, 1)),     # groups of 64, one chunk = one group, 2 warps
+    (384, 128, 128, W4A16Config('gemvu', 1, 512, 128, 1, 2, 2)),   # 3 chunks: 2 per program does not tile -> 1
+    (128, 64, -1, W4A16Config('gemvu', 1, 64, 32, 1, 1, 2)),       # one group per column
+    (64, 256, 32, W4A16Config('gemvu', 1, 256, 32, 1, 1, 2)),      # one K program: no atomics, y stored directly
+]
+
+
+@pytest.mark.parametrize("K,N,G,cfg", GEMVU)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 2e-5)])
+def test_gemvu_matches_reference_and_resets(K, N, G, cfg, dtype, tol):
+    "Loads gated, partials added to the workspace: vs float64 on two fresh inputs; workspace and counters back at 0."
+    import minicpm4_core.kernels.w4a16 as w4
+    qw, s, qz = random_w4(K, N, G, seed=K + N + 300)
+    for seed in (1, 2):
+        x = (torch.randn(1, K, generator=torch.Generator().manual_seed(K + seed)) * 3).to(dtype)
+        y = torch.full((1, N), float('nan'), dtype=dtype)
+        w4a16_matmul(x, qw, s, qz, G, backend='triton', config=cfg, out=y)
+        assert torch.isfinite(y).all()
+        assert rel(y, ref64(x, qw, s, qz, G)) <= tol
+    assert float(w4._WS[x.device].abs().sum()) == 0 and int(_LOCKS[x.device].abs().sum()) == 0
+
+
+def test_gemvu_one_hot_rows_and_bad_configs():
+    "One-hot x reads one weight row (each code position, both chunks); M > 1 and bad configs are refused."
+    K, N, G = 256, 128, 128
+    qw, s, qz = random_w4(K, N, G, seed=63)
+    qw[1] = -1                                 # codes 15 everywhere in word row 1 (rows 8..15)
+    cfg = W4A16Config('gemvu', 1, 128, 16, 1, 1, 2)
+    W = dequantize_w4(qw, s, qz, G)
+    for k in (0, 3, 4, 7, 8, 12, 15, 16, 31, 130, K - 1):
+        for dt in (torch.float32, torch.bfloat16):
+            e = torch.zeros(1, K, dtype=dt); e[0, k] = 1.0
+            y = w4a16_matmul(e, qw, s, qz, G, backend='triton', config=cfg)[0].float()
+            torch.testing.assert_close(y, W[k], rtol=2 ** -7 if dt == torch.bfloat16 else 1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="M=1 only"):
+        w4a16_matmul(torch.randn(2, K), qw, s, qz, G, config=cfg)
+    with pytest.raises(ValueError, match="split_k = 1"):
+        W4A16Config('gemvu', 1, 128, 32, 2, 1, 1)
+    with pytest.raises(ValueError, match="num_stages"):
+        W4A16Config('gemvu', 1, 128, 32, 1, 1, 3)
+
+
+@pytest.mark.parametrize("K,N,G", [(512, 200, 128), (256, 2048, 64), (256, 136, 32), (1024, 64, -1), (128, 1024, 16)])
+def test_gemvu_default_configs(K, N, G):
+    "Kernel 6 as the M = 1 default: valid configs for any N, K, group (1024 or 512 columns), correct results."
+    import minicpm4_core.kernels.w4a16 as w4
+    if w4.DECODE_KERNEL != 'gemvu':
+        pytest.skip("kernel 6 is not the decode default")
+    c = w4.default_config(1, N, K, G)
+    assert c.kernel == 'gemvu' and (K if G == -1 else G) % c.block_k == 0 and c.num_stages in (1, 2)
+    assert c.block_n == (1024 if N % 1024 == 0 else 512)
+    assert w4.default_config(1, 16384, 4096, 128).num_stages == 2 and w4.default_config(1, 4096, 4096, 128).num_stages == 1
+    qw, s, qz = random_w4(K, N, G, seed=101)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    assert rel(w4a16_matmul(x, qw, s, qz, G, backend='triton'), ref64(x, qw, s, qz, G)) <= 1e-2
+
+
+def test_gemvu_default_failure_falls_back_once(monkeypatch):
+    "If kernel 6 fails as a default, the call still answers (another kernel), says so once, and the defaults avoid it."
+    import minicpm4_core.kernels.w4a16 as w4
+    def boom(*a, **k): raise RuntimeError("simulated compile failure")
+    monkeypatch.setattr(w4, '_gemvu_launch', boom)
+    monkeypatch.setattr(w4, '_GEMVU_FAILED', [])
+    monkeypatch.setattr(w4, 'DECODE_KERNEL', 'gemvu')
+    w4.default_config.cache_clear()
+    try:
+        K, N, G = 256, 512, 128
+        qw, s, qz = random_w4(K, N, G, seed=98)
+        x = torch.randn(1, K, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+        assert w4.default_config(1, N, K, G).kernel == 'gemvu'
+        with pytest.warns(UserWarning, match="kernel 6"):
+            y = w4.w4a16_matmul(x, qw, s, qz, G, backend='triton')
+        assert rel(y, ref64(x, qw, s, qz, G)) <= 1e-2
+        assert w4.default_config(1, N, K, G).kernel != 'gemvu' and w4._GEMVU_FAILED
+        with pytest.raises(RuntimeError, match="simulated"):
+            w4.w4a16_matmul(x, qw, s, qz, G, backend='triton', config=W4A16Config('gemvu', 1, 256, 32, 1, 1, 2))
+    finally:
+        w4.default_config.cache_clear()
+
+
+# ---- gemvtu: kernel 4's tensor-core tile without the loop (kernel 7, issue 13, session 2026-12-04 s7) ----
+
+GEMVTU = [  # (K, N, G, config)
+    (256, 72, 128, W4A16Config('gemvtu', 1, 64, 128, 1, 4, 2)),    # ragged N, one program along K: y stored directly
+    (512, 200, 64, W4A16Config('gemvtu', 1, 128, 64, 1, 4, 2)),    # groups of 64, 4 K programs
+    (384, 128, 128, W4A16Config('gemvtu', 1, 64, 128, 1, 4, 2)),   # 3 tiles: 2 per program does not tile -> 1
+    (128, 64, -1, W4A16Config('gemvtu', 1, 64, 64, 1, 4, 1)),      # one group per column
+]
+
+
+@pytest.mark.parametrize("K,N,G,cfg", GEMVTU)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 2e-5)])
+def test_gemvtu_matches_reference_and_resets(K, N, G, cfg, dtype, tol):
+    "bf16/fp16 x on the tensor-core tile (float32 x takes kernel 6): vs float64 on two fresh inputs; buffers back at 0."
+    import minicpm4_core.kernels.w4a16 as w4
+    qw, s, qz = random_w4(K, N, G, seed=K + N + 400)
+    for seed in (1, 2):
+        x = (torch.randn(1, K, generator=torch.Generator().manual_seed(K + seed)) * 3).to(dtype)
+        y = w4a16_matmul(x, qw, s, qz, G, backend='triton', config=cfg)
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        assert rel(y, ref64(x, qw, s, qz, G)) <= tol
+    assert float(w4._WS[x.device].abs().sum()) == 0 and int(_LOCKS[x.device].abs().sum()) == 0
+
+
+def test_gemvtu_one_hot_rows_and_bad_configs():
+    "One-hot x reads one weight row: every code position of both halves of a word, in both tiles of a program."
+    K, N, G = 256, 64, 128
+    qw, s, qz = random_w4(K, N, G, seed=67)
+    cfg = W4A16Config('gemvtu', 1, 64, 64, 1, 4, 2)
+    W = dequantize_w4(qw, s, qz, G)
+    for k in (0, 3, 4, 7, 8, 15, 63, 64, 71, 130, K - 1):
+        e = torch.zeros(1, K, dtype=torch.float16); e[0, k] = 1.0
+        y = w4a16_matmul(e, qw, s, qz, G, backend='triton', config=cfg)[0].float()
+        torch.testing.assert_close(y, W[k], rtol=2 ** -10, atol=1e-6)
+    with pytest.raises(ValueError, match="M=1 only"):
+        w4a16_matmul(torch.randn(2, K), qw, s, qz, G, config=cfg)
+    with pytest.raises(ValueError, match="block_k >= 64"):
+        W4A16Config('gemvtu', 1, 64, 32, 1, 4, 1)

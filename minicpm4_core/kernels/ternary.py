@@ -24,7 +24,7 @@ from ._common import BACKENDS, _warn_once, interpreter_active, num_sms, resolve_
 # %% auto #0
 __all__ = ['KERNELS', 'DEQUANT_MIN_M', 'SPLIT_TARGET', 'DECODE_KERNEL', 'MVS_TILE', 'MVS_PER_SM', 'ternary_bytes', 'packed_cols',
            'pack_ternary', 'unpack_ternary', 'dequantize_ternary', 'ternary_matmul_ref', 'TernaryConfig', 'pick_config',
-           'kernel_scales', 'ternary_dequantize', 'ternary_matmul']
+           'kernel_scales', 'mvu_fits', 'ternary_dequantize', 'ternary_matmul']
 
 # %% ../../nbs/51_ternary_kernel.ipynb #82e732f5
 def ternary_bytes(M: int, K: int, N: int, group_size: int = 0, act_bytes: int = 2, scale_bytes: int = 2) -> dict:
@@ -583,6 +583,160 @@ def _ternary_mvs_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, K4, s
             tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
+# %% ../../nbs/51_ternary_kernel.ipynb #02bbad73
+@triton.jit
+def _mvu_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _mvu_tile(acc, cx, wt, v0, v1, v2, v3, magic):
+    "One (BLOCK_N, W) tile of words and its four planes' activations (bf16 x4 in an int64 each) into acc, cx."
+    wb = wt >> 8
+    x0, x1, x2, x3 = _mvs_dec(v0)
+    acc, cx = _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, 0)
+    x0, x1, x2, x3 = _mvs_dec(v1)
+    acc, cx = _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, 1)
+    x0, x1, x2, x3 = _mvs_dec(v2)
+    acc, cx = _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, 2)
+    x0, x1, x2, x3 = _mvs_dec(v3)
+    return _mvs_plane(acc, cx, wt, wb, x0, x1, x2, x3, magic, 3)
+
+
+@triton.jit
+def _ternary_mvu_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, K4, stride_wn, stride_sn, magic, gate,
+                        BLOCK_N: tl.constexpr, W: tl.constexpr, CHUNKS: tl.constexpr, EVEN_N: tl.constexpr):
+    """Version 5 (M = 1, bf16 x as int64, K = 4 K4, K4 a multiple of 4 W CHUNKS): no loop. A program: BLOCK_N rows x
+    CHUNKS tiles of W words; all loads issued first (gated), the partial added to ws (N,) float32 by an atomic, the last
+    program of a row tile writes y and re-zeroes ws and its counter."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_k = tl.num_programs(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, W)
+    mask_n = offs_n < N
+    w0 = pid_k * (W * CHUNKS)
+    rows = w_ptr + offs_n[:, None] * stride_wn + w0 + offs_w[None, :]
+    if EVEN_N:
+        wa = tl.load(rows)
+    else:
+        wa = tl.load(rows, mask=mask_n[:, None], other=0)
+    xq = x_ptr + w0 + offs_w           # int64 j of plane i holds x[i K4 + 4 j .. + 3]
+    a0 = tl.load(xq)
+    a1 = tl.load(xq + K4 // 4)
+    a2 = tl.load(xq + K4 // 2)
+    a3 = tl.load(xq + 3 * (K4 // 4))
+    if CHUNKS == 2:
+        if EVEN_N:
+            wc = tl.load(rows + W)
+        else:
+            wc = tl.load(rows + W, mask=mask_n[:, None], other=0)
+        b0 = tl.load(xq + W)
+        b1 = tl.load(xq + W + K4 // 4)
+        b2 = tl.load(xq + W + K4 // 2)
+        b3 = tl.load(xq + W + 3 * (K4 // 4))
+    sc = tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.).to(tl.float32)
+    ww = wa
+    xx = a0 | a1 | a2 | a3
+    if CHUNKS == 2:
+        ww = ww | wc
+        xx = xx | b0 | b1 | b2 | b3
+    g = (tl.reduce(ww, 1, _mvu_or) | tl.reduce(xx, 0, _mvu_or).to(tl.int32)) & gate   # gate = 0 at run time
+    mg = magic ^ g[:, None]
+    acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+    cx = tl.zeros((W,), dtype=tl.float32)
+    acc, cx = _mvu_tile(acc, cx, wa, a0, a1, a2, a3, mg)
+    if CHUNKS == 2:
+        acc, cx = _mvu_tile(acc, cx, wc, b0, b1, b2, b3, mg)
+    out = (tl.sum(acc, axis=1) - tl.sum(cx, axis=0)) * sc
+    if n_k == 1:
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(ws_ptr + offs_n, out, mask=mask_n, sem='relaxed', scope='gpu')
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem='acq_rel', scope='gpu')
+        if done == n_k - 1:
+            # read and re-zero in one atomic per element (a load and a store of zeros may sit in different layouts)
+            tot = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + offs_n, 0, mask=mask_n, sem='relaxed', scope='gpu')
+            tl.store(y_ptr + offs_n, tot.to(tl.float32, bitcast=True).to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+# %% ../../nbs/51_ternary_kernel.ipynb #11f13fed
+@triton.jit
+def _mvtu_tile(acc, w, x0, x1, x2, x3, F16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               INTERP: tl.constexpr):
+    "One tile of BLOCK_K bytes per row (BLOCK_N, BLOCK_K // 4) words + its four planes' activations -> acc += product."
+    t0, t1 = _byte_pairs(w, INTERP)
+    P = tl.join(t0, t1)
+    E = tl.reshape(tl.join(P.to(tl.int16), (P >> 16).to(tl.int16)), (BLOCK_N, BLOCK_K))
+    d0 = _plane_pair(E, 0, F16, INTERP)
+    d1 = _plane_pair(E, 1, F16, INTERP)
+    d2 = _plane_pair(E, 2, F16, INTERP)
+    d3 = _plane_pair(E, 3, F16, INTERP)
+    A = tl.reshape(tl.permute(tl.join(tl.join(d0, d1), tl.join(d2, d3)), (0, 3, 2, 1)), (BLOCK_N, 4 * BLOCK_K))
+    xa = tl.reshape(tl.permute(tl.join(tl.join(x0, x1), tl.join(x2, x3)), (2, 1, 0)), (4 * BLOCK_K,))
+    xt = tl.broadcast_to(xa[:, None], (4 * BLOCK_K, 16))
+    if INTERP:
+        return acc + tl.dot(A, xt.to(tl.float32))
+    return acc + tl.dot(A, xt.to(x0.dtype))
+
+
+@triton.jit
+def _ternary_mvtu_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, K4, stride_wn, stride_sn,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, EVEN_N: tl.constexpr,
+                         INTERP: tl.constexpr):
+    """Version 6 (M = 1, bf16/fp16 x, one scale per row or tensor, K = 4 K4, K4 a multiple of BLOCK_K x CHUNKS): version
+    3's tensor-core tile without the loop. A program: BLOCK_N rows x CHUNKS tiles of BLOCK_K bytes, loaded at once;
+    partials added to ws (N,) float32 by an atomic, the last program of a row tile writes y and re-zeroes ws."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_k = tl.num_programs(1)
+    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
+    W4: tl.constexpr = BLOCK_K // 4
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_a = tl.arange(0, W4)
+    offs_j = tl.arange(0, BLOCK_K)
+    col16 = tl.arange(0, 16)
+    mask_n = offs_n < N
+    j0 = pid_k * (BLOCK_K * CHUNKS)            # first byte column of the program
+    w_rows = w_ptr + offs_n[:, None] * stride_wn + j0 // 4 + offs_a[None, :]
+    if EVEN_N:
+        wa = tl.load(w_rows)
+    else:
+        wa = tl.load(w_rows, mask=mask_n[:, None], other=0)
+    xa0 = tl.load(x_ptr + j0 + offs_j)
+    xa1 = tl.load(x_ptr + K4 + j0 + offs_j)
+    xa2 = tl.load(x_ptr + 2 * K4 + j0 + offs_j)
+    xa3 = tl.load(x_ptr + 3 * K4 + j0 + offs_j)
+    if CHUNKS == 2:
+        if EVEN_N:
+            wb = tl.load(w_rows + W4)
+        else:
+            wb = tl.load(w_rows + W4, mask=mask_n[:, None], other=0)
+        xb0 = tl.load(x_ptr + j0 + BLOCK_K + offs_j)
+        xb1 = tl.load(x_ptr + K4 + j0 + BLOCK_K + offs_j)
+        xb2 = tl.load(x_ptr + 2 * K4 + j0 + BLOCK_K + offs_j)
+        xb3 = tl.load(x_ptr + 3 * K4 + j0 + BLOCK_K + offs_j)
+    sc = tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    acc = _mvtu_tile(acc, wa, xa0, xa1, xa2, xa3, F16, BLOCK_N, BLOCK_K, INTERP)
+    if CHUNKS == 2:
+        acc = _mvtu_tile(acc, wb, xb0, xb1, xb2, xb3, F16, BLOCK_N, BLOCK_K, INTERP)
+    out = tl.sum(tl.where(col16[None, :] == 0, acc, 0.0), axis=1) * sc    # the 16 columns are equal: take column 0
+    if n_k == 1:
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(ws_ptr + offs_n, out, mask=mask_n, sem='relaxed', scope='gpu')
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem='acq_rel', scope='gpu')
+        if done == n_k - 1:
+            tot = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + offs_n, 0, mask=mask_n, sem='relaxed',
+                                 scope='gpu')
+            tl.store(y_ptr + offs_n, tot.to(tl.float32, bitcast=True).to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
 # %% ../../nbs/51_ternary_kernel.ipynb #a3bdd301
 @triton.jit
 def _ternary_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, K4, stride_wn, stride_sn, stride_on,
@@ -654,14 +808,16 @@ def _ternary_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, K4, stride_xm, stride
         tl.atomic_add(y_ptr + m * stride_ym + offs_n, out, mask=mask_n)
 
 # %% ../../nbs/51_ternary_kernel.ipynb #ce4fc6cf
-KERNELS = ('mv', 'mvtc', 'mvs', 'mma', 'fma', 'dequant')
+KERNELS = ('mv', 'mvtc', 'mvs', 'mvu', 'mvtu', 'mma', 'fma', 'dequant')
 
 
 @dataclass(frozen=True)
 class TernaryConfig:
     """One launch configuration. kernel: 'mv' (tensor cores, weights as the left operand; decode), 'mvtc' (M = 1: `mv` with
     paired unpacking, x not staged), 'mvs' (M = 1: streaming CUDA-core GEMV, version 4; block_k = bytes per row per
-    step, num_stages unused), 'mma' (tensor
+    step, num_stages unused), 'mvu' (M = 1, bf16 x, version 5: no loop; block_n rows x num_stages (1-2) chunks of
+    block_k bytes per program, split_k derived from K), 'mvtu' (M = 1, bf16/fp16 x, version 6: version 3's tile
+    without the loop, same fields as 'mvu'), 'mma' (tensor
     cores, x as the left operand; any M), 'fma' (CUDA-core GEMV) or 'dequant' (unpack to x.dtype, then F.linear).
     n_acc: 1 or 4 accumulators (4 = one per plane; tiles of at most 32 rows)."""
     kernel: str = 'mv'
@@ -672,6 +828,7 @@ class TernaryConfig:
     num_warps: int = 4
     num_stages: int = 4
     n_acc: int = 1
+    max_regs: int = 0     # 'mvu' only: registers per thread for ptxas (0: its choice; fewer = more programs per SM)
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -687,6 +844,13 @@ class TernaryConfig:
             raise ValueError(f"split_k={self.split_k} must be >= 1")
         if self.kernel == 'mvs' and self.block_k < 16:
             raise ValueError(f"the 'mvs' kernel needs block_k >= 16 bytes (one 16-byte load per thread), got {self.block_k}")
+        if self.max_regs and not (self.kernel in ('mvu', 'mvtu') and 32 <= self.max_regs <= 255):
+            raise ValueError(f"max_regs={self.max_regs}: 0, or 32..255 with kernel 'mvu' or 'mvtu'")
+        if self.kernel == 'mvtu' and (self.block_n < 16 * self.num_warps or self.block_k < 16):
+            raise ValueError(f"the 'mvtu' kernel needs block_n >= 16 * num_warps and block_k >= 16, got {self}")
+        if self.kernel in ('mvu', 'mvtu') and (self.block_k < 16 or self.num_stages > 2 or self.split_k != 1):
+            raise ValueError(f"the {self.kernel!r} kernel needs block_k >= 16 bytes, num_stages (chunks per program) 1 or 2 and "
+                             f"split_k = 1 (its split follows from K), got {self}")
         if self.n_acc not in (1, 4) or (self.n_acc == 4 and self.block_m > 32):
             raise ValueError(f"n_acc={self.n_acc}: accepted 1, or 4 with block_m <= 32")
 
@@ -757,6 +921,26 @@ def _tile_counters(dev, n: int) -> torch.Tensor:
 _MVS_MAGIC = 0x3F803F80   # the bf16 pair (1, 1) of version 4, passed as an argument (a literal costs a MOV per LOP3)
 
 
+_MVU_WS: dict = {}
+
+
+def _mvu_workspace(dev, n: int) -> torch.Tensor:
+    "Version 5's per-device float32 accumulators: zero between calls (the last program of a row tile re-zeroes them)."
+    key = str(dev)
+    w = _MVU_WS.get(key)
+    if w is None or w.numel() < n:
+        w = torch.zeros(max(n, 16384), dtype=torch.float32, device=dev)
+        _MVU_WS[key] = w
+    return w
+
+
+def mvu_fits(M: int, K: int, K4: int, group_size: int, x: torch.Tensor, qweight: torch.Tensor, cfg: TernaryConfig) -> bool:
+    """Whether version 5 (6) can run this call: one bf16 (or fp16, version 6) row, 8-byte aligned, whole words, chunks that
+    tile the row exactly."""
+    return (M == 1 and (x.dtype == torch.bfloat16 or (cfg.kernel == 'mvtu' and x.dtype == torch.float16)) and not group_size and K == 4 * K4 and x.data_ptr() % 8 == 0
+            and qweight.storage_offset() % 4 == 0 and K4 % cfg.block_k == 0)
+
+
 def _launch(x2, qweight, s, y, K, K4, group_size, cfg: TernaryConfig):
     M, N = x2.shape[0], qweight.shape[0]
     bk = cfg.block_k if not group_size else min(cfg.block_k, group_size)
@@ -782,6 +966,24 @@ def _launch(x2, qweight, s, y, K, K4, group_size, cfg: TernaryConfig):
                                   s_stride, wps, split, _MVS_MAGIC, BLOCK_N=cfg.block_n, W=W, X64=x64,
                                   EVEN=N % cfg.block_n == 0 and KW % W == 0 and K == 4 * K4,
                                   num_warps=cfg.num_warps, num_stages=1)
+    elif cfg.kernel == 'mvu':
+        chunks = cfg.num_stages if K4 % (cfg.num_stages * cfg.block_k) == 0 else 1
+        grid = (triton.cdiv(N, cfg.block_n), K4 // (chunks * cfg.block_k))
+        _ternary_mvu_kernel[grid](x2.reshape(-1).view(torch.int64), qweight.view(torch.int32), s, y,
+                                  _mvu_workspace(x2.device, N), _tile_counters(x2.device, grid[0]), N, K4,
+                                  qweight.stride(0) // 4, s_stride, _MVS_MAGIC, 0, BLOCK_N=cfg.block_n,
+                                  W=cfg.block_k // 4, CHUNKS=chunks, EVEN_N=N % cfg.block_n == 0,
+                                  num_warps=cfg.num_warps, num_stages=1,
+                                  **({'maxnreg': cfg.max_regs} if cfg.max_regs else {}))
+    elif cfg.kernel == 'mvtu':
+        chunks = cfg.num_stages if K4 % (cfg.num_stages * cfg.block_k) == 0 else 1
+        grid = (triton.cdiv(N, cfg.block_n), K4 // (chunks * cfg.block_k))
+        _ternary_mvtu_kernel[grid](x2, qweight.view(torch.int32), s, y, _mvu_workspace(x2.device, N),
+                                   _tile_counters(x2.device, grid[0]), N, K4, qweight.stride(0) // 4, s_stride,
+                                   BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, CHUNKS=chunks,
+                                   EVEN_N=N % cfg.block_n == 0, INTERP=interpreter_active(),
+                                   num_warps=cfg.num_warps, num_stages=1,
+                                   **({'maxnreg': cfg.max_regs} if cfg.max_regs else {}))
     elif cfg.kernel == 'mvtc':
         grid = (triton.cdiv(N, cfg.block_n), 1, cfg.split_k)
         ws = torch.empty(cfg.split_k, N, device=x2.device, dtype=torch.float32) if cfg.split_k > 1 else y
@@ -861,6 +1063,12 @@ def ternary_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
         if config is not None and M != 1:
             raise ValueError(f"config.kernel='mvs' handles M=1 only, got M={M}")
         cfg = TernaryConfig('mv', 16, 64, 128, cfg.split_k, 4, 3, 1)
+    if cfg.kernel in ('mvu', 'mvtu') and not mvu_fits(M, K, K4, group_size, x2, qweight, cfg):
+        if config is not None:
+            raise ValueError(f"config.kernel={cfg.kernel!r} handles one 8-byte aligned bf16 row (mvtu: or fp16), no group "
+                             f"scales and K4 a multiple "
+                             f"of block_k, got M={M} {x2.dtype} group_size={group_size} K4={K4} block_k={cfg.block_k}")
+        cfg = TernaryConfig('mv', 16, 64, 128, 1, 4, 3, 1)
     if cfg.kernel == 'mvtc' and (M != 1 or K4 % 4 or qweight.storage_offset() % 4 or x2.dtype == torch.float32):
         # its operands are 16-bit and it reads the rows as int32 words
         if config is not None and M != 1:
@@ -869,7 +1077,7 @@ def ternary_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     if cfg.kernel == 'dequant':
         w = ternary_dequantize(qweight, s, K, group_size, x2.dtype, cfg)
         return torch.nn.functional.linear(x2, w).view(*lead, N)
-    if cfg.split_k > 1 and cfg.kernel not in ('mv', 'mvs'):   # the atomic split-K kernels: zero-fill, then cast
+    if cfg.split_k > 1 and cfg.kernel not in ('mv', 'mvs', 'mvu', 'mvtu'):   # the atomic split-K kernels: zero-fill, then cast
         y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
         _launch(x2, qweight, s, y, K, K4, group_size, cfg)
         y = y.to(x.dtype)

@@ -21,10 +21,10 @@ import triton.language as tl
 from ._common import BACKENDS, _warn_once, interpreter_active, num_sms, resolve_backend  # noqa: F401 (re-exported)
 
 # %% auto #0
-__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'DECODE_KERNEL', 'GEMVS_MIN_N', 'BATCH_KERNEL', 'GEMVS_TILE', 'GEMVS_PER_SM',
-           'GEMVS_MAX_SPLIT', 'w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size', 'dequantize_w4',
-           'w4a16_matmul_naive', 'W4A16Config', 'default_config', 'w4a16_dequantize', 'w4a16_matmul', 'random_w4',
-           'self_check']
+__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'DECODE_KERNEL', 'GEMVU_PER_SM', 'GEMVS_MIN_N', 'BATCH_KERNEL', 'GEMVS_TILE',
+           'GEMVS_PER_SM', 'GEMVS_MAX_SPLIT', 'w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size',
+           'dequantize_w4', 'w4a16_matmul_naive', 'W4A16Config', 'default_config', 'w4a16_dequantize', 'w4a16_matmul',
+           'random_w4', 'self_check']
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #2b12b3f0
 def w4a16_bytes(M: int, K: int, N: int, group_size: int = 128, act_bytes: int = 2) -> dict:
@@ -676,6 +676,192 @@ def _w4a16_gemvs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr,
                 _gemvs_reduce(3, M, split_k, offs_n, mask_n, N, y_ptr, stride_ym, ws_ptr)
             tl.atomic_xchg(lock_ptr + pid_n, 0)
 
+# %% ../../nbs/71_w4a16_kernel.ipynb #5211c990
+@triton.jit
+def _gemvu_x(x_ptr, rows, X64: tl.constexpr):
+    "(ROWS,) word rows -> their 8 activations each as float32: lo codes' rows 8r..8r+3, hi codes' 8r+4..8r+7."
+    if X64:
+        xl0, xl1, xl2, xl3 = _bf16x4(tl.load(x_ptr + 2 * rows))
+        xh0, xh1, xh2, xh3 = _bf16x4(tl.load(x_ptr + 2 * rows + 1))
+    else:
+        xl0 = tl.load(x_ptr + 8 * rows).to(tl.float32)
+        xl1 = tl.load(x_ptr + 8 * rows + 1).to(tl.float32)
+        xl2 = tl.load(x_ptr + 8 * rows + 2).to(tl.float32)
+        xl3 = tl.load(x_ptr + 8 * rows + 3).to(tl.float32)
+        xh0 = tl.load(x_ptr + 8 * rows + 4).to(tl.float32)
+        xh1 = tl.load(x_ptr + 8 * rows + 5).to(tl.float32)
+        xh2 = tl.load(x_ptr + 8 * rows + 6).to(tl.float32)
+        xh3 = tl.load(x_ptr + 8 * rows + 7).to(tl.float32)
+    return xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _gemvu_chunk(w, xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, s, zw, zshift, mask, magic):
+    "One chunk (ROWS word rows of one group, (ROWS, BLOCK_N) words) -> its scaled partial (BLOCK_N,) float32."
+    f0, g0, f1, g1, f2, g2, f3, g3 = _w4_pairs(w, mask, magic)
+    c = 1.0 / 65536
+    t = (xh0[:, None] * f0 + (xl0 - xh0 * c)[:, None] * g0 + xh1[:, None] * f1 + (xl1 - xh1 * c)[:, None] * g1
+         + xh2[:, None] * f2 + (xl2 - xh2 * c)[:, None] * g2 + xh3[:, None] * f3 + (xl3 - xh3 * c)[:, None] * g3)
+    t = tl.sum(t, axis=0)
+    sxh = tl.sum(xh0 + xh1 + xh2 + xh3, axis=0)
+    sx = sxh + tl.sum(xl0 + xl1 + xl2 + xl3, axis=0)
+    z = ((zw >> zshift) & 0xF).to(tl.float32)
+    return (t - (128.0 * sx + (17024.0 / 65536.0) * sxh) - z * sx) * s
+
+
+@triton.jit
+def _w4a16_gemvu_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, N, stride_qk, stride_sg, stride_zg,
+                        mask, magic, gate, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                        CHUNKS: tl.constexpr, EVEN_N: tl.constexpr, X64: tl.constexpr, GATE: tl.constexpr = True):
+    # M = 1: x (K,) (int64 view of bf16 x when X64: 4 activations per load); qweight (K//8, N) int32; scales (K//G, N);
+    # qzeros (K//G, N//8) int32; y (N,). Program (pid_n, pid_k): BLOCK_N columns x CHUNKS chunks of ROWS word rows (each
+    # chunk inside one group). No loop: every load is issued at the start, the partial goes to ws (N,) float32 by a
+    # vector atomic add, and the last program of a column tile writes y and leaves ws and its counter at zero.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_k = tl.num_programs(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    r0 = pid_k * (ROWS * CHUNKS)
+    rows_a = r0 + tl.arange(0, ROWS)
+    pa = qw_ptr + rows_a[:, None] * stride_qk + offs_n[None, :]
+    if EVEN_N:
+        wa = tl.load(pa)
+    else:
+        wa = tl.load(pa, mask=mask_n[None, :], other=0)
+    if CHUNKS == 2:
+        rows_b = rows_a + ROWS
+        if EVEN_N:
+            wb = tl.load(pa + ROWS * stride_qk)
+        else:
+            wb = tl.load(pa + ROWS * stride_qk, mask=mask_n[None, :], other=0)
+    zshift = (offs_n % 8) * 4
+    ga = (8 * r0) // GROUP
+    if EVEN_N:
+        sa = tl.load(s_ptr + ga * stride_sg + offs_n).to(tl.float32)
+        za = tl.load(z_ptr + ga * stride_zg + offs_n // 8)
+    else:
+        sa = tl.load(s_ptr + ga * stride_sg + offs_n, mask=mask_n, other=0.).to(tl.float32)
+        za = tl.load(z_ptr + ga * stride_zg + offs_n // 8, mask=mask_n, other=0)
+    xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3 = _gemvu_x(x_ptr, rows_a, X64)
+    if CHUNKS == 2:
+        gb = (8 * (r0 + ROWS)) // GROUP
+        if EVEN_N:
+            sb = tl.load(s_ptr + gb * stride_sg + offs_n).to(tl.float32)
+            zb = tl.load(z_ptr + gb * stride_zg + offs_n // 8)
+        else:
+            sb = tl.load(s_ptr + gb * stride_sg + offs_n, mask=mask_n, other=0.).to(tl.float32)
+            zb = tl.load(z_ptr + gb * stride_zg + offs_n // 8, mask=mask_n, other=0)
+        yl0, yl1, yl2, yl3, yh0, yh1, yh2, yh3 = _gemvu_x(x_ptr, rows_b, X64)
+    if GATE:    # every load of the program is issued before any word is unpacked (ptxas would sink the later ones)
+        ww = wa
+        xx = (xl0.to(tl.int32, bitcast=True) | xh0.to(tl.int32, bitcast=True) | xl3.to(tl.int32, bitcast=True)
+              | xh3.to(tl.int32, bitcast=True))
+        if CHUNKS == 2:
+            ww = wa | wb
+            xx = (xx | yl0.to(tl.int32, bitcast=True) | yh0.to(tl.int32, bitcast=True) | yl3.to(tl.int32, bitcast=True)
+                  | yh3.to(tl.int32, bitcast=True))
+        mask = mask ^ ((tl.reduce(ww, 0, _or) | tl.reduce(xx, 0, _or)) & gate)[None, :]   # gate = 0 at run time
+    acc = _gemvu_chunk(wa, xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, sa, za, zshift, mask, magic)
+    if CHUNKS == 2:
+        acc += _gemvu_chunk(wb, yl0, yl1, yl2, yl3, yh0, yh1, yh2, yh3, sb, zb, zshift, mask, magic)
+    if n_k == 1:
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n, sem='relaxed', scope='gpu')
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem='acq_rel', scope='gpu')
+        if arrived == n_k - 1:
+            # read and re-zero in one atomic per element: a load then a store of zeros put the two in different
+            # layouts (8 columns per thread), so a thread could zero a column another had not read yet (H200: wrong)
+            tot = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + offs_n, 0, mask=mask_n, sem='relaxed', scope='gpu')
+            tl.store(y_ptr + offs_n, tot.to(tl.float32, bitcast=True).to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
+
+
+# %% ../../nbs/71_w4a16_kernel.ipynb #5a42f95f
+@triton.jit
+def _gemvtu_tile(acc, w32, xt, s, z, col, F16: tl.constexpr, MAGIC: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    "One tile (BLOCK_N, BLOCK_K // 8) of words -> acc (BLOCK_N, 16) += the scaled tile product (column 0 is used)."
+    C: tl.constexpr = BLOCK_K // 4
+    w = tl.reshape(tl.join(w32.to(tl.int16), (w32 >> 16).to(tl.int16)), (BLOCK_N, C))   # [n, 2r + h]
+    d0 = _w4_plane(w, 0, F16, INTERP)
+    d1 = _w4_plane(w, 1, F16, INTERP)
+    d2 = _w4_plane(w, 2, F16, INTERP)
+    d3 = _w4_plane(w, 3, F16, INTERP)
+    A = tl.reshape(tl.permute(tl.join(tl.join(d0, d1), tl.join(d2, d3)), (0, 3, 2, 1)), (BLOCK_N, BLOCK_K))
+    X = tl.where(col[None, :] == 0, xt[:, None], 0.)
+    if INTERP:
+        t = tl.dot(A.to(tl.float32), X.to(tl.float32))
+    else:
+        t = tl.dot(A, X.to(xt.dtype))
+    return acc + (t - (MAGIC + z)[:, None] * tl.sum(xt.to(tl.float32))) * s[:, None]
+
+
+@triton.jit
+def _w4a16_gemvtu_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, N, stride_qk, stride_sg, stride_zg,
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr,
+                         EVEN_N: tl.constexpr, INTERP: tl.constexpr):
+    # M = 1, x (K,) bf16 or fp16; qweight (K//8, N) int32; scales (K//G, N); qzeros (K//G, N//8); y (N,). Kernel 4's
+    # tensor-core tile (weights as the register operand, x in column 0 of a 16-column operand) without its loop: a
+    # program = CHUNKS tiles of BLOCK_K rows (each inside one group), all loaded at once; partials as in kernel 6.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_k = tl.num_programs(1)
+    R: tl.constexpr = BLOCK_K // 8
+    C: tl.constexpr = BLOCK_K // 4
+    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
+    MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, R)
+    offs_k = tl.arange(0, BLOCK_K)
+    xrow = ((offs_k % C) // 2) * 8 + ((offs_k % C) % 2) * 4 + offs_k // C
+    col = tl.arange(0, 16)
+    zshift = (offs_n % 8) * 4
+    k0 = pid_k * (BLOCK_K * CHUNKS)
+    q_ptrs = qw_ptr + (k0 // 8 + offs_r[None, :]) * stride_qk + offs_n[:, None]
+    if EVEN_N:
+        wa = tl.load(q_ptrs)
+    else:
+        wa = tl.load(q_ptrs, mask=mask_n[:, None], other=0)
+    xa = tl.load(x_ptr + k0 + xrow)
+    ga = k0 // GROUP
+    sa = tl.load(s_ptr + ga * stride_sg + offs_n, mask=mask_n, other=0.).to(tl.float32)
+    za = ((tl.load(z_ptr + ga * stride_zg + offs_n // 8, mask=mask_n, other=0) >> zshift) & 0xF).to(tl.float32)
+    if CHUNKS == 2:
+        if EVEN_N:
+            wb = tl.load(q_ptrs + R * stride_qk)
+        else:
+            wb = tl.load(q_ptrs + R * stride_qk, mask=mask_n[:, None], other=0)
+        xb = tl.load(x_ptr + k0 + BLOCK_K + xrow)
+        gb = (k0 + BLOCK_K) // GROUP
+        sb = tl.load(s_ptr + gb * stride_sg + offs_n, mask=mask_n, other=0.).to(tl.float32)
+        zb = ((tl.load(z_ptr + gb * stride_zg + offs_n // 8, mask=mask_n, other=0) >> zshift) & 0xF).to(tl.float32)
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    acc = _gemvtu_tile(acc, wa, xa, sa, za, col, F16, MAGIC, BLOCK_N, BLOCK_K, INTERP)
+    if CHUNKS == 2:
+        acc = _gemvtu_tile(acc, wb, xb, sb, zb, col, F16, MAGIC, BLOCK_N, BLOCK_K, INTERP)
+    y = tl.sum(tl.where(col[None, :] == 0, acc, 0.), axis=1)
+    if n_k == 1:
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(ws_ptr + offs_n, y, mask=mask_n, sem='relaxed', scope='gpu')
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem='acq_rel', scope='gpu')
+        if arrived == n_k - 1:
+            tot = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + offs_n, 0, mask=mask_n, sem='relaxed',
+                                 scope='gpu')
+            tl.store(y_ptr + offs_n, tot.to(tl.float32, bitcast=True).to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
+
+
 # %% ../../nbs/71_w4a16_kernel.ipynb #056a809d
 @triton.jit
 def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg, stride_zg, stride_wk, m0, m1, m2, m3,
@@ -705,10 +891,13 @@ def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg, str
              mask=mask_n[None, :])
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #4da5003b
-KERNELS = ('gemv', 'gemv16', 'gemvtc', 'gemvs', 'gemm', 'dequant')
+KERNELS = ('gemv', 'gemv16', 'gemvtc', 'gemvs', 'gemvu', 'gemvtu', 'gemm', 'dequant')
 DEQUANT_MIN_M = 256    # rows from which prefill dequantizes once and calls cuBLAS (tuned on the device)
-DECODE_KERNEL = 'gemvtc'  # M = 1 default: 'gemv' (kernel 1), 'gemvtc' (kernel 4) or 'gemvs' (kernel 5), the H200's fastest
-GEMVS_MIN_N = 8192        # ... except kernel 5 from this many columns on (H200: 16.4 us vs gemvtc 20.8 at 4096 x 16384;
+DECODE_KERNEL = 'gemvu'   # M = 1 default: 'gemv' (1), 'gemvtc' (4), 'gemvs' (5) or 'gemvu' (6), the H200's fastest (s7 round 1:
+                          # gemvu 15.8 / 15.9 / 7.0 / 4.2 us at the four 8B shapes vs 16.5 gemvs / 21.1 / 9.2 / 5.3 gemvtc)
+GEMVU_PER_SM = 4          # kernel 6: two chunks per program while that still gives this many programs per SM, else one
+_GEMVU_FAILED: list = []  # kernel 6 failed to compile or launch as a default (said once): defaults avoid it
+GEMVS_MIN_N = 8192        # (with DECODE_KERNEL 'gemvtc') kernel 5 from this many columns on (H200: 16.4 us vs gemvtc 20.8 at 4096 x 16384;
                           # slower than gemvtc at 16384 x 4096, 4096 x 4096, 4096 x 256); 0 = never
 BATCH_KERNEL = 'gemm'     # M = 2..4 default: 'gemm' (kernel 2) or 'gemvs' (kernel 5), whichever the H200 sweep found faster
 # kernel 5's tiles (block_n, block_k cap, warps, prefetch depth) at M = 1 and M = 2..4 (H200 sweep: n256 k32 w1 d2
@@ -723,7 +912,9 @@ _GEMVS_FAILED: list = []  # kernel 5 failed to compile or launch as a default (s
 class W4A16Config:
     """Kernel choice and tiling: 'gemv' (M = 1, float32 magic), 'gemv16' (M = 1, fp16-lane magic), 'gemvtc' (M = 1,
     tensor cores, block_k >= 64 dividing the group), 'gemvs' (M <= 4, streaming CUDA-core GEMV, kernel 5;
-    num_stages = its register prefetch depth in word rows), 'gemm' (tiles
+    num_stages = its register prefetch depth in word rows), 'gemvu' (M = 1, kernel 6: no loop, one program per
+    block_n columns x num_stages (1-2) chunks of block_k rows, split_k derived from K), 'gemvtu' (M = 1, kernel 7:
+    kernel 4's tensor-core tile in kernel 6's shape, same fields as 'gemvu'; float32 x takes kernel 6), 'gemm' (tiles
     dequantized in registers), 'dequant' (write the 16-bit weight with (block_k, block_n) tiles, then torch.matmul)."""
     kernel: str = 'gemm'
     block_m: int = 16
@@ -733,6 +924,7 @@ class W4A16Config:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    max_regs: int = 0     # kernel 6 only: registers per thread for ptxas (0: its choice; fewer = more programs per SM)
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -753,6 +945,13 @@ class W4A16Config:
             raise ValueError(f"W4A16Config: kernel 'gemvs' needs block_n >= 128 * num_warps (a 16-byte load per thread "
                              f"along n), num_stages (its prefetch depth in word rows) <= 3 and block_k <= 32 (at most "
                              f"4 word rows per step), got {self}")
+        if self.max_regs and not (self.kernel in ('gemvu', 'gemvtu') and 32 <= self.max_regs <= 255):
+            raise ValueError(f"W4A16Config.max_regs={self.max_regs}: 0, or 32..255 with kernel 'gemvu' or 'gemvtu'")
+        if self.kernel == 'gemvtu' and (self.block_k < 64 or self.block_n < 16 * self.num_warps):
+            raise ValueError(f"W4A16Config: kernel 'gemvtu' needs block_k >= 64 and block_n >= 16 * num_warps, got {self}")
+        if self.kernel in ('gemvu', 'gemvtu') and (self.num_stages > 2 or self.split_k != 1 or self.block_k > 128):
+            raise ValueError(f"W4A16Config: kernels 'gemvu'/'gemvtu' take num_stages (chunks of block_k rows per program) "
+                             f"1 or 2, block_k <= 128 and split_k = 1 (the split follows from K), got {self}")
         if self.kernel == 'dequant' and self.split_k != 1:
             raise ValueError(f"W4A16Config: kernel 'dequant' has no split_k (got {self.split_k})")
 
@@ -793,6 +992,15 @@ def _gemvs_config(M: int, N: int, K: int, G: int, sms: int) -> W4A16Config:
     return W4A16Config('gemvs', 1, bn, bk, split, w, d)
 
 
+def _gemvu_config(N: int, K: int, G: int, sms: int) -> W4A16Config:
+    """Kernel 6 (M = 1): 1024 columns of 4 warps (8 per thread) when they tile N, else 512 (4 per thread); chunks of up to
+    32 rows (dividing the group); two chunks per program while the grid keeps `GEMVU_PER_SM` programs per SM."""
+    bk = _largest_pow2_divisor(G, 32)
+    bn = 1024 if N % 1024 == 0 else 512
+    chunks = 2 if K % (2 * bk) == 0 and triton.cdiv(N, bn) * (K // (2 * bk)) >= GEMVU_PER_SM * sms else 1
+    return W4A16Config('gemvu', 1, bn, bk, 1, 4, chunks)
+
+
 @functools.lru_cache(maxsize=4096)     # pure in its arguments; saves ~10 us of Python per eager decode call
 def default_config(M: int, N: int, K: int, group_size: int = 128, device=None,
                    dequant_min_m: int = DEQUANT_MIN_M) -> W4A16Config:
@@ -801,6 +1009,8 @@ def default_config(M: int, N: int, K: int, group_size: int = 128, device=None,
     sms = _num_sms(device)
     if M >= dequant_min_m:
         return W4A16Config('dequant', 1, 64, _largest_pow2_divisor(G, 64), 1, 4, 1)
+    if M == 1 and DECODE_KERNEL == 'gemvu' and G % 8 == 0 and not _GEMVU_FAILED:
+        return _gemvu_config(N, K, G, sms)
     if G % 16 == 0 and not _GEMVS_FAILED and ((M == 1 and (DECODE_KERNEL == 'gemvs' or 0 < GEMVS_MIN_N <= N))
                                              or (2 <= M <= 4 and BATCH_KERNEL == 'gemvs')):
         return _gemvs_config(M, N, K, G, sms)
@@ -893,6 +1103,42 @@ def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.
         return dequantize_w4(qweight, scales, qzeros, G, dtype)
     return _dequant_launch(qweight, scales, qzeros, G, dtype, default_config(1 << 30, qweight.shape[1], K, G))
 
+_WS: dict = {}
+_GEMVU_GATE = True   # kernel 6's load gate (False only to measure what it is worth: kernels/ncu_gemv.py)
+
+
+def _zero_workspace(device, n: int) -> torch.Tensor:
+    "Per-device float32 accumulators for kernel 6, all zero between launches (the last program of a tile re-zeroes)."
+    buf = _WS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 16384), dtype=torch.float32, device=device)
+        _WS[device] = buf
+    return buf
+
+
+def _gemvu_launch(x2, qweight, scales, qzeros, y, N, K, G, cfg):
+    "Kernel 6's launch (M = 1): x2 (1, K), y (1, N); chunks of cfg.block_k rows, cfg.num_stages (1-2) per program."
+    chunks = cfg.num_stages if K % (cfg.num_stages * cfg.block_k) == 0 else 1
+    tiles = triton.cdiv(N, cfg.block_n)
+    x64 = x2.dtype == torch.bfloat16 and x2.data_ptr() % 8 == 0
+    _w4a16_gemvu_kernel[(tiles, K // (chunks * cfg.block_k))](
+        x2.reshape(-1).view(torch.int64) if x64 else x2, qweight, scales, qzeros, y, _zero_workspace(x2.device, N),
+        _lock_buffer(x2.device, tiles), N, qweight.stride(0), scales.stride(0), qzeros.stride(0), *_PAIR, 0, GROUP=G,
+        BLOCK_N=cfg.block_n, ROWS=cfg.block_k // 8, CHUNKS=chunks, EVEN_N=N % cfg.block_n == 0, X64=x64,
+        GATE=_GEMVU_GATE, num_warps=cfg.num_warps, num_stages=1, **({'maxnreg': cfg.max_regs} if cfg.max_regs else {}))
+
+
+def _gemvtu_launch(x2, qweight, scales, qzeros, y, N, K, G, cfg):
+    "Kernel 7's launch (M = 1, 16-bit x2 (1, K)); chunks of cfg.block_k rows, cfg.num_stages (1-2) per program."
+    chunks = cfg.num_stages if K % (cfg.num_stages * cfg.block_k) == 0 else 1
+    tiles = triton.cdiv(N, cfg.block_n)
+    _w4a16_gemvtu_kernel[(tiles, K // (chunks * cfg.block_k))](
+        x2, qweight, scales, qzeros, y, _zero_workspace(x2.device, N), _lock_buffer(x2.device, tiles), N,
+        qweight.stride(0), scales.stride(0), qzeros.stride(0), GROUP=G, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        CHUNKS=chunks, EVEN_N=N % cfg.block_n == 0, INTERP=interpreter_active(_w4a16_gemvtu_kernel),
+        num_warps=cfg.num_warps, num_stages=1, **({'maxnreg': cfg.max_regs} if cfg.max_regs else {}))
+
+
 # %% ../../nbs/71_w4a16_kernel.ipynb #75a864c8
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                  group_size: int = 128, *, backend: str = 'auto', config: W4A16Config | None = None,
@@ -920,12 +1166,14 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
     cfg = config or default_config(M, N, K, G, x.device, DEQUANT_MIN_M if dequant_min_m is None else dequant_min_m)
     if G % cfg.block_k:
         raise ValueError(f"config.block_k={cfg.block_k} must divide group_size={G}")
-    if cfg.kernel in ('gemv', 'gemv16', 'gemvtc') and M != 1:
+    if cfg.kernel in ('gemv', 'gemv16', 'gemvtc', 'gemvu', 'gemvtu') and M != 1:
         raise ValueError(f"config.kernel={cfg.kernel!r} handles M=1 only, got M={M}")
     if cfg.kernel == 'gemvs' and M > 4:
         raise ValueError(f"config.kernel='gemvs' handles M <= 4 (one accumulator per row), got M={M}")
     if cfg.kernel == 'gemvtc' and x.dtype == torch.float32:   # its operands are 16-bit: float32 x takes kernel 1
         cfg = W4A16Config('gemv', 1, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
+    if cfg.kernel == 'gemvtu' and x.dtype == torch.float32:   # 16-bit operands: float32 x takes kernel 6
+        cfg = W4A16Config('gemvu', 1, cfg.block_n, min(cfg.block_k, 32), 1, cfg.num_warps, cfg.num_stages)
     if cfg.kernel == 'dequant':
         W = _dequant_launch(qweight, scales, qzeros, G, x.dtype, cfg)
         return torch.matmul(x2, W, out=y).reshape(*lead, N)
@@ -960,6 +1208,19 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
                 raise
             _GEMVS_FAILED.append(f"{type(e).__name__}: {e}"[:500])
             _warn_once('w4a16 gemvs', f"w4a16_matmul: kernel 5 (gemvs) failed as a default ({_GEMVS_FAILED[-1]}); "
+                                      f"the defaults use the other kernels from now on")
+            default_config.cache_clear()
+            return w4a16_matmul(x, qweight, scales, qzeros, G, backend='triton', out=out, dequant_min_m=dequant_min_m)
+    elif cfg.kernel == 'gemvtu':
+        _gemvtu_launch(x2, qweight, scales, qzeros, y, N, K, G, cfg)
+    elif cfg.kernel == 'gemvu':
+        try:
+            _gemvu_launch(x2, qweight, scales, qzeros, y, N, K, G, cfg)
+        except Exception as e:    # the newest default must not take the caller down: say so once, avoid it from then on
+            if config is not None:
+                raise
+            _GEMVU_FAILED.append(f"{type(e).__name__}: {e}"[:500])
+            _warn_once('w4a16 gemvu', f"w4a16_matmul: kernel 6 (gemvu) failed as a default ({_GEMVU_FAILED[-1]}); "
                                       f"the defaults use the other kernels from now on")
             default_config.cache_clear()
             return w4a16_matmul(x, qweight, scales, qzeros, G, backend='triton', out=out, dequant_min_m=dequant_min_m)

@@ -1,0 +1,214 @@
+"""minicpm4_core.sparse_spec: FR-Spec tree verification over an InfLLM v2 target past dense_len with static shapes.
+Each node's logits equal the model's own tree verification (`frspec.tree_forward`, the per-node loop), greedy output
+equals the model's own loop and the engine's plain path, packed targets too, bad arguments refused (fp32, CPU, fresh
+random weights and ids)."""
+import pytest
+import torch
+
+from minicpm4_core.config import MiniCPM4Config
+from minicpm4_core.engine import EagerSpec, Engine
+from minicpm4_core.frspec import EagleDraft, tree_attention_mask, tree_forward
+from minicpm4_core.model import MiniCPM4ForCausalLM
+from minicpm4_core import sparse_spec as SS
+from minicpm4_core.sparse_spec import SparseFastSpec, prefill_hidden
+
+pytestmark = [pytest.mark.usefixtures('one_thread'),     # tests/conftest.py
+              pytest.mark.filterwarnings('ignore:.*using the torch reference')]
+TINY = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, initializer_range=0.3, torch_dtype='float32', eos_token_id=2)
+# kernels of 8 keys every 4 (depth <= 3), blocks of 8, window 2 blocks, top-3: a node is sparse from 63 keys on
+SP = dict(kernel_size=8, kernel_stride=4, block_size=8, window_size=16, topk=3, dense_len=63)
+
+
+def model_of(seed, sparse=SP, **kw):
+    torch.manual_seed(seed)
+    return MiniCPM4ForCausalLM(MiniCPM4Config.tiny(**{**TINY, **kw}, sparse_config=sparse)).eval()
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    "The packed linears' torch references instead of the Triton interpreter (as tests/test_engine.py)."
+    import minicpm4_core.kernels.w4a16 as W, minicpm4_core.kernels.ternary as TK
+    for mod in (W, TK): monkeypatch.setattr(mod, 'resolve_backend', lambda *a, **k: 'torch')
+
+
+def random_tree(N, D, g):
+    "parents (N+1,) parents first (root -1), depths (N+1,) <= D."
+    par, dep = [-1], [0]
+    for i in range(1, N + 1):
+        cands = [j for j in range(i) if dep[j] < D]
+        j = cands[int(torch.randint(0, len(cands), (1,), generator=g))]
+        par.append(j); dep.append(dep[j] + 1)
+    return par, torch.tensor(dep)
+
+
+@pytest.mark.parametrize('select', ['masks-split', 'masks', 'lists'])
+@pytest.mark.parametrize('kw', [dict(), dict(use_nope=True), dict(selection='minicpm4.1', topk=5),
+                                dict(init_blocks=2, kernel_size=12, topk=4), dict(window_size=8, topk=2)],
+                         ids=['minicpm4', 'use_nope', 'minicpm4.1', 'init2-p12', 'window1'])
+def test_verify_equals_tree_forward(kw, select, monkeypatch):
+    """Random trees (depth <= 3, 7 nodes) at roots on both sides of dense_len, paths completing a kernel or not: every
+    node's logits == tree_forward's on a cache filled by the same chunked prefill; both per-layer selection paths."""
+    monkeypatch.setattr(SS, 'TREE_SELECT', select.split('-')[0])
+    monkeypatch.setattr(SS, 'ATTN_CHUNK', 24 if select == 'masks-split' else None)   # 128 slots -> 144: 6 chunks
+    model = model_of(11, dict(SP, **kw))
+    e = SparseFastSpec(model, EagleDraft(model.config).eval(), None, depth=3, topk=2, tree_size=6, max_len=128, chunk=16)
+    g = torch.Generator().manual_seed(12)
+    dense_and_sparse, kernels_in_paths = 0, 0
+    for m in (50, 60, 61, 62, 63, 64, 77, 90):
+        prompt = torch.randint(0, 97, (m,), generator=g)
+        e._prefill(prompt.tolist())
+        par, dep = random_tree(e.N, e.D, g)
+        tok, mask = torch.randint(0, 97, (e.N + 1,), generator=g), tree_attention_mask(par)
+        with torch.no_grad():
+            logits, hid = e._verify_forward(tok, torch.tensor([m]), dep, mask)
+            cache = model.new_cache(1, m + e.N + 1)
+            prefill_hidden(model, prompt, cache, 16)
+            ref, ref_h = tree_forward(model, tok[None], m + dep, mask, cache)
+        torch.testing.assert_close(logits, ref[0], rtol=1e-4, atol=1e-4, msg=f"root {m}")
+        torch.testing.assert_close(hid, ref_h[0], rtol=1e-4, atol=1e-4)
+        dense_and_sparse += bool(e._dense.any() and not e._dense.all())
+        kernels_in_paths += int(e._g['new'].sum())
+    assert dense_and_sparse >= 1 and kernels_in_paths >= 5        # both regimes in one tree; path kernels exercised
+
+
+@pytest.mark.parametrize('kw,init', [(dict(), 0.3), (dict(use_nope=True), 0.6)], ids=['keys', 'use_nope'])
+def test_greedy_equals_model_generate(kw, init, monkeypatch):
+    """Prompts below and past dense_len, rounds that accept several tokens (the draft's subset holds the target's
+    tokens): the rollback, the ring and the compressed-key update each round; == the model's own greedy loop, and the
+    static state (K/V, kc, ring) == the model's cache. (use_nope: a target whose greedy text does not repeat one token:
+    the static path undoes RoPE to get a generated token's pre-RoPE key, equal up to rounding, so the exact ties that
+    eight identical tokens make between kernels in the first layer may break the other way.)"""
+    monkeypatch.setattr(SS, 'ATTN_CHUNK', 32)                        # the split attention: 128 slots, 4 chunks
+    model = model_of(1, dict(SP, **kw), initializer_range=init)
+    draft = EagleDraft(model.config).eval()
+    g = torch.Generator().manual_seed(3)
+    accepted = 0
+    for n in (40, 70):
+        prompt = torch.randint(3, 97, (n,), generator=g).tolist()
+        ref = model.generate([prompt], 40, stop_ids=[], fast=False)[0]
+        e = SparseFastSpec(model, draft, torch.tensor(sorted(set(ref) | {5, 7, 11})), depth=3, topk=2, tree_size=6,
+                           max_len=128)
+        assert e.generate(prompt, 40) == ref
+        st = e.last_stats
+        assert st['tokens'] >= 40 and st['path'] == 'eager' and sum(st['histogram']) == st['rounds']
+        accepted += sum(st['histogram'][1:])
+        check_state(e, model, prompt)
+    assert accepted >= 3                                             # rounds that kept drafted tokens
+
+
+def check_state(e, model, prompt):
+    "After generate: K/V, compressed keys and the pre-RoPE ring == the model's cache fed the committed tokens one by one."
+    from minicpm4_core.infllmv2 import compress_keys
+    L, n, sd, st = int(e.t_len), len(prompt), e.sd, e.sd.st
+    full = prompt + e.out_buf[:L - n].tolist()
+    cache = model.new_cache(1, L)
+    with torch.no_grad():
+        model(torch.tensor([full[:n]]), cache=cache)
+        for t in range(n, L): model(torch.tensor([[full[t]]]), cache=cache)
+    for l, lc in enumerate(cache.layers):
+        torch.testing.assert_close(sd.base.stack.kv[l, :L, :sd.Hkv], lc.k[0, :L], rtol=1e-4, atol=1e-4)
+        keys = lc.state['infllmv2_k_nope'][0, :L] if sd.ring is not None else lc.k[0, :L]
+        kc = compress_keys(keys[None], st.kernel_size, st.kernel_stride)[0]
+        torch.testing.assert_close(sd.kc[l, 0, :kc.shape[0]], kc, rtol=1e-4, atol=1e-4)
+        if sd.ring is not None:
+            t = torch.arange(L - sd.R, L)
+            torch.testing.assert_close(sd.ring[l, t % sd.R], keys[t], rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_equals_engine_plain_path():
+    "Prefill in chunks of 16 (the model decides dense / sparse per chunk): spec == the engine's plain path, same chunk."
+    model = model_of(5)
+    draft = EagleDraft(model.config).eval()
+    prompt = torch.randint(3, 97, (75,), generator=torch.Generator().manual_seed(6)).tolist()
+    plain = Engine(model, 128, chunk=16).generate([prompt], 24, stop_ids=[])[0]
+    e = SparseFastSpec(model, draft, torch.tensor(sorted(set(plain) | {5, 7})), depth=3, topk=2, tree_size=6,
+                       max_len=128, chunk=16)
+    assert e.generate(prompt, 24) == plain
+    assert e.last_timing['prefill_s'] > 0 and e.last_timing['setup_s'] >= 0
+
+
+@pytest.mark.parametrize('quant', [None, 'w4a16', 'ternary'])
+def test_engine_sparse_spec_equals_model_generate(quant, torch_kernels):
+    "Engine(spec=...) over an InfLLM v2 target past dense_len takes SparseFastSpec; greedy == model.generate, packed or not."
+    model = model_of(7)
+    torch.manual_seed(7)
+    draft = EagleDraft(model.config).eval()
+    prompt = torch.randint(3, 97, (66,), generator=torch.Generator().manual_seed(8)).tolist()
+    eng = Engine(model, 128, quant=quant, spec=(draft, None), spec_kw=dict(depth=3, topk=3, tree_size=8))
+    assert isinstance(eng.spec, SparseFastSpec) and eng.quant == quant
+    ref = model.generate([prompt], 20, stop_ids=[], fast=False)[0]     # the (packed) model's own loop
+    assert eng.generate([prompt], 20, stop_ids=[]) == [ref]
+    assert eng.spec_stats['tokens'] >= 20 and eng.spec_stats['path'] == 'eager'
+    t = eng.last_timing
+    assert t['backend'] == 'spec' and t['ttft_s'] > 0 and t['decode_s'] > 0 and t['prompt_len'] == 66
+    sd = eng.spec.sd                                                  # the spec's static buffers are counted
+    assert eng.memory()['spec'] >= (sd.base.stack.kv.numel() + sd.kc.numel() + eng.spec.d.stack.kv.numel()) * 4
+
+
+def test_bad_arguments_and_fallback(capsys):
+    model = model_of(9)
+    draft = EagleDraft(model.config).eval()
+    with pytest.raises(ValueError, match='depth=4: a path of depth \\+ 1 = 5 tokens'):
+        SparseFastSpec(model, draft, depth=4, max_len=128)
+    with pytest.raises(ValueError, match='use depth <= 3 \\(or gamma for chains\\)'):
+        SparseFastSpec(model, draft, method='chain', gamma=5, max_len=128)
+    with pytest.raises(ValueError, match='lse_approx=True is not supported'):
+        SparseFastSpec(model_of(9, dict(SP, lse_approx=True)), draft, depth=3, max_len=128)
+    with pytest.raises(ValueError, match='no sparse_config'):
+        SparseFastSpec(model_of(9, None), draft, depth=3, max_len=128)
+    with pytest.raises(ValueError, match='needs a draft'):
+        SparseFastSpec(model, None, depth=3, max_len=128)
+    with pytest.raises(ValueError, match='chunk must be an int >= 1'):
+        SparseFastSpec(model, draft, depth=3, max_len=128, chunk=0)
+    e = SparseFastSpec(model, draft, depth=3, tree_size=8, max_len=128)
+    with pytest.raises(ValueError, match='decodes speculatively only'):
+        e.generate([5] * 70, 4, speculative=False)
+    with pytest.raises(ValueError, match='tree needs .* cache slots > max_len=128'):
+        e.generate([5] * 70, 50)
+    # the engine falls back to the model's own (eager) tree verification where SparseFastSpec refuses, and says why
+    eng = Engine(model, 128, spec=(draft, None), spec_kw=dict(depth=5, topk=2, tree_size=6))
+    assert isinstance(eng.spec, EagerSpec) and 'depth=5: a path of depth + 1 = 6 tokens' in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"spec_kw: unknown \['chunk'\]"):
+        Engine(model, 128, spec=(draft, None), spec_kw=dict(chunk=4))
+
+
+@pytest.mark.parametrize('L,chunk', [(96, 32), (100, 32), (20, 32)], ids=['chunks', 'chunks+rest', 'rest-only'])
+def test_split_attention_equals_one_sdpa(L, chunk):
+    """The split attentions (chunks as batch entries + LSE combine) == one masked SDPA (`static_decode.attend`) on fresh
+    random q / K / V and masks with fully masked chunks and rows that see a single slot."""
+    from minicpm4_core.static_decode import attend
+    g = torch.Generator().manual_seed(L)
+    T, Hq, Hkv, Dh = 5, 8, 2, 16
+    q, kv = torch.randn(T, Hq, Dh, generator=g), torch.randn(L, 2 * Hkv, Dh, generator=g)
+    ok = torch.rand(Hkv, T, L, generator=g) < 0.3
+    ok[:, :, 32:64] = False                                        # a chunk nobody sees
+    ok[:, 0] = False; ok[:, 0, L - 1] = True                       # a row that sees one slot
+    G = Hq // Hkv
+    mask = torch.zeros(1, Hkv, G * T, L).masked_fill_(~ok[:, None].expand(Hkv, G, T, L).reshape(1, Hkv, G * T, L),
+                                                      float('-inf'))
+    want = SS.masked_tree_attention(q, kv, ok)
+    torch.testing.assert_close(SS.split_attend(q, kv, mask, chunk), want, rtol=1e-5, atol=1e-5)
+    if L % chunk == 0:
+        for grouped in (False, True):
+            SS.ATTN_GROUPED = grouped
+            try: torch.testing.assert_close(SS.split_tree_attention(q, kv, ok, chunk), want, rtol=1e-5, atol=1e-5)
+            finally: SS.ATTN_GROUPED = False
+    shared = mask[:, :1]                                           # the draft's mask: one for every kv head
+    torch.testing.assert_close(SS.split_attend(q, kv, shared, chunk), attend(q, kv, shared), rtol=1e-5, atol=1e-5)
+
+
+def test_split_paths_change_nothing(monkeypatch):
+    "The split attentions (verify and draft) against one SDPA each: the same tokens, the same acceptance per round."
+    model = model_of(1)
+    draft = EagleDraft(model.config).eval()
+    prompt = torch.randint(3, 97, (70,), generator=torch.Generator().manual_seed(4)).tolist()
+    vocab = torch.tensor(sorted(set(model.generate([prompt], 30, stop_ids=[], fast=False)[0]) | {5, 7, 11}))
+    runs = []
+    for chunk in (None, 32, 48):
+        monkeypatch.setattr(SS, 'ATTN_CHUNK', chunk)
+        e = SparseFastSpec(model, draft, vocab, depth=3, topk=2, tree_size=6, max_len=128)
+        assert e.sd.max_len == (128 if chunk in (None, 32) else 144)
+        runs.append((e.generate(prompt, 30), e.last_stats['histogram']))
+    assert runs[0] == runs[1] == runs[2] and sum(runs[0][1][1:]) > 0
+
