@@ -374,7 +374,7 @@ def test_mvu_matches_reference_and_resets(N, K, cfg, per_tensor):
         y = ternary_matmul(x, qw, s, K, backend='triton', config=cfg)
         assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
         assert rel(y, ternary_matmul_ref(x.double().float(), qw, s, K)) < 1e-2
-    assert float(tk._MVU_WS['cpu'].abs().sum()) == 0 and int(tk._COUNTERS['cpu'].abs().sum()) == 0
+    assert float(tk._mvu_workspace('cpu', 0).abs().sum()) == 0 and int(tk._tile_counters('cpu', 0).abs().sum()) == 0
 
 
 def test_mvu_one_hot_columns():
@@ -423,7 +423,7 @@ def test_mvtu_matches_reference_and_resets(N, K, cfg, per_tensor, dtype):
         y = ternary_matmul(x, qw, s, K, backend='triton', config=cfg)
         assert y.dtype == dtype and torch.isfinite(y).all()
         assert rel(y, ternary_matmul_ref(x.double().float(), qw, s, K)) < 1e-2
-    assert float(tk._MVU_WS['cpu'].abs().sum()) == 0 and int(tk._COUNTERS['cpu'].abs().sum()) == 0
+    assert float(tk._mvu_workspace('cpu', 0).abs().sum()) == 0 and int(tk._tile_counters('cpu', 0).abs().sum()) == 0
 
 
 def test_mvtu_one_hot_columns_and_errors():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minicpm4_core.kernels.w4a16 import (W4A16Config, _LOCKS, default_config, dequantize_w4, interpreter_active,
+from minicpm4_core.kernels.w4a16 import (W4A16Config, _lock_buffer, default_config, dequantize_w4, interpreter_active,
                                          pack_int4, random_w4, unpack_int4, w4a16_matmul, w4a16_matmul_naive)
 
 
@@ -94,7 +94,7 @@ def test_split_k_counters_reset_and_repeatable():
     y1 = w4a16_matmul(x, qw, s, qz, 128, config=cfg)
     y2 = w4a16_matmul(x, qw, s, qz, 128, config=cfg)
     assert torch.equal(y1, y2)
-    assert int(_LOCKS[x.device].abs().sum()) == 0, "the last program of each tile must reset its counter"
+    assert int(_lock_buffer(x.device, 0).abs().sum()) == 0, "the last program of each tile must reset its counter"
 
 
 def test_batched_input_and_torch_backend():
@@ -239,7 +239,7 @@ def test_gemvtc_one_hot_rows_and_repeat():
         torch.testing.assert_close(y, W[k], rtol=2 ** -7, atol=1e-6)          # one bf16 rounding of (q - z) * s
     x = torch.randn(1, K).to(torch.bfloat16)
     assert torch.equal(w4a16_matmul(x, qw, s, qz, G, config=cfg), w4a16_matmul(x, qw, s, qz, G, config=cfg))
-    assert int(_LOCKS[x.device].abs().sum()) == 0
+    assert int(_lock_buffer(x.device, 0).abs().sum()) == 0
 
 
 def test_gemvtc_float32_falls_back_and_bad_configs():
@@ -306,7 +306,7 @@ def test_gemvs_one_hot_rows_extreme_codes_and_repeat():
         torch.testing.assert_close(y, W[k], rtol=1e-5, atol=1e-6)
     x = torch.randn(1, K).to(torch.bfloat16)
     assert torch.equal(w4a16_matmul(x, qw, s, qz, G, config=cfg), w4a16_matmul(x, qw, s, qz, G, config=cfg))
-    assert int(_LOCKS[x.device].abs().sum()) == 0
+    assert int(_lock_buffer(x.device, 0).abs().sum()) == 0
 
 
 def test_gemvs_bad_configs():
@@ -421,7 +421,7 @@ def test_gemvu_matches_reference_and_resets(K, N, G, cfg, dtype, tol):
         w4a16_matmul(x, qw, s, qz, G, backend='triton', config=cfg, out=y)
         assert torch.isfinite(y).all()
         assert rel(y, ref64(x, qw, s, qz, G)) <= tol
-    assert float(w4._WS[x.device].abs().sum()) == 0 and int(_LOCKS[x.device].abs().sum()) == 0
+    assert float(w4._zero_workspace(x.device, 0).abs().sum()) == 0 and int(_lock_buffer(x.device, 0).abs().sum()) == 0
 
 
 def test_gemvu_one_hot_rows_and_bad_configs():
@@ -503,7 +503,7 @@ def test_gemvtu_matches_reference_and_resets(K, N, G, cfg, dtype, tol):
         y = w4a16_matmul(x, qw, s, qz, G, backend='triton', config=cfg)
         assert y.dtype == dtype and torch.isfinite(y).all()
         assert rel(y, ref64(x, qw, s, qz, G)) <= tol
-    assert float(w4._WS[x.device].abs().sum()) == 0 and int(_LOCKS[x.device].abs().sum()) == 0
+    assert float(w4._zero_workspace(x.device, 0).abs().sum()) == 0 and int(_lock_buffer(x.device, 0).abs().sum()) == 0
 
 
 def test_gemvtu_one_hot_rows_and_bad_configs():

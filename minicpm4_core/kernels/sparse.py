@@ -1229,18 +1229,25 @@ def _dec_combine_split_kernel(PO, PM, PL, O, so_b, so_h, G, HKV, NSPLIT, ROWS: t
     decode_step's dec.COMBINE='split': BD / DC times more programs than `_dec_combine_kernel`, equal up to rounding."""
     if PDL:
         _gdc_wait()
-    bh = tl.program_id(0)
-    h = tl.program_id(1)
-    d = tl.program_id(2) * DC + tl.arange(0, DC)
+    _combine_cols(PO, PM, PL, O, tl.program_id(0), tl.program_id(1), tl.program_id(2) * DC + tl.arange(0, DC), so_b,
+                  so_h, G, HKV, NSPLIT, NSPLIT, ROWS, D, BD, SP)
+
+
+@triton.jit
+def _combine_cols(PO, PM, PL, O, bh, h, d, so_b, so_h, G, HKV, NSPLIT, nact, ROWS: tl.constexpr, D: tl.constexpr,
+                  BD: tl.constexpr, SP: tl.constexpr):
+    """Columns d of head h's output of row bh from the partials of its first `nact` splits (of NSPLIT), in one pass:
+    chunks of SP splits with online rescaling. Shared by `_dec_combine_split_kernel` (nact = NSPLIT) and dense_decode's
+    live combine (nact = the splits holding keys). No split: zeros."""
     b = bh // HKV
     hk = bh % HKV
     base = bh * NSPLIT
     mx = tl.max(tl.full([SP], float('-inf'), tl.float32), 0)
     lsum = tl.sum(tl.zeros([SP], tl.float32), 0)
-    o = tl.zeros([DC], tl.float32)
-    for c0 in range(0, NSPLIT, SP):
+    o = tl.zeros(d.shape, tl.float32)
+    for c0 in range(0, nact, SP):
         sp = c0 + tl.arange(0, SP)
-        spm = sp < NSPLIT
+        spm = sp < nact
         row = (base + sp).to(tl.int64) * ROWS + h
         m = tl.load(PM + row, mask=spm, other=float('-inf'))
         ls = tl.load(PL + row, mask=spm, other=0.0)
@@ -1254,6 +1261,7 @@ def _dec_combine_split_kernel(PO, PM, PL, O, so_b, so_h, G, HKV, NSPLIT, ROWS: t
         mx = mn
     o = o / tl.where(lsum > 0, lsum, 1.0)
     tl.store(O + b.to(tl.int64) * so_b + (hk * G + h) * so_h + d, o.to(O.dtype.element_ty), mask=d < D)
+
 
 # %% ../../nbs/11_sparse_kernels.ipynb #0f7aebc5
 _n_sms = num_sms   # shared launch helper
@@ -2158,31 +2166,9 @@ def _dense_combine_kernel(PO, PM, PL, O, SEQ, so_b, so_h, G, HKV, NSPLIT, KTOP, 
     splits holding keys only (their count from the length, as `_dense_attn_kernel`), in one pass: chunks of SP
     splits with online rescaling. No split (L = 0): zeros."""
     bh = tl.program_id(0)
-    h = tl.program_id(1)
-    d = tl.program_id(2) * DC + tl.arange(0, DC)
-    b = bh // HKV
-    hk = bh % HKV
-    per, nact = _dense_live(SEQ, b, KTOP, NSPLIT, MINB, BLOCK)
-    base = bh * NSPLIT
-    mx = tl.max(tl.full([SP], float('-inf'), tl.float32), 0)
-    lsum = tl.sum(tl.zeros([SP], tl.float32), 0)
-    o = tl.zeros([DC], tl.float32)
-    for c0 in range(0, nact, SP):
-        sp = c0 + tl.arange(0, SP)
-        spm = sp < nact
-        row = (base + sp).to(tl.int64) * ROWS + h
-        m = tl.load(PM + row, mask=spm, other=float('-inf'))
-        ls = tl.load(PL + row, mask=spm, other=0.0)
-        po = tl.load(PO + row[:, None] * BD + d[None, :], mask=spm[:, None], other=0.0)
-        mn = tl.maximum(mx, tl.max(m, 0))
-        mu = tl.where(mn == float('-inf'), 0.0, mn)
-        a = tl.exp2(mx - mu)
-        w = tl.exp2(m - mu)
-        lsum = lsum * a + tl.sum(ls * w, 0)
-        o = o * a + tl.sum(po * w[:, None], 0)
-        mx = mn
-    o = o / tl.where(lsum > 0, lsum, 1.0)
-    tl.store(O + b.to(tl.int64) * so_b + (hk * G + h) * so_h + d, o.to(O.dtype.element_ty), mask=d < D)
+    per, nact = _dense_live(SEQ, bh // HKV, KTOP, NSPLIT, MINB, BLOCK)
+    _combine_cols(PO, PM, PL, O, bh, tl.program_id(1), tl.program_id(2) * DC + tl.arange(0, DC), so_b, so_h, G, HKV,
+                  NSPLIT, nact, ROWS, D, BD, SP)
 
 
 def dense_decode(q, k_cache, v_cache, cache_seqlens, *, scale=None, backend='auto', config=None, queries_per_row=1):

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 # one interpreter test and one set of warn-once keys for all kernel modules
-from ._common import BACKENDS, _warn_once, interpreter_active, num_sms, resolve_backend  # noqa: F401
+from ._common import BACKENDS, _warn_once, interpreter_active, num_sms, resolve_backend, splitk_store, zero_buffer  # noqa: F401
 
 # %% auto #0
 __all__ = ['KERNELS', 'DEQUANT_MIN_M', 'SPLIT_TARGET', 'DECODE_KERNEL', 'MVS_TILE', 'MVS_PER_SM', 'ternary_bytes', 'packed_cols',
@@ -649,17 +649,7 @@ def _ternary_mvu_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, K4, stri
     if CHUNKS == 2:
         acc, cx = _mvu_tile(acc, cx, wc, b0, b1, b2, b3, mg)
     out = (tl.sum(acc, axis=1) - tl.sum(cx, axis=0)) * sc
-    if n_k == 1:
-        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.atomic_add(ws_ptr + offs_n, out, mask=mask_n, sem='relaxed', scope='gpu')
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem='acq_rel', scope='gpu')
-        if done == n_k - 1:
-            # read and re-zero in one atomic per element (a load and a store of zeros may sit in different layouts)
-            tot = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + offs_n, 0, mask=mask_n, sem='relaxed', scope='gpu')
-            tl.store(y_ptr + offs_n, tot.to(tl.float32, bitcast=True).to(y_ptr.dtype.element_ty), mask=mask_n)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+    splitk_store(out, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, pid_n, n_k)
 
 
 # %% ../../nbs/51_ternary_kernel.ipynb #11f13fed
@@ -724,17 +714,7 @@ def _ternary_mvtu_kernel(x_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, cnt_ptr, N, K4, str
     if CHUNKS == 2:
         acc = _mvtu_tile(acc, wb, xb0, xb1, xb2, xb3, F16, BLOCK_N, BLOCK_K, INTERP)
     out = tl.sum(tl.where(col16[None, :] == 0, acc, 0.0), axis=1) * sc    # the 16 columns are equal: take column 0
-    if n_k == 1:
-        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.atomic_add(ws_ptr + offs_n, out, mask=mask_n, sem='relaxed', scope='gpu')
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem='acq_rel', scope='gpu')
-        if done == n_k - 1:
-            tot = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + offs_n, 0, mask=mask_n, sem='relaxed',
-                                 scope='gpu')
-            tl.store(y_ptr + offs_n, tot.to(tl.float32, bitcast=True).to(y_ptr.dtype.element_ty), mask=mask_n)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+    splitk_store(out, y_ptr, ws_ptr, cnt_ptr, offs_n, mask_n, pid_n, n_k)
 
 
 # %% ../../nbs/51_ternary_kernel.ipynb #a3bdd301
@@ -905,33 +885,17 @@ def kernel_scales(scale: torch.Tensor, N: int, K4: int, group_size: int = 0) -> 
     return out
 
 
-_COUNTERS: dict = {}
-
-
 def _tile_counters(dev, n: int) -> torch.Tensor:
     "The per-device int32 tile counters of the `mv` split-K (zero between calls; grown, never shrunk)."
-    key = str(dev)
-    c = _COUNTERS.get(key)
-    if c is None or c.numel() < n:
-        c = torch.zeros(max(n, 1024), dtype=torch.int32, device=dev)
-        _COUNTERS[key] = c
-    return c
+    return zero_buffer('ternary counters', dev, n, torch.int32, 1024)
 
 # %% ../../nbs/51_ternary_kernel.ipynb #3a77e732
 _MVS_MAGIC = 0x3F803F80   # the bf16 pair (1, 1) of version 4, passed as an argument (a literal costs a MOV per LOP3)
 
 
-_MVU_WS: dict = {}
-
-
 def _mvu_workspace(dev, n: int) -> torch.Tensor:
     "Version 5's per-device float32 accumulators: zero between calls (the last program of a row tile re-zeroes them)."
-    key = str(dev)
-    w = _MVU_WS.get(key)
-    if w is None or w.numel() < n:
-        w = torch.zeros(max(n, 16384), dtype=torch.float32, device=dev)
-        _MVU_WS[key] = w
-    return w
+    return zero_buffer('ternary workspace', dev, n, torch.float32, 16384)
 
 
 def mvu_fits(M: int, K: int, K4: int, group_size: int, x: torch.Tensor, qweight: torch.Tensor, cfg: TernaryConfig) -> bool:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 # one interpreter test and one set of warn-once keys for all kernel modules
-from ._common import BACKENDS, _warn_once, interpreter_active, num_sms, resolve_backend  # noqa: F401 (re-exported)
+from ._common import BACKENDS, _warn_once, interpreter_active, num_sms, resolve_backend, splitk_store, zero_buffer  # noqa: F401 (re-exported)
 
 # %% auto #0
 __all__ = ['KERNELS', 'DEQUANT_MIN_M', 'DECODE_KERNEL', 'GEMVU_PER_SM', 'GEMVS_MIN_N', 'BATCH_KERNEL', 'GEMVS_TILE',
@@ -770,18 +770,7 @@ def _w4a16_gemvu_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, N,
     acc = _gemvu_chunk(wa, xl0, xl1, xl2, xl3, xh0, xh1, xh2, xh3, sa, za, zshift, mask, magic)
     if CHUNKS == 2:
         acc += _gemvu_chunk(wb, yl0, yl1, yl2, yl3, yh0, yh1, yh2, yh3, sb, zb, zshift, mask, magic)
-    if n_k == 1:
-        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.atomic_add(ws_ptr + offs_n, acc, mask=mask_n, sem='relaxed', scope='gpu')
-        tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem='acq_rel', scope='gpu')
-        if arrived == n_k - 1:
-            # read and re-zero in one atomic per element: a load then a store of zeros put the two in different
-            # layouts (8 columns per thread), so a thread could zero a column another had not read yet (H200: wrong)
-            tot = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + offs_n, 0, mask=mask_n, sem='relaxed', scope='gpu')
-            tl.store(y_ptr + offs_n, tot.to(tl.float32, bitcast=True).to(y_ptr.dtype.element_ty), mask=mask_n)
-            tl.atomic_xchg(lock_ptr + pid_n, 0)
+    splitk_store(acc, y_ptr, ws_ptr, lock_ptr, offs_n, mask_n, pid_n, n_k)
 
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #5a42f95f
@@ -849,17 +838,7 @@ def _w4a16_gemvtu_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, N
     if CHUNKS == 2:
         acc = _gemvtu_tile(acc, wb, xb, sb, zb, col, F16, MAGIC, BLOCK_N, BLOCK_K, INTERP)
     y = tl.sum(tl.where(col[None, :] == 0, acc, 0.), axis=1)
-    if n_k == 1:
-        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.atomic_add(ws_ptr + offs_n, y, mask=mask_n, sem='relaxed', scope='gpu')
-        tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem='acq_rel', scope='gpu')
-        if arrived == n_k - 1:
-            tot = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + offs_n, 0, mask=mask_n, sem='relaxed',
-                                 scope='gpu')
-            tl.store(y_ptr + offs_n, tot.to(tl.float32, bitcast=True).to(y_ptr.dtype.element_ty), mask=mask_n)
-            tl.atomic_xchg(lock_ptr + pid_n, 0)
+    splitk_store(y, y_ptr, ws_ptr, lock_ptr, offs_n, mask_n, pid_n, n_k)
 
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #056a809d
@@ -1035,18 +1014,13 @@ def default_config(M: int, N: int, K: int, group_size: int = 128, device=None,
     return W4A16Config('gemm', bm, 128, min(bk, 64), 1, 8 if bm == 128 else 4, 3)
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #0d579f81
-_LOCKS: dict = {}
 _MAGIC = tuple((150 - 4 * jj) << 23 for jj in range(4))   # float32 bits of 2^23, 2^19, 2^15, 2^11
 _PAIR = (0x000F000F, 0x43004300)   # kernel 5: code mask and the bf16 pair (128, 128), passed as arguments (see kernel 5)
 
 
 def _lock_buffer(device, n: int) -> torch.Tensor:
     "Per-device int32 counters for the split-K epilogue; all zero between launches (the last program resets them)."
-    buf = _LOCKS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _LOCKS[device] = buf
-    return buf
+    return zero_buffer('w4a16 locks', device, n, torch.int32, 1024)
 
 
 def _check_w4a16_args(x, qweight, scales, qzeros, group_size):
@@ -1103,17 +1077,12 @@ def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.
         return dequantize_w4(qweight, scales, qzeros, G, dtype)
     return _dequant_launch(qweight, scales, qzeros, G, dtype, default_config(1 << 30, qweight.shape[1], K, G))
 
-_WS: dict = {}
 _GEMVU_GATE = True   # kernel 6's load gate (False only to measure what it is worth: kernels/ncu_gemv.py)
 
 
 def _zero_workspace(device, n: int) -> torch.Tensor:
     "Per-device float32 accumulators for kernel 6, all zero between launches (the last program of a tile re-zeroes)."
-    buf = _WS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 16384), dtype=torch.float32, device=device)
-        _WS[device] = buf
-    return buf
+    return zero_buffer('w4a16 workspace', device, n, torch.float32, 16384)
 
 
 def _gemvu_launch(x2, qweight, scales, qzeros, y, N, K, G, cfg):
