@@ -872,8 +872,10 @@ def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg, str
 # %% ../../nbs/71_w4a16_kernel.ipynb #4da5003b
 KERNELS = ('gemv', 'gemv16', 'gemvtc', 'gemvs', 'gemvu', 'gemvtu', 'gemm', 'dequant')
 DEQUANT_MIN_M = 256    # rows from which prefill dequantizes once and calls cuBLAS (tuned on the device)
-DECODE_KERNEL = 'gemvu'   # M = 1 default: 'gemv' (1), 'gemvtc' (4), 'gemvs' (5) or 'gemvu' (6), the H200's fastest (s7 round 1:
-                          # gemvu 15.8 / 15.9 / 7.0 / 4.2 us at the four 8B shapes vs 16.5 gemvs / 21.1 / 9.2 / 5.3 gemvtc)
+DECODE_KERNEL = 'gemvtc'  # M = 1 default: 'gemv' (1), 'gemvtc' (4), 'gemvs' (5) or 'gemvu' (6). s7 round 1 (H200): gemvu
+                          # 15.8 / 15.9 / 7.0 / 4.2 us at the four 8B shapes vs 16.5 gemvs / 21.1 / 9.2 / 5.3 gemvtc, but 7 of
+                          # its 40 configs gave wrong results there (the split-K race, fixed after that run and not
+                          # re-run on a GPU): it becomes the default once the fixed kernel has been checked on one
 GEMVU_PER_SM = 4          # kernel 6: two chunks per program while that still gives this many programs per SM, else one
 _GEMVU_FAILED: list = []  # kernel 6 failed to compile or launch as a default (said once): defaults avoid it
 GEMVS_MIN_N = 8192        # (with DECODE_KERNEL 'gemvtc') kernel 5 from this many columns on (H200: 16.4 us vs gemvtc 20.8 at 4096 x 16384;
