@@ -24,10 +24,12 @@ whole prefill (stage 1 + top-k + forward) in three variants.
     PYTHONPATH=. python kernels/bench_sparse_model.py --out DIR           # H200: ~2-3 min
     PYTHONPATH=. python kernels/bench_sparse_model.py --smoke --out /tmp/x  # CPU interpreter dry run (tiny shapes)
 
---chunked SHAPE:CTX:LAYERS[:sparse|dense] ... (session 7, issue 13: what bounds the engine's sparse chunked prefill): for each spec
+--chunked SHAPE:CTX:LAYERS[:sparse|dense|causal|all] ... (session 7, issue 13: what bounds the engine's sparse chunked prefill): for each spec
 (e.g. minicpm4_8b:131072:4, minicpm4_0_5b:32768:24) the engine's two chunked prefills of one random prompt, as the
 edge benchmark runs them (`edge_bench.run_prefill`): 'sparse' = `Engine.eager_prefill` (the model's layers, InfLLM v2
-over a KV cache), 'dense' = `Engine.static_prefill` (the static stack); wall seconds of a first (compiling) and a
+over a KV cache), 'dense' = `Engine.static_prefill` (the static stack), 'causal' = the same with
+`static_decode.PREFILL_ATTN = 'causal'` (a lower-right causal bias, no mask in memory: session 8; its last logits are
+compared with 'dense''s); 'both' (default) = sparse + dense, 'all' = the three; wall seconds of a first (compiling) and a
 second run, then the kernels of a third by GPU time (`bench.kernel_times`), grouped (linears, dense attention, stage 1,
 top-k, sparse attention, copies/elementwise, other) and the GPU-busy share of the wall time (host-bound when low).
 Writes DIR/chunked_prefill.json, prints a table last.
@@ -668,6 +670,7 @@ def chunked_main(a, dev):
     from minicpm4_core.engine import Engine
     from minicpm4_core.infllmv2_ref import SparseSettings
     from minicpm4_core.static_decode import StaticDecoder
+    import minicpm4_core.static_decode as SD
     t0 = time.time()
     left = lambda: a.budget - (time.time() - t0)
     RES.update(env_stamp(dev), chunk=a.chunk, chunked={})
@@ -675,7 +678,8 @@ def chunked_main(a, dev):
     for spec in a.chunked:
         shape, ctx, layers, *which = spec.split(':')       # optional 4th field: sparse | dense (default both)
         ctx, layers = int(ctx), int(layers)
-        which = ('sparse', 'dense') if not which or which[0] == 'both' else (which[0],)
+        which = {'both': ('sparse', 'dense'), 'all': ('sparse', 'dense', 'causal')}.get(which[0] if which else 'both',
+                                                                                       tuple(which[:1]))
         if left() < 0: RES['chunked'][spec] = 'skipped (budget)'; continue
         R = RES['chunked'][spec] = dict(shape=shape, context=ctx, layers=layers)
         c = replace(preset(shape, ctx + 8, 'bfloat16'), num_hidden_layers=layers)
@@ -686,19 +690,24 @@ def chunked_main(a, dev):
         for att in which:
             if left() < 0: R[att] = 'skipped (budget)'; continue
             e = Engine(m, ctx + 8, chunk=a.chunk, sparse='auto' if att == 'sparse' else 'dense')
-            if att == 'dense': e._static = StaticDecoder(m, ctx + 8, graphs=False, dense=True)
+            if att != 'sparse': e._static = StaticDecoder(m, ctx + 8, graphs=False, dense=True)
 
             def run(e=e, att=att):
                 cache = m.new_cache(1, ctx) if att == 'sparse' else None
                 with e._mode():
-                    if cache is None: e.static_prefill(ids[0])
-                    else: e.eager_prefill(ids, torch.ones_like(ids), cache)
+                    if cache is not None: return e.eager_prefill(ids, torch.ones_like(ids), cache)
+                    SD.PREFILL_ATTN = 'causal' if att == 'causal' else 'mask'
+                    try: return e.static_prefill(ids[0])
+                    finally: SD.PREFILL_ATTN = 'mask'
             r = R[att] = {}
             with CompileLog() as cl:
                 t1 = clock(); run(); r['first_s'] = clock() - t1
             r['compiles'] = cl.summary()
             r['compile_s'] = round(sum(v['s'] for v in r['compiles'].values()), 2)
-            t1 = clock(); run(); r['second_s'] = clock() - t1
+            t1 = clock(); out = run(); r['second_s'] = clock() - t1
+            if att != 'sparse': R[f'{att}_logits'] = out.float()
+            if att == 'causal' and 'dense_logits' in R:
+                r['logits_rel_diff_vs_dense'] = float((out.float() - R['dense_logits']).norm() / R['dense_logits'].norm())
             print(f'{spec} {att}: first {r["first_s"]:.3f} s (Triton compiles {r["compile_s"]} s: '
                   f'{ {k: v["n"] for k, v in r["compiles"].items()} }), second {r["second_s"]:.3f} s', flush=True)
             if left() > 3 * r['second_s']:
@@ -719,8 +728,12 @@ def chunked_main(a, dev):
             del e
             if CUDA: torch.cuda.empty_cache()
             save()
+        for k in ('dense_logits', 'causal_logits'): R.pop(k, None)
         if isinstance(R.get('sparse'), dict) and isinstance(R.get('dense'), dict):
             R['speedup_sparse_vs_dense'] = R['dense']['second_s'] / R['sparse']['second_s']
+        if isinstance(R.get('causal'), dict):
+            for o in ('dense', 'sparse'):
+                if isinstance(R.get(o), dict): R[f'speedup_causal_vs_{o}'] = R[o]['second_s'] / R['causal']['second_s']
         del m
         if CUDA: torch.cuda.empty_cache()
         save()
@@ -734,8 +747,11 @@ def chunked_main(a, dev):
     print('\n== chunked prefill (chunk %d): wall s (2nd run), GPU busy s, groups' % a.chunk)
     for spec, R in RES['chunked'].items():
         if not isinstance(R, dict): print(spec, R); continue
-        print(f'{spec}: sparse/dense speedup {R.get("speedup_sparse_vs_dense", float("nan")):.2f}x')
-        for att in ('sparse', 'dense'):
+        print(f'{spec}: sparse/dense speedup {R.get("speedup_sparse_vs_dense", float("nan")):.2f}x; causal (no mask) vs '
+              f'dense {R.get("speedup_causal_vs_dense", float("nan")):.2f}x, vs sparse '
+              f'{R.get("speedup_causal_vs_sparse", float("nan")):.2f}x (logits rel diff '
+              f'{(R.get("causal") or {}).get("logits_rel_diff_vs_dense", float("nan")) if isinstance(R.get("causal"), dict) else float("nan"):.1e})')
+        for att in ('sparse', 'dense', 'causal'):
             r = R.get(att)
             if not isinstance(r, dict): print(f'  {att}: {r}'); continue
             gs = ', '.join(f'{k} {v:.3f}' for k, v in r.get('groups_s', {}).items())

@@ -33,7 +33,7 @@ __all__ = ['CONFIGS', 'HF_COMPILE_MAX_CONTEXT', 'SPARSE_CONFIGS', 'PARTS', 'EDGE
            'EdgeParams', 'SpecParams', 'preset', 'build_model', 'weight_bytes', 'kv_bytes', 'roofline',
            'timed_generation', 'hf_model', 'hf_gen', 'dense_config', 'run_decode', 'prefill_from_decode', 'run_prefill',
            'run_kernels', 'run_spec', 'run_spec_long', 'agreement', 'distinct_ngrams', 'spec_rows', 'spec_long_rows',
-           'goal_lines', 'summary_lines', 'plot', 'run', 'main']
+           'goal_lines', 'summary_lines', 'plot', 'library_paths', 'run', 'main']
 
 # %% ../nbs/90_edge_bench.ipynb #86d5b03a
 CONFIGS = ('dense-eager', 'generate', 'engine-dense', 'engine-bucket', 'engine-sdpa', 'engine-sparse', 'engine-spec',
@@ -1105,6 +1105,19 @@ def plot(res: dict):
     return fig
 
 # %% ../nbs/90_edge_bench.ipynb #623b35e0
+def library_paths() -> dict:
+    """The library's speed-relevant module defaults at run time (which kernel paths the rows measured): the W4A16
+    dispatch, the static stack's prefill mask, FastSpec's tuning and the sparse tree verify's attention."""
+    from minicpm4_core import frspec, sparse_spec, static_decode
+    from minicpm4_core.kernels import w4a16
+    mods = dict(w4a16=(w4a16, ('DECODE_KERNEL', 'GEMVS_MIN_N', 'BATCH_KERNEL', 'SKINNY_MAX_M', 'DEQUANT_MIN_M')),
+                static_decode=(static_decode, ('PREFILL_ATTN',)),
+                sparse_spec=(sparse_spec, ('TREE_ATTN', 'TREE_SELECT', 'ATTN_CHUNK')))
+    out = {f'{name}.{a}': getattr(m, a, None) for name, (m, attrs) in mods.items() for a in attrs}
+    out['frspec.FastSpec.tune'] = frspec.FastSpec.tune
+    return out
+
+
 def run(p: EdgeParams, out: Path | None = None, progress: bool = True, log=None) -> dict:
     """Every part of `p`, in the order `p.parts` lists them; with `out`, the JSON is rewritten after each row (a cut
     run keeps what it measured). p.budget_s covers the whole run: each part starts only if it can still fit (spec:
@@ -1115,7 +1128,8 @@ def run(p: EdgeParams, out: Path | None = None, progress: bool = True, log=None)
     log = log or (lambda s: None)
     deadline = t0 + p.budget_s if p.budget_s else None
     left = lambda: float('inf') if deadline is None else deadline - time.time()
-    res = dict(env=bench.env_stamp(dev), params=asdict(p), ceilings={}, rows=[], kernel_rows=[], notes=[], seconds={})
+    res = dict(env=bench.env_stamp(dev), params=asdict(p), paths=library_paths(), ceilings={}, rows=[], kernel_rows=[],
+               notes=[], seconds={})
     dump = (lambda *_: atomic_write_json(out / 'edge_bench.json', json.loads(json.dumps(res, default=str)), indent=1)) if out else (lambda *_: None)
     if dev.type == 'cuda':
         res['ceilings'] = bench.roofline_ceilings(dev, copy_bytes=1 << 30, matmul_n=4096, budget_ms=100)

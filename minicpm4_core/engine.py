@@ -25,11 +25,11 @@ from .checks import check_finite
 from .config import SparseSettings
 from .static_decode import (BatchStaticDecoder, StaticDecoder, bucket_sizes, check_static_support,
                                          copy_fused, prep_layer)
-from .static_sparse import StaticSparseDecoder
+from .static_sparse import BatchStaticSparseDecoder, StaticSparseDecoder
 
 # %% auto #0
 __all__ = ['dequantized_weight', 'quant_linear', 'convert_quant', 'Engine', 'EagerSpec', 'eager_prefill', 'static_prefill',
-           'sparse_prefill', 'load_draft', 'fast_refusal', 'generate_fast']
+           'sparse_prefill', 'batch_sparse_prefill', 'load_draft', 'fast_refusal', 'generate_fast']
 
 # %% ../nbs/80_engine.ipynb #656468bd
 def _quant_kind(m: nn.Module) -> str | None:
@@ -96,8 +96,9 @@ class Engine:
     """Generation engine over a `MiniCPM4ForCausalLM`: one static KV allocation of `max_batch x max_len`, chunked
     prefill (only the last position reaches the LM head), decode through `StaticDecoder` (batch 1) or
     `BatchStaticDecoder` (batch > 1, rows of any lengths; CUDA graphs on CUDA) when the model allows it, InfLLM v2 targets
-    past dense_len through `StaticSparseDecoder` (batch 1: a dense graph below dense_len, sparse graphs after), else the
-    model's layers over the static cache; packed linears dispatched by shape.
+    past dense_len through `StaticSparseDecoder` (batch 1: a dense graph below dense_len, sparse graphs after) or, with
+    batch_sparse='static', `BatchStaticSparseDecoder` (batch > 1), else the model's layers over the static cache;
+    packed linears dispatched by shape.
 
     dtype: cast the model (in place) first. quant: None | 'w4a16' | 'ternary' (packs the model in place when needed).
     sparse: 'auto' (the model's attention), 'dense' (force dense attention), or True (require an InfLLM v2 model).
@@ -110,11 +111,14 @@ class Engine:
     decode_kernel: the static stack's one-token attention ('auto': split-K `dense_decode` reading the length on the
     device on CUDA, so 'static' costs the live length; 'sdpa': the masked SDPA over every slot; `StaticStack`).
     sync_every: greedy decoding reads the device (stop ids, finiteness) every this many steps, not at every step, so
-    the host queues the next step while the device runs (no stop ids: only at the first and last step)."""
+    the host queues the next step while the device runs (no stop ids: only at the first and last step).
+    batch_sparse: how a batch (> 1 prompts) of an InfLLM v2 model past dense_len decodes - 'eager' (the model's layers
+    over the static cache; the default until the GPU has timed the other) or 'static' (`BatchStaticSparseDecoder`: each
+    row the model's own chunked prefill, then one static step for all rows, CUDA graphs on CUDA)."""
     def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, max_batch: int = 1, dtype=None, quant=None,
                  sparse='auto', spec=None, chunk: int = 1024, backend: str = 'auto', graphs: bool | None = None,
                  spec_kw: dict | None = None, length_mode: str = 'static', min_bucket: int = 256,
-                 decode_kernel: str = 'auto', sync_every: int = 16):
+                 decode_kernel: str = 'auto', sync_every: int = 16, batch_sparse: str = 'eager'):
         if not isinstance(model, MiniCPM4ForCausalLM):
             raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
         for name, v, lo in (('max_len', max_len, 2), ('max_batch', max_batch, 1), ('chunk', chunk, 1),
@@ -131,6 +135,8 @@ class Engine:
         bucket_sizes(max_len, length_mode, min_bucket)          # validates length_mode / min_bucket
         if decode_kernel not in ('auto', 'dense_decode', 'sdpa'):
             raise ValueError(f"decode_kernel must be 'auto', 'dense_decode' or 'sdpa', got {decode_kernel!r}")
+        if batch_sparse not in ('eager', 'static'):
+            raise ValueError(f"batch_sparse must be 'eager' or 'static', got {batch_sparse!r}")
         if dtype is not None and dtype != model.dtype: model.to(dtype)
         self.n_quant = convert_quant(model, quant)
         self.quant = quant or next((k for k in map(_quant_kind, model.modules()) if k), None)
@@ -138,11 +144,13 @@ class Engine:
         self.sparse, self.chunk, self.backend, self.graphs = sparse, chunk, backend, graphs
         self.length_mode, self.min_bucket, self.decode_kernel = length_mode, min_bucket, decode_kernel
         self.sync_every = sync_every    # greedy with stop ids: host reads every this many steps (none without stops)
+        self.batch_sparse = batch_sparse
         self.spec = self._check_spec(spec, spec_kw or {})
         self._cache = None      # the one static KV allocation of the eager path, made on its first use
         self._static = None     # StaticDecoder (its own static KV buffer), built on first batch-1 use
         self._batch = None      # BatchStaticDecoder of the last batch size > 1 (one graph), built on first use
         self._sparse_dec = None # StaticSparseDecoder (InfLLM v2 past dense_len, batch 1), built on first use
+        self._bsparse = None    # BatchStaticSparseDecoder (InfLLM v2 past dense_len, batch > 1, batch_sparse='static')
         if backend == 'static':
             why = self.static_refusal(1)
             if why: raise ValueError(f"backend='static' is not possible: {why}")
@@ -228,9 +236,10 @@ def _static_refusal(self: Engine, batch: int) -> str | None:
     try: check_static_support(replace(cfg, sparse_config=None), self.max_len)     # LongRoPE range, max_len
     except ValueError as e: return str(e)
     if not self.sparse_static(): return None
-    if batch > 1:
-        return (f"an InfLLM v2 target past dense_len decodes in graphs at batch 1 only (StaticSparseDecoder); got "
-                f"batch {batch} (max_len={self.max_len} >= dense_len={SparseSettings.from_dict(cfg.sparse_config).dense_len})")
+    if batch > 1 and self.batch_sparse != 'static':
+        return (f"an InfLLM v2 target past dense_len decodes in graphs at batch 1 only (StaticSparseDecoder), unless "
+                f"Engine(batch_sparse='static') (BatchStaticSparseDecoder); got batch {batch} (max_len={self.max_len} >= "
+                f"dense_len={SparseSettings.from_dict(cfg.sparse_config).dense_len})")
     if SparseSettings.from_dict(cfg.sparse_config).lse_approx:
         return "sparse_config lse_approx=True: the static sparse step computes the exact block scores"
     return None
@@ -312,12 +321,9 @@ Engine.eager_prefill = eager_prefill
 def static_prefill(self: Engine, ids: torch.Tensor) -> torch.Tensor:
     "Chunked prefill into the StaticDecoder: ids (T,) -> last-position logits (1, V); the next step is at T."
     d = self._static
-    T, ar = ids.numel(), d.ar
-    for s in range(0, T, self.chunk):
-        e = min(T, s + self.chunk)
-        span = e                     # eager, no graph: a chunk attends slots [0, e) only, in either length_mode
-        x = d.stack.run(F.embedding(ids[s:e], d.embed_w) * d.scale_emb, ar[s:e], ar[s:e],
-                        ar[None, :span] <= ar[s:e, None], span)
+    T = ids.numel()
+    for s in range(0, T, self.chunk):      # eager, no graph: a chunk attends slots [0, e) only, in either length_mode
+        x = d.stack.run_chunk(F.embedding(ids[s:s + self.chunk], d.embed_w) * d.scale_emb, s)
     d.pos.fill_(T); d.n = T
     return F.linear(F.rms_norm(x[-1:], (d.H,), d.norm_w, d.eps), d.head_w)
 
@@ -325,10 +331,11 @@ Engine.static_prefill = static_prefill
 
 
 @torch.no_grad()
-def sparse_prefill(self: Engine, ids: torch.Tensor) -> torch.Tensor:
+def sparse_prefill(self: Engine, ids: torch.Tensor, timing: dict | None = None) -> torch.Tensor:
     """InfLLM v2 past dense_len: the model's chunked prefill (its sparse prefill kernels) into a KVCache of T positions,
     handed to the StaticSparseDecoder (K/V, pre-RoPE keys, compressed keys): ids (T,) -> last-position logits (1, V).
-    The temporary cache is freed on return; on CUDA every step variant is captured here, before the first step."""
+    The temporary cache is freed on return; on CUDA every step variant is captured here, before the first step.
+    timing (optional dict) receives prefill_s (the model's prefill) and setup_s (load_cache + captures)."""
     d, T, t0 = self._sparse_dec, ids.numel(), _clock(ids.device)
     cache = self.model.new_cache(1, T)
     logits = self.eager_prefill(ids[None], torch.ones(1, T, dtype=torch.long, device=ids.device), cache)
@@ -336,10 +343,32 @@ def sparse_prefill(self: Engine, ids: torch.Tensor) -> torch.Tensor:
     d.load_cache(cache)
     del cache
     if d.graphs: d.capture_all()
-    self._prefill_split = dict(prefill_s=t1 - t0, setup_s=_clock(ids.device) - t1)   # generate's last_timing reads it
+    if timing is not None: timing.update(prefill_s=t1 - t0, setup_s=_clock(ids.device) - t1)
     return logits
 
 Engine.sparse_prefill = sparse_prefill
+
+# %% ../nbs/80_engine.ipynb #b6eecb60
+@torch.no_grad()
+def batch_sparse_prefill(self: Engine, rows: list, timing: dict | None = None) -> torch.Tensor:
+    """`sparse_prefill` for a batch: each row (a list of ids) through the model's chunked prefill into its own KVCache,
+    handed to row b of the BatchStaticSparseDecoder -> last-position logits (B, V); on CUDA every reachable step variant
+    is captured here. timing receives prefill_s (the model's prefills) and setup_s (load_cache + captures)."""
+    d, dev, pre, logits = self._bsparse, self.model.device, 0.0, []
+    t0 = _clock(dev)
+    for b, r in enumerate(rows):
+        t1, T = _clock(dev), len(r)
+        cache = self.model.new_cache(1, T)
+        logits.append(self.eager_prefill(torch.tensor([r], device=dev), torch.ones(1, T, dtype=torch.long, device=dev),
+                                         cache)[0])
+        pre += _clock(dev) - t1
+        d.load_cache(b, cache)
+        del cache
+    if d.graphs: d.capture_all()
+    if timing is not None: timing.update(prefill_s=pre, setup_s=_clock(dev) - t0 - pre)
+    return torch.stack(logits)
+
+Engine.batch_sparse_prefill = batch_sparse_prefill
 
 # %% ../nbs/80_engine.ipynb #cd3808b5
 def _pick(self: Engine, B: int) -> str:
@@ -382,13 +411,13 @@ def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, tempera
     kind = self.pick_backend(B)
     if kind == 'static' and self.static_refusal(B): raise ValueError(f"backend='static': {self.static_refusal(B)}")
     stop_t = torch.tensor(stop, dtype=torch.long, device=dev)
-    out, done, mask = [], torch.zeros(B, dtype=torch.bool, device=dev), None
+    out, done, mask, split = [], torch.zeros(B, dtype=torch.bool, device=dev), None, {}
     t0 = _clock(dev)
     with self._mode():
         if kind == 'static' and B == 1 and self.sparse_static():
             if self._sparse_dec is None:
                 self._sparse_dec = StaticSparseDecoder(self.model, self.max_len, graphs=self.graphs)
-            logits = self.sparse_prefill(torch.tensor(rows[0], device=dev))
+            logits = self.sparse_prefill(torch.tensor(rows[0], device=dev), timing=split)
             nxt_fn = lambda tok, mask: self._sparse_dec.step(tok)[None]
         elif kind == 'static' and B == 1:
             if self._static is None:
@@ -397,6 +426,12 @@ def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, tempera
                                              decode_kernel=self.decode_kernel)
             logits = self.static_prefill(torch.tensor(rows[0], device=dev))
             nxt_fn = lambda tok, mask: self._static.step(tok)[None]
+        elif kind == 'static' and self.sparse_static():     # batch > 1 past dense_len, batch_sparse='static'
+            if self._bsparse is None or self._bsparse.B != B:
+                self._bsparse = None    # free the previous size's buffers first
+                self._bsparse = BatchStaticSparseDecoder(self.model, self.max_len, B, graphs=self.graphs)
+            logits = self.batch_sparse_prefill(rows, timing=split)
+            nxt_fn = lambda tok, mask: self._bsparse.step(tok)
         elif kind == 'static':          # batch > 1: each row prefilled on its own (no padding in the cache)
             if self._batch is None or self._batch.B != B:
                 self._batch = None      # free the previous size's buffer first
@@ -438,7 +473,7 @@ def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, tempera
     t2 = _clock(dev)
     # time to the first token (prefill + one sample) and the decode steps after it, for benchmarks; prefill_s: the
     # prompt's forward alone, setup_s: what the sparse route adds before its first step (load_cache + captures)
-    split = self.__dict__.pop('_prefill_split', None) or dict(prefill_s=t_pre - t0, setup_s=0.0)
+    split = split or dict(prefill_s=t_pre - t0, setup_s=0.0)
     self.last_timing = dict(backend=kind, batch=B, prompt_len=T0, ttft_s=t1 - t0, decode_s=t2 - t1,
                             decode_steps=len(out) - 1, **split)
     return [_cut(r, stop) for r in torch.stack(out, 1).tolist()]
@@ -536,8 +571,8 @@ def _memory(self: Engine) -> dict:
         s = d.stack
         fused = [t for p in s.p for k in ('wqkv', 'wgu') for t in _copies(p[k])]
         st += s.kv.numel() * s.kv.element_size() + sum(t.numel() * t.element_size() for t in fused)
-    if self._sparse_dec is not None:
-        d = self._sparse_dec
+    for d in (self._sparse_dec, self._bsparse):    # the sparse decoders: their stack's buffers + kc (+ the ring)
+        if d is None: continue
         s = d.base.stack
         fused = [t for p in s.p for k in ('wqkv', 'wgu') for t in _copies(p[k])]
         st += sum(t.numel() * t.element_size() for t in [s.kv, d.kc, *fused] + ([d.ring] if d.ring is not None else []))
@@ -614,7 +649,7 @@ def _run_fast(model, slot: _FastSlot, key: tuple, rows, max_new_tokens: int, len
     versions = tuple(p._version for p in model.parameters())
     if slot.versions is not None and slot.versions != versions:      # in-place updates: same buffers, new values
         e = slot.engine
-        for d in (e._static, e._batch, e._sparse_dec and e._sparse_dec.base):
+        for d in (e._static, e._batch, e._sparse_dec and e._sparse_dec.base, e._bsparse and e._bsparse.base):
             if d is not None: _refresh(d, model)
     slot.versions = versions
     return slot.engine.generate(rows, max_new_tokens, **kw)

@@ -22,8 +22,6 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
@@ -33,6 +31,7 @@ from .model import filtered_logits, attention_backend
 from .attention import AttentionInputs, dense_attention
 from .infllmv2 import compress_keys, infllmv2_attention, select_auto, sparse_attention_auto, sparse_settings
 from .bench import copies_beyond_l2, device_time
+from .kernels.fused import skinny_linear
 from .io import IntegrityError, atomic_path
 from .static_decode import StaticDecoder, StaticStack, attend, capture_graph, check_static_support
 # the static forward lived here before notebook 61: the old private names stay importable for one release
@@ -44,7 +43,7 @@ __all__ = ['METHODS', 'count_token_frequencies', 'frequent_ids', 'coverage_curve
            'plot_coverage', 'EagleDraft', 'DraftHead', 'DraftForTraining', 'self_distill_rows', 'train_draft',
            'target_probs', 'accept_children', 'attention_override', 'sparse_tree_backend', 'tree_attention_mask',
            'tree_forward', 'compact_cache', 'SpecStats', 'check_spec_args', 'DraftTree', 'speculative_generate',
-           'skinny_linear', 'FastSpec', 'bench_lm_head', 'bench_e2e']
+           'FastSpec', 'bench_lm_head', 'bench_e2e']
 
 # %% ../nbs/60_frspec.ipynb #2d64322a
 def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -770,38 +769,6 @@ def _rows_attend(q, kv, mask, span: int | None = None, seqlens=None):
     return o.reshape(T, Hq * Dh)
 
 
-@triton.jit
-def _skinny_kernel(X, W, Y, M, N, K, sx, sw, sy, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    "Y[:M, n-block] = X[:M] @ W[n-block]^T: all M (<= BM) rows in one program, so each weight tile is read once."
-    rm, rn, rk = tl.arange(0, BM), tl.program_id(0) * BN + tl.arange(0, BN), tl.arange(0, BK)
-    xp = X + rm[:, None] * sx + rk[None, :]
-    wp = W + rn[None, :] * sw + rk[:, None]                          # (BK, BN): a tile of W^T
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for _ in range(0, K, BK):
-        acc += tl.dot(tl.load(xp, mask=rm[:, None] < M, other=0.0), tl.load(wp, mask=rn[None, :] < N, other=0.0))
-        xp += BK
-        wp += BK
-    tl.store(Y + rm[:, None] * sy + rn[None, :], acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, bn: int = 16, bk: int = 256, num_warps: int = 4,
-                  num_stages: int = 3) -> torch.Tensor:
-    """x (M, K) @ w (N, K)^T for a few rows (M <= 64; K a multiple of bk): one Triton program per bn output columns
-    holds every row, so the weight streams once (cuBLAS picks 64-row tiles and split-K at these M). A candidate of
-    `FastSpec._tune` for the verify's linears (M = N+1 tree rows); CPU: under TRITON_INTERPRET=1 only."""
-    M, K = x.shape
-    N = w.shape[0]
-    if M > 64 or K % bk or w.shape[1] != K or w.stride(1) != 1:
-        raise ValueError(f"skinny_linear: need x (M <= 64, K), w (N, K) with unit last stride, K % bk == 0; got x "
-                         f"{tuple(x.shape)}, w {tuple(w.shape)}, bk={bk}")
-    x = x.contiguous()
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    bm = 16 if M <= 16 else 64                                        # two compiled row tiles
-    _skinny_kernel[(triton.cdiv(N, bn),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk,
-                                          num_warps=num_warps, num_stages=num_stages)
-    return y
-
-
 class _Skinny:
     "A weight called as a module by the static stack's `_lin`: `skinny_linear` with a tuned tile (F.linear past 64 rows)."
     def __init__(self, w, cfg): self.w, self.cfg = w, cfg
@@ -1147,28 +1114,61 @@ def _plain_step(self: FastSpec):
 def _round(self: FastSpec):
     _fast_verify(self, *_fast_draft(self))
 
+_TUNE_TOL = {torch.float32: 1e-4}     # FastSpec._tune: a candidate's max error / max |reference| (else 3e-2: 16-bit)
+
+
+def _tune_dtype(x):
+    "The dtype of the first floating tensor in x (a tensor or a tuple of them)."
+    xs = x if isinstance(x, (tuple, list)) else (x,)
+    return next((t.dtype for t in xs if t.is_floating_point()), torch.float32)
+
+
+def _tune_error(ref, out, order_free: bool = False) -> float:
+    """Largest |out - ref| / max |ref| over the floating tensors of two candidates' outputs (a tensor or a tuple);
+    order_free: each row sorted first (an unsorted top-k's values come in any order). Integer outputs (ids) are not
+    compared: ties may pick different ids for the same values."""
+    rs, os_ = (ref, out) if isinstance(ref, (tuple, list)) else ((ref,), (out,))
+    err = 0.0
+    for r, o in zip(rs, os_):
+        if not r.is_floating_point(): continue
+        r, o = r.float(), o.float()
+        if order_free: r, o = r.sort(-1).values, o.sort(-1).values
+        if r.shape != o.shape or not torch.isfinite(o).all(): return float('inf')
+        err = max(err, float((o - r).abs().max() / r.abs().max().clamp(min=1e-6)))
+    return err
+
+
 @patch
 def _tune(self: FastSpec, reps: int = 5) -> dict:
     """On CUDA, before anything is captured: time the candidates on this engine's shapes as CUDA-graph replays and keep
     the fastest - the target's and the draft's attention (stacked or rows layout x PyTorch's SDPA choice, cuDNN,
     memory-efficient, math), the verify's linears at N+1 rows and the draft's at k rows (cuBLAS or `skinny_linear`
     tiles), the draft head's top-k (`topk` or `sort`). Every candidate computes the same function (only bf16 rounding
-    may differ, as between any two kernels). A target attention a subclass installed is kept. ~50 timings, about a
-    second, plus a few Triton compiles once per process. -> `self.tuning`: each choice and every candidate's us."""
+    may differ, as between any two kernels): each candidate's output is checked against the first one's (the default
+    kernel) on the same random inputs before it is timed, and one that differs by more than rounding is dropped
+    (listed under 'rejected'). A target attention a subclass installed is kept. ~50 timings, about a second, plus a
+    few Triton compiles once per process. -> `self.tuning`: each choice and every candidate's us."""
     from torch.nn.attention import SDPBackend
     from .bench import cuda_graph_time
     dev, ar, res = self.dev, self.ar, {}
     cands = [_Attn(r, b) for r in (False, True) for b in
              (None, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)]
 
-    def pick(name, calls: dict):
-        us = {}
+    def pick(name, calls: dict, order_free: bool = False):
+        us, ref, bad = {}, None, {}
         for key, fn in calls.items():
-            try: us[key] = cuda_graph_time(fn, 8, reps) * 1e3
+            try:
+                out = fn()
+                if ref is None: ref = out                                # the first candidate: the default kernel
+                err = _tune_error(ref, out, order_free)
+                if err > _TUNE_TOL.get(_tune_dtype(ref), 3e-2):
+                    bad[repr(key)] = f"{err:.2e}"; continue
+                us[key] = cuda_graph_time(fn, 8, reps) * 1e3
             except Exception:                                            # a candidate this build cannot run
                 if dev.type == 'cuda': torch.cuda.synchronize(dev)
         best = min(us, key=us.get)
-        res[name] = dict(choice=repr(best), us={repr(k): round(v, 2) for k, v in us.items()})
+        res[name] = dict(choice=repr(best), us={repr(k): round(v, 2) for k, v in us.items()}, **(
+            dict(rejected=bad) if bad else {}))
         return best
 
     def attn_calls(st, T, S):
@@ -1209,7 +1209,7 @@ def _tune(self: FastSpec, reps: int = 5) -> dict:
         if self.k > 1 and n <= 4096:
             x = torch.randn(self.k, n, device=dev, dtype=self.d.head_w.dtype)
             self.head_impl = pick('head_topk', {i: (lambda i=i: _head_topk(x, self.k, True, False, i))
-                                                for i in ('topk', 'sort')})
+                                                for i in ('topk', 'sort')}, order_free=True)
     self.tuning = res
     return res
 

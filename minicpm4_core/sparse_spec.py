@@ -15,18 +15,23 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from fastcore.basics import patch
 
 from .frspec import FastSpec
+from .kernels._common import next_pow2, resolve_backend
+from .kernels.sparse import LOG2E, _mm, _mma, _prec
 from .infllmv2_ref import _force_blocks, _pool_to_blocks, attention_blocks, select_blocks
 from .model import MiniCPM4ForCausalLM, rope_cos_sin
 from .static_decode import attend
 from .static_sparse import StaticSparseDecoder, _unrope, kc_window
 
 # %% auto #0
-__all__ = ['TREE_SELECT', 'ATTN_CHUNK', 'ATTN_GROUPED', 'check_sparse_spec', 'tree_geometry', 'tree_block_lists', 'tree_attend',
-           'tree_round_masks', 'tree_slot_mask', 'masked_tree_attention', 'attention_lse', 'split_attend',
-           'split_tree_attention', 'SparseFastSpec', 'prefill_hidden']
+__all__ = ['TREE_SELECT', 'ATTN_CHUNK', 'ATTN_GROUPED', 'TREE_ATTN', 'TREE_KERNEL', 'check_sparse_spec', 'tree_geometry',
+           'tree_block_lists', 'tree_attend', 'tree_round_masks', 'tree_slot_mask', 'masked_tree_attention',
+           'attention_lse', 'split_attend', 'split_tree_attention', 'tree_slots_ok', 'tree_sparse_attention',
+           'SparseFastSpec', 'prefill_hidden']
 
 # %% ../nbs/63_sparse_spec.ipynb #06845682
 def check_sparse_spec(config, depth: int) -> None:
@@ -138,11 +143,13 @@ def tree_round_masks(g: dict, st, dense, nc_max: int, num_blocks: int) -> dict:
                 add=(add | dense[:, None])[:, None], vis=g['vis'][None], blk=g['blk'].clamp(0, num_blocks - 1))
 
 
-def tree_slot_mask(q_s, kc, knew, g: dict, r: dict, st, num_blocks: int):
+def tree_slot_mask(q_s, kc, knew, g: dict, r: dict, st, num_blocks: int, bitmap: bool = False):
     """`tree_block_lists` + the slot mask of `tree_attend` in fewer kernels (the round's part precomputed in r =
     `tree_round_masks`): the same scores, the same stable sort for the top-k, then the lists as a (T, Hkv, nb) bool
     instead of sorted ids. -> (Hkv, T, Lt) bool: node i may attend slot j. (A sparse node always sees a kernel, so its
-    softmax row is finite; a dense node's row may not be, and its selection is not used.)"""
+    softmax row is finite; a dense node's row may not be, and its selection is not used.)
+    bitmap: return the lists before the gather over slots, (Hkv, T, nb) bool (a permuted view; block b in node i's
+    list, the window and a dense node's every block included) for `tree_sparse_attention`."""
     T, Hq, D = q_s.shape
     Hkv = kc.shape[1]
     G, p, s = Hq // Hkv, st.kernel_size, st.kernel_stride
@@ -156,7 +163,9 @@ def tree_slot_mask(q_s, kc, knew, g: dict, r: dict, st, num_blocks: int):
     k = min(st.topk, num_blocks)
     sel = torch.zeros(T, Hkv, num_blocks, dtype=torch.bool, device=q_s.device)
     sel.scatter_(-1, i[..., :k], v[..., :k] > float('-inf'))                       # the top-k, minus invisible picks
-    inl = (sel | r['add']).permute(1, 0, 2).gather(-1, r['blk'][None, None].expand(Hkv, T, -1))
+    lists = (sel | r['add']).permute(1, 0, 2)                                    # (Hkv, T, nb)
+    if bitmap: return lists
+    inl = lists.gather(-1, r['blk'][None, None].expand(Hkv, T, -1))
     return inl & r['vis']                                                         # (Hkv, T, Lt), contiguous
 
 
@@ -175,6 +184,11 @@ def masked_tree_attention(q, kv, ok):
 TREE_SELECT = 'masks'   # SparseFastSpec's per-layer selection: 'masks' (tree_slot_mask) or 'lists' (tree_block_lists)
 ATTN_CHUNK = 512        # the verify's attention splits the buffer into chunks of this many slots (None: one SDPA call)
 ATTN_GROUPED = False    # split_tree_attention: one call per kv head with a (T, chunk) mask shared by its G heads
+# the verify's attention: 'split' (split_tree_attention when ATTN_CHUNK divides the slots, else one SDPA), 'sdpa' (one
+# masked SDPA, masked_tree_attention) or 'triton' (tree_sparse_attention: only the selected blocks; opt-in, not yet
+# timed on a GPU). The first two write an additive mask over every slot; the kernel reads the (Hkv, T, nb) bitmap.
+TREE_ATTN = 'split'
+_TREE_ATTNS = ('split', 'sdpa', 'triton')
 
 
 _EFFICIENT = True      # attention_lse on CUDA: the memory-efficient SDPA kernel (False after it refused once)
@@ -276,6 +290,203 @@ def split_tree_attention(q, kv, ok, chunk: int):
     o = (o.nan_to_num(0.0) * w[..., None]).sum(0) / w.sum(0)[..., None]            # (Hkv, R, Dh)
     return o.to(q.dtype).reshape(Hkv, G, T, Dh).permute(2, 0, 1, 3).reshape(T, Hq * Dh)
 
+# %% ../nbs/63_sparse_spec.ipynb #b81f2c4e
+@triton.jit
+def _tile_update(q, kt_ptr, vt_ptr, lm, msk, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    """One key tile of the online softmax: K/V rows loaded where lm (both issued before the first dot), scores kept
+    where msk (rows x columns), exp2 domain (qk_scale includes log2 e). -> m_i, l_i, acc updated."""
+    kt = tl.load(kt_ptr, mask=lm, other=0.0)
+    vt = tl.load(vt_ptr, mask=lm, other=0.0)
+    s = tl.where(msk, _mm(q, tl.trans(kt), PREC) * qk_scale, float('-inf'))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float('-inf'), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), _mma(p.to(vt.dtype), vt, acc * alpha[:, None], PREC)
+
+
+@triton.jit
+def _tree_attn_kernel(Q, KV, BSEL, ANC, TBLK, MPOS, PO, PM, PL,
+                      sq_t, sq_h, skv_n, skv_h, sb_h, sb_t, sa_t,
+                      T, G, HKV, NRT, NCH, CH, qk_scale,
+                      RT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+                      BLOCK: tl.constexpr, NBC: tl.constexpr, ONE: tl.constexpr, BRANCH: tl.constexpr,
+                      PREC: tl.constexpr):
+    """Program (kv head hk x row tile rt, slot chunk sp): the partial attention of RT rows (RT // GP nodes x GP heads
+    of the group) over prefix slots [sp * CH, min(sp * CH + CH, m)) (sp < NCH), or over the path slots m .. m + T - 1
+    (sp == NCH). A row sees a prefix slot j when block j // BLOCK is in its node's bitmap BSEL[hk, node]; a path slot
+    m + c when node c is its ancestor (ANC) and block TBLK[c] (of c's position) is in that bitmap. A chunk none of the
+    rows selects loads nothing but the bitmap; a tile none selects skips (BRANCH) or masks off (no traffic) its K/V loads.
+    Partials (unnormalised, exp2 domain) at rows ((sp * HKV + hk) * NRT + rt) * RT + r; PO only where the row saw a key."""
+    bt = tl.program_id(0)
+    sp = tl.program_id(1)
+    hk = bt // NRT
+    rt = bt % NRT
+    r = tl.arange(0, RT)
+    node = rt * (RT // GP) + r // GP
+    hh = r % GP
+    row_ok = (node < T) & (hh < G)
+    d = tl.arange(0, BD)
+    dm = d < D
+    c = tl.arange(0, BN)
+    m = tl.load(MPOS)
+    bbase = BSEL + hk * sb_h + node.to(tl.int64) * sb_t                      # (RT,) each row's bitmap
+    kbase = KV + hk * skv_h
+    vbase = KV + (HKV + hk) * skv_h
+    qptr = Q + node[:, None].to(tl.int64) * sq_t + (hk * G + hh)[:, None] * sq_h + d[None, :]
+    m_i = tl.full([RT], float('-inf'), tl.float32)
+    l_i = tl.zeros([RT], tl.float32)
+    acc = tl.zeros([RT, BD], tl.float32)
+    if sp < NCH:
+        lo = sp * CH
+        hi = tl.minimum(lo + CH, m)
+        bj = lo // BLOCK + tl.arange(0, NBC)                                   # the blocks the chunk touches
+        bok = (bj * BLOCK < hi) & (bj * BLOCK + BLOCK > lo)
+        hm = tl.load(bbase[:, None] + bj[None, :], mask=row_ok[:, None] & bok[None, :], other=0).to(tl.int32)
+        if tl.max(hm) > 0:
+            q = tl.load(qptr, mask=row_ok[:, None] & dm[None, :], other=0.0)
+            for j0 in range(lo, hi, BN):
+                kpos = j0 + c
+                cok = kpos < hi
+                if ONE:                                     # the tile lies in one block: its rows' bits from hm
+                    sel = tl.max(tl.where(bj[None, :] == j0 // BLOCK, hm, 0), 1) != 0
+                    msk = sel[:, None] & cok[None, :]
+                else:
+                    msk = tl.load(bbase[:, None] + (kpos // BLOCK)[None, :], mask=row_ok[:, None] & cok[None, :],
+                                  other=0) != 0
+                cu = cok & (tl.max(msk.to(tl.int32), 0) > 0)                  # the columns some row sees
+                lm = cu[:, None] & dm[None, :]
+                kp = kbase + kpos[:, None] * skv_n + d[None, :]
+                vp = vbase + kpos[:, None] * skv_n + d[None, :]
+                if BRANCH:                                                     # skip a tile no row sees
+                    if tl.max(cu.to(tl.int32), 0) > 0:
+                        m_i, l_i, acc = _tile_update(q, kp, vp, lm, msk, m_i, l_i, acc, qk_scale, PREC)
+                else:                                                          # its loads masked off: no traffic
+                    m_i, l_i, acc = _tile_update(q, kp, vp, lm, msk, m_i, l_i, acc, qk_scale, PREC)
+    else:
+        q = tl.load(qptr, mask=row_ok[:, None] & dm[None, :], other=0.0)
+        for c0 in range(0, T, BN):
+            cc = c0 + c
+            cok = cc < T
+            rc = row_ok[:, None] & cok[None, :]
+            a = tl.load(ANC + node[:, None] * sa_t + cc[None, :], mask=rc, other=0) != 0
+            tb = tl.load(TBLK + cc, mask=cok, other=0)
+            msk = a & (tl.load(bbase[:, None] + tb[None, :], mask=rc, other=0) != 0)
+            kpos = m + cc
+            m_i, l_i, acc = _tile_update(q, kbase + kpos[:, None] * skv_n + d[None, :],
+                                         vbase + kpos[:, None] * skv_n + d[None, :], cok[:, None] & dm[None, :], msk,
+                                         m_i, l_i, acc, qk_scale, PREC)
+    prow = ((sp * HKV + hk) * NRT + rt).to(tl.int64) * RT + r
+    tl.store(PM + prow, m_i)
+    tl.store(PL + prow, l_i)
+    tl.store(PO + prow[:, None] * BD + d[None, :], acc, mask=(m_i > float('-inf'))[:, None])
+
+
+@triton.jit
+def _tree_combine_kernel(PO, PM, PL, O, so_t, so_h, T, G, HKV, NRT, NSPLIT,
+                         RT: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, SP: tl.constexpr):
+    """Program per padded row (hk, rt, r): its NSPLIT partials -> O[node, hk * G + head] in one pass (chunks of SP
+    splits, online rescaling; a split whose row saw nothing is -inf / 0 and its PO is not read). No key seen: zeros."""
+    pid = tl.program_id(0)
+    r = pid % RT
+    bt = pid // RT
+    rt = bt % NRT
+    hk = bt // NRT
+    node = rt * (RT // GP) + r // GP
+    hh = r % GP
+    if (node < T) & (hh < G):
+        d = tl.arange(0, BD)
+        mx = tl.max(tl.full([SP], float('-inf'), tl.float32), 0)
+        lsum = tl.sum(tl.zeros([SP], tl.float32), 0)
+        o = tl.zeros([BD], tl.float32)
+        for c0 in range(0, NSPLIT, SP):
+            sp = c0 + tl.arange(0, SP)
+            spm = sp < NSPLIT
+            row = ((sp * HKV + hk) * NRT + rt).to(tl.int64) * RT + r
+            mp = tl.load(PM + row, mask=spm, other=float('-inf'))
+            ls = tl.load(PL + row, mask=spm, other=0.0)
+            po = tl.load(PO + row[:, None] * BD + d[None, :], mask=(spm & (mp > float('-inf')))[:, None], other=0.0)
+            mn = tl.maximum(mx, tl.max(mp, 0))
+            mu = tl.where(mn == float('-inf'), 0.0, mn)
+            a = tl.exp2(mx - mu)
+            w = tl.exp2(mp - mu)
+            lsum = lsum * a + tl.sum(ls * w, 0)
+            o = o * a + tl.sum(po * w[:, None], 0)
+            mx = mn
+        o = o / tl.where(lsum > 0, lsum, 1.0)
+        tl.store(O + node.to(tl.int64) * so_t + (hk * G + hh) * so_h + d, o.to(O.dtype.element_ty), mask=d < D)
+
+
+# launch settings of tree_sparse_attention (chosen by reasoning, not yet by a GPU run): RT rows per program (nodes x
+# the group's padded heads), BN keys per tile (power of 2 >= 16), CH slots per chunk at least (more when the buffer
+# would need more than max_splits chunks), SP splits per combine step, BRANCH: skip an unselected tile with a branch
+# (False: mask its loads off, a branch-free loop the compiler may pipeline)
+TREE_KERNEL = dict(RT=64, BN=64, CH=256, max_splits=256, SP=64, BRANCH=True, num_warps=4, num_stages=2)
+
+
+def tree_slots_ok(bsel, anc, tblk, m, Lt: int, block_size: int):
+    """The slot mask `tree_sparse_attention` computes, as `tree_slot_mask` gathers it: bsel (Hkv, T, nb) bool block
+    bitmaps, anc (T, T) bool ancestors (self included), tblk (T,) the block of each node's position, m (1,) the root's
+    slot -> (Hkv, T, Lt) bool: prefix slot j < m when its block is in the list, path slot m + c when c is an ancestor
+    and its position's block is in the list, nothing past m + T."""
+    Hkv, T, nb = bsel.shape
+    j = torch.arange(Lt, device=bsel.device)
+    rel = j - m
+    inside = (rel >= 0) & (rel < T)
+    blk = torch.where(rel < 0, j // block_size, tblk[rel.clamp(0, T - 1)]).clamp(max=nb - 1)
+    vis = (rel < 0)[None] | (anc[:, rel.clamp(0, T - 1)] & inside[None])                 # (T, Lt)
+    return bsel.gather(-1, blk[None, None].expand(Hkv, T, Lt)) & vis[None]
+
+
+def tree_sparse_attention(q, kv, bsel, anc, tblk, m, *, block_size: int, config=None, backend='auto'):
+    """The verify's attention reading only the selected blocks: `masked_tree_attention(q, kv, tree_slots_ok(...))`
+    without the (Hkv, T, Lt) mask. q (T, Hq, Dh) after RoPE; kv (Lt, 2*Hkv, Dh) the layer's buffer (node i's key at
+    slot m + i); bsel (Hkv, T, nb) bool (last stride 1) node i's blocks for kv head h (`tree_slot_mask(...,
+    bitmap=True)`); anc (T, T) bool; tblk (T,) int the block of each node's position; m (1,) int the root's slot, read
+    on the device (no host read: graph-safe). -> (T, Hq*Dh) in q's dtype; a row that sees no slot gets zeros (SDPA: NaN).
+    Triton on CUDA or in the interpreter; on a CPU without the interpreter the torch reference, said once.
+    config: overrides of TREE_KERNEL."""
+    T, Hq, Dh = q.shape
+    Lt, Hkv = kv.shape[0], kv.shape[1] // 2
+    if kv.shape[1] % 2 or not Hkv or Hq % Hkv or kv.shape[2] != Dh:
+        raise ValueError(f"tree_sparse_attention: kv must be (Lt, 2*Hkv, Dh={Dh}) with Hq={Hq} a multiple of Hkv, got "
+                         f"{tuple(kv.shape)}")
+    if bsel.dim() != 3 or bsel.shape[:2] != (Hkv, T) or anc.shape != (T, T) or tblk.shape != (T,) or m.numel() != 1:
+        raise ValueError(f"tree_sparse_attention: need bsel (Hkv={Hkv}, T={T}, nb), anc ({T}, {T}), tblk ({T},), m (1,); "
+                         f"got {tuple(bsel.shape)}, {tuple(anc.shape)}, {tuple(tblk.shape)}, {tuple(m.shape)}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    c = dict(TREE_KERNEL, **(config or {}))
+    BN = c['BN']
+    if BN < 16 or BN & (BN - 1) or c['CH'] < 1:
+        raise ValueError(f"tree_sparse_attention: config BN must be a power of 2 >= 16 and CH >= 1, got {c}")
+    if resolve_backend('tree_sparse_attention', q, backend, _tree_attn_kernel,
+                       'masked_tree_attention on the slot mask (tree_slots_ok)') == 'torch':
+        return masked_tree_attention(q, kv, tree_slots_ok(bsel, anc, tblk, m, Lt, block_size))
+    G, GP, BD = Hq // Hkv, next_pow2(Hq // Hkv), max(16, next_pow2(Dh))
+    RT = max(next_pow2(c['RT']), GP, 16)                      # whole groups per row tile
+    CH = -(-max(c['CH'], -(-Lt // c['max_splits'])) // BN) * BN
+    NCH, NRT = -(-Lt // CH), -(-T * GP // RT)
+    nsplit = NCH + 1                                          # + the path
+    nrow = nsplit * Hkv * NRT * RT
+    po = torch.empty(nrow, BD, dtype=torch.float32, device=q.device)
+    pm = torch.empty(nrow, dtype=torch.float32, device=q.device)
+    pl = torch.empty_like(pm)
+    if q.stride(-1) != 1: q = q.contiguous()
+    if kv.stride(-1) != 1: kv = kv.contiguous()
+    b8 = (bsel if bsel.stride(-1) == 1 else bsel.contiguous()).view(torch.uint8)
+    a8 = anc.contiguous().view(torch.uint8) if anc.dtype == torch.bool else anc.to(torch.uint8).contiguous()
+    _tree_attn_kernel[(Hkv * NRT, nsplit)](q, kv, b8, a8, tblk, m, po, pm, pl, q.stride(0), q.stride(1), kv.stride(0),
+                                           kv.stride(1), b8.stride(0), b8.stride(1), a8.stride(0), T, G, Hkv, NRT, NCH,
+                                           CH, Dh ** -0.5 * LOG2E, RT=RT, GP=GP, D=Dh, BD=BD, BN=BN, BLOCK=block_size,
+                                           NBC=next_pow2(-(-CH // block_size) + 1), ONE=block_size % BN == 0,
+                                           BRANCH=bool(c['BRANCH']), PREC=_prec(q), num_warps=c['num_warps'],
+                                           num_stages=c['num_stages'])
+    o = torch.empty(T, Hq, Dh, dtype=q.dtype, device=q.device)
+    _tree_combine_kernel[(Hkv * NRT * RT,)](po, pm, pl, o, o.stride(0), o.stride(1), T, G, Hkv, NRT, nsplit, RT=RT,
+                                            GP=GP, D=Dh, BD=BD, SP=min(c['SP'], next_pow2(nsplit)), num_warps=1)
+    return o.view(T, Hq * Dh)
+
 # %% ../nbs/63_sparse_spec.ipynb #24672e8d
 class SparseFastSpec(FastSpec):
     """`frspec.FastSpec` over an InfLLM v2 target past dense_len (batch 1, greedy): one CUDA graph per round on CUDA,
@@ -341,6 +552,9 @@ def _verify_forward(self: SparseFastSpec, tok, m, dep, anc):
     self._dense = (n < st.dense_len) | ((n + st.block_size - 1) // st.block_size <= st.attended_blocks)
     self._m = m
     if TREE_SELECT not in ('masks', 'lists'): raise ValueError(f"TREE_SELECT must be 'masks' or 'lists', got {TREE_SELECT!r}")
+    if TREE_ATTN not in _TREE_ATTNS: raise ValueError(f"TREE_ATTN must be one of {_TREE_ATTNS}, got {TREE_ATTN!r}")
+    if TREE_ATTN == 'triton':                              # tree_sparse_attention's per-round inputs
+        self._anc, self._tblk = anc, (g['pos'] // st.block_size).clamp(max=sd.num_blocks - 1)
     self._r = tree_round_masks(g, st, self._dense, sd.nc_max, sd.num_blocks) if TREE_SELECT == 'masks' else None
     if sd.ring is not None:
         self._cs = S.cos.index_select(0, g['pos'])[:, None], S.sin.index_select(0, g['pos'])[:, None]
@@ -370,11 +584,19 @@ def _tree_attn(self: SparseFastSpec, q, kv, mask=None, span=None, seqlens=None):
     p, s = sd.st.kernel_size, sd.st.kernel_stride
     knew = win.view(q.shape[0], p, Hkv, -1).float().unfold(1, p, s).mean(-1)[:, 0].to(kv.dtype)   # update_kc's mean
     if self._r is not None:
+        if TREE_ATTN == 'triton':                             # the bitmap, not the slot mask: only selected blocks read
+            bsel = tree_slot_mask(q_s, sd.kc[l, 0], knew, g, self._r, sd.st, sd.num_blocks, bitmap=True)
+            return tree_sparse_attention(q, kv, bsel, self._anc, self._tblk, self._m, block_size=sd.st.block_size)
         ok = tree_slot_mask(q_s, sd.kc[l, 0], knew, g, self._r, sd.st, sd.num_blocks)
-        if ATTN_CHUNK and kv.shape[0] % ATTN_CHUNK == 0 and kv.shape[0] > ATTN_CHUNK:
+        if TREE_ATTN == 'split' and ATTN_CHUNK and kv.shape[0] % ATTN_CHUNK == 0 and kv.shape[0] > ATTN_CHUNK:
             return split_tree_attention(q, kv, ok, ATTN_CHUNK)
         return masked_tree_attention(q, kv, ok)
     lists = tree_block_lists(q_s, sd.kc[l, 0], knew, g, sd.st, sd.num_blocks)
+    if TREE_ATTN == 'triton':                                 # the readable lists as a bitmap (dense nodes: all blocks)
+        bsel = torch.zeros(q.shape[0], Hkv, sd.num_blocks + 1, dtype=torch.bool, device=q.device)
+        bsel.scatter_(-1, torch.where(lists >= 0, lists, sd.num_blocks).long(), True)
+        bsel = (bsel[..., :-1] | self._dense[:, None, None]).permute(1, 0, 2)
+        return tree_sparse_attention(q, kv, bsel, self._anc, self._tblk, self._m, block_size=sd.st.block_size)
     return tree_attend(q.contiguous(), kv, lists, g, self._dense, sd.num_blocks)
 
 

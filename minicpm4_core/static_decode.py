@@ -16,15 +16,16 @@ from typing import Callable, Sequence
 import torch
 from fastcore.basics import patch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from .bench import cpu_time, cuda_graph_time
 from .config import MiniCPM4Config, SparseSettings
 from .model import MiniCPM4ForCausalLM, MiniCPM4DecoderLayer, rope_cos_sin
 
 # %% auto #0
-__all__ = ['FUSE_PACKED', 'FUSED_MODES', 'fuse_packed', 'prep_layer', 'copy_fused', 'attend', 'layer_step', 'layer_step_fused',
-           'layer_step_gemv', 'check_static_support', 'resolve_fused', 'StaticStack', 'capture_graph', 'bucket_sizes',
-           'StaticDecoder', 'batch_attend', 'BatchStaticDecoder']
+__all__ = ['FUSE_PACKED', 'PREFILL_ATTN', 'FUSED_MODES', 'fuse_packed', 'prep_layer', 'copy_fused', 'attend', 'prefill_mask',
+           'layer_step', 'layer_step_fused', 'layer_step_gemv', 'check_static_support', 'resolve_fused', 'StaticStack',
+           'capture_graph', 'bucket_sizes', 'StaticDecoder', 'batch_attend', 'BatchStaticDecoder']
 
 # %% ../nbs/61_static_decode.ipynb #5b9ba41a
 def _packed(m) -> bool:
@@ -96,18 +97,40 @@ def attend(q, kv, mask, span: int | None = None, seqlens=None):
     seqlens: int32 (1,) on the device, the keys the single query sees (T == 1): split-K `kernels.dense_decode`, no
     mask, cost proportional to the live length read on the device (one CUDA graph serves every length).
     Else masked SDPA: mask (1, 1, G*T, S) additive over slots [0, S), S = span or L (prefill chunks, tree verification,
-    the CPU). The G query heads of a kv head are stacked into one (Hkv, G*T, Dh) batch so one SDPA call serves them."""
+    the CPU). The G query heads of a kv head are stacked into one (Hkv, G*T, Dh) batch so one SDPA call serves them.
+    mask a `CausalBias` (`prefill_mask` 'causal'): the T rows are the last T positions of the span, causal."""
     T, Hq, Dh = q.shape
     Hkv = kv.shape[1] // 2
     kva = kv if span is None else kv[:span]                      # a view: the step reads only these slots
     if seqlens is not None:
         from minicpm4_core.kernels import dense_decode
         return dense_decode(q, kva[None, :, :Hkv], kva[None, :, Hkv:], seqlens).reshape(T, Hq * Dh)
+    if isinstance(mask, CausalBias):                             # a prefill chunk: `prefill_mask` 'causal'
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kva[:, :Hkv].transpose(0, 1)[None],
+                                           kva[:, Hkv:].transpose(0, 1)[None], attn_mask=mask, enable_gqa=Hq != Hkv)
+        return o[0].transpose(0, 1).reshape(T, Hq * Dh)
     G = Hq // Hkv
     qs = q.reshape(T, Hkv, G, Dh).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, Dh)
     o = F.scaled_dot_product_attention(qs, kva[:, :Hkv].transpose(0, 1)[None], kva[:, Hkv:].transpose(0, 1)[None],
                                        attn_mask=mask)
     return o[0].reshape(Hkv, G, T, Dh).permute(2, 0, 1, 3).reshape(T, Hq * Dh)
+
+
+PREFILL_ATTN = 'mask'   # `prefill_mask`'s default: 'mask' (measured) or 'causal' (no mask in memory; not yet timed on a GPU)
+
+
+def prefill_mask(T: int, s: int, Hq: int, Hkv: int, dtype, device, mode: str | None = None):
+    """The mask `attend` takes for a prefill chunk: T rows at positions s .. s+T-1, each seeing slots [0, its position].
+    mode 'mask': an additive (1, 1, G*T, s+T) tensor in `dtype` (the rows of a kv head's G query heads stacked, as
+    `attend` lays them out; G*T*(s+T) entries: 2 GB for a 2048-row chunk at 128K on the 8B shape). 'causal':
+    `torch.nn.attention.bias.causal_lower_right(T, s+T)`, nothing materialised; `attend` then calls SDPA on
+    (Hq, T) rows with enable_gqa (FlashAttention on CUDA, which skips the masked tiles). Same function either way."""
+    mode = mode or PREFILL_ATTN
+    if mode not in ('mask', 'causal'): raise ValueError(f"mode must be 'mask' or 'causal', got {mode!r}")
+    if mode == 'causal': return causal_lower_right(T, s + T)
+    ar = torch.arange(s + T, device=device)
+    mask = torch.zeros(T, s + T, dtype=dtype, device=device).masked_fill_(ar[None] > ar[s:, None], float('-inf'))
+    return mask.repeat(Hq // Hkv, 1)[None, None]
 
 
 def layer_step(p: dict, x, cos, sin, kv, slots, mask, Hq: int, Hkv: int, Dh: int, span: int | None = None,
@@ -235,6 +258,16 @@ class StaticStack:
             mask = torch.zeros(allowed.shape, dtype=self.dtype, device=x.device).masked_fill_(~allowed, float('-inf'))
             mask = mask.repeat(self.Hq // self.Hkv, 1)[None, None]
         return self.layers(x, pos, slots, mask, span, seqlens, lambda l: self.kv[l], self.attn)
+
+    def run_chunk(self, x, s: int, kv_of: Callable | None = None, mode: str | None = None):
+        """A prefill chunk: x (T, H) at positions and slots s .. s+T-1, each row attending slots [0, its position]
+        (`prefill_mask`, mode default `PREFILL_ATTN`; 'causal' only while `self.attn` is `attend`) -> x (T, H).
+        kv_of: the buffer of layer l (default self.kv[l])."""
+        T = x.shape[0]
+        if self.attn is not attend: mode = 'mask'
+        pos = torch.arange(s, s + T, device=x.device)
+        mask = prefill_mask(T, s, self.Hq, self.Hkv, self.dtype, x.device, mode)
+        return self.layers(x, pos, pos, mask, s + T, None, kv_of or (lambda l: self.kv[l]), self.attn)
 
     def layers(self, x, pos, slots, mask, span, seqlens, kv_of: Callable, attn: Callable):
         """All layers on x (T, H) at positions pos (T,), writing `slots` of the buffers kv_of(l) (S, 2*Hkv, Dh)
@@ -366,11 +399,10 @@ def prefill(self: StaticDecoder, ids) -> torch.Tensor:
     ids = _check_ids(ids, self.V, self.dev)
     T = ids.numel()
     if T > self.max_len: raise ValueError(f"prompt of {T} tokens exceeds max_len={self.max_len}")
-    ar = self.ar
-    span = T                          # eager (no graph): attend the T prompt slots only, not the whole buffer
-    logits, _ = self.forward(ids, ar[:T], ar[:T], ar[None, :span] <= ar[:T, None], span)
+    # eager (no graph): the T prompt slots only, not the whole buffer
+    x = self.stack.run_chunk(F.embedding(ids, self.embed_w) * self.scale_emb, 0)
     self.pos.fill_(T); self.n = T
-    return logits
+    return F.linear(F.rms_norm(x, (self.H,), self.norm_w, self.eps), self.head_w)
 
 
 @patch
@@ -516,31 +548,28 @@ def prefill(self: BatchStaticDecoder, b: int, ids, chunk: int | None = None) -> 
     "Reset row b and read its prompt ids (T,) (in chunks of `chunk`): -> last-position logits (V,)."
     if not isinstance(b, int) or not 0 <= b < self.B: raise ValueError(f"b must be a row in [0, {self.B}), got {b!r}")
     ids = _check_ids(ids, self.V, self.dev)
-    T, st, d, ar = ids.numel(), self.stack, self, self.ar
+    T, st, d = ids.numel(), self.stack, self
     if T > self.max_len: raise ValueError(f"prompt of {T} tokens exceeds max_len={self.max_len}")
     ch = chunk or T
     for s in range(0, T, ch):
-        e = min(T, s + ch)
-        x = F.embedding(ids[s:e], d.embed_w) * d.scale_emb
-        mask = torch.zeros(e - s, e, dtype=st.dtype, device=self.dev).masked_fill_(ar[None, :e] > ar[s:e, None],
-                                                                                   float('-inf'))
-        mask = mask.repeat(st.Hq // st.Hkv, 1)[None, None]
-        x = st.layers(x, ar[s:e], ar[s:e], mask, e, None, lambda l: st.kv[l, b], attend)
+        x = st.run_chunk(F.embedding(ids[s:s + ch], d.embed_w) * d.scale_emb, s, lambda l: st.kv[l, b])
     self.pos[b] = T; self.n[b] = T
     return F.linear(F.rms_norm(x[-1], (d.H,), d.norm_w, d.eps), d.head_w)
 
 
 @patch
-def _step_static(self: BatchStaticDecoder) -> None:
-    "The capturable step: B tokens self.tok at positions self.pos -> self.out (B, V); advances self.pos."
+def _step_static(self: BatchStaticDecoder, attn: Callable | None = None) -> None:
+    """The capturable step: B tokens self.tok at positions self.pos -> self.out (B, V); advances self.pos.
+    attn: the layers' attention (`attend`'s signature over the (B*max_len, 2*Hkv, Dh) view of a layer's buffer; a
+    batched sparse step plugs in here); default `batch_attend` (dense)."""
     st, d, m = self.stack, self, self.pos
     x = F.embedding(self.tok, d.embed_w) * d.scale_emb
     self.lens.copy_(m + 1)
     mask = None
-    if not st.split_decode:
+    if attn is None and not st.split_decode:
         mask = torch.zeros(self.B, self.max_len, dtype=st.dtype, device=self.dev)
         mask = mask.masked_fill_(self.ar[None] > m[:, None], float('-inf'))[:, None, None]
-    attn = lambda q, kv, mk, span, sl: batch_attend(q, kv, mk, span, sl, B=self.B, split=st.split_decode)
+    attn = attn or (lambda q, kv, mk, span, sl: batch_attend(q, kv, mk, span, sl, B=self.B, split=st.split_decode))
     slots = self.base + m
     x = st.layers(x, m, slots, mask, None, self.lens, lambda l: st.kv[l].view(-1, 2 * st.Hkv, st.Dh), attn)
     self.out.copy_(F.linear(F.rms_norm(x, (d.H,), d.norm_w, d.eps), d.head_w))

@@ -17,10 +17,12 @@ from .bench import cpu_time, cuda_graph_time
 from .infllmv2 import (_kernels, attention_blocks, block_scores_from_compressed, compress_keys, num_kernels,
                        select_blocks, sparse_attention_ref, sparse_settings)
 from .model import KVCache, MiniCPM4ForCausalLM
-from .static_decode import StaticDecoder, attend, capture_graph, _check_ids, _check_token
+from .static_decode import (BatchStaticDecoder, StaticDecoder, attend, capture_graph, _check_ids,
+                                         _check_token)
 
 # %% auto #0
-__all__ = ['kc_window', 'update_kc', 'attend_step', 'StaticSparseDecoder']
+__all__ = ['kc_window', 'update_kc', 'attend_step', 'StaticSparseDecoder', 'sparse_rows', 'kc_rows_window', 'update_kc_rows',
+           'BatchStaticSparseDecoder']
 
 # %% ../nbs/62_static_sparse_decode.ipynb #4d7aa3e9
 def kc_window(L, p: int, s: int, slots: int, ring: bool = False):
@@ -71,33 +73,45 @@ def _unrope(x, cos, sin):
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin, value=-1)
 
 # %% ../nbs/62_static_sparse_decode.ipynb #3673f6ae
+def _checked_settings(model):
+    "The SparseSettings of an InfLLM v2 `MiniCPM4ForCausalLM` the static sparse step supports (ValueError otherwise)."
+    if not isinstance(model, MiniCPM4ForCausalLM):
+        raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
+    if model.config.sparse_config is None:
+        raise ValueError("model.config.sparse_config is None: a dense model; use static_decode.StaticDecoder")
+    st = sparse_settings(model.config)
+    if st.lse_approx: raise ValueError("sparse_config lse_approx=True is not supported by the static sparse step")
+    return st
+
+
+def _sparse_state(d, model, max_len: int, stack, batch: int | None, graphs: bool | None) -> None:
+    """The InfLLM v2 state of a static sparse decoder `d` (d.st set) over a static `stack`: sizes, kc (layers, batch or
+    1, NCmax, Hkv, Dh), the use_nope pre-RoPE ring (layers, [batch,] R, Hkv, Dh), the graph switch, the layer lookup."""
+    st, dev, rows = d.st, stack.kv.device, () if batch is None else (batch,)
+    d.model, d.max_len, d.dev = model, max_len, dev
+    d.Hq, d.Hkv, d.Dh = stack.Hq, stack.Hkv, stack.Dh
+    nl, p, s = len(stack.p), st.kernel_size, st.kernel_stride
+    d.nc_max, d.num_blocks = max(1, num_kernels(max_len, p, s)), -(-max_len // st.block_size)
+    d.kc = torch.zeros(nl, batch or 1, d.nc_max, d.Hkv, d.Dh, device=dev, dtype=model.dtype)
+    d.R = p + s - 1                                                        # ring slots (use_nope)
+    d.ring = torch.zeros(nl, *rows, d.R, d.Hkv, d.Dh, device=dev, dtype=model.dtype) if st.use_nope else None
+    d.graphs = dev.type == 'cuda' if graphs is None else bool(graphs)
+    if d.graphs and dev.type != 'cuda': raise ValueError("graphs=True needs a model on a CUDA device")
+    d._layer_of = {stack.kv[l].data_ptr(): l for l in range(nl)}             # the attention hook finds its layer
+
+
 class StaticSparseDecoder:
     """Static-shape cached decoding of an InfLLM v2 `MiniCPM4ForCausalLM` (batch 1): prefill(ids), step(token),
     generate(prompt, n), load_cache(cache). max_len: KV slots. graphs: capture the steps in CUDA graphs (default: on
     CUDA): dense or sparse x with or without the kc update, each captured on first use. lse_approx is not supported (the decode
     kernels compute the exact scores)."""
     def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, graphs: bool | None = None):
-        if not isinstance(model, MiniCPM4ForCausalLM):
-            raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
-        if model.config.sparse_config is None:
-            raise ValueError("model.config.sparse_config is None: a dense model; use static_decode.StaticDecoder")
-        st = self.st = sparse_settings(model.config)
-        if st.lse_approx: raise ValueError("sparse_config lse_approx=True is not supported by the static sparse step")
+        self.st = _checked_settings(model)
         self.base = b = StaticDecoder(model, max_len, graphs=False, dense=True)   # validates max_len
-        self.model, self.max_len, self.dev = model, max_len, b.dev
-        self.Hq, self.Hkv, self.Dh = b.stack.Hq, b.stack.Hkv, b.stack.Dh
-        nl, p, s = len(b.stack.p), st.kernel_size, st.kernel_stride
-        self.nc_max, self.num_blocks = max(1, num_kernels(max_len, p, s)), -(-max_len // st.block_size)
-        self.kc = torch.zeros(nl, 1, self.nc_max, self.Hkv, self.Dh, device=self.dev, dtype=model.dtype)
-        self.R = p + s - 1                                                  # ring slots (use_nope)
-        self.ring = (torch.zeros(nl, self.R, self.Hkv, self.Dh, device=self.dev, dtype=model.dtype) if st.use_nope
-                     else None)
+        _sparse_state(self, model, max_len, b.stack, None, graphs)
         self.seq = torch.zeros(1, dtype=torch.int32, device=self.dev)         # keys the current step sees
-        self.graphs = self.dev.type == 'cuda' if graphs is None else bool(graphs)
-        if self.graphs and self.dev.type != 'cuda': raise ValueError("graphs=True needs a model on a CUDA device")
         self._graphs: dict = {}                   # (sparse, update) -> CUDA graph
         self.n, self._n_keys = 0, 0
-        self._layer_of = {b.stack.kv[l].data_ptr(): l for l in range(nl)}   # the hook finds its layer
 
     def is_sparse(self, n_keys: int) -> bool:
         "Whether the model attends sparsely with `n_keys` keys (the new token's included): as `infllmv2_attention`."
@@ -153,30 +167,43 @@ def _step_static(self: StaticSparseDecoder, sparse: bool, update: bool = True) -
     b.pos += 1
 
 # %% ../nbs/62_static_sparse_decode.ipynb #4c75b07f
+def _check_cache(d, cache) -> int:
+    "Validate a model `KVCache` of batch 1 for the static sparse decoder `d`: -> its length n."
+    if not isinstance(cache, KVCache): raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
+    n, nl = cache.length, d.kc.shape[0]
+    if len(cache.layers) != nl: raise ValueError(f"cache has {len(cache.layers)} layers, model {nl}")
+    if cache.layers[0].k.shape[0] != 1: raise ValueError(f"batch 1 only, cache has batch {cache.layers[0].k.shape[0]}")
+    if not 1 <= n <= d.max_len: raise ValueError(f"cache.length must be in [1, max_len={d.max_len}], got {n}")
+    return n
+
+
+def _load_layer(d, lc, n: int, kv, ring, kc) -> None:
+    """One layer of a prefilled cache (`LayerCache` lc, n positions) into one row of d's static buffers: kv (max_len,
+    2*Hkv, Dh), ring (R, Hkv, Dh) or None, kc (1, NCmax, Hkv, Dh) = compress_keys of the scoring keys, once."""
+    st, Hkv = d.st, d.Hkv
+    kv[:n, :Hkv], kv[:n, Hkv:] = lc.k[0, :n], lc.v[0, :n]
+    keys = lc.k[0, :n]
+    if st.use_nope:
+        kn = lc.state.get('infllmv2_k_nope')
+        if kn is None or kn.shape[1] < n:
+            raise ValueError("use_nope: the cache holds no pre-RoPE keys (state['infllmv2_k_nope']); prefill it "
+                             "with the model's forward under this sparse_config")
+        keys = kn[0, :n]
+        t = torch.arange(max(0, n - d.R), n, device=keys.device)
+        ring[t % d.R] = keys[t]
+    new = compress_keys(keys[None], st.kernel_size, st.kernel_stride)
+    kc[:, :new.shape[1]] = new
+
+
 @patch
 @torch.no_grad()
 def load_cache(self: StaticSparseDecoder, cache: KVCache) -> StaticSparseDecoder:
     """Take the state of the model's `KVCache` after a prompt (batch 1, `cache.length` positions): keys/values, the
     pre-RoPE keys (`state['infllmv2_k_nope']`, use_nope) into the static buffers; kc = compress_keys once."""
-    if not isinstance(cache, KVCache): raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
-    n, S, st = cache.length, self.base.stack, self.st
-    if len(cache.layers) != len(S.p): raise ValueError(f"cache has {len(cache.layers)} layers, model {len(S.p)}")
-    if cache.layers[0].k.shape[0] != 1: raise ValueError(f"batch 1 only, cache has batch {cache.layers[0].k.shape[0]}")
-    if not 1 <= n <= self.max_len: raise ValueError(f"cache.length must be in [1, max_len={self.max_len}], got {n}")
-    p, Hkv = st.kernel_size, self.Hkv
+    S = self.base.stack
+    n = _check_cache(self, cache)
     for l, lc in enumerate(cache.layers):
-        S.kv[l, :n, :Hkv], S.kv[l, :n, Hkv:] = lc.k[0, :n], lc.v[0, :n]
-        keys = lc.k[0, :n]
-        if st.use_nope:
-            kn = lc.state.get('infllmv2_k_nope')
-            if kn is None or kn.shape[1] < n:
-                raise ValueError("use_nope: the cache holds no pre-RoPE keys (state['infllmv2_k_nope']); prefill it "
-                                 "with the model's forward under this sparse_config")
-            keys = kn[0, :n]
-            t = torch.arange(max(0, n - self.R), n, device=keys.device)
-            self.ring[l, t % self.R] = keys[t]
-        kc = compress_keys(keys[None], p, st.kernel_stride)
-        self.kc[l, :, :kc.shape[1]] = kc
+        _load_layer(self, lc, n, S.kv[l], None if self.ring is None else self.ring[l], self.kc[l])
     self.base.pos.fill_(n)
     self.n = self.base.n = n
     return self
@@ -230,6 +257,7 @@ def capture_all(self: StaticSparseDecoder) -> StaticSparseDecoder:
     loaded state (prefill / load_cache); each capture restores the small state (see `_capture`)."""
     if self.dev.type != 'cuda': raise RuntimeError("capture_all needs the model on a CUDA device; the CPU runs eagerly")
     if self.n == 0: raise ValueError("call prefill(ids) or load_cache(cache) before capture_all()")
+    if self.n >= self.max_len: return self                 # the buffer is full: no step can run (its write would not fit)
     self._n_keys = self.n + 1
     for sparse in sorted({self.is_sparse(self.n + 1), self.is_sparse(self.max_len)}):
         for update in (False, True):
@@ -261,6 +289,219 @@ def time_step(self: StaticSparseDecoder, reps: int = 20, inner: int = 8, sparse:
     sparse = self.is_sparse(self.n + 1) if sparse is None else bool(sparse)
     self._n_keys, saved = self.n + 1, self.base.pos.clone()
     fn = lambda: (self.base.pos.copy_(saved), self._step_static(sparse, update))
+    with torch.no_grad():
+        ms = cuda_graph_time(fn, inner, reps) if self.dev.type == 'cuda' else cpu_time(fn, inner, reps)
+    self.base.pos.copy_(saved)
+    return ms
+
+# %% ../nbs/62_static_sparse_decode.ipynb #b9a3964b
+def sparse_rows(L, st) -> torch.Tensor:
+    "`not SparseSettings.dense_at(n)` for each row's key count on the device: L (B,) integer -> (B,) bool."
+    return (L >= st.dense_len) & ((L + st.block_size - 1) // st.block_size > st.attended_blocks)
+
+
+def kc_rows_window(L, p: int, s: int, slots: int, nc: int, ring: bool = False):
+    """`kc_window` for B rows: L (B,) long keys per row -> (at, idx, done): at (B,) the flat index b*nc + j_b of each
+    row's latest complete kernel in a (B*nc)-row view of kc, idx (B*p,) its window's rows in a (B*slots)-row view of the
+    scoring keys (ring: slot t % slots), done (B,) bool: the row's last key completes a kernel. Once per step."""
+    B = L.shape[0]
+    j, idx = kc_window(L[:, None], p, s, slots, ring)                   # (B, 1), (B, p)
+    rows = torch.arange(B, device=L.device)[:, None]
+    return (j + rows * nc)[:, 0], (idx + rows * slots).reshape(-1), (L >= p) & ((L - p) % s == 0)
+
+
+def update_kc_rows(kc, keys, L, p: int, s: int, ring: bool = False, at=None):
+    """`update_kc` for B rows in place: kc (B, NCmax, Hkv, D); keys the scoring keys as (B*slots, Hkv, D) rows, row b's
+    position t at b*slots + t (a ring: b*slots + t % slots), any row stride; L (B,) long on the device. Each row whose
+    last key completes a kernel gets that kernel's mean (`compress_keys`' reduction); the other rows keep theirs.
+    at: `kc_rows_window(L, ...)` computed once for all layers of the step. No host read: capturable."""
+    B, nc, Hkv, D = kc.shape
+    at_kc, idx, done = kc_rows_window(L, p, s, keys.shape[0] // B, nc, ring) if at is None else at
+    win = keys.index_select(0, idx).view(B, p, Hkv, D)
+    new = win.float().unfold(1, p, s).mean(-1)[:, 0].to(kc.dtype)       # (B, Hkv, D)
+    flat = kc.view(B * nc, Hkv, D)
+    flat.index_copy_(0, at_kc, torch.where(done[:, None, None], new, flat.index_select(0, at_kc)))
+
+# %% ../nbs/62_static_sparse_decode.ipynb #cf4c6c99
+class BatchStaticSparseDecoder:
+    """Static-shape cached decoding of B sequences of an InfLLM v2 `MiniCPM4ForCausalLM` at once, rows of any lengths:
+    load_cache(b, cache) or prefill(b, ids) per row, step(tokens (B,)), generate(prompts, n). Each row computes what the
+    model's cached decoding of that row alone computes: dense attention while `dense_at` its length, then its own
+    kernel scores, top-k and window; its compressed keys updated when its own new key completes a kernel.
+    The weights, the KV buffer (layers, B, max_len, 2*Hkv, Dh) and the rest of the step are a `BatchStaticDecoder`'s
+    (packed w4a16 / ternary linears included); kc (layers, B, NCmax, Hkv, Dh) and the use_nope ring (layers, B, R, Hkv,
+    Dh) are this class's. A step is 'dense', 'sparse' or 'mixed' (rows on both sides: both attentions, each row keeps
+    its own) x the compression update or not, picked on the host from the lengths. graphs: each variant a CUDA graph,
+    captured on first use (default: on CUDA; `capture_all` captures every reachable one). lse_approx not supported."""
+    is_sparse, completes_kernel = StaticSparseDecoder.is_sparse, StaticSparseDecoder.completes_kernel
+
+    def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, batch: int, *, graphs: bool | None = None):
+        self.st = _checked_settings(model)
+        self.base = b = BatchStaticDecoder(model, max_len, batch, graphs=False, dense=True)  # validates max_len, batch
+        _sparse_state(self, model, max_len, b.stack, batch, graphs)
+        self.B = batch
+        self._ring_base = torch.arange(batch, device=self.dev) * self.R      # row b's first ring slot (flat view)
+        self._graphs: dict = {}                   # (mode, update) -> CUDA graph
+        self.n = [0] * batch                      # host mirror of the lengths
+        self._rows: list = []                     # (sparse, n_keys) per row of the current step (the CPU path)
+
+    def step_kind(self, lengths=None) -> tuple[str, bool]:
+        "(mode, update) of the next step at these lengths (default: the current ones): mode 'dense'/'sparse'/'mixed'."
+        ns = self.n if lengths is None else lengths
+        sp = [self.is_sparse(n + 1) for n in ns]
+        mode = 'sparse' if all(sp) else 'mixed' if any(sp) else 'dense'
+        return mode, any(self.completes_kernel(n + 1) for n in ns)
+
+# %% ../nbs/62_static_sparse_decode.ipynb #476d7187
+@patch
+def _attn(self: BatchStaticSparseDecoder, q, kv, mask=None, span=None, seqlens=None):
+    "q (B, Hq, Dh) after RoPE, kv (B*max_len, 2*Hkv, Dh) with this step's keys written -> o (B, Hq*Dh)."
+    l, st, B, Hkv, Dh = self._layer_of[kv.data_ptr()], self.st, self.B, self.Hkv, self.Dh
+    q_score, keys = q, kv[:, :Hkv]
+    if self.ring is not None:                                            # use_nope: score with pre-RoPE q/k
+        q_score, keys = _unrope(q, *self._cs), self.ring[l].view(B * self.R, Hkv, Dh)
+        keys.index_copy_(0, self._ring_at, _unrope(kv.index_select(0, self._slots)[:, :Hkv], *self._cs))
+    if self._update:
+        update_kc_rows(self.kc[l], keys, self._L, st.kernel_size, st.kernel_stride, self.ring is not None, self._kc_at)
+    kvb = kv.view(B, self.max_len, 2 * Hkv, Dh)
+    q, q_score, kc, seq = q.contiguous(), q_score.contiguous(), self.kc[l], self.base.lens
+    def att(sparse: bool, r=slice(None), n: int = 0):
+        return attend_step(q[r], q_score[r], kvb[r, :, :Hkv], kvb[r, :, Hkv:], kc[r], seq[r], st, sparse=sparse, n=n,
+                           num_blocks=self.num_blocks)
+    if _kernels(q) is None:                                              # reference path: each row its host length
+        o = torch.cat([att(sp, slice(b, b + 1), n) for b, (sp, n) in enumerate(self._rows)])
+    elif self._mode == 'mixed':                                          # each row keeps its own attention
+        o = torch.where(self._sp[:, None, None], att(True), att(False))
+    else:
+        o = att(self._mode == 'sparse')
+    return o.reshape(B, self.Hq * Dh)
+
+
+@patch
+def _step_static(self: BatchStaticSparseDecoder, mode: str, update: bool = True) -> None:
+    """The capturable step: B tokens base.tok at positions base.pos -> base.out (B, V); advances base.pos.
+    mode: 'dense' / 'sparse' / 'mixed' attention; update: recompute the rows' completed compression kernels."""
+    d, S, st = self.base, self.base.stack, self.st
+    m = d.pos
+    L = m + 1
+    self._L, self._mode, self._update, self._slots = L, mode, update, d.base + m
+    if update:                           # each row's kernel index, window and completion, once per step
+        self._kc_at = kc_rows_window(L, st.kernel_size, st.kernel_stride,
+                                     self.R if self.ring is not None else self.max_len, self.nc_max, self.ring is not None)
+    if self.ring is not None:
+        self._cs = S.cos.index_select(0, m)[:, None], S.sin.index_select(0, m)[:, None]
+        self._ring_at = self._ring_base + m % self.R
+    if mode == 'mixed': self._sp = sparse_rows(L, st)
+    d._step_static(self._attn)           # the batch decoder's step (lens, layers, head, pos += 1), this attention
+
+# %% ../nbs/62_static_sparse_decode.ipynb #a9819513
+@patch
+@torch.no_grad()
+def load_cache(self: BatchStaticSparseDecoder, b: int, cache: KVCache) -> BatchStaticSparseDecoder:
+    """Row b takes the state of the model's batch-1 `KVCache` after its prompt (`cache.length` positions): K/V, pre-RoPE
+    keys (use_nope), kc = compress_keys once. The other rows are untouched."""
+    if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < self.B:
+        raise ValueError(f"b must be a row in [0, {self.B}), got {b!r}")
+    n, S = _check_cache(self, cache), self.base.stack
+    for l, lc in enumerate(cache.layers):
+        _load_layer(self, lc, n, S.kv[l, b], None if self.ring is None else self.ring[l, b], self.kc[l, b:b + 1])
+    self.base.pos[b] = n
+    self.n[b] = self.base.n[b] = n
+    return self
+
+
+@patch
+@torch.no_grad()
+def prefill(self: BatchStaticSparseDecoder, b: int, ids) -> torch.Tensor:
+    "Row b reads its prompt ids (T,) through the model's own forward: -> last-position logits (V,)."
+    ids = _check_ids(ids, self.base.V, self.dev)
+    if ids.numel() > self.max_len: raise ValueError(f"prompt of {ids.numel()} tokens exceeds max_len={self.max_len}")
+    cache = self.model.new_cache(1, ids.numel())
+    logits = self.model(ids[None], cache=cache)[0, -1]
+    self.load_cache(b, cache)
+    return logits
+
+
+@patch
+@torch.no_grad()
+def step(self: BatchStaticSparseDecoder, tokens) -> torch.Tensor:
+    "Read B tokens (one per row) at each row's next position: -> logits (B, V) (a static buffer)."
+    if min(self.n) == 0: raise ValueError("load_cache(b, cache) or prefill(b, ids) every row before step(tokens)")
+    if max(self.n) >= self.max_len: raise ValueError(f"a row's KV buffer is full (max_len={self.max_len})")
+    t = torch.as_tensor(tokens, device=self.dev).reshape(-1)
+    if t.numel() != self.B or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"tokens must be {self.B} integer ids (one per row), got shape {tuple(t.shape)} dtype {t.dtype}")
+    self.base.tok.copy_(t)
+    key = self.step_kind()
+    self._rows = [(self.is_sparse(n + 1), n + 1) for n in self.n]
+    if self.graphs:
+        g = self._graphs.get(key)
+        if g is None: g = self._capture(*key)
+        g.replay()
+    else:
+        self._step_static(*key)
+    self.n = [k + 1 for k in self.n]
+    self.base.n = list(self.n)
+    return self.base.out
+
+
+@patch
+def _capture(self: BatchStaticSparseDecoder, mode: str, update: bool):
+    "Capture one step variant (small state restored; warm-up writes to the buffers are rewritten by the real step)."
+    d = self.base
+    g = self._graphs[mode, update] = capture_graph(lambda: self._step_static(mode, update), [d.pos, d.tok, d.out, d.lens])
+    return g
+
+
+@patch
+def capture_all(self: BatchStaticSparseDecoder) -> BatchStaticSparseDecoder:
+    """Capture now every variant the current lengths can reach before the buffer is full (the modes at the steps where
+    a row crosses dense_len; each with and without the update), so no capture falls inside a timed decode. Needs CUDA
+    and every row loaded."""
+    if self.dev.type != 'cuda': raise RuntimeError("capture_all needs the model on a CUDA device; the CPU runs eagerly")
+    if min(self.n) == 0: raise ValueError("load_cache(b, cache) or prefill(b, ids) every row before capture_all()")
+    for mode in self.reachable_modes():
+        for update in (False, True):
+            if (mode, update) not in self._graphs: self._capture(mode, update)
+    self.graphs = True
+    return self
+
+
+@patch
+def reachable_modes(self: BatchStaticSparseDecoder) -> list[str]:
+    """The step modes ('dense' / 'mixed' / 'sparse') the steps from the current lengths reach before a row's buffer is
+    full, in order: the mode changes only where a row crosses into sparse attention. [] when no step can run."""
+    left = self.max_len - max(self.n)
+    cross = [next((t for t in range(left) if self.is_sparse(n + 1 + t)), 0) for n in self.n]
+    modes = [self.step_kind([n + t for n in self.n])[0] for t in sorted({0, *cross}) if t < left]
+    return list(dict.fromkeys(modes))
+
+
+@patch
+@torch.no_grad()
+def generate(self: BatchStaticSparseDecoder, prompts, max_new_tokens: int) -> list[list[int]]:
+    "Greedy decoding of B prompts (a list of B id lists, any lengths): exactly `max_new_tokens` new ids per row."
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if len(prompts) != self.B: raise ValueError(f"need {self.B} prompts (one per row), got {len(prompts)}")
+    n = max(map(len, prompts)) + max_new_tokens - 1
+    if n > self.max_len: raise ValueError(f"longest prompt + max_new_tokens - 1 = {n} slots > max_len={self.max_len}")
+    out = [torch.stack([self.prefill(b, p) for b, p in enumerate(prompts)]).argmax(-1)]
+    for _ in range(max_new_tokens - 1): out.append(self.step(out[-1]).argmax(-1))
+    return torch.stack(out, 1).tolist()
+
+
+@patch
+def time_step(self: BatchStaticSparseDecoder, reps: int = 20, inner: int = 8, mode: str | None = None,
+              update: bool = False) -> float:
+    """Median ms of one batched step at the current lengths (graph replays on CUDA, wall clock on the CPU); state
+    restored. mode: force 'dense' / 'sparse' / 'mixed' (None: the lengths'); update: the variant with the kc update."""
+    if min(self.n) == 0: raise ValueError("load_cache or prefill every row first")
+    mode = self.step_kind()[0] if mode is None else mode
+    if mode not in ('dense', 'sparse', 'mixed'): raise ValueError(f"mode must be 'dense', 'sparse' or 'mixed', got {mode!r}")
+    self._rows = [(self.is_sparse(n + 1), n + 1) for n in self.n]
+    saved = self.base.pos.clone()
+    fn = lambda: (self.base.pos.copy_(saved), self._step_static(mode, update))
     with torch.no_grad():
         ms = cuda_graph_time(fn, inner, reps) if self.dev.type == 'cuda' else cpu_time(fn, inner, reps)
     self.base.pos.copy_(saved)

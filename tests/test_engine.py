@@ -50,6 +50,8 @@ def test_greedy_equals_model_generate(sparse, quant, torch_kernels):
     assert eng.generate(ps, 14, stop_ids=[]) == ref
     for p, r in zip(ps, ref):                                         # the 6-token prompt crosses dense_len=16
         assert eng.generate([p], 14, stop_ids=[]) == [r] and eng.last_timing['backend'] == 'static'
+        t = eng.last_timing                  # the sparse route's setup (load_cache) is timed apart from its prefill
+        assert 0 < t['prefill_s'] <= t['ttft_s'] and (t['setup_s'] > 0) == sparse
     assert (eng._sparse_dec is not None) == sparse and (eng._static is None) == sparse
     stop = ref[0][5]                                                  # early stop: same cut as the model's
     assert eng.generate(ps, 14, stop_ids=[stop]) == m.generate(ps, 14, stop_ids=[stop])
@@ -695,6 +697,8 @@ def test_edge_grid_budget_and_prefill_rows():
     assert s['speedup_vs_dense'] == pytest.approx(d['seconds'] / s['seconds']) and s['setup_s'] >= 0
     assert all(r['prefill_s'] <= r['ttft_s'] for r in res['rows'] if r['config'] != 'dense-eager')
     assert prefill_from_decode([]) == []
+    import minicpm4_core.static_decode as SD                # the run records which library paths it measured
+    assert res['paths']['static_decode.PREFILL_ATTN'] == SD.PREFILL_ATTN and 'w4a16.SKINNY_MAX_M' in res['paths']
 
 
 def test_edge_goal_lines():

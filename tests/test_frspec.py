@@ -320,17 +320,25 @@ def test_tune_picks_and_keeps_output(pair, monkeypatch):
         assert e.generate(p, 24) == target.generate(p, 24, stop_ids=[])[0]
 
 
-@pytest.mark.skipif(not __import__('minicpm4_core.kernels._common', fromlist=['x']).interpreter_active(),
-                    reason='needs TRITON_INTERPRET=1 before triton import')
-def test_skinny_linear_matches_linear():
-    "`skinny_linear` (Triton, interpreter on the CPU) == x @ w.T on fresh random inputs, every row count and tile; bad shapes raise."
-    torch.manual_seed(0)
-    for M, N, K, bn, bk in ((1, 40, 256, 16, 256), (5, 48, 512, 32, 128), (33, 100, 256, 16, 256), (49, 64, 512, 64, 128),
-                            (64, 24, 256, 16, 256)):
-        x, w = torch.randn(M, K), torch.randn(N, K)
-        torch.testing.assert_close(S.skinny_linear(x, w, bn, bk), x @ w.T, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match='skinny_linear'): S.skinny_linear(torch.randn(65, 256), torch.randn(8, 256))
-    with pytest.raises(ValueError, match='skinny_linear'): S.skinny_linear(torch.randn(4, 200), torch.randn(8, 200))
+def test_tune_rejects_a_wrong_candidate(pair, monkeypatch):
+    """A candidate whose output differs from the default kernel's on the same inputs is never timed or picked, even
+    when it would be the fastest: the tuning lists it under 'rejected' and keeps cuBLAS."""
+    import minicpm4_core.bench as B
+    monkeypatch.setattr(B, 'cuda_graph_time', lambda fn, inner=None, reps=20: 5.0 if fn.__defaults__[0] == 'cublas' else 1.0)
+    good = S.skinny_linear
+    monkeypatch.setattr(S, 'skinny_linear', lambda x, w, *c: good(x, w, *c) * 1.01)    # 1% off: beyond fp32 rounding
+    target, draft = pair
+    e = S.FastSpec(target, draft, method='tree', depth=4, topk=3, tree_size=10, max_len=128)
+    res = e._tune()
+    assert res['verify_wdown']['choice'] == "'cublas'" and set(res['verify_wdown']['rejected']) == {'(32, 128, 4, 3)', '(64, 128, 4, 3)'}
+    assert float(res['verify_wdown']['rejected']['(32, 128, 4, 3)']) == pytest.approx(0.01, rel=0.05)
+    assert e._vlin is None or not any(isinstance(p['wdown'], S._Skinny) for p in e._vlin)
+    assert 'rejected' not in res['verify_attention']                  # the attention candidates all agree
+    assert S._tune_error(torch.ones(3), torch.tensor([1., float('nan'), 1.])) == float('inf')
+    v = torch.randn(2, 5)                                             # an unsorted top-k: same values, any order
+    assert S._tune_error((v, torch.zeros(2, 5, dtype=torch.long)), (v.flip(-1), torch.ones(2, 5, dtype=torch.long)),
+                         order_free=True) == 0.0
+
 
 def test_queued_rounds_same_output_fewer_reads(pair):
     "Queuing the surely-needed rounds before each host read changes nothing but the number of reads."

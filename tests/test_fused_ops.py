@@ -138,3 +138,14 @@ def test_compile_backend_matches_torch():
     g = torch.Generator().manual_seed(5)
     gu = torch.randn(2, 64, generator=g)
     torch.testing.assert_close(FU.silu_mul(gu, backend='compile'), FU.silu_mul(gu, backend='torch'))
+
+
+def test_skinny_linear_matches_linear():
+    "`skinny_linear` (moved here from frspec) == x @ w.T on fresh random inputs, every row count and tile; bad shapes raise."
+    torch.manual_seed(0)
+    for M, N, K, bn, bk in ((1, 40, 256, 16, 256), (5, 48, 512, 32, 128), (33, 100, 256, 16, 256), (49, 64, 512, 64, 128),
+                            (64, 24, 256, 16, 256)):
+        x, w = torch.randn(M, K), torch.randn(N, K)
+        torch.testing.assert_close(FU.skinny_linear(x, w, bn, bk), x @ w.T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match='skinny_linear'): FU.skinny_linear(torch.randn(65, 256), torch.randn(8, 256))
+    with pytest.raises(ValueError, match='skinny_linear'): FU.skinny_linear(torch.randn(4, 200), torch.randn(8, 200))

@@ -212,3 +212,179 @@ def test_split_paths_change_nothing(monkeypatch):
         runs.append((e.generate(prompt, 30), e.last_stats['histogram']))
     assert runs[0] == runs[1] == runs[2] and sum(runs[0][1][1:]) > 0
 
+
+
+# ---- the verify's attention as one Triton kernel (tree_sparse_attention; the interpreter on the CPU, tests/conftest.py)
+
+def tree_case(T, G, Hkv, Dh, bs, m, Lt, seed, path_only=(), empty_chunk=None):
+    """Fresh random q / K / V, a random tree, random block bitmaps (~30%, each node's own block in: the window); nodes in
+    path_only select no prefix block; empty_chunk (lo, hi): slots nobody selects. K/V rows at slots no node of that kv
+    head may attend are NaN in kv_nan (a kernel that reads them into its sums gives NaN). -> a dict of the inputs, the
+    slot mask written out by loops, and kv_nan."""
+    g = torch.Generator().manual_seed(seed)
+    q, kv = torch.randn(T, G * Hkv, Dh, generator=g), torch.randn(Lt, 2 * Hkv, Dh, generator=g)
+    par, dep = random_tree(T - 1, 3, g)
+    anc = tree_attention_mask(par)
+    nb = -(-Lt // bs)
+    tblk = ((m + dep) // bs).clamp(max=nb - 1)
+    bsel = torch.rand(Hkv, T, nb, generator=g) < 0.3
+    for i in path_only: bsel[:, i, :m // bs + 1] = False
+    if empty_chunk: bsel[:, :, empty_chunk[0] // bs:-(-empty_chunk[1] // bs)] = False
+    bsel[:, torch.arange(T), tblk] = True
+    ok = torch.zeros(Hkv, T, Lt, dtype=torch.bool)
+    for h in range(Hkv):
+        for i in range(T):
+            for j in range(Lt):
+                if j < m: ok[h, i, j] = bool(bsel[h, i, j // bs])
+                elif j < m + T: ok[h, i, j] = bool(anc[i, j - m]) and bool(bsel[h, i, tblk[j - m]])
+    kv_nan = kv.clone()
+    for h in range(Hkv):
+        unseen = ~ok[h].any(0)
+        kv_nan[unseen, h] = float('nan'); kv_nan[unseen, Hkv + h] = float('nan')
+    return dict(q=q, kv=kv, bsel=bsel, anc=anc, tblk=tblk, m=torch.tensor([m]), ok=ok, kv_nan=kv_nan)
+
+
+@pytest.mark.parametrize('T,G,Hkv,Dh,bs,m,Lt,cfg,extra', [
+    (9, 2, 2, 16, 8, 50, 128, dict(BN=16, CH=32), dict(path_only=(3, 4), empty_chunk=(40, 48))),   # 2 blocks a tile,
+                                                                                     # one unseen; m % CH != 0
+    (9, 4, 2, 32, 16, 77, 160, dict(BN=16, CH=32), dict(empty_chunk=(32, 64))),      # a tile is one block; a dead chunk
+    (9, 4, 2, 32, 16, 77, 160, dict(BN=16, CH=32, BRANCH=False), dict(empty_chunk=(0, 48))),   # masked-off tiles
+    (17, 3, 1, 16, 32, 96, 150, dict(BN=16, CH=48, RT=16), dict(path_only=(0, 16))),   # G=3 padded, Lt % CH != 0, 4 row
+                                                                                     # tiles; m % bs == 0: 2 rows see
+                                                                                     # their path only
+    (5, 8, 1, 64, 64, 60, 130, dict(), dict()),                                       # the defaults: one chunk, a 64-key block
+], ids=['bs<BN', 'bs=BN', 'mask-mode', 'G3-ragged', 'defaults'])
+def test_tree_sparse_attention_equals_masked_sdpa(T, G, Hkv, Dh, bs, m, Lt, cfg, extra):
+    """The kernel == one masked SDPA (`masked_tree_attention`) on the slot mask written out by loops (== `tree_slots_ok`);
+    K/V that no node of a kv head may see are NaN, so the kernel must not fold them into its sums (skipped chunks, tiles,
+    columns); rows that see only their path; chunks nobody selects."""
+    c = tree_case(T, G, Hkv, Dh, bs, m, Lt, seed=T * Lt, **extra)
+    assert torch.equal(SS.tree_slots_ok(c['bsel'], c['anc'], c['tblk'], c['m'], Lt, bs), c['ok'])
+    want = SS.masked_tree_attention(c['q'], c['kv'], c['ok'])
+    got = SS.tree_sparse_attention(c['q'], c['kv_nan'], c['bsel'], c['anc'], c['tblk'], c['m'], block_size=bs, config=cfg)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    ref = SS.tree_sparse_attention(c['q'], c['kv'], c['bsel'], c['anc'], c['tblk'], c['m'], block_size=bs, backend='torch')
+    torch.testing.assert_close(ref, want, rtol=0, atol=0)                      # the CPU fallback is the definition
+    if extra.get('path_only') and m % bs == 0:
+        assert not c['ok'][:, list(extra['path_only']), :m].any()                # those rows: no prefix slot at all
+
+
+def test_tree_sparse_attention_bf16_and_bad_arguments():
+    "bf16 inputs (the dots upcast in the interpreter) within bf16 rounding of the fp32 result; shapes refused clearly."
+    c = tree_case(7, 4, 2, 32, 16, 40, 96, seed=5)
+    want = SS.masked_tree_attention(c['q'], c['kv'], c['ok'])
+    got = SS.tree_sparse_attention(c['q'].bfloat16(), c['kv'].bfloat16(), c['bsel'], c['anc'], c['tblk'], c['m'],
+                                   block_size=16, config=dict(BN=16, CH=32))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+    args = (c['q'], c['kv'], c['bsel'], c['anc'], c['tblk'], c['m'])
+    with pytest.raises(ValueError, match='need bsel'):
+        SS.tree_sparse_attention(*args[:2], c['bsel'][:, :3], *args[3:], block_size=16)
+    with pytest.raises(ValueError, match='kv must be'):
+        SS.tree_sparse_attention(c['q'], c['kv'][:, :3], *args[2:], block_size=16)
+    with pytest.raises(ValueError, match='block_size must be an int'):
+        SS.tree_sparse_attention(*args, block_size=0)
+    with pytest.raises(ValueError, match='BN must be a power of 2'):
+        SS.tree_sparse_attention(*args, block_size=16, config=dict(BN=24))
+
+
+@pytest.mark.parametrize('select', ['masks', 'lists'])
+def test_verify_triton_equals_tree_forward(select, monkeypatch):
+    """TREE_ATTN='triton' in the verify (both selection paths; chunks of 32 slots, tiles of 16): every node's logits ==
+    tree_forward's, at roots on both sides of dense_len (dense nodes: every block in their bitmap)."""
+    monkeypatch.setattr(SS, 'TREE_SELECT', select)
+    monkeypatch.setattr(SS, 'TREE_ATTN', 'triton')
+    monkeypatch.setattr(SS, 'TREE_KERNEL', dict(SS.TREE_KERNEL, BN=16, CH=32))
+    model = model_of(11, dict(SP, use_nope=True) if select == 'masks' else SP)
+    e = SparseFastSpec(model, EagleDraft(model.config).eval(), None, depth=3, topk=2, tree_size=6, max_len=128, chunk=16)
+    g = torch.Generator().manual_seed(13)
+    kinds = set()
+    for m in (61, 77, 90):
+        prompt = torch.randint(0, 97, (m,), generator=g)
+        e._prefill(prompt.tolist())
+        par, dep = random_tree(e.N, e.D, g)
+        tok, mask = torch.randint(0, 97, (e.N + 1,), generator=g), tree_attention_mask(par)
+        with torch.no_grad():
+            logits, hid = e._verify_forward(tok, torch.tensor([m]), dep, mask)
+            cache = model.new_cache(1, m + e.N + 1)
+            prefill_hidden(model, prompt, cache, 16)
+            ref, ref_h = tree_forward(model, tok[None], m + dep, mask, cache)
+        torch.testing.assert_close(logits, ref[0], rtol=1e-4, atol=1e-4, msg=f"root {m}")
+        torch.testing.assert_close(hid, ref_h[0], rtol=1e-4, atol=1e-4)
+        kinds |= {bool(x) for x in e._dense}
+    assert kinds == {True, False}                                    # dense and sparse nodes both ran through the kernel
+
+
+def test_greedy_triton_equals_model_generate(monkeypatch):
+    "SparseFastSpec with TREE_ATTN='triton': greedy == the model's own loop past dense_len, rounds accepting drafts."
+    monkeypatch.setattr(SS, 'TREE_ATTN', 'triton')
+    monkeypatch.setattr(SS, 'TREE_KERNEL', dict(SS.TREE_KERNEL, BN=16, CH=32))
+    model = model_of(1, SP, initializer_range=0.3)
+    draft = EagleDraft(model.config).eval()
+    prompt = torch.randint(3, 97, (70,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = model.generate([prompt], 24, stop_ids=[], fast=False)[0]
+    e = SparseFastSpec(model, draft, torch.tensor(sorted(set(ref) | {5, 7, 11})), depth=3, topk=2, tree_size=6,
+                       max_len=128)
+    assert e.generate(prompt, 24) == ref
+    assert sum(e.last_stats['histogram'][1:]) >= 1                   # a round kept drafted tokens
+    monkeypatch.setattr(SS, 'TREE_ATTN', 'flash')
+    with pytest.raises(ValueError, match="TREE_ATTN must be one of \\('split', 'sdpa', 'triton'\\)"):
+        e.generate(prompt, 4)
+
+
+COMPILE_SM90 = r'''
+import sys, warnings
+import torch
+import triton
+from minicpm4_core import sparse_spec as SS
+from minicpm4_core.kernels._common import interpreter_active
+assert not interpreter_active()
+# 1. CPU tensors, no interpreter: the torch reference, said once
+q, kv = torch.randn(3, 4, 16), torch.randn(40, 4, 16)
+bsel, anc = torch.rand(2, 3, 5) < 0.5, torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+bsel[:, :, 4] = True
+tblk, m = torch.tensor([4, 4, 4]), torch.tensor([33])
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    got = SS.tree_sparse_attention(q, kv, bsel, anc, tblk, m, block_size=8)
+want = SS.masked_tree_attention(q, kv, SS.tree_slots_ok(bsel, anc, tblk, m, 40, 8))
+assert torch.equal(got, want)
+print('WARNED', [str(x.message) for x in w])
+try:
+    SS.tree_sparse_attention(q, kv, bsel, anc, tblk, m, block_size=8, backend='triton')
+except RuntimeError as e: print('REFUSED', e)
+# 2. the kernels compiled ahead of time for sm_90
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.backends import backends
+    assert 'nvidia' in backends
+except (ImportError, AssertionError) as e:
+    print('SKIP', e); sys.exit(0)
+sig = dict(Q='*bf16', KV='*bf16', BSEL='*u8', ANC='*u8', TBLK='*i64', MPOS='*i64', PO='*fp32', PM='*fp32', PL='*fp32',
+           **{k: 'i32' for k in ('sq_t sq_h skv_n skv_h sb_h sb_t sa_t T G HKV NRT NCH CH'.split())}, qk_scale='fp32')
+for G, D, BN, BLOCK, BRANCH in [(8, 64, 64, 64, True), (16, 128, 64, 64, True), (8, 64, 64, 64, False), (4, 128, 16, 8, True)]:
+    const = dict(RT=64, GP=G, D=D, BD=D, BN=BN, BLOCK=BLOCK, NBC=8, ONE=BLOCK % BN == 0, BRANCH=BRANCH, PREC='tf32')
+    triton.compile(ASTSource(SS._tree_attn_kernel, dict(sig, **{k: 'constexpr' for k in const}), const),
+                   target=GPUTarget('cuda', 90, 32), options=dict(num_warps=4, num_stages=2))
+const = dict(RT=64, GP=8, D=64, BD=64, SP=64)
+csig = dict(PO='*fp32', PM='*fp32', PL='*fp32', O='*bf16', **{k: 'i32' for k in 'so_t so_h T G HKV NRT NSPLIT'.split()})
+triton.compile(ASTSource(SS._tree_combine_kernel, dict(csig, **{k: 'constexpr' for k in const}), const),
+               target=GPUTarget('cuda', 90, 32), options=dict(num_warps=1))
+print('COMPILED')
+'''
+
+
+def test_tree_kernels_cpu_fallback_and_compile_for_h200():
+    """In a process without TRITON_INTERPRET: on CPU tensors tree_sparse_attention runs the torch reference and says so
+    once (backend='triton' refuses); the interpreter does not compile, so the two kernels are compiled ahead of time
+    for sm_90 (the H200; no GPU needed) in bf16 at the 0.5B / 8B head shapes, both tile-skip modes and a multi-block
+    tile. The compile part is skipped only where this Triton has no NVIDIA backend."""
+    import os, subprocess, sys
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    r = subprocess.run([sys.executable, '-c', COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'WARNED' in r.stdout and 'no Triton interpreter; using masked_tree_attention on the slot mask' in r.stdout
+    assert "REFUSED tree_sparse_attention(backend='triton') on CPU tensors needs the Triton interpreter" in r.stdout
+    if 'SKIP' in r.stdout: pytest.skip(r.stdout.strip().splitlines()[-1])
+    assert 'COMPILED' in r.stdout, r.stdout[-2000:]

@@ -245,3 +245,39 @@ def test_gemv_step_without_prologues(monkeypatch):
     steps = torch.stack([dec.step(int(t)).clone() for t in ids[4:]])
     torch.testing.assert_close(pre, full[:4], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(steps, full[4:], rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_mask_modes_agree(monkeypatch):
+    """`prefill_mask` 'mask' (an additive (G*T, s+T) tensor) and 'causal' (a lower-right CausalBias, nothing
+    materialised) give the same prefill: StaticDecoder.prefill == the model's forward, the batch decoder's chunked
+    prefill and the engine's, in both modes; the mask pattern is the lower-right causal one; bad modes are refused."""
+    import minicpm4_core.static_decode as SD
+    from minicpm4_core.engine import Engine
+    from minicpm4_core.static_decode import BatchStaticDecoder, prefill_mask
+    m = model_of(21)
+    g = torch.Generator().manual_seed(21)
+    ids = torch.randint(0, 97, (37,), generator=g)
+    with torch.no_grad(): full = m(ids[None])[0]
+    am = prefill_mask(5, 9, 4, 2, torch.float32, 'cpu', 'mask')
+    assert am.shape == (1, 1, 10, 14) and torch.equal(am[0, 0, :5], am[0, 0, 5:])          # the G=2 row blocks
+    want = torch.zeros(5, 14).masked_fill_(torch.arange(14)[None] > torch.arange(9, 14)[:, None], float('-inf'))
+    assert torch.equal(am[0, 0, :5], want)
+    assert torch.equal(prefill_mask(5, 9, 4, 2, torch.float32, 'cpu', 'causal')._materialize('cpu'), want == 0)
+    with pytest.raises(ValueError, match="'mask' or 'causal'"): prefill_mask(5, 9, 4, 2, torch.float32, 'cpu', 'flash')
+    outs = {}
+    for mode in ('mask', 'causal'):
+        monkeypatch.setattr(SD, 'PREFILL_ATTN', mode)
+        dec = StaticDecoder(m, 64)
+        pre = dec.prefill(ids.tolist())
+        torch.testing.assert_close(pre, full, rtol=1e-4, atol=1e-4)
+        bd = BatchStaticDecoder(m, 64, 2)
+        last = bd.prefill(1, ids.tolist(), chunk=8)                       # 5 chunks, the last one ragged
+        torch.testing.assert_close(last, full[-1], rtol=1e-4, atol=1e-4)
+        e = Engine(m, 64, chunk=6)
+        outs[mode] = e.generate([ids[:20].tolist()], 12, stop_ids=[])
+    assert outs['mask'] == outs['causal'] == m.generate([ids[:20].tolist()], 12, stop_ids=[], fast=False)
+    st = StaticDecoder(m, 64).stack                                       # another attention: the additive mask
+    st.attn = lambda q, kv, mask, span=None, seqlens=None: (SD.attend(q, kv, mask, span, seqlens)
+                                                            if torch.is_tensor(mask) else 1 / 0)
+    monkeypatch.setattr(SD, 'PREFILL_ATTN', 'causal')
+    st.run_chunk(torch.randn(4, 64), 3)

@@ -101,8 +101,11 @@ def test_greedy_equals_model_generate():
     assert dec.generate(p[:2], 3) == m.generate(p[:2], 3, stop_ids=[])[0]
 
 
-def test_step_is_graph_capturable(monkeypatch):
-    "Outside the attention kernels the step reads nothing on the host and copies in no fresh CPU tensor."
+HOST_OPS = ('aten.lift_fresh', 'aten._local_scalar_dense', 'aten.nonzero', 'aten.item', 'aten.is_nonzero')
+
+
+def host_ops(fn) -> set:
+    "The ops of fn() (no grad) that read the device on the host or copy in a fresh CPU tensor (not capturable)."
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
@@ -113,16 +116,20 @@ def test_step_is_graph_capturable(monkeypatch):
             self.ops.append(str(func))
             return func(*args, **(kwargs or {}))
 
+    with Record() as r:
+        with torch.no_grad(): fn()
+    return {o for o in r.ops if o.startswith(HOST_OPS)}
+
+
+def test_step_is_graph_capturable(monkeypatch):
+    "Outside the attention kernels the step reads nothing on the host and copies in no fresh CPU tensor."
     for use_nope in (False, True):
         dec = StaticSparseDecoder(model_of(10, dict(SPARSE, use_nope=use_nope)), 32)
         dec.prefill([1, 2, 3, 4, 5, 6])
         # the attention is the kernels' business (capturable on CUDA, tested in test_sparse_kernels): a device stub
         monkeypatch.setattr(ss, 'attend_step', lambda q, *a, **k: q * 1.0)
-        with Record() as r:
-            with torch.no_grad(): dec._step_static(True)
+        bad = host_ops(lambda: dec._step_static(True))
         monkeypatch.undo()
-        bad = {o for o in r.ops if o.startswith(('aten.lift_fresh', 'aten._local_scalar_dense', 'aten.nonzero',
-                                                  'aten.item', 'aten.is_nonzero'))}
         assert not bad and int(dec.base.pos) == 7
 
 
@@ -196,3 +203,215 @@ def test_update_kc_with_a_shared_window(ring):
         update_kc(a, keys, L, p, s, ring)
         update_kc(b, keys, L, p, s, ring, at=kc_window(L, p, s, keys.shape[0], ring))
         assert torch.equal(a, b), t
+
+
+# ---- batches: BatchStaticSparseDecoder (B rows of any lengths) ----
+from minicpm4_core.static_sparse import BatchStaticSparseDecoder, kc_rows_window, sparse_rows, update_kc_rows  # noqa: E402
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    "The packed linears' torch references instead of the Triton interpreter (as tests/test_engine.py)."
+    import minicpm4_core.kernels.w4a16 as W, minicpm4_core.kernels.ternary as TK
+    for mod in (W, TK): monkeypatch.setattr(mod, 'resolve_backend', lambda *a, **k: 'torch')
+
+
+@pytest.mark.parametrize('p,s', [(4, 2), (8, 4), (6, 2)])
+def test_update_kc_rows_bit_equal_per_row(p, s):
+    "Rows at different lengths (completing kernels at different steps), flat buffer and ring: each row bit-equal to "
+    "CompressedKeyCache of its own keys; rows whose key completes no kernel keep their entries untouched."
+    g = torch.Generator().manual_seed(p + 7 * s)
+    B, N, Hkv, D, R = 4, 3 * p + 6, 2, 8, p + s - 1
+    starts = torch.tensor([1, 2, p + 1, 2 * p + 3])
+    keys = torch.randn(B, N + int(starts.max()), Hkv, D, generator=g)
+    nc = num_kernels(keys.shape[1], p, s)
+    kc, kcr = torch.randn(B, nc, Hkv, D, generator=g), torch.randn(B, nc, Hkv, D, generator=g)
+    ring, refs = torch.zeros(B, R, Hkv, D), [CompressedKeyCache(p, s) for _ in range(B)]
+    for b in range(B):
+        for t in range(int(starts[b])):
+            ring[b, t % R] = keys[b, t]; refs[b].append(keys[b:b + 1, t:t + 1])
+        k = 0 if refs[b].kc is None else refs[b].kc.shape[1]
+        kc[b, :k] = kcr[b, :k] = refs[b].kc[0, :k] if k else kc[b, :0]
+    for step in range(N):
+        L = starts + step + 1
+        before = kc.clone()
+        for b in range(B):
+            ring[b, (L[b] - 1) % R] = keys[b, L[b] - 1]; refs[b].append(keys[b:b + 1, L[b] - 1:L[b]])
+        at = kc_rows_window(L, p, s, keys.shape[1], nc)
+        update_kc_rows(kc, keys.view(-1, Hkv, D), L, p, s, at=at)
+        update_kc_rows(kcr, ring.view(-1, Hkv, D), L, p, s, ring=True)
+        for b in range(B):
+            k = 0 if refs[b].kc is None else refs[b].kc.shape[1]
+            assert torch.equal(kc[b, :k], refs[b].kc[0]) and torch.equal(kcr[b, :k], refs[b].kc[0]), (step, b)
+            if not bool(at[2][b]): assert torch.equal(kc[b], before[b]), (step, b)   # untouched bits (random past k)
+
+
+BSPARSE = dict(SPARSE, topk=3, dense_len=28)   # dense while n < 28 (5 blocks x 4 = 20 keys fit the budget): sparse from 28
+
+
+def batch_pair(model, max_len, lens, seed, steps):
+    """Teacher-forced: B rows (prompt lengths `lens`, fresh ids) through the batched decoder vs the model's own cached
+    decoding of each row alone. -> (ours (B, steps+1, V), ref (same), kinds per step, dec, caches)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, model.config.vocab_size, (n + steps,), generator=g) for n in lens]
+    dec = BatchStaticSparseDecoder(model, max_len, len(lens))
+    caches = [model.new_cache(1, max_len) for _ in lens]
+    with torch.no_grad():
+        ref = [[model(x[None, :n], cache=c)[0, -1]] for x, n, c in zip(ids, lens, caches)]
+        ours = [[dec.prefill(b, x[:n]).clone()] for b, (x, n) in enumerate(zip(ids, lens))]
+        kinds = []
+        for t in range(steps):
+            kinds.append(dec.step_kind())
+            out = dec.step(torch.stack([x[n + t] for x, n in zip(ids, lens)])).clone()
+            for b, (x, n, c) in enumerate(zip(ids, lens, caches)):
+                ours[b].append(out[b]); ref[b].append(model(x[None, n + t:n + t + 1], cache=c)[0, -1])
+    st = lambda rows: torch.stack([torch.stack(r) for r in rows])
+    return st(ours), st(ref), kinds, dec, caches
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(use_nope=True), dict(selection='minicpm4.1', topk=4, window_size=4)],
+                         ids=['default', 'use_nope', 'minicpm4.1'])
+def test_batch_steps_equal_each_row_alone(kw):
+    "3 rows: one crossing dense_len while decoding, rows completing kernels at different steps (dense/mixed/sparse)."
+    model = model_of(11, dict(BSPARSE, **kw))
+    lens = (5, 10, 13)
+    ours, ref, kinds, dec, caches = batch_pair(model, 48, lens, seed=12, steps=24)
+    modes = [k[0] for k in kinds]
+    assert {'dense', 'mixed', 'sparse'} <= set(modes), modes
+    comp = [[dec.completes_kernel(n + t + 1) for n in lens] for t in range(24)]
+    assert any(any(c) and not all(c) for c in comp) and [any(c) for c in comp] == [k[1] for k in kinds]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert dec.n == [n + 24 for n in lens] and dec.base.pos.tolist() == dec.n
+    st = dec.st
+    for b, c in enumerate(caches):                    # each row's compressed keys = its own CompressedKeyCache's
+        for l in range(len(model.model.layers)):
+            if st.use_nope:
+                want = compress_keys(c.layers[l].state['infllmv2_k_nope'][:, :dec.n[b]], st.kernel_size, st.kernel_stride)
+            else:
+                want = c.layers[l].state['infllmv2'].fine[0].kc
+            torch.testing.assert_close(dec.kc[l, b, :want.shape[1]], want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('lens', [(3, 10, 30), (25, 30, 1), (2, 3), (30, 31), (5, 40), (44, 1)])
+def test_reachable_modes_are_the_steps_modes(lens):
+    "What capture_all captures on CUDA: the modes of every step from these lengths until a row's buffer is full."
+    dec = BatchStaticSparseDecoder(model_of(0, BSPARSE), 44, len(lens))
+    dec.n = list(lens)
+    want = [dec.step_kind([n + t for n in lens])[0] for t in range(44 - max(lens))]
+    assert dec.reachable_modes() == list(dict.fromkeys(want))
+
+
+def test_batch_greedy_equals_generate_and_reuse():
+    "generate(prompts, n) == model.generate of each prompt alone; a second call (other lengths) reuses the buffers."
+    m = model_of(13, BSPARSE)
+    dec = BatchStaticSparseDecoder(m, 44, 3)
+    for lens in ((6, 16, 25), (30, 3, 9)):
+        ps = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lens]
+        assert dec.generate(ps, 15) == [m.generate([p], 15, stop_ids=[], fast=False)[0] for p in ps]
+
+
+@pytest.mark.parametrize('quant,kw', [(None, {}), (None, dict(use_nope=True)), ('w4a16', {}), ('ternary', {})],
+                         ids=['none', 'use_nope', 'w4a16', 'ternary'])
+def test_engine_batch_sparse_static(quant, kw, torch_kernels):
+    "Engine(batch_sparse='static'): a batch past dense_len through BatchStaticSparseDecoder == each prompt alone."
+    from minicpm4_core.engine import Engine
+    m = model_of(14, dict(BSPARSE, **kw))
+    ps = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n + 1)).tolist() for n in (23, 4, 13)]
+    eng = Engine(m, 40, max_batch=3, quant=quant, chunk=7, batch_sparse='static')
+    assert eng.pick_backend(3) == 'static' and eng.pick_backend(1) == 'static'
+    assert Engine(m, 40, max_batch=3).pick_backend(3) == 'eager'      # the default keeps the eager route
+    want = [m.generate([p], 14, stop_ids=[], fast=False)[0] for p in ps]
+    assert eng.generate(ps, 14, stop_ids=[]) == want
+    t = eng.last_timing
+    assert t['backend'] == 'static' and t['batch'] == 3 and eng._bsparse is not None and t['prefill_s'] > 0
+    assert eng.generate(ps[:2], 9, stop_ids=[]) == [w[:9] for w in want[:2]] and eng._bsparse.B == 2
+    d = eng._bsparse                                                  # memory() counts its buffers (kv, kc, ring)
+    own = sum(t.numel() * t.element_size() for t in [d.base.stack.kv, d.kc] + ([d.ring] if d.ring is not None else []))
+    assert eng.memory()['static_stack'] >= own > 0
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton import")
+@pytest.mark.parametrize('lens,steps,kw', [((104, 108, 112), 6, {}), ((2, 9, 113), 3, dict(use_nope=True))],
+                         ids=['near', 'short-rows-use_nope'])
+def test_batch_triton_path_under_interpreter(monkeypatch, lens, steps, kw):
+    "SPARSE_IMPL='triton': dense_decode / decode_step over all rows (lengths on the device), mixed steps by a "
+    "device-side select: == each row's reference decoding (short-rows: decode_step also runs over rows of 3-11 keys, "
+    "fewer than one compression kernel, whose output the select discards)."
+    from minicpm4_core.kernels import sparse as sk
+    if not sk.interpreter_active(): pytest.skip("triton imported before TRITON_INTERPRET was set")
+    sc = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=4, dense_len=112, **kw)
+    model = model_of(15, sc, num_hidden_layers=1)                     # dense below 112 keys, sparse from 112
+    calls = []
+    for name in ('decode_step', 'dense_decode'):
+        real = getattr(sk, name)
+        monkeypatch.setattr(sk, name, lambda *a, _r=real, _n=name, **k: calls.append((_n, a[0].shape[0])) or _r(*a, **k))
+    g = torch.Generator().manual_seed(16)
+    ids = [torch.randint(0, 97, (n + steps,), generator=g) for n in lens]
+    dec = BatchStaticSparseDecoder(model, 128, 3)
+    caches = [model.new_cache(1, 128) for _ in lens]
+    with torch.no_grad():
+        for b, (x, n) in enumerate(zip(ids, lens)):
+            model(x[None, :n], cache=caches[b]); dec.prefill(b, x[:n])
+        monkeypatch.setattr(infllmv2, 'SPARSE_IMPL', 'triton')            # only the static steps on the kernels
+        kinds = [dec.step_kind([n + t for n in lens]) for t in range(steps)]
+        ours = torch.stack([dec.step(torch.stack([x[n + t] for x, n in zip(ids, lens)])).clone() for t in range(steps)])
+        monkeypatch.setattr(infllmv2, 'SPARSE_IMPL', 'torch')
+        ref = torch.stack([torch.cat([model(x[None, n + t:n + t + 1], cache=c)[0] for x, n, c in zip(ids, lens, caches)])
+                           for t in range(steps)])
+    assert [k[0] for k in kinds] == ['mixed'] * steps and any(k[1] for k in kinds)  # row 0 stays dense (< 112 keys)
+    assert calls.count(('decode_step', 3)) == steps and calls.count(('dense_decode', 3)) == steps
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(selection='minicpm4.1', topk=4, window_size=4), dict(dense_len=40),
+                                dict(dense_len=0)])
+def test_sparse_rows_is_dense_at(kw):
+    "The device-side per-row switch of the mixed step == SparseSettings.dense_at at every length."
+    st = infllmv2.sparse_settings(MiniCPM4Config.tiny(**TINY, sparse_config=dict(SPARSE, **kw)))
+    L = torch.arange(1, 80)
+    assert sparse_rows(L, st).tolist() == [not st.dense_at(n) for n in L.tolist()]
+
+
+def test_batch_step_is_graph_capturable(monkeypatch):
+    "Every variant (dense/sparse/mixed x update): no host read, no fresh CPU tensor outside the attention kernels."
+    for use_nope in (False, True):
+        dec = BatchStaticSparseDecoder(model_of(10, dict(BSPARSE, use_nope=use_nope)), 32, 2)
+        dec.prefill(0, [1, 2, 3, 4, 5, 6]); dec.prefill(1, list(range(1, 25)))
+        for mode in ('dense', 'sparse', 'mixed'):
+            for update in (False, True):
+                monkeypatch.setattr(ss, 'attend_step', lambda q, *a, **k: q * 1.0)   # the kernels' business
+                monkeypatch.setattr(ss, '_kernels', lambda x: object())             # the all-rows (device) path
+                pos = dec.base.pos.clone()
+                bad = host_ops(lambda: dec._step_static(mode, update))
+                monkeypatch.undo()
+                assert not bad and torch.equal(dec.base.pos, pos + 1), (mode, update, bad)
+                dec.base.pos.copy_(pos)
+
+
+def test_batch_bad_arguments():
+    from minicpm4_core.engine import Engine
+    with pytest.raises(ValueError, match='sparse_config is None'): BatchStaticSparseDecoder(model_of(0, None), 16, 2)
+    with pytest.raises(ValueError, match='lse_approx'): BatchStaticSparseDecoder(model_of(0, dict(SPARSE, lse_approx=True)), 16, 2)
+    with pytest.raises(ValueError, match='MiniCPM4ForCausalLM'): BatchStaticSparseDecoder(object(), 16, 2)
+    with pytest.raises(ValueError, match='batch must be'): BatchStaticSparseDecoder(model_of(0), 16, 0)
+    with pytest.raises(ValueError, match='graphs=True'): BatchStaticSparseDecoder(model_of(0), 16, 2, graphs=True)
+    with pytest.raises(ValueError, match='batch_sparse'): Engine(model_of(0), 16, batch_sparse='graphs')
+    m = model_of(0)
+    dec = BatchStaticSparseDecoder(m, 8, 2)
+    dec.prefill(0, [1, 2, 3])
+    with pytest.raises(ValueError, match='every row before step'): dec.step([1, 2])
+    with pytest.raises(ValueError, match='b must be a row'): dec.prefill(2, [1])
+    with pytest.raises(ValueError, match='b must be a row'): dec.load_cache(True, m.new_cache(1, 2))
+    with pytest.raises(ValueError, match='exceeds max_len'): dec.prefill(1, list(range(9)))
+    with pytest.raises(ValueError, match='KVCache'): dec.load_cache(1, {})
+    with pytest.raises(ValueError, match='batch 1 only'): dec.load_cache(1, m.new_cache(2, 4))
+    with pytest.raises(RuntimeError, match='CUDA'): dec.capture_all()
+    dec.prefill(1, [4, 5, 6, 7, 8, 9, 10])
+    with pytest.raises(ValueError, match='2 integer ids'): dec.step([1])
+    with pytest.raises(ValueError, match='2 integer ids'): dec.step([1.0, 2.0])
+    with pytest.raises(ValueError, match='mode must be'): dec.time_step(mode='both')
+    dec.step([1, 2])
+    with pytest.raises(ValueError, match='full'): dec.step([1, 2])
+    with pytest.raises(ValueError, match='max_new_tokens'): dec.generate([[1], [2]], 0)
+    with pytest.raises(ValueError, match='need 2 prompts'): dec.generate([[1]], 2)
+    with pytest.raises(ValueError, match='slots > max_len'): dec.generate([[1] * 5, [2]], 5)

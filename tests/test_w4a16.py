@@ -520,3 +520,27 @@ def test_gemvtu_one_hot_rows_and_bad_configs():
         w4a16_matmul(torch.randn(2, K), qw, s, qz, G, config=cfg)
     with pytest.raises(ValueError, match="block_k >= 64"):
         W4A16Config('gemvtu', 1, 64, 32, 1, 4, 1)
+
+
+# ---- rows 17-64 (an FR-Spec tree verify) on the split-K GEMM with one M tile (session 2026-12-05, opt-in) ----
+
+@pytest.mark.parametrize("M", [17, 33, 49])
+def test_verify_rows_on_one_m_tile(monkeypatch, M):
+    "SKINNY_MAX_M = 64: 17-64 rows take one 32/64-row tile with split-K (the weights read once) and match the reference."
+    import minicpm4_core.kernels.w4a16 as w4
+    K, N, G = 512, 200, 64
+    assert default_config(M, N, K, G).block_m in (64, 128) and default_config(M, N, K, G).split_k == 1
+    monkeypatch.setattr(w4, 'SKINNY_MAX_M', 64)
+    default_config.cache_clear()
+    try:
+        c = default_config(M, N, K, G)
+        assert c.kernel == 'gemm' and c.block_m == (32 if M <= 32 else 64) >= M and c.block_n == 64
+        qw, s, qz = random_w4(K, N, G, seed=70 + M)
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 2e-5)):
+            x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
+            for cfg in (c, W4A16Config('gemm', c.block_m, 64, 64, 3)):            # the default and a forced 3-way split
+                y = torch.full((M, N), float('nan'), dtype=dtype)
+                w4a16_matmul(x, qw, s, qz, G, backend='triton', config=cfg, out=y)
+                assert torch.isfinite(y).all() and rel(y, ref64(x, qw, s, qz, G)) <= tol, (dtype, cfg)
+    finally:
+        default_config.cache_clear()

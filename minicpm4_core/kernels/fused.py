@@ -18,7 +18,7 @@ from ._common import interpreter_active, next_pow2
 
 # %% auto #0
 __all__ = ['FUSED_BACKENDS', 'GEMV_CONFIGS', 'PROLOGUE_MAX_BYTES', 'fused_backend', 'add_rms_norm', 'rope_kv_write', 'silu_mul',
-           'gemv_config', 'prologue_fits', 'gemv']
+           'gemv_config', 'prologue_fits', 'gemv', 'skinny_linear']
 
 # %% ../../nbs/11d_fused_ops.ipynb #fd11d008
 FUSED_BACKENDS = ('auto', 'triton', 'torch', 'compile')
@@ -262,3 +262,36 @@ def gemv(x, w, *, norm_w=None, eps: float = 1e-6, silu: bool = False, res=None, 
                                         w.stride(0), float(r), float(eps), NORM=norm_w is not None, SILU=silu,
                                         RESID=res is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
     return y
+
+# %% ../../nbs/11d_fused_ops.ipynb #560db764
+@triton.jit
+def _skinny_kernel(X, W, Y, M, N, K, sx, sw, sy, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    "Y[:M, n-block] = X[:M] @ W[n-block]^T: all M (<= BM) rows in one program, so each weight tile is read once."
+    rm, rn, rk = tl.arange(0, BM), tl.program_id(0) * BN + tl.arange(0, BN), tl.arange(0, BK)
+    xp = X + rm[:, None] * sx + rk[None, :]
+    wp = W + rn[None, :] * sw + rk[:, None]                          # (BK, BN): a tile of W^T
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, K, BK):
+        acc += tl.dot(tl.load(xp, mask=rm[:, None] < M, other=0.0), tl.load(wp, mask=rn[None, :] < N, other=0.0))
+        xp += BK
+        wp += BK
+    tl.store(Y + rm[:, None] * sy + rn[None, :], acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, bn: int = 16, bk: int = 256, num_warps: int = 4,
+                  num_stages: int = 3) -> torch.Tensor:
+    """x (M, K) @ w (N, K)^T for a few rows (M <= 64; K a multiple of bk): one Triton program per bn output columns
+    holds every row, so the weight streams once (cuBLAS picks 64-row tiles and split-K at these M). A candidate of
+    `frspec.FastSpec._tune` for the verify's linears (M = N+1 tree rows); CPU: under TRITON_INTERPRET=1 only."""
+    M, K = x.shape
+    N = w.shape[0]
+    if M > 64 or K % bk or w.shape[1] != K or w.stride(1) != 1:
+        raise ValueError(f"skinny_linear: need x (M <= 64, K), w (N, K) with unit last stride, K % bk == 0; got x "
+                         f"{tuple(x.shape)}, w {tuple(w.shape)}, bk={bk}")
+    x = x.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    bm = 16 if M <= 16 else 64                                        # two compiled row tiles
+    _skinny_kernel[(triton.cdiv(N, bn),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk,
+                                          num_warps=num_warps, num_stages=num_stages)
+    return y
+

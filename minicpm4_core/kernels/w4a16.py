@@ -21,10 +21,10 @@ import triton.language as tl
 from ._common import BACKENDS, _warn_once, interpreter_active, num_sms, resolve_backend, splitk_store, zero_buffer  # noqa: F401 (re-exported)
 
 # %% auto #0
-__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'DECODE_KERNEL', 'GEMVU_PER_SM', 'GEMVS_MIN_N', 'BATCH_KERNEL', 'GEMVS_TILE',
-           'GEMVS_PER_SM', 'GEMVS_MAX_SPLIT', 'w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size',
-           'dequantize_w4', 'w4a16_matmul_naive', 'W4A16Config', 'default_config', 'w4a16_dequantize', 'w4a16_matmul',
-           'random_w4', 'self_check']
+__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'SKINNY_MAX_M', 'DECODE_KERNEL', 'GEMVU_PER_SM', 'GEMVS_MIN_N', 'BATCH_KERNEL',
+           'GEMVS_TILE', 'GEMVS_PER_SM', 'GEMVS_MAX_SPLIT', 'w4a16_bytes', 'pack_int4', 'unpack_int4',
+           'resolve_group_size', 'dequantize_w4', 'w4a16_matmul_naive', 'W4A16Config', 'default_config',
+           'w4a16_dequantize', 'w4a16_matmul', 'random_w4', 'self_check']
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #2b12b3f0
 def w4a16_bytes(M: int, K: int, N: int, group_size: int = 128, act_bytes: int = 2) -> dict:
@@ -872,6 +872,9 @@ def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg, str
 # %% ../../nbs/71_w4a16_kernel.ipynb #4da5003b
 KERNELS = ('gemv', 'gemv16', 'gemvtc', 'gemvs', 'gemvu', 'gemvtu', 'gemm', 'dequant')
 DEQUANT_MIN_M = 256    # rows from which prefill dequantizes once and calls cuBLAS (tuned on the device)
+SKINNY_MAX_M = 16      # up to this many rows: the split-K GEMM with one M tile (16/32/64 rows); above it the
+                       # prefill tiling. 64 serves FR-Spec verifies (17-49 rows) the same way: CPU-tested, not
+                       # yet timed on a GPU (s8), so 16 (measured) stays the default until it is
 DECODE_KERNEL = 'gemvtc'  # M = 1 default: 'gemv' (1), 'gemvtc' (4), 'gemvs' (5) or 'gemvu' (6). s7 round 1 (H200): gemvu
                           # 15.8 / 15.9 / 7.0 / 4.2 us at the four 8B shapes vs 16.5 gemvs / 21.1 / 9.2 / 5.3 gemvtc, but 7 of
                           # its 40 configs gave wrong results there (the split-K race, fixed after that run and not
@@ -1009,9 +1012,13 @@ def default_config(M: int, N: int, K: int, group_size: int = 128, device=None,
     bk = _largest_pow2_divisor(G, 128)
     if bk < 16:
         raise ValueError(f"group_size={group_size}: the GEMM kernel needs groups that are multiples of 16")
-    if M <= 16:
+    if M <= SKINNY_MAX_M:
+        # 64 columns x split-K keep >= 2 programs per SM for a few rows. Rows 17-64 (an FR-Spec verify) used the
+        # prefill tiling (64 x 128, no split: 8-38 programs at the 0.5B shapes, 2.5x slower than bf16 on the H200);
+        # the rows fit one M tile here, so every weight tile is still read once
+        bm = 16 if M <= 16 else (32 if M <= 32 else 64)
         bn = 64
-        return W4A16Config('gemm', 16, bn, bk, _pick_split(triton.cdiv(N, bn), K, bk, sms), 4, 4)
+        return W4A16Config('gemm', bm, bn, bk, _pick_split(triton.cdiv(N, bn), K, bk, sms), 4, 4 if bm <= 32 else 3)
     bm = 64 if M <= 64 else 128
     return W4A16Config('gemm', bm, 128, min(bk, 64), 1, 8 if bm == 128 else 4, 3)
 
