@@ -221,6 +221,13 @@ def prefill(self: StaticSparseDecoder, ids) -> torch.Tensor:
     return logits
 
 # %% ../nbs/62_static_sparse_decode.ipynb #43a1de5a
+def _run_step(dec, key: tuple) -> None:
+    "One step variant `key` of a static sparse decoder: its CUDA graph (captured on first use) or, without graphs, eagerly."
+    if not dec.graphs: return dec._step_static(*key)
+    g = dec._graphs.get(key)
+    (g if g is not None else dec._capture(*key)).replay()
+
+
 @patch
 @torch.no_grad()
 def step(self: StaticSparseDecoder, token) -> torch.Tensor:
@@ -231,12 +238,7 @@ def step(self: StaticSparseDecoder, token) -> torch.Tensor:
     self.base.tok.copy_(t)
     key = self.is_sparse(self.n + 1), self.completes_kernel(self.n + 1)
     self._n_keys = self.n + 1
-    if self.graphs:
-        g = self._graphs.get(key)
-        if g is None: g = self._capture(*key)
-        g.replay()
-    else:
-        self._step_static(*key)
+    _run_step(self, key)
     self.n += 1; self.base.n = self.n
     return self.base.out[0]
 
@@ -434,12 +436,7 @@ def step(self: BatchStaticSparseDecoder, tokens) -> torch.Tensor:
     self.base.tok.copy_(t)
     key = self.step_kind()
     self._rows = [(self.is_sparse(n + 1), n + 1) for n in self.n]
-    if self.graphs:
-        g = self._graphs.get(key)
-        if g is None: g = self._capture(*key)
-        g.replay()
-    else:
-        self._step_static(*key)
+    _run_step(self, key)
     self.n = [k + 1 for k in self.n]
     self.base.n = list(self.n)
     return self.base.out

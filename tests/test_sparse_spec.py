@@ -42,6 +42,22 @@ def random_tree(N, D, g):
     return par, torch.tensor(dep)
 
 
+def check_verify(e, model, m: int, g) -> None:
+    """A fresh random prompt of m tokens and a random tree at its end: every node's verify logits and hidden states ==
+    `tree_forward`'s on a cache filled by the model's chunked prefill."""
+    prompt = torch.randint(0, 97, (m,), generator=g)
+    e._prefill(prompt.tolist())
+    par, dep = random_tree(e.N, e.D, g)
+    tok, mask = torch.randint(0, 97, (e.N + 1,), generator=g), tree_attention_mask(par)
+    with torch.no_grad():
+        logits, hid = e._verify_forward(tok, torch.tensor([m]), dep, mask)
+        cache = model.new_cache(1, m + e.N + 1)
+        prefill_hidden(model, prompt, cache, 16)
+        ref, ref_h = tree_forward(model, tok[None], m + dep, mask, cache)
+    torch.testing.assert_close(logits, ref[0], rtol=1e-4, atol=1e-4, msg=f"root {m}")
+    torch.testing.assert_close(hid, ref_h[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('select', ['masks-split', 'masks', 'lists'])
 @pytest.mark.parametrize('kw', [dict(), dict(use_nope=True), dict(selection='minicpm4.1', topk=5),
                                 dict(init_blocks=2, kernel_size=12, topk=4), dict(window_size=8, topk=2)],
@@ -56,17 +72,7 @@ def test_verify_equals_tree_forward(kw, select, monkeypatch):
     g = torch.Generator().manual_seed(12)
     dense_and_sparse, kernels_in_paths = 0, 0
     for m in (50, 60, 61, 62, 63, 64, 77, 90):
-        prompt = torch.randint(0, 97, (m,), generator=g)
-        e._prefill(prompt.tolist())
-        par, dep = random_tree(e.N, e.D, g)
-        tok, mask = torch.randint(0, 97, (e.N + 1,), generator=g), tree_attention_mask(par)
-        with torch.no_grad():
-            logits, hid = e._verify_forward(tok, torch.tensor([m]), dep, mask)
-            cache = model.new_cache(1, m + e.N + 1)
-            prefill_hidden(model, prompt, cache, 16)
-            ref, ref_h = tree_forward(model, tok[None], m + dep, mask, cache)
-        torch.testing.assert_close(logits, ref[0], rtol=1e-4, atol=1e-4, msg=f"root {m}")
-        torch.testing.assert_close(hid, ref_h[0], rtol=1e-4, atol=1e-4)
+        check_verify(e, model, m, g)
         dense_and_sparse += bool(e._dense.any() and not e._dense.all())
         kernels_in_paths += int(e._g['new'].sum())
     assert dense_and_sparse >= 1 and kernels_in_paths >= 5        # both regimes in one tree; path kernels exercised
@@ -300,17 +306,7 @@ def test_verify_triton_equals_tree_forward(select, monkeypatch):
     g = torch.Generator().manual_seed(13)
     kinds = set()
     for m in (61, 77, 90):
-        prompt = torch.randint(0, 97, (m,), generator=g)
-        e._prefill(prompt.tolist())
-        par, dep = random_tree(e.N, e.D, g)
-        tok, mask = torch.randint(0, 97, (e.N + 1,), generator=g), tree_attention_mask(par)
-        with torch.no_grad():
-            logits, hid = e._verify_forward(tok, torch.tensor([m]), dep, mask)
-            cache = model.new_cache(1, m + e.N + 1)
-            prefill_hidden(model, prompt, cache, 16)
-            ref, ref_h = tree_forward(model, tok[None], m + dep, mask, cache)
-        torch.testing.assert_close(logits, ref[0], rtol=1e-4, atol=1e-4, msg=f"root {m}")
-        torch.testing.assert_close(hid, ref_h[0], rtol=1e-4, atol=1e-4)
+        check_verify(e, model, m, g)
         kinds |= {bool(x) for x in e._dense}
     assert kinds == {True, False}                                    # dense and sparse nodes both ran through the kernel
 
