@@ -14,6 +14,14 @@ captured in a CUDA graph and replayed over enough copies of the layer's K/V to l
 (`--stages round`): ms per SparseFastSpec round at 16K (0.5B, random bf16 weights, tree 6x8/32, graph replay) with
 'split' and 'triton', and whether their tokens agree.
 
+The 'select' stages (`--stages select:0.5b,select:8b`): the per-layer selection (issue 13 session 8, helper S3) -
+`tree_slot_mask(..., bitmap=True)` (the torch 'masks' path, ~15-25 kernels) vs `tree_select_bitmap` (TREE_SELECT =
+'triton': two kernels) on the same fresh random bf16 q / kc / knew at the released sparse_config (kernels 32 / 16,
+blocks of 64, top-64, window 32, init 1) and a random tree at root ctx, plus 'triton-cand' (the top-k from at most 128
+ranked candidates, TREE_SELECT_KERNEL CAP=128); bitmaps compared in the same run (`triton_same`, `triton_diff_rows`:
+rows that differ, expected only at rounding ties); each graph-timed over copies of kc beyond L2.
+The round stage runs TREE_SELECT 'masks' and 'triton' with TREE_ATTN 'split' (and 'triton' x 'triton').
+
 The variants (first shape, largest tree): tile skip by masked loads instead of a branch, 128-row tiles, chunks of
 256 slots at every context (max_splits 1024; the default caps the chunks at 256, so 128K gets 576-slot chunks).
 
@@ -21,6 +29,7 @@ Prints as it goes, writes the JSON after each stage, stops starting stages past 
 
     PYTHONPATH=. python kernels/bench_tree_attention.py --out layer.json [--budget 55]          # per layer, 3 shapes
     PYTHONPATH=. python kernels/bench_tree_attention.py --out round.json --stages round         # rounds at 16K
+    PYTHONPATH=. python kernels/bench_tree_attention.py --out sel.json --stages select:0.5b,select:8b   # selection
     PYTHONPATH=. python kernels/bench_tree_attention.py --cpu-smoke [--stages ...]   # TRITON_INTERPRET=1, tiny, CPU
 """
 import argparse
@@ -118,6 +127,9 @@ def main():
                     help="extra 'triton' configs, run for the first layer shape at the largest tree")
     ap.add_argument('--stages', default=None, help="comma list of 'layer:SHAPE' and 'round' in order (default: "
                     "'layer:S' for each of --shapes)")
+    ap.add_argument('--round-opts', default='split,triton,split+tsel,triton+tsel',
+                    help="the round stage's TREE_ATTN options ('+tsel': with TREE_SELECT='triton'); 'split' first: the "
+                    "reference for the token comparison")
     ap.add_argument('--cpu-smoke', action='store_true', help='TRITON_INTERPRET=1, tiny shapes, CPU: proves it runs')
     a = ap.parse_args()
     t0 = time.time()
@@ -142,12 +154,15 @@ def main():
 
     extra = [v for v in a.variants.split(',') if v]
     stages = a.stages.split(',') if a.stages else [f'layer:{v}' for v in a.shapes.split(',')]
-    bad = [v for v in stages if v != 'round' and not (v.startswith('layer:') and v[6:] in SHAPES)]
-    if bad: sys.exit(f"--stages: unknown {bad}; use 'round' and 'layer:SHAPE' with SHAPE in {list(SHAPES)}")
-    first = next((v[6:] for v in stages if v != 'round'), None)
+    bad = [v for v in stages if v != 'round' and not (v.split(':')[0] in ('layer', 'select') and v.split(':')[-1] in SHAPES)]
+    if bad: sys.exit(f"--stages: unknown {bad}; use 'round', 'layer:SHAPE' and 'select:SHAPE' with SHAPE in {list(SHAPES)}")
+    first = next((v[6:] for v in stages if v.startswith('layer:')), None)
     for stage in stages:
         if stage == 'round':
             round_stage(a, res, left, dev, save)
+            continue
+        if stage.startswith('select:'):
+            select_stage(a, res, left, dev, dtype, stage[7:], contexts, trees, save)
             continue
         shape = stage[6:]
         for ctx in contexts:
@@ -192,6 +207,72 @@ def main():
     print('done in', res['total_s'], 's', flush=True)
 
 
+def select_stage(a, res, left, dev, dtype, shape, contexts, trees, save):
+    """Per-layer selection: tree_slot_mask(bitmap=True) (torch) vs tree_select_bitmap (Triton), same inputs, bitmaps
+    compared; graph-timed over copies of kc beyond L2."""
+    from types import SimpleNamespace
+    res.setdefault('select', [])
+    if a.cpu_smoke:
+        st = SimpleNamespace(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, local_blocks=2, topk=4,
+                             selection='minicpm4')
+    else:
+        st = SimpleNamespace(kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1, local_blocks=32, topk=64,
+                             selection='minicpm4')
+    Hq, Hkv, D = SHAPES[shape]
+    for ctx in contexts:
+        for T in trees:
+            if left() < 4:
+                res['notes'].append(f'select {shape} ctx {ctx} T {T}: skipped ({left():.0f} s left)'); print(res['notes'][-1])
+                continue
+            ts = time.time()
+            g = torch.Generator().manual_seed(ctx + T)
+            anc, dep = tree_of(T, 6, g)
+            Lt = -(-(ctx + T + 64) // 512) * 512
+            nb = -(-Lt // st.block_size)
+            NC = (Lt - st.kernel_size) // st.kernel_stride + 1
+            geo = SS.tree_geometry(torch.tensor([ctx], device=dev), dep.to(dev), anc.to(dev), st.kernel_size,
+                                   st.kernel_stride, Lt, st.block_size)
+            dense = torch.zeros(T, dtype=torch.bool, device=dev)
+            r = SS.tree_round_masks(geo, st, dense, NC, nb)
+            gd = torch.Generator(dev).manual_seed(ctx * 7 + T)
+            q = torch.randn(T, Hq, D, generator=gd, device=dev).to(dtype)
+            kc = torch.randn(NC, Hkv, D, generator=gd, device=dev).to(dtype)
+            kn = torch.randn(T, Hkv, D, generator=gd, device=dev).to(dtype)
+            ncopy = copies_beyond_l2(kc.numel() * kc.element_size(), dev) if dev.type == 'cuda' else 1
+            kcs = [kc] + [kc.clone() for _ in range(ncopy - 1)]
+            row = dict(shape=shape, ctx=ctx, T=T, num_blocks=nb, kernels=NC, kc_copies=ncopy)
+            cand = dict(CAP=8, GN=8) if a.cpu_smoke else dict(CAP=128, GN=128)
+            opts = {'masks': lambda k: SS.tree_slot_mask(q, k, kn, geo, r, st, nb, bitmap=True),
+                    'triton': lambda k: SS.tree_select_bitmap(q, k, kn, geo, r, st, nb, dense),
+                    'triton-cand': lambda k: SS.tree_select_bitmap(q, k, kn, geo, r, st, nb, dense, config=cand)}
+            with torch.no_grad():
+                want = opts['masks'](kc)
+                row['blocks_per_row'] = round(float(want.sum(-1).float().mean()), 1)
+                for name in ('triton', 'triton-cand'):
+                    try:
+                        got = opts[name](kc)
+                        row[f'{name}_same'] = bool(torch.equal(want, got))
+                        row[f'{name}_diff_rows'] = int((want != got).any(-1).sum())
+                    except Exception as e:                               # noqa: BLE001
+                        row[f'{name}_same'] = f'{type(e).__name__}: {e}'[:200]
+                for name, fn in opts.items():
+                    if left() < 2: row[f'{name}_us'] = 'skipped: budget'; continue
+                    try:
+                        fns = [(lambda k: lambda: fn(k))(k) for k in kcs]
+                        row[f'{name}_us'] = round(1e3 * device_time(fns, dev, inner=len(fns),
+                                                                  reps=10 if dev.type == 'cuda' else 1), 2)
+                    except Exception as e:                               # noqa: BLE001
+                        row[f'{name}_us'] = f'{type(e).__name__}: {e}'[:200]
+            for name in ('triton', 'triton-cand'):
+                if isinstance(row.get('masks_us'), float) and isinstance(row.get(f'{name}_us'), float):
+                    row[f'{name}_x_vs_masks'] = round(row['masks_us'] / row[f'{name}_us'], 2)
+            row['stage_s'] = round(time.time() - ts, 1)
+            res['select'].append(row); save()
+            print('select', row, flush=True)
+            del kcs, q, kc, kn
+            if dev.type == 'cuda': torch.cuda.empty_cache()
+
+
 def round_stage(a, res, left, dev, save):
     "ms per SparseFastSpec round (graph replay from the state after the prompt) with TREE_ATTN 'split' and 'triton'."
     from minicpm4_core.config import MiniCPM4Config, default_sparse_config
@@ -216,10 +297,11 @@ def round_stage(a, res, left, dev, save):
     p = torch.randint(0, c.vocab_size, (ctx,), generator=torch.Generator().manual_seed(2)).tolist()
     rr.update(ctx=ctx, tree=tree)
     toks = {}
-    for name in ('split', 'triton'):
+    for name in a.round_opts.split(','):
         if left() < 12: rr[f'{name}_round_ms'] = f'skipped ({left():.0f} s left)'; continue
-        old = SS.TREE_ATTN
-        SS.TREE_ATTN = name
+        old, olds = SS.TREE_ATTN, SS.TREE_SELECT
+        SS.TREE_ATTN = name.split('+')[0]
+        SS.TREE_SELECT = 'triton' if name.endswith('+tsel') else 'masks'
         try:
             ts = time.time()
             e = SS.SparseFastSpec(model, draft, vocab, max_len=ctx + 160, chunk=ctx if dev.type == 'cuda' else 32,
@@ -233,11 +315,13 @@ def round_stage(a, res, left, dev, save):
         except Exception as ex:                                  # noqa: BLE001
             rr[f'{name}_round_ms'] = f'{type(ex).__name__}: {ex}'[:200]
         finally:
-            SS.TREE_ATTN = old
+            SS.TREE_ATTN, SS.TREE_SELECT = old, olds
         print('round', {k: v for k, v in rr.items()}, flush=True); save()
-    if len(toks) == 2: rr['same_tokens_split_triton'] = toks['split'] == toks['triton']
-    if isinstance(rr.get('triton_round_ms'), float) and isinstance(rr.get('split_round_ms'), float):
-        rr['triton_x_vs_split'] = round(rr['split_round_ms'] / rr['triton_round_ms'], 2)
+    for name in list(toks)[1:]:
+        if 'split' in toks: rr[f'same_tokens_split_{name}'] = toks['split'] == toks[name]
+    for name in ('triton', 'split+tsel', 'triton+tsel'):
+        if isinstance(rr.get(f'{name}_round_ms'), float) and isinstance(rr.get('split_round_ms'), float):
+            rr[f'{name}_x_vs_split'] = round(rr['split_round_ms'] / rr[f'{name}_round_ms'], 2)
     print('round', rr, flush=True); save()
 
 

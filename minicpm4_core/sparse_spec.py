@@ -21,17 +21,17 @@ from fastcore.basics import patch
 
 from .frspec import FastSpec
 from .kernels._common import next_pow2, resolve_backend
-from .kernels.sparse import LOG2E, _mm, _mma, _prec
+from .kernels.sparse import LOG2E, _SEL, _block_epilogue, _dec_lse, _gpu_fence, _kth_key, _mm, _mma, _prec
 from .infllmv2_ref import _force_blocks, _pool_to_blocks, attention_blocks, select_blocks
 from .model import MiniCPM4ForCausalLM, rope_cos_sin
 from .static_decode import attend
 from .static_sparse import StaticSparseDecoder, _unrope, kc_window
 
 # %% auto #0
-__all__ = ['TREE_SELECT', 'ATTN_CHUNK', 'ATTN_GROUPED', 'TREE_ATTN', 'TREE_KERNEL', 'check_sparse_spec', 'tree_geometry',
-           'tree_block_lists', 'tree_attend', 'tree_round_masks', 'tree_slot_mask', 'masked_tree_attention',
-           'attention_lse', 'split_attend', 'split_tree_attention', 'tree_slots_ok', 'tree_sparse_attention',
-           'SparseFastSpec', 'prefill_hidden']
+__all__ = ['TREE_SELECT', 'ATTN_CHUNK', 'ATTN_GROUPED', 'TREE_ATTN', 'TREE_KERNEL', 'TREE_SELECT_KERNEL', 'check_sparse_spec',
+           'tree_geometry', 'tree_block_lists', 'tree_attend', 'tree_round_masks', 'tree_slot_mask', 'bitmap_slots',
+           'masked_tree_attention', 'attention_lse', 'split_attend', 'split_tree_attention', 'tree_slots_ok',
+           'tree_sparse_attention', 'tree_select_bitmap', 'SparseFastSpec', 'prefill_hidden']
 
 # %% ../nbs/63_sparse_spec.ipynb #06845682
 def check_sparse_spec(config, depth: int) -> None:
@@ -164,7 +164,12 @@ def tree_slot_mask(q_s, kc, knew, g: dict, r: dict, st, num_blocks: int, bitmap:
     sel = torch.zeros(T, Hkv, num_blocks, dtype=torch.bool, device=q_s.device)
     sel.scatter_(-1, i[..., :k], v[..., :k] > float('-inf'))                       # the top-k, minus invisible picks
     lists = (sel | r['add']).permute(1, 0, 2)                                    # (Hkv, T, nb)
-    if bitmap: return lists
+    return lists if bitmap else bitmap_slots(lists, r)
+
+
+def bitmap_slots(lists, r: dict):
+    "(Hkv, T, nb) bool block bitmaps -> the (Hkv, T, Lt) bool slot mask (r = `tree_round_masks`): gathered, visible only."
+    Hkv, T = lists.shape[:2]
     inl = lists.gather(-1, r['blk'][None, None].expand(Hkv, T, -1))
     return inl & r['vis']                                                         # (Hkv, T, Lt), contiguous
 
@@ -181,7 +186,10 @@ def masked_tree_attention(q, kv, ok):
     return o[0].reshape(Hkv, G, T, Dh).permute(2, 0, 1, 3).reshape(T, Hq * Dh)
 
 
-TREE_SELECT = 'masks'   # SparseFastSpec's per-layer selection: 'masks' (tree_slot_mask) or 'lists' (tree_block_lists)
+# SparseFastSpec's per-layer selection: 'masks' (tree_slot_mask), 'lists' (tree_block_lists) or 'triton'
+# (tree_select_bitmap: the same bitmap in two Triton kernels; opt-in, not yet timed on a GPU)
+TREE_SELECT = 'masks'
+_TREE_SELECTS = ('masks', 'lists', 'triton')
 ATTN_CHUNK = 512        # the verify's attention splits the buffer into chunks of this many slots (None: one SDPA call)
 ATTN_GROUPED = False    # split_tree_attention: one call per kv head with a (T, chunk) mask shared by its G heads
 # the verify's attention: 'split' (split_tree_attention when ATTN_CHUNK divides the slots, else one SDPA), 'sdpa' (one
@@ -487,6 +495,202 @@ def tree_sparse_attention(q, kv, bsel, anc, tblk, m, *, block_size: int, config=
                                             GP=GP, D=Dh, BD=BD, SP=min(c['SP'], next_pow2(nsplit)), num_warps=1)
     return o.view(T, Hq * Dh)
 
+# %% ../nbs/63_sparse_spec.ipynb #e51c7a11
+# launch settings of tree_select_bitmap (chosen by reasoning, not yet by a GPU run): KT kernels per logits program,
+# NBC blocks per pooling program, DIG radix bits per top-k step (None: 2 up to 4096 blocks, else 1), CAP: 0 = the
+# radix top-k over the whole row; > 0 (a power of 2 <= 256) = rank at most CAP candidates bounded by GN interleaved
+# group maxima (the decode path's 'cand', measured faster there at 2048 blocks), the radix one when more qualify
+TREE_SELECT_KERNEL = dict(KT=64, NBC=64, DIG=None, CAP=0, GN=128, num_warps=4, pool_warps=4)
+
+
+@triton.jit
+def _tsel_logits_kernel(Q, KC, KN, NC, NEW, DENSE, S, PM, PL, CNT, sq_t, sq_h, sc_n, sc_h, sk_t, sk_h, NCMAX, NCH,
+                        qk_scale, G, HKV, ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, KT: tl.constexpr,
+                        PREC: tl.constexpr):
+    """Program (bh = node * HKV + kv head, ch): the group's logits (base 2) against kernels [ch * KT, +KT) of the
+    node's own set (the prefix's j < nc, and kernel nc = the node's KN where NEW), -inf elsewhere, into S (G rows of
+    NCMAX); the chunk's (max, sum) per head into PM / PL. Zeroes the row's counter CNT[bh] (the pooling kernel's,
+    after this one in stream order). A dense node's row does nothing else (its bitmap is every block)."""
+    bh = tl.program_id(0)
+    ch = tl.program_id(1)
+    t = bh // HKV
+    hk = bh % HKV
+    if ch == 0:
+        tl.store(CNT + bh, 0)
+    if tl.load(DENSE + t) == 0:
+        r = tl.arange(0, ROWS)
+        d = tl.arange(0, BD)
+        dm = d < D
+        rm = r < G
+        nc = tl.load(NC)
+        new = tl.load(NEW + t) != 0
+        j = ch * KT + tl.arange(0, KT)
+        q = tl.load(Q + t.to(tl.int64) * sq_t + (hk * G + r)[:, None] * sq_h + d[None, :], mask=rm[:, None] & dm[None, :],
+                    other=0.0)
+        kc = tl.load(KC + j.to(tl.int64)[:, None] * sc_n + hk * sc_h + d[None, :], mask=(j < nc)[:, None] & dm[None, :],
+                     other=0.0)
+        s = _mm(q, tl.trans(kc), PREC) * qk_scale
+        kn = tl.load(KN + t.to(tl.int64) * sk_t + hk * sk_h + d, mask=dm, other=0.0)
+        ext = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * qk_scale       # the path's kernel nc
+        s = tl.where((j == nc)[None, :], ext[:, None], s)
+        s = tl.where((((j < nc) | ((j == nc) & new)) & (j < NCMAX))[None, :], s, float('-inf'))
+        tl.store(S + (bh * G + r).to(tl.int64)[:, None] * NCMAX + j[None, :], s, mask=rm[:, None] & (j < NCMAX)[None, :])
+        mx = tl.max(s, 1)
+        sm = tl.sum(tl.exp2(s - tl.where(mx == float('-inf'), 0.0, mx)[:, None]), 1)
+        tl.store(PM + (bh * NCH + ch) * ROWS + r, mx)
+        tl.store(PL + (bh * NCH + ch) * ROWS + r, sm)
+
+
+@triton.jit
+def _row_keep(x, cm, NB, KTOP, NBP: tl.constexpr, DIG: tl.constexpr, V: tl.constexpr):
+    """One row's scores x [NBP] (cm: real blocks) -> bool [NBP]: its top min(KTOP, NB) by score, ties to the lower id
+    (a stable descending sort's first k), -inf never kept (the key order of `_row_select`, as a mask)."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)                  # int order == float order
+    u = tl.where(cm, key ^ -2147483648, 0).to(tl.uint32, bitcast=True)   # unsigned order; padding 0
+    kk = tl.minimum(KTOP, NB)
+    th = _kth_key(u, kk, NBP, DIG, V)
+    gt = u > th
+    eq = u == th
+    need = kk - tl.sum(gt.to(tl.int32), 0)
+    keep = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
+    return keep & (x > float('-inf')) & cm
+
+
+@triton.jit
+def _row_keep_cand(x, c, cm, CS, NB, KTOP, NBP: tl.constexpr, DIG: tl.constexpr, V: tl.constexpr, CAP: tl.constexpr,
+                   GN: tl.constexpr):
+    """`_row_keep` from bounded candidates: the kk-th largest of GN interleaved group maxima bounds the top kk from
+    below; when at most CAP blocks reach it, their packed keys (score, then the lower id first: unique) go to the row's
+    CAP int64 scratch CS and are ranked in one [CAP, CAP] comparison; the kk-th packed key is the row's threshold.
+    More candidates (e.g. many equal scores): `_row_keep`."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)                  # int order == float order
+    key = tl.where(cm, key, -2147483648)                                # padding below every score
+    kk = tl.minimum(KTOP, NB)
+    gm = tl.max(tl.reshape(key, [NBP // GN, GN]), 0)                    # group g: blocks g, g + GN, ...
+    ge = tl.sum((gm[None, :] >= gm[:, None]).to(tl.int32), 1)
+    th = tl.max(tl.where(ge >= kk, gm, -2147483648), 0)                 # the kk-th largest group maximum
+    packed = key.to(tl.int64) * NBP + (NBP - 1 - c)
+    cand = cm & (key >= th)
+    n = tl.sum(cand.to(tl.int32), 0)
+    if n <= CAP:
+        tl.store(CS + tl.cumsum(cand.to(tl.int32), 0) - 1, packed, mask=cand)
+        tl.debug_barrier()                                              # the candidates, written by all threads
+        i = tl.arange(0, CAP)
+        lo = -1152921504606846976                                       # -2^60: below every packed key
+        pi = tl.load(CS + i, mask=i < n, other=lo, cache_modifier='.cg')
+        rank = tl.sum((pi[None, :] > pi[:, None]).to(tl.int32), 1)
+        kth = tl.min(tl.where((i < n) & (rank < kk), pi, 1152921504606846976), 0)
+        keep = (packed >= kth) & (x > float('-inf')) & cm
+    else:
+        keep = _row_keep(x, cm, NB, KTOP, NBP, DIG, V)
+    return keep
+
+
+@triton.jit
+def _tsel_pool_kernel(S, PM, PL, POS, DENSE, SC, OUT, CNT, CS, so_h, so_t, NCMAX, NCH, NB, NPC, G, HKV, INIT, LOCAL,
+                      KTOP, ROWS: tl.constexpr, R: tl.constexpr, LEFT: tl.constexpr, NBC: tl.constexpr,
+                      BLOCK: tl.constexpr, CHP: tl.constexpr, SEL: tl.constexpr, NBP: tl.constexpr,
+                      DIG: tl.constexpr, V: tl.constexpr, FENCE: tl.constexpr, CAP: tl.constexpr, GN: tl.constexpr):
+    """Program (bh, pc): blocks [pc * NBC, +NBC) of row bh: a dense node's get 1; else their scores (the group's summed
+    kernel probabilities, max over each block's kernels, the forced blocks at the node's position) into SC[bh]; the
+    last of the row's NPC programs to finish (counter CNT[bh]) writes the row's bitmap OUT[kv head, node]: top-k (ties
+    to the lower id, -inf never; CAP > 0: `_row_keep_cand` with CAP scratch slots of CS per row) | the 'minicpm4'
+    window."""
+    bh = tl.program_id(0)
+    pc = tl.program_id(1)
+    t = bh // HKV
+    hk = bh % HKV
+    bh64 = bh.to(tl.int64)
+    ob = OUT + hk.to(tl.int64) * so_h + t * so_t
+    blocks = pc * NBC + tl.arange(0, NBC)
+    if tl.load(DENSE + t) != 0:
+        tl.store(ob + blocks, tl.full([NBC], 1, tl.uint8), mask=blocks < NB)
+    else:
+        r = tl.arange(0, ROWS)
+        rm = r < G
+        lse = _dec_lse(PM, PL, bh, r, NCH, ROWS, CHP)
+        qb1 = tl.load(POS + t) // BLOCK
+        qb = tl.full([1], 0, tl.int64) + qb1
+        best = tl.zeros([NBC], tl.float32)
+        for o in tl.static_range(R + LEFT):                          # the kernels overlapping each block (zero padding)
+            j = blocks * R - LEFT + o
+            jm = (j >= 0) & (j < NCMAX)
+            s = tl.load(S + (bh * G + r).to(tl.int64)[:, None] * NCMAX + j[None, :], mask=rm[:, None] & jm[None, :],
+                        other=float('-inf'))
+            best = tl.maximum(best, tl.sum(tl.exp2(s - lse[:, None]), 0))
+        sc = _block_epilogue(best[None, :], blocks, qb, INIT, LOCAL, SEL)
+        tl.store(SC + bh64 * NB + blocks[None, :], sc, mask=(blocks < NB)[None, :])
+        if FENCE:                                                   # each thread's stores, before the counter
+            _gpu_fence(blocks)
+        tl.debug_barrier()
+        done = tl.atomic_add(CNT + bh, 1, sem='acq_rel', scope='gpu')
+        if done == NPC - 1:                                         # every block of the row is scored
+            c = tl.arange(0, NBP)
+            cm = c < NB
+            x = tl.load(SC + bh64 * NB + c, mask=cm, other=float('-inf'), cache_modifier='.cg')
+            if CAP > 0:
+                keep = _row_keep_cand(x, c, cm, CS + bh64 * CAP, NB, KTOP, NBP, DIG, V, CAP, GN)
+            else:
+                keep = _row_keep(x, cm, NB, KTOP, NBP, DIG, V)
+            if SEL == 0:
+                keep = keep | ((c >= qb1 - LOCAL + 1) & (c <= qb1))
+            tl.store(ob + c, keep.to(tl.uint8), mask=cm)
+
+
+def tree_select_bitmap(q_s, kc, knew, g: dict, r: dict, st, num_blocks: int, dense, *, backend='auto', config=None):
+    """`tree_slot_mask(q_s, kc, knew, g, r, st, num_blocks, bitmap=True)` in two Triton kernels (no host read: graph-
+    safe): the logits of every (node, kv head, kernel chunk) with their partial log-sum-exps, then the pooling over
+    (node, kv head, block chunk) programs whose last one per row picks the top-k and writes the row. q_s (T, Hq, D)
+    scoring queries; kc (NCmax, Hkv, D) (entries from g['nc'] on ignored); knew (T, Hkv, D) each node's kernel nc (used
+    where g['new']); g: `tree_geometry` (pos, nc, new read on the device); dense (T,) bool: every block. r: the
+    round's `tree_round_masks` (only the torch path reads it). -> (Hkv, T, nb) bool, contiguous. Triton on CUDA or in
+    the interpreter; on a CPU without the interpreter `tree_slot_mask`, said once. config: overrides of
+    TREE_SELECT_KERNEL."""
+    T, Hq, D = q_s.shape
+    NC, Hkv = kc.shape[0], kc.shape[1]
+    if not Hkv or Hq % Hkv or kc.dim() != 3 or kc.shape[2] != D or knew.shape != (T, Hkv, D) or dense.shape != (T,):
+        raise ValueError(f"tree_select_bitmap: need q_s (T, Hq, D), kc (NCmax, Hkv, D), knew (T, Hkv, D), dense (T,) "
+                         f"with Hq a multiple of Hkv; got {tuple(q_s.shape)}, {tuple(kc.shape)}, {tuple(knew.shape)}, "
+                         f"{tuple(dense.shape)}")
+    if resolve_backend('tree_select_bitmap', q_s, backend, _tsel_logits_kernel, 'tree_slot_mask') == 'torch':
+        return tree_slot_mask(q_s, kc, knew, g, r, st, num_blocks, bitmap=True).contiguous()
+    c = dict(TREE_SELECT_KERNEL, **(config or {}))
+    KT, NBC, nb = c['KT'], c['NBC'], num_blocks
+    CAP, GN = c['CAP'], c['GN']
+    if KT < 16 or KT & (KT - 1) or NBC < 1 or NBC & (NBC - 1) or CAP < 0 or CAP & (CAP - 1) or CAP > 256 or \
+            GN < 1 or GN & (GN - 1):
+        raise ValueError(f"tree_select_bitmap: config KT must be a power of 2 >= 16, NBC and GN powers of 2, CAP 0 or a "
+                         f"power of 2 <= 256, got {c}")
+    p, s, bs = st.kernel_size, st.kernel_stride, st.block_size
+    G, dev = Hq // Hkv, q_s.device
+    ROWS, BD, NBP = max(16, next_pow2(G)), max(16, next_pow2(D)), next_pow2(nb)
+    dig = c['DIG'] or (2 if NBP <= 4096 else 1)
+    NCH, NPC, nr = -(-NC // KT), -(-nb // NBC), T * Hkv
+    sbuf = torch.empty(nr * G * NC, dtype=torch.float32, device=dev)
+    pm = torch.empty(nr * NCH * ROWS, dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    cnt = torch.empty(nr, dtype=torch.int32, device=dev)
+    scb = torch.empty(nr * nb, dtype=torch.float32, device=dev)
+    cs = torch.empty(nr * max(CAP, 1), dtype=torch.int64, device=dev)
+    out = torch.empty(Hkv, T, nb, dtype=torch.bool, device=dev)
+    u8 = lambda x: x.contiguous().view(torch.uint8) if x.dtype == torch.bool else x.to(torch.uint8).contiguous()
+    q_s, kc, knew = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_s, kc, knew))
+    dn = u8(dense)
+    _tsel_logits_kernel[(nr, NCH)](q_s, kc, knew, g['nc'], u8(g['new']), dn, sbuf, pm, pl, cnt, q_s.stride(0),
+                                   q_s.stride(1), kc.stride(0), kc.stride(1), knew.stride(0), knew.stride(1), NC, NCH,
+                                   D ** -0.5 * LOG2E, G, Hkv, ROWS=ROWS, D=D, BD=BD, KT=KT, PREC=_prec(q_s),
+                                   num_warps=c['num_warps'])
+    o8 = out.view(torch.uint8)
+    _tsel_pool_kernel[(nr, NPC)](sbuf, pm, pl, g['pos'], dn, scb, o8, cnt, cs, o8.stride(0), o8.stride(1), NC, NCH, nb,
+                                 NPC, G, Hkv, st.init_blocks, st.local_blocks, st.topk, ROWS=ROWS, R=bs // s,
+                                 LEFT=-(-p // s) - 1, NBC=NBC, BLOCK=bs, CHP=min(64, next_pow2(NCH)),
+                                 SEL=_SEL[st.selection], NBP=NBP, DIG=dig, V=1 << dig, FENCE=q_s.is_cuda, CAP=CAP,
+                                 GN=min(GN, NBP), num_warps=c['pool_warps'])
+    return out
+
+
 # %% ../nbs/63_sparse_spec.ipynb #24672e8d
 class SparseFastSpec(FastSpec):
     """`frspec.FastSpec` over an InfLLM v2 target past dense_len (batch 1, greedy): one CUDA graph per round on CUDA,
@@ -551,11 +755,11 @@ def _verify_forward(self: SparseFastSpec, tok, m, dep, anc):
     n = g['n']
     self._dense = (n < st.dense_len) | ((n + st.block_size - 1) // st.block_size <= st.attended_blocks)
     self._m = m
-    if TREE_SELECT not in ('masks', 'lists'): raise ValueError(f"TREE_SELECT must be 'masks' or 'lists', got {TREE_SELECT!r}")
+    if TREE_SELECT not in _TREE_SELECTS: raise ValueError(f"TREE_SELECT must be one of {_TREE_SELECTS}, got {TREE_SELECT!r}")
     if TREE_ATTN not in _TREE_ATTNS: raise ValueError(f"TREE_ATTN must be one of {_TREE_ATTNS}, got {TREE_ATTN!r}")
     if TREE_ATTN == 'triton':                              # tree_sparse_attention's per-round inputs
         self._anc, self._tblk = anc, (g['pos'] // st.block_size).clamp(max=sd.num_blocks - 1)
-    self._r = tree_round_masks(g, st, self._dense, sd.nc_max, sd.num_blocks) if TREE_SELECT == 'masks' else None
+    self._r = tree_round_masks(g, st, self._dense, sd.nc_max, sd.num_blocks) if TREE_SELECT != 'lists' else None
     if sd.ring is not None:
         self._cs = S.cos.index_select(0, g['pos'])[:, None], S.sin.index_select(0, g['pos'])[:, None]
         self._wring = torch.where(g['wsrc'] < m, g['wsrc'] % sd.R, sd.R + g['wsrc'] - m)   # rows of [ring | tree]
@@ -584,10 +788,13 @@ def _tree_attn(self: SparseFastSpec, q, kv, mask=None, span=None, seqlens=None):
     p, s = sd.st.kernel_size, sd.st.kernel_stride
     knew = win.view(q.shape[0], p, Hkv, -1).float().unfold(1, p, s).mean(-1)[:, 0].to(kv.dtype)   # update_kc's mean
     if self._r is not None:
-        if TREE_ATTN == 'triton':                             # the bitmap, not the slot mask: only selected blocks read
+        if TREE_SELECT == 'triton':                           # the bitmap in two kernels (torch on a bare CPU, said once)
+            bsel = tree_select_bitmap(q_s, sd.kc[l, 0], knew, g, self._r, sd.st, sd.num_blocks, self._dense)
+        else:
             bsel = tree_slot_mask(q_s, sd.kc[l, 0], knew, g, self._r, sd.st, sd.num_blocks, bitmap=True)
+        if TREE_ATTN == 'triton':                             # the bitmap, not the slot mask: only selected blocks read
             return tree_sparse_attention(q, kv, bsel, self._anc, self._tblk, self._m, block_size=sd.st.block_size)
-        ok = tree_slot_mask(q_s, sd.kc[l, 0], knew, g, self._r, sd.st, sd.num_blocks)
+        ok = bitmap_slots(bsel, self._r)
         if TREE_ATTN == 'split' and ATTN_CHUNK and kv.shape[0] % ATTN_CHUNK == 0 and kv.shape[0] > ATTN_CHUNK:
             return split_tree_attention(q, kv, ok, ATTN_CHUNK)
         return masked_tree_attention(q, kv, ok)

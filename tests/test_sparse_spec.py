@@ -311,20 +311,24 @@ def test_verify_triton_equals_tree_forward(select, monkeypatch):
     assert kinds == {True, False}                                    # dense and sparse nodes both ran through the kernel
 
 
-def test_greedy_triton_equals_model_generate(monkeypatch):
-    "SparseFastSpec with TREE_ATTN='triton': greedy == the model's own loop past dense_len, rounds accepting drafts."
-    monkeypatch.setattr(SS, 'TREE_ATTN', 'triton')
-    monkeypatch.setattr(SS, 'TREE_KERNEL', dict(SS.TREE_KERNEL, BN=16, CH=32))
+@pytest.mark.parametrize('name,value,kw,n', [('TREE_ATTN', 'flash', dict(TREE_KERNEL=dict(SS.TREE_KERNEL, BN=16, CH=32)), 24),
+                                          ('TREE_SELECT', 'tensor', dict(ATTN_CHUNK=32), 16)],
+                         ids=['attn-triton', 'select-triton'])
+def test_greedy_triton_paths_equal_model_generate(monkeypatch, name, value, kw, n):
+    """SparseFastSpec with TREE_ATTN='triton' (the attention kernel) or TREE_SELECT='triton' (the selection kernels):
+    greedy == the model's own loop past dense_len, rounds accepting drafts; an unknown value of the switch is refused."""
+    monkeypatch.setattr(SS, name, 'triton')
+    for k, v in kw.items(): monkeypatch.setattr(SS, k, v)
     model = model_of(1, SP, initializer_range=0.3)
     draft = EagleDraft(model.config).eval()
     prompt = torch.randint(3, 97, (70,), generator=torch.Generator().manual_seed(3)).tolist()
-    ref = model.generate([prompt], 24, stop_ids=[], fast=False)[0]
+    ref = model.generate([prompt], n, stop_ids=[], fast=False)[0]
     e = SparseFastSpec(model, draft, torch.tensor(sorted(set(ref) | {5, 7, 11})), depth=3, topk=2, tree_size=6,
                        max_len=128)
-    assert e.generate(prompt, 24) == ref
+    assert e.generate(prompt, n) == ref
     assert sum(e.last_stats['histogram'][1:]) >= 1                   # a round kept drafted tokens
-    monkeypatch.setattr(SS, 'TREE_ATTN', 'flash')
-    with pytest.raises(ValueError, match="TREE_ATTN must be one of \\('split', 'sdpa', 'triton'\\)"):
+    monkeypatch.setattr(SS, name, value)
+    with pytest.raises(ValueError, match=f"{name} must be one of"):
         e.generate(prompt, 4)
 
 
@@ -368,6 +372,34 @@ csig = dict(PO='*fp32', PM='*fp32', PL='*fp32', O='*bf16', **{k: 'i32' for k in 
 triton.compile(ASTSource(SS._tree_combine_kernel, dict(csig, **{k: 'constexpr' for k in const}), const),
                target=GPUTarget('cuda', 90, 32), options=dict(num_warps=1))
 print('COMPILED')
+# 3. the selection: CPU fallback said once, then its two kernels for sm_90
+from types import SimpleNamespace
+st = SimpleNamespace(kernel_size=8, kernel_stride=4, block_size=8, init_blocks=1, local_blocks=2, topk=3,
+                     selection='minicpm4')
+g = SS.tree_geometry(torch.tensor([33]), torch.tensor([0, 1, 1]), anc, 8, 4, 40, 8)
+dense = torch.tensor([False, False, True])
+r = SS.tree_round_masks(g, st, dense, 9, 5)
+qs, kc, kn = torch.randn(3, 4, 16), torch.randn(9, 2, 16), torch.randn(3, 2, 16)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    got = SS.tree_select_bitmap(qs, kc, kn, g, r, st, 5, dense)
+assert torch.equal(got, SS.tree_slot_mask(qs, kc, kn, g, r, st, 5, bitmap=True))
+print('WARNED', [str(x.message) for x in w])
+lsig = dict(Q='*bf16', KC='*bf16', KN='*bf16', NC='*i64', NEW='*u8', DENSE='*u8', S='*fp32', PM='*fp32', PL='*fp32',
+            CNT='*i32', **{k: 'i32' for k in 'sq_t sq_h sc_n sc_h sk_t sk_h NCMAX NCH'.split()}, qk_scale='fp32',
+            G='i32', HKV='i32')
+psig = dict(S='*fp32', PM='*fp32', PL='*fp32', POS='*i64', DENSE='*u8', SC='*fp32', OUT='*u8', CNT='*i32', CS='*i64',
+            **{k: 'i32' for k in 'so_h so_t NCMAX NCH NB NPC G HKV INIT LOCAL KTOP'.split()})
+for G, D, NB, SEL, DIG, CAP in [(8, 64, 256, 0, 2, 0), (16, 128, 2048, 0, 2, 128), (8, 64, 512, 1, 2, 0),
+                                (8, 64, 8192, 0, 1, 256)]:
+    const = dict(ROWS=16, D=D, BD=D, KT=64, PREC='tf32')
+    triton.compile(ASTSource(SS._tsel_logits_kernel, dict(lsig, **{k: 'constexpr' for k in const}), const),
+                   target=GPUTarget('cuda', 90, 32), options=dict(num_warps=4))
+    const = dict(ROWS=16, R=4, LEFT=1, NBC=64, BLOCK=64, CHP=64, SEL=SEL, NBP=NB, DIG=DIG, V=1 << DIG, FENCE=True,
+                 CAP=CAP, GN=128)
+    triton.compile(ASTSource(SS._tsel_pool_kernel, dict(psig, **{k: 'constexpr' for k in const}), const),
+                   target=GPUTarget('cuda', 90, 32), options=dict(num_warps=4))
+print('COMPILED_SEL')
 '''
 
 
@@ -375,7 +407,8 @@ def test_tree_kernels_cpu_fallback_and_compile_for_h200():
     """In a process without TRITON_INTERPRET: on CPU tensors tree_sparse_attention runs the torch reference and says so
     once (backend='triton' refuses); the interpreter does not compile, so the two kernels are compiled ahead of time
     for sm_90 (the H200; no GPU needed) in bf16 at the 0.5B / 8B head shapes, both tile-skip modes and a multi-block
-    tile. The compile part is skipped only where this Triton has no NVIDIA backend."""
+    tile; the same for the two selection kernels (tree_select_bitmap). The compile part is skipped only where this Triton
+    has no NVIDIA backend."""
     import os, subprocess, sys
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     r = subprocess.run([sys.executable, '-c', COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600)
@@ -384,3 +417,114 @@ def test_tree_kernels_cpu_fallback_and_compile_for_h200():
     assert "REFUSED tree_sparse_attention(backend='triton') on CPU tensors needs the Triton interpreter" in r.stdout
     if 'SKIP' in r.stdout: pytest.skip(r.stdout.strip().splitlines()[-1])
     assert 'COMPILED' in r.stdout, r.stdout[-2000:]
+    assert 'no Triton interpreter; using tree_slot_mask' in r.stdout          # the selection's fallback, said once
+    assert 'COMPILED_SEL' in r.stdout, r.stdout[-2000:]
+
+
+# ---- the per-layer selection in two Triton kernels (tree_select_bitmap; the interpreter on the CPU)
+
+def select_case(T, Hq, Hkv, D, nb, m, seed, st, ints=False, dup=0):
+    """Fresh random scoring inputs for T nodes of a random tree (depth <= 3) at root m: kc over the whole buffer's
+    kernels (entries from nc on are stale but random), knew, ~25% dense nodes (node 0 sparse). ints: values in
+    {-1, 0, 1} (exact dot products, so equal logits are equal in every summation order: exact ties); dup: that many
+    kernels copied onto other kernels (and one onto each node's knew) to force ties between blocks."""
+    g = torch.Generator().manual_seed(seed)
+    par, dep = random_tree(T - 1, 3, g)
+    anc = tree_attention_mask(par)
+    NC = (nb * st.block_size - st.kernel_size) // st.kernel_stride + 1
+    rnd = (lambda *s: torch.randint(-1, 2, s, generator=g).float()) if ints else (lambda *s: torch.randn(*s, generator=g))
+    q, kc, kn = rnd(T, Hq, D), rnd(NC, Hkv, D), rnd(T, Hkv, D)
+    for _ in range(dup):
+        a, b = torch.randint(0, NC, (2,), generator=g).tolist()
+        kc[b] = kc[a]
+    if dup: kn[:] = kc[torch.randint(0, NC, (T,), generator=g)]
+    geo = SS.tree_geometry(torch.tensor([m]), dep, anc, st.kernel_size, st.kernel_stride, nb * st.block_size,
+                           st.block_size)
+    dense = torch.rand(T, generator=g) < 0.25
+    dense[0] = False
+    r = SS.tree_round_masks(geo, st, dense, NC, nb)
+    return q, kc, kn, geo, r, dense
+
+
+def torch_scores(q, kc, kn, r, st, nb):
+    "tree_slot_mask's block scores before its sort: (T, Hkv, nb) float32, forced blocks +-inf."
+    T, Hkv, D = kn.shape
+    qf = q.view(T, Hkv, -1, D)
+    logit = torch.where(r['is_nc'], torch.einsum('tgrd,tgd->tgr', qf, kn)[..., None] * D ** -0.5,
+                        torch.einsum('tgrd,jgd->tgrj', qf, kc) * D ** -0.5).masked_fill(r['kinvalid'], float('-inf'))
+    pooled = SS._pool_to_blocks(torch.softmax(logit, -1).sum(2), nb, st.kernel_size, st.kernel_stride, st.block_size)
+    return torch.where(r['forced'], r['fval'], pooled)
+
+
+def sel_settings(**kw):
+    from types import SimpleNamespace
+    return SimpleNamespace(**dict(dict(kernel_size=8, kernel_stride=4, block_size=8, init_blocks=1, local_blocks=2,
+                                       topk=3, selection='minicpm4'), **kw))
+
+
+@pytest.mark.parametrize('T,Hq,Hkv,D,nb,roots,kw,case', [
+    (9, 4, 2, 16, 13, (62, 77, 90), dict(), dict()),                                        # the test model's shape
+    (9, 8, 2, 32, 21, (99, 140), dict(selection='minicpm4.1', topk=5, init_blocks=2), dict()),
+    (7, 6, 2, 16, 19, (100, 129), dict(kernel_size=12, init_blocks=2, topk=4), dict()),     # 2 kernels of overlap,
+                                                                                                  # G = 3 (padded)
+    (9, 4, 1, 16, 37, (130, 279), dict(block_size=16, local_blocks=0, topk=4), dict()),    # no window, r = 4
+    (17, 8, 2, 16, 29, (103, 200), dict(topk=6), dict(ints=True, dup=12)),                 # exact ties
+    (9, 4, 2, 16, 29, (100, 151), dict(selection='minicpm4.1', topk=6, init_blocks=2), dict(ints=True, dup=12)),
+], ids=['tiny', 'minicpm4.1-init2', 'p12-G3', 'nowindow-bs16', 'ties', 'ties-minicpm4.1'])
+def test_select_bitmap_equals_tree_slot_mask(T, Hq, Hkv, D, nb, roots, kw, case):
+    """tree_select_bitmap == tree_slot_mask(bitmap=True) bit for bit (top-k with the stable sort's tie-breaking, window,
+    dense rows) at several roots (nodes with and without a path kernel), two launch configs (chunks that split the
+    kernels and blocks unevenly; the defaults: one chunk)."""
+    st = sel_settings(**kw)
+    news, ties, paths = set(), 0, set()
+    for i, m in enumerate(roots):
+        q, kc, kn, geo, r, dense = select_case(T, Hq, Hkv, D, nb, m, 7 * i + T, st, **case)
+        want = SS.tree_slot_mask(q, kc, kn, geo, r, st, nb, bitmap=True)
+        for cfg in (dict(KT=16, NBC=8), None)[:2 if i == 0 else 1] + (dict(CAP=CAND_CAP, GN=CAND_GN),):   # radix; cands
+            got = SS.tree_select_bitmap(q, kc, kn, geo, r, st, nb, dense, config=cfg)
+            assert got.shape == (Hkv, T, nb) and got.dtype == torch.bool
+            assert torch.equal(got, want), f"root {m} cfg {cfg}: {(got ^ want).nonzero()[:6].tolist()}"
+        assert want[:, dense].all() and not want[:, ~dense].all()
+        news |= {bool(x) for x in geo['new'][~dense]}
+        sc = torch_scores(q, kc, kn, r, st, nb)[~dense]
+        paths |= set(cand_counts(sc, min(st.topk, nb), CAND_GN).le(CAND_CAP).flatten().tolist())   # which branch
+        if case.get('ints'):                                   # sparse rows whose k-th score ties with an unpicked block
+            kth = sc.sort(-1, descending=True).values[..., st.topk - 1:st.topk]
+            picked = (want.permute(1, 0, 2) & ~r['add'])[~dense]
+            ties += int(((sc == kth) & ~picked & (kth > 0)).any(-1).sum())
+    assert news == {True, False}                               # sparse nodes with and without their path's kernel
+    if case.get('ints'): assert ties >= 3                      # the tie-breaking decided rows
+    if case.get('ints'): assert paths == {True, False}         # ranked candidates and the radix fallback both ran
+
+
+CAND_CAP, CAND_GN = 8, 8                                        # _row_keep_cand's test config
+
+
+def cand_counts(sc, kk, GN):
+    "How many blocks reach the kk-th largest of GN interleaved group maxima (`_row_keep_cand`'s candidates), per row."
+    nbp = 1 << (sc.shape[-1] - 1).bit_length()
+    pad = torch.nn.functional.pad(sc, (0, nbp - sc.shape[-1]), value=float('-inf'))
+    gm = pad.view(*sc.shape[:-1], nbp // GN, GN).amax(-2)
+    if kk > GN: return torch.full(sc.shape[:-1], sc.shape[-1])          # no bound: every block
+    th = gm.sort(-1, descending=True).values[..., kk - 1:kk]
+    return (sc >= th).sum(-1)
+
+
+@pytest.mark.parametrize('attn', ['split', 'triton'])
+def test_verify_triton_select_equals_tree_forward(attn, monkeypatch):
+    """TREE_SELECT='triton' in the verify, with the split SDPA (the bitmap gathered to the slot mask) and with the
+    Triton attention (the bitmap read directly): every node's logits == tree_forward's on both sides of dense_len."""
+    monkeypatch.setattr(SS, 'TREE_SELECT', 'triton')
+    monkeypatch.setattr(SS, 'TREE_ATTN', attn)
+    monkeypatch.setattr(SS, 'ATTN_CHUNK', 24 if attn == 'split' else None)
+    monkeypatch.setattr(SS, 'TREE_KERNEL', dict(SS.TREE_KERNEL, BN=16, CH=32))
+    monkeypatch.setattr(SS, 'TREE_SELECT_KERNEL', dict(SS.TREE_SELECT_KERNEL, KT=16, NBC=4))
+    model = model_of(11, dict(SP, use_nope=True) if attn == 'split' else dict(SP, init_blocks=2, kernel_size=12, topk=4))
+    e = SparseFastSpec(model, EagleDraft(model.config).eval(), None, depth=3, topk=2, tree_size=6, max_len=128, chunk=16)
+    g = torch.Generator().manual_seed(14)
+    kinds, new = set(), 0
+    for m in (61, 90):
+        check_verify(e, model, m, g)
+        kinds |= {bool(x) for x in e._dense}
+        new += int((e._g['new'] & ~e._dense).sum())
+    assert kinds == {True, False} and new >= 1
