@@ -362,9 +362,10 @@ def session7_checks(prompts, budget_s: float = 78.0, save=None) -> list[dict]:
 
     def variant(name, **kw):
         def fn():
-            old = (SS.TREE_SELECT, SS.ATTN_CHUNK, SS.ATTN_GROUPED)
+            old = (SS.TREE_SELECT, SS.ATTN_CHUNK, SS.ATTN_GROUPED, SS.TREE_ATTN)
             SS.TREE_SELECT, SS.ATTN_CHUNK, SS.ATTN_GROUPED = kw.get('select', 'masks'), kw.get('chunk', 512), \
                 kw.get('grouped', False)
+            SS.TREE_ATTN = kw.get('attn', 'split')        # the session-7 variants name the torch attentions
             try:
                 ev = SS.SparseFastSpec(S['m'], S['draft'], S['vocab'], max_len=L, chunk=ctx,
                                        **kw.get('tree', dict(depth=6, topk=8, tree_size=32)))
@@ -372,7 +373,7 @@ def session7_checks(prompts, budget_s: float = 78.0, save=None) -> list[dict]:
                 ev.generate(S['p'], 4)
                 r[f'round_ms_{name}'] = round_ms(ev, S['p'], 5)
                 del ev
-            finally: SS.TREE_SELECT, SS.ATTN_CHUNK, SS.ATTN_GROUPED = old
+            finally: SS.TREE_SELECT, SS.ATTN_CHUNK, SS.ATTN_GROUPED, SS.TREE_ATTN = old
         return fn
 
     def tiny():

@@ -112,13 +112,14 @@ class Engine:
     device on CUDA, so 'static' costs the live length; 'sdpa': the masked SDPA over every slot; `StaticStack`).
     sync_every: greedy decoding reads the device (stop ids, finiteness) every this many steps, not at every step, so
     the host queues the next step while the device runs (no stop ids: only at the first and last step).
-    batch_sparse: how a batch (> 1 prompts) of an InfLLM v2 model past dense_len decodes - 'eager' (the model's layers
-    over the static cache; the default until the GPU has timed the other) or 'static' (`BatchStaticSparseDecoder`: each
-    row the model's own chunked prefill, then one static step for all rows, CUDA graphs on CUDA)."""
+    batch_sparse: how a batch (> 1 prompts) of an InfLLM v2 model past dense_len decodes - 'static' (default:
+    `BatchStaticSparseDecoder`: each row the model's own chunked prefill, then one static step for all rows, CUDA graphs
+    on CUDA; H200, 0.5B at 16K, 4 rows: 2,347 tok/s vs 906 at batch 1 and 4.5 through the eager route, same tokens) or
+    'eager' (the model's layers over the static cache)."""
     def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, max_batch: int = 1, dtype=None, quant=None,
                  sparse='auto', spec=None, chunk: int = 1024, backend: str = 'auto', graphs: bool | None = None,
                  spec_kw: dict | None = None, length_mode: str = 'static', min_bucket: int = 256,
-                 decode_kernel: str = 'auto', sync_every: int = 16, batch_sparse: str = 'eager'):
+                 decode_kernel: str = 'auto', sync_every: int = 16, batch_sparse: str = 'static'):
         if not isinstance(model, MiniCPM4ForCausalLM):
             raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
         for name, v, lo in (('max_len', max_len, 2), ('max_batch', max_batch, 1), ('chunk', chunk, 1),

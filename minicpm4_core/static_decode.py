@@ -116,7 +116,10 @@ def attend(q, kv, mask, span: int | None = None, seqlens=None):
     return o[0].reshape(Hkv, G, T, Dh).permute(2, 0, 1, 3).reshape(T, Hq * Dh)
 
 
-PREFILL_ATTN = 'mask'   # `prefill_mask`'s default: 'mask' (measured) or 'causal' (no mask in memory; not yet timed on a GPU)
+# `prefill_mask`'s default: 'causal' or 'mask'. H200 (s8): the engine's dense chunked prefill (chunks of 2048) 1.27x
+# faster with 'causal' (8B shape, 4 layers, 128K: 2.600 -> 2.055 s; 0.5B 32K: 0.329 -> 0.258 s), last logits within
+# bf16 rounding (rel 1.2e-2 / 3.1e-2 after 4 / 24 random-weight layers; fp32 on the CPU: equal)
+PREFILL_ATTN = 'causal'
 
 
 def prefill_mask(T: int, s: int, Hq: int, Hkv: int, dtype, device, mode: str | None = None):

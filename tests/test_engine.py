@@ -44,8 +44,8 @@ def test_greedy_equals_model_generate(sparse, quant, torch_kernels):
     eng = Engine(m, 37 + 14, max_batch=3, quant=quant, chunk=7)
     if quant: assert eng.n_quant == 14
     assert eng.pick_backend(1) == 'static'                           # packed linears run in the static stack
-    # 51 > dense_len: batch 1 goes through StaticSparseDecoder, a batch of InfLLM v2 rows through the model's layers
-    assert eng.pick_backend(3) == ('eager' if sparse else 'static') and eng.sparse_static() == sparse
+    # 51 > dense_len: batch 1 goes through StaticSparseDecoder, a batch of InfLLM v2 rows through BatchStaticSparseDecoder
+    assert eng.pick_backend(3) == 'static' and eng.sparse_static() == sparse
     ref = m.generate(ps, 14, stop_ids=[], fast=False)
     assert eng.generate(ps, 14, stop_ids=[]) == ref
     for p, r in zip(ps, ref):                                         # the 6-token prompt crosses dense_len=16
@@ -193,7 +193,8 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="backend='static' is not possible.*lse_approx"):
         Engine(model_of(1, sparse_config=dict(SPARSE, lse_approx=True)), 64, backend='static')
     with pytest.raises(ValueError, match="backend='static'.*batch 1 only.*got batch 2"):
-        Engine(sm, 64, max_batch=2, backend='static').generate([[5] * 3, [6] * 4], 2)
+        Engine(sm, 64, max_batch=2, backend='static', batch_sparse='eager').generate([[5] * 3, [6] * 4], 2)
+    with pytest.raises(ValueError, match="batch_sparse must be 'eager' or 'static'"): Engine(sm, 64, batch_sparse='graph')
     with pytest.raises(ValueError, match='spec must be None or a pair'): Engine(m, 16, spec='draft')
     with pytest.raises(ValueError, match='model must be'): Engine(torch.nn.Linear(2, 2), 16)
     eng = Engine(m, 16, max_batch=2)
@@ -249,9 +250,12 @@ def test_model_generate_falls_back_with_one_note(fresh_notes, capsys, torch_kern
     assert capsys.readouterr().out == ''                                                # a dense batch: the engine
     s = model_of(22, sparse_config=SPARSE)                                              # 15 + 6 > dense_len=16
     assert s.generate(ps, 6, stop_ids=[], fast=True) == s.generate(ps, 6, stop_ids=[], fast=False)
-    s.generate(ps, 6, stop_ids=[], fast=True)
+    assert s._engine_fast.engine._bsparse is not None and capsys.readouterr().out == ''  # a sparse batch: static too
+    la = model_of(24, sparse_config=dict(SPARSE, lse_approx=True))                     # refused by the engine
+    assert la.generate(ps, 6, stop_ids=[], fast=True) == la.generate(ps, 6, stop_ids=[], fast=False)
+    la.generate(ps, 6, stop_ids=[], fast=True)
     out = capsys.readouterr().out
-    assert out.count('batch 1 only') == 1, out                                          # once per reason
+    assert out.count('lse_approx') == 1, out                                            # once per reason
     assert s.generate([ps[0]], 6, stop_ids=[], fast=True) == s.generate([ps[0]], 6, stop_ids=[], fast=False)
     assert s._engine_fast.engine._sparse_dec is not None and capsys.readouterr().out == ''   # batch 1: static sparse
     ban = lambda ids, logits: logits.index_fill(-1, logits.argmax(-1), float('-inf'))  # never the greedy token
@@ -426,7 +430,7 @@ def test_engine_sparse_dense_uses_the_static_stack():
     s = model_of(33, sparse_config=SPARSE)
     p = prompts_of(33, (30,))[0]
     e = Engine(s, 64, sparse='dense', chunk=8)
-    assert e.pick_backend(1) == 'static' and Engine(s, 64, max_batch=2).pick_backend(2) == 'eager'
+    assert e.pick_backend(1) == 'static' and Engine(s, 64, max_batch=2, batch_sparse='eager').pick_backend(2) == 'eager'
     assert Engine(s, 64).sparse_static() and not e.sparse_static()
     with e._mode(): want = s.generate([p], 12, stop_ids=[], fast=False)          # forced dense attention
     assert e.generate([p], 12, stop_ids=[]) == want

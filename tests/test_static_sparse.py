@@ -319,7 +319,7 @@ def test_engine_batch_sparse_static(quant, kw, torch_kernels):
     ps = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n + 1)).tolist() for n in (23, 4, 13)]
     eng = Engine(m, 40, max_batch=3, quant=quant, chunk=7, batch_sparse='static')
     assert eng.pick_backend(3) == 'static' and eng.pick_backend(1) == 'static'
-    assert Engine(m, 40, max_batch=3).pick_backend(3) == 'eager'      # the default keeps the eager route
+    assert Engine(m, 40, max_batch=3, batch_sparse='eager').pick_backend(3) == 'eager'    # the model's layers
     want = [m.generate([p], 14, stop_ids=[], fast=False)[0] for p in ps]
     assert eng.generate(ps, 14, stop_ids=[]) == want
     t = eng.last_timing

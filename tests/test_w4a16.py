@@ -526,9 +526,11 @@ def test_gemvtu_one_hot_rows_and_bad_configs():
 
 @pytest.mark.parametrize("M", [17, 33, 49])
 def test_verify_rows_on_one_m_tile(monkeypatch, M):
-    "SKINNY_MAX_M = 64: 17-64 rows take one 32/64-row tile with split-K (the weights read once) and match the reference."
+    "SKINNY_MAX_M = 64 (the default): 17-64 rows take one 32/64-row tile with split-K (the weights read once) == the reference."
     import minicpm4_core.kernels.w4a16 as w4
     K, N, G = 512, 200, 64
+    monkeypatch.setattr(w4, 'SKINNY_MAX_M', 16)                          # 16: the prefill tiling, no split
+    default_config.cache_clear()
     assert default_config(M, N, K, G).block_m in (64, 128) and default_config(M, N, K, G).split_k == 1
     monkeypatch.setattr(w4, 'SKINNY_MAX_M', 64)
     default_config.cache_clear()

@@ -872,9 +872,9 @@ def _w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg, str
 # %% ../../nbs/71_w4a16_kernel.ipynb #4da5003b
 KERNELS = ('gemv', 'gemv16', 'gemvtc', 'gemvs', 'gemvu', 'gemvtu', 'gemm', 'dequant')
 DEQUANT_MIN_M = 256    # rows from which prefill dequantizes once and calls cuBLAS (tuned on the device)
-SKINNY_MAX_M = 16      # up to this many rows: the split-K GEMM with one M tile (16/32/64 rows); above it the
-                       # prefill tiling. 64 serves FR-Spec verifies (17-49 rows) the same way: CPU-tested, not
-                       # yet timed on a GPU (s8), so 16 (measured) stays the default until it is
+SKINNY_MAX_M = 64      # up to this many rows: the split-K GEMM with one M tile (16/32/64 rows); above it the
+                       # prefill tiling. H200 (s8): an 8B layer at 49 rows 381 us with 16 (the prefill tiling) vs
+                       # 224 us with 64 (bf16 153), outputs checked (the FR-Spec verify's 17-49 rows)
 DECODE_KERNEL = 'gemvtc'  # M = 1 default: 'gemv' (1), 'gemvtc' (4), 'gemvs' (5) or 'gemvu' (6). s7 round 1 (H200): gemvu
                           # 15.8 / 15.9 / 7.0 / 4.2 us at the four 8B shapes vs 16.5 gemvs / 21.1 / 9.2 / 5.3 gemvtc, but 7 of
                           # its 40 configs gave wrong results there (the split-K race, fixed after that run and not
