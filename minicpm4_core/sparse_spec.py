@@ -187,9 +187,11 @@ def masked_tree_attention(q, kv, ok):
 
 
 # SparseFastSpec's per-layer selection: 'masks' (tree_slot_mask), 'lists' (tree_block_lists), 'triton'
-# (tree_select_bitmap: the same bitmap in two Triton kernels) or 'auto' ('triton' on CUDA, 'masks' elsewhere; H200,
-# 0.5B at 16K, tree 6x8/32: round 8.38 -> 6.76 ms with the split attention, same tokens; session 8, late call)
-TREE_SELECT = 'auto'
+# (tree_select_bitmap: the same bitmap in two Triton kernels) or 'auto' ('triton' on CUDA, 'masks' elsewhere). H200
+# (session 8): a 16K round 8.38 -> 6.76 ms with the split attention, 5.89 -> 4.17 with the Triton one, same 8 tokens;
+# but its bitmaps have not yet been compared with the torch path's on the GPU (that stage did not run), and the edge
+# run that used it saw spec outputs leave the plain ones early (bf16, 0/2): 'masks' until that check has run.
+TREE_SELECT = 'masks'
 _TREE_SELECTS = ('auto', 'masks', 'lists', 'triton')
 ATTN_CHUNK = 512        # the verify's attention splits the buffer into chunks of this many slots (None: one SDPA call)
 ATTN_GROUPED = False    # split_tree_attention: one call per kv head with a (T, chunk) mask shared by its G heads
