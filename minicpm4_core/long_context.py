@@ -135,7 +135,8 @@ EVAL_SEED = 2 ** 31
 def training_rows(n: int, long_len: int, tok, text: torch.Tensor, frac_single: float = 0.35,
                   frac_multi: float = 0.35, seed: int = 0, n_keys: int = 4, progress: bool = False):
     """(rows LongTensor (n, long_len + 1), answer_mask bool (n, long_len + 1)): text rows, some ending in a
-    retrieval item, its answer(s) and </s> (see above); the mask marks the answer tokens."""
+    retrieval item, its answer(s) and </s> (see above); the mask marks the answer tokens. A multi-key item whose
+    questions do not all fit in long_len asks fewer of them."""
     if not (0 <= frac_single and 0 <= frac_multi and frac_single + frac_multi <= 1):
         raise ValueError(f"frac_single ({frac_single}) and frac_multi ({frac_multi}) must be >= 0 with a sum <= 1")
     if len(text) < long_len + 2: text = text.repeat(-(-(long_len + 2) // len(text)))
@@ -149,19 +150,24 @@ def training_rows(n: int, long_len: int, tok, text: torch.Tensor, frac_single: f
         task = 'single' if u < frac_single else 'multikey' if u < frac_single + frac_multi else None
         if task is None: continue
         target, dpt, s_item = rng.randint(long_len // 8, long_len), rng.random(), rng.randrange(1 << 30)
+        drop, shrunk = 0, False
         for attempt in range(64):
             try: it = make_item(task, tok, text, target, dpt, s_item, n_keys)
             except ValueError:                        # shorter than the needles + question: lengthen
                 if target >= long_len: raise
+                # too short right after shrinking to fit: the needles and every question cannot share long_len,
+                # so this item asks one question fewer (else it would swing between the two lengths)
+                drop += shrunk; shrunk = False
                 target = min(long_len, target + 32); continue
             extra = it.qa[1:]
             rng.shuffle(extra)
+            extra = extra[:max(0, len(extra) - drop)]
             item, ans = list(it.prompt), []
             for q, a in [([], it.answer)] + extra:
                 item += q; ans += range(len(item), len(item) + len(a)); item += a
             item.append(tok.eos_id)
             if len(item) <= long_len + 1: break
-            target -= len(item) - long_len - 1
+            target -= len(item) - long_len - 1; shrunk = True
         else:
             raise ValueError(f"long_len={long_len} is too short for a {task!r} training item with its answers "
                              f"(about {len(item) - target + 1} tokens without haystack); use a longer long_len")

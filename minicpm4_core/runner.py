@@ -109,6 +109,11 @@ def _save_outputs(dest: Path, out: Path) -> tuple[str, list[str]]:
     return str(page.relative_to(out)), figs
 
 # %% ../nbs/04_runner.ipynb #327ec3f4
+# what jupyter_client raises when a kernel dies or stays silent while starting (before any cell ran): kernels launched
+# side by side can race for the same ports (seen once in CI's two shards); one more start is safe then
+_KERNEL_START_FAILURES = ("Kernel died before replying to kernel_info", "Kernel didn't respond")
+
+
 def _execute_one(nb: Path, dest: Path, params: dict, timeout, kernel_name: str, verbose: bool) -> dict:
     "Run one notebook with papermill; returns status, error, cell, traceback, interrupted."
     import papermill as pm
@@ -120,9 +125,16 @@ def _execute_one(nb: Path, dest: Path, params: dict, timeout, kernel_name: str, 
     r = dict(status='ok', error='', cell='', traceback='', interrupted=False)
     quiet = [] if verbose else ['--IPKernelApp.log_level=CRITICAL']   # its TCP warning, shutdown interrupt log
     try:
-        pm.execute_notebook(str(nb), str(dest), parameters=declared_parameters(nb, params), kernel_name=kernel_name,
-                            cwd=str(nb.parent), progress_bar=False, log_output=verbose, timeout_func=cell_timeout,
-                            extra_arguments=quiet)
+        for attempt in (1, 2):
+            try:
+                pm.execute_notebook(str(nb), str(dest), parameters=declared_parameters(nb, params),
+                                    kernel_name=kernel_name, cwd=str(nb.parent), progress_bar=False, log_output=verbose,
+                                    timeout_func=cell_timeout, extra_arguments=quiet)
+                break
+            except Exception as e:
+                if attempt == 2 or 'cell' in running or not any(m in str(e) for m in _KERNEL_START_FAILURES): raise
+                print(f"[minicpm4 run] {nb.name}: the kernel did not start ({_error_summary(e)}); starting it once more",
+                      file=sys.stderr)
     except KeyboardInterrupt:
         r.update(status='interrupted', error='Ctrl-C', interrupted=True,
                  cell=_cell_label(nb, running.get('cell')))   # (the traceback would only show the runner's own frames)

@@ -197,3 +197,26 @@ def test_quiet_run_injects_declared_parameters_and_writes_a_readable_report(tmp_
     assert "python" in page and "papermill" in page                                    # machine and versions
     md = (run / "report.md").read_text()
     assert "loss=0.1235" in md and "table=table of 2 rows" in md and "## Failures" in md
+
+
+def test_a_kernel_that_fails_to_start_is_started_once_more(tmp_path, monkeypatch, capsys):
+    "Two shards can race for a kernel's ports: a start failure (no cell ran) gets one more start; nothing else does."
+    import papermill as pm
+    root = _project(tmp_path, "[ci]\nprofile = 'ci'\n", {"01_a.ipynb": [("x = 1", {})]})
+    calls = []
+
+    def flaky(fails, cell_ran=False):
+        def fake_execute(src, dest, timeout_func=None, **kw):
+            calls.append(src)
+            if cell_ran: timeout_func({'id': 'c0', 'source': 'x = 1'})
+            if len(calls) <= fails: raise RuntimeError("Kernel died before replying to kernel_info")
+            Path(dest).write_text("{}")
+        return fake_execute
+    monkeypatch.setattr(pm, "execute_notebook", flaky(1))
+    assert [r["status"] for r in R.run_notebooks("ci", root=root)] == ["ok"] and len(calls) == 2
+    assert "did not start" in capsys.readouterr().err
+    calls.clear(); monkeypatch.setattr(pm, "execute_notebook", flaky(2))       # twice: the notebook fails
+    res = R.run_notebooks("ci", root=root)
+    assert res[0]["status"] == "failed" and "kernel_info" in res[0]["error"] and len(calls) == 2
+    calls.clear(); monkeypatch.setattr(pm, "execute_notebook", flaky(1, cell_ran=True))   # a cell ran: no retry
+    assert R.run_notebooks("ci", root=root)[0]["status"] == "failed" and len(calls) == 1
