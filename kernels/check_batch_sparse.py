@@ -165,7 +165,7 @@ def main():
             if cuda: torch.cuda.empty_cache()
 
         def eager():
-            e = Engine(S['m'], L, max_batch=4)                            # the default route for a batch past dense_len
+            e = Engine(S['m'], L, max_batch=4, batch_sparse='eager')      # the model's eager layers (the default until s8)
             out = route(r, 'eager', e, rows, warm, a.eager_new)
             if 'g' in S:
                 r['agree_graph_vs_eager'], r['agree_prefix_graph_vs_eager'] = agreement([o[:a.eager_new] for o in S['g']],

@@ -433,14 +433,11 @@ def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progr
                 todo = [(x, b) for x, b in todo if b == 1]
                 if cfg == 'hf-compile' and (shape, cfg) not in p.grid_map() and (None, cfg) not in p.grid_map():
                     todo = [(x, b) for x, b in todo if x <= HF_COMPILE_MAX_CONTEXT]   # it recompiles per shape
-            if cfg in SPARSE_CONFIGS:
-                if any(b > 1 for _, b in todo):    # StaticSparseDecoder is batch 1: no eager batch rows
-                    notes.append(f"{shape} {cfg}: batch > 1 not run (the static sparse decoder is batch 1; the engine "
-                                 f"would fall back to the model's eager loop)")
+            if cfg in SPARSE_CONFIGS:             # batch > 1: the engine's BatchStaticSparseDecoder (graphs)
                 if any(st.dense_at(x + 1) for x, _ in todo):
                     notes.append(f"{shape} {cfg}: contexts below dense_len={st.dense_len} not run (attention is dense "
                                  f"there: the engine-dense / engine-int4 rows)")
-                todo = [(x, b) for x, b in todo if b == 1 and not st.dense_at(x + 1)]
+                todo = [(x, b) for x, b in todo if not st.dense_at(x + 1)]
             if not todo: continue
             if packed and cfg not in SPARSE_CONFIGS + ('engine-int4', 'hf-static', 'hf-compile', 'hf-dynamic'):
                 notes.append(f"{shape} {cfg}: not run (listed after an int4 configuration: the model is packed in place)")
@@ -462,10 +459,14 @@ def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progr
             try:
                 with ctxm:
                     for B in Bs if cfg != 'hf-compile' else ():   # capture per batch size (a batch has its own graph)
-                        wl = min(x for x, b in todo if b == B)
-                        if cfg == 'hf-dynamic': wl = min(wl, 1024)   # no graph or compile to warm: a short call
-                        warm = torch.randint(3, c.vocab_size, (B, wl), generator=g).tolist()
-                        gen(warm, 2, _Marks(dev))                               # untimed
+                        ctxs = [x for x, b in todo if b == B]
+                        wls = {min(ctxs)}
+                        if kind == 'engine' and max(ctxs) > p.chunk:  # a prefill of two chunks or more: the first one
+                            wls.add(min(x for x in ctxs if x > p.chunk))   # at an offset has one-time costs of its own
+                        if cfg == 'hf-dynamic': wls = {min(min(wls), 1024)}   # no graph or compile to warm: a short call
+                        for wl in sorted(wls):
+                            warm = torch.randint(3, c.vocab_size, (B, wl), generator=g).tolist()
+                            gen(warm, 2, _Marks(dev))                           # untimed
                     for ctx, B in bar:
                         first_compile = cfg == 'hf-compile' and (shape, cfg, ctx, B) not in seen
                         need = HF_COMPILE_EST_S if first_compile else _estimate(seen, shape, ctx, B)

@@ -692,7 +692,9 @@ def test_edge_grid_budget_and_prefill_rows():
         EB.HF_COMPILE_EST_S = EB_est
     got = [(r['config'], r['context'], r['batch']) for r in res['rows']]
     assert got == [('engine-dense', 40, 1), ('engine-dense', 80, 1), ('engine-dense', 120, 1), ('engine-dense', 40, 2),
-                   ('engine-sparse', 80, 1), ('engine-sparse', 120, 1), ('dense-eager', 80, 2)]   # dense_len = 64
+                   ('engine-sparse', 80, 1), ('engine-sparse', 80, 2), ('engine-sparse', 120, 1), ('engine-sparse', 120, 2),
+                   ('dense-eager', 80, 2)]   # dense_len = 64; sparse batch rows through the batched sparse decoder
+    assert all(r['backend'] == 'static' for r in res['rows'] if r['config'] == 'engine-sparse')
     assert any('hf-compile' in n and 'skipped' in n for n in res['notes'])
     assert any('engine-sparse' in n and 'below dense_len' in n for n in res['notes'])
     assert [(r['context'], r['attention']) for r in res['prefill_rows']] == [(80, 'sparse'), (80, 'dense'),

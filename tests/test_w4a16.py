@@ -446,14 +446,15 @@ def test_gemvu_one_hot_rows_and_bad_configs():
 
 @pytest.mark.parametrize("K,N,G", [(512, 200, 128), (256, 2048, 64), (256, 136, 32), (1024, 64, -1), (128, 1024, 16)])
 def test_gemvu_default_configs(K, N, G):
-    "Kernel 6 as the M = 1 default: valid configs for any N, K, group (1024 or 512 columns), correct results."
+    "Kernel 6 as the M = 1 default: valid configs for any N, K, group (512 columns), correct results."
     import minicpm4_core.kernels.w4a16 as w4
     if w4.DECODE_KERNEL != 'gemvu':
         pytest.skip("kernel 6 is not the decode default")
     c = w4.default_config(1, N, K, G)
     assert c.kernel == 'gemvu' and (K if G == -1 else G) % c.block_k == 0 and c.num_stages in (1, 2)
-    assert c.block_n == (1024 if N % 1024 == 0 else 512)
-    assert w4.default_config(1, 16384, 4096, 128).num_stages == 2 and w4.default_config(1, 4096, 4096, 128).num_stages == 1
+    assert c.block_n == 512 and c.num_stages == (2 if K % (2 * c.block_k) == 0 else 1)
+    assert w4.default_config(1, 16384, 4096, 128).num_stages == 2 and w4.default_config(1, 4096, 4096, 16).num_stages == 2
+    assert w4.default_config(1, 512, 96, -1).num_stages == 1            # three 32-row chunks: one per program
     qw, s, qz = random_w4(K, N, G, seed=101)
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
     assert rel(w4a16_matmul(x, qw, s, qz, G, backend='triton'), ref64(x, qw, s, qz, G)) <= 1e-2

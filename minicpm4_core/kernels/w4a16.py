@@ -21,10 +21,10 @@ import triton.language as tl
 from ._common import BACKENDS, _warn_once, interpreter_active, num_sms, resolve_backend, splitk_store, zero_buffer  # noqa: F401 (re-exported)
 
 # %% auto #0
-__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'SKINNY_MAX_M', 'DECODE_KERNEL', 'GEMVU_PER_SM', 'GEMVS_MIN_N', 'BATCH_KERNEL',
-           'GEMVS_TILE', 'GEMVS_PER_SM', 'GEMVS_MAX_SPLIT', 'w4a16_bytes', 'pack_int4', 'unpack_int4',
-           'resolve_group_size', 'dequantize_w4', 'w4a16_matmul_naive', 'W4A16Config', 'default_config',
-           'w4a16_dequantize', 'w4a16_matmul', 'random_w4', 'self_check']
+__all__ = ['KERNELS', 'DEQUANT_MIN_M', 'SKINNY_MAX_M', 'DECODE_KERNEL', 'GEMVS_MIN_N', 'BATCH_KERNEL', 'GEMVS_TILE',
+           'GEMVS_PER_SM', 'GEMVS_MAX_SPLIT', 'w4a16_bytes', 'pack_int4', 'unpack_int4', 'resolve_group_size',
+           'dequantize_w4', 'w4a16_matmul_naive', 'W4A16Config', 'default_config', 'w4a16_dequantize', 'w4a16_matmul',
+           'random_w4', 'self_check']
 
 # %% ../../nbs/71_w4a16_kernel.ipynb #2b12b3f0
 def w4a16_bytes(M: int, K: int, N: int, group_size: int = 128, act_bytes: int = 2) -> dict:
@@ -875,11 +875,9 @@ DEQUANT_MIN_M = 256    # rows from which prefill dequantizes once and calls cuBL
 SKINNY_MAX_M = 64      # up to this many rows: the split-K GEMM with one M tile (16/32/64 rows); above it the
                        # prefill tiling. H200 (s8): an 8B layer at 49 rows 381 us with 16 (the prefill tiling) vs
                        # 224 us with 64 (bf16 153), outputs checked (the FR-Spec verify's 17-49 rows)
-DECODE_KERNEL = 'gemvtc'  # M = 1 default: 'gemv' (1), 'gemvtc' (4), 'gemvs' (5) or 'gemvu' (6). s7 round 1 (H200): gemvu
-                          # 15.8 / 15.9 / 7.0 / 4.2 us at the four 8B shapes vs 16.5 gemvs / 21.1 / 9.2 / 5.3 gemvtc, but 7 of
-                          # its 40 configs gave wrong results there (the split-K race, fixed after that run and not
-                          # re-run on a GPU): it becomes the default once the fixed kernel has been checked on one
-GEMVU_PER_SM = 4          # kernel 6: two chunks per program while that still gives this many programs per SM, else one
+DECODE_KERNEL = 'gemvu'   # M = 1 default: 'gemv' (1), 'gemvtc' (4), 'gemvs' (5) or 'gemvu' (6). H200 (s9), the race-fixed
+                          # kernel 6, each of its 10 configs checked again after its timed replays (none wrong): 16.3 /
+                          # 16.9 / 7.5 / 4.4 us at the four 8B shapes vs 16.6 gemvs / 21.2 / 9.0 / 5.3 gemvtc (defaults then)
 _GEMVU_FAILED: list = []  # kernel 6 failed to compile or launch as a default (said once): defaults avoid it
 GEMVS_MIN_N = 8192        # (with DECODE_KERNEL 'gemvtc') kernel 5 from this many columns on (H200: 16.4 us vs gemvtc 20.8 at 4096 x 16384;
                           # slower than gemvtc at 16384 x 4096, 4096 x 4096, 4096 x 256); 0 = never
@@ -976,13 +974,12 @@ def _gemvs_config(M: int, N: int, K: int, G: int, sms: int) -> W4A16Config:
     return W4A16Config('gemvs', 1, bn, bk, split, w, d)
 
 
-def _gemvu_config(N: int, K: int, G: int, sms: int) -> W4A16Config:
-    """Kernel 6 (M = 1): 1024 columns of 4 warps (8 per thread) when they tile N, else 512 (4 per thread); chunks of up to
-    32 rows (dividing the group); two chunks per program while the grid keeps `GEMVU_PER_SM` programs per SM."""
+def _gemvu_config(N: int, K: int, G: int) -> W4A16Config:
+    """Kernel 6 (M = 1): 512 columns of 4 warps (4 per thread), chunks of up to 32 rows (dividing the group), two chunks
+    per program when K holds an even number of them. H200 (s9): the fastest of its 10 tiles at 16384 x 4096, 4096 x 4096
+    and 4096 x 256, within 2.5% of the fastest (512 columns, 2 warps) at 4096 x 16384."""
     bk = _largest_pow2_divisor(G, 32)
-    bn = 1024 if N % 1024 == 0 else 512
-    chunks = 2 if K % (2 * bk) == 0 and triton.cdiv(N, bn) * (K // (2 * bk)) >= GEMVU_PER_SM * sms else 1
-    return W4A16Config('gemvu', 1, bn, bk, 1, 4, chunks)
+    return W4A16Config('gemvu', 1, 512, bk, 1, 4, 2 if K % (2 * bk) == 0 else 1)
 
 
 @functools.lru_cache(maxsize=4096)     # pure in its arguments; saves ~10 us of Python per eager decode call
@@ -992,9 +989,10 @@ def default_config(M: int, N: int, K: int, group_size: int = 128, device=None,
     G = resolve_group_size(group_size, K)
     sms = _num_sms(device)
     if M >= dequant_min_m:
-        return W4A16Config('dequant', 1, 64, _largest_pow2_divisor(G, 64), 1, 4, 1)
+        # (32 rows x 128 columns, 4 warps: H200 s9, the best mean of 27 tiles over the 8B linears at 2048 rows, +1%)
+        return W4A16Config('dequant', 1, 128, _largest_pow2_divisor(G, 32), 1, 4, 1)
     if M == 1 and DECODE_KERNEL == 'gemvu' and G % 8 == 0 and not _GEMVU_FAILED:
-        return _gemvu_config(N, K, G, sms)
+        return _gemvu_config(N, K, G)
     if G % 16 == 0 and not _GEMVS_FAILED and ((M == 1 and (DECODE_KERNEL == 'gemvs' or 0 < GEMVS_MIN_N <= N))
                                              or (2 <= M <= 4 and BATCH_KERNEL == 'gemvs')):
         return _gemvs_config(M, N, K, G, sms)
