@@ -395,6 +395,14 @@ def _check_token(token, dev) -> torch.Tensor:
     return t
 
 
+def _check_tokens(tokens, B: int, dev) -> torch.Tensor:
+    "B integer token ids (one per row of a batched decoder) as a (B,) tensor on `dev`."
+    t = torch.as_tensor(tokens, device=dev).reshape(-1)
+    if t.numel() != B or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"tokens must be {B} integer ids (one per row), got shape {tuple(t.shape)} dtype {t.dtype}")
+    return t
+
+
 @patch
 @torch.no_grad()
 def prefill(self: StaticDecoder, ids) -> torch.Tensor:
@@ -585,10 +593,7 @@ def step(self: BatchStaticDecoder, tokens) -> torch.Tensor:
     "Read B tokens (one per row) at each row's next position: -> logits (B, V) (a static buffer)."
     if min(self.n) == 0: raise ValueError("prefill every row before step(tokens)")
     if max(self.n) >= self.max_len: raise ValueError(f"a row's KV buffer is full (max_len={self.max_len})")
-    t = torch.as_tensor(tokens, device=self.dev).reshape(-1)
-    if t.numel() != self.B or t.dtype.is_floating_point:
-        raise ValueError(f"tokens must be {self.B} integer ids (one per row), got shape {tuple(t.shape)}")
-    self.tok.copy_(t)
+    self.tok.copy_(_check_tokens(tokens, self.B, self.dev))
     if self.graphs:
         if self.graph is None:
             self.graph = capture_graph(self._step_static, [self.pos, self.tok, self.out, self.lens])

@@ -18,7 +18,7 @@ from .infllmv2 import (_kernels, attention_blocks, block_scores_from_compressed,
                        select_blocks, sparse_attention_ref, sparse_settings)
 from .model import KVCache, MiniCPM4ForCausalLM
 from .static_decode import (BatchStaticDecoder, StaticDecoder, attend, capture_graph, _check_ids,
-                                         _check_token)
+                                         _check_token, _check_tokens)
 
 # %% auto #0
 __all__ = ['kc_window', 'update_kc', 'attend_step', 'StaticSparseDecoder', 'sparse_rows', 'kc_rows_window', 'update_kc_rows',
@@ -430,10 +430,7 @@ def step(self: BatchStaticSparseDecoder, tokens) -> torch.Tensor:
     "Read B tokens (one per row) at each row's next position: -> logits (B, V) (a static buffer)."
     if min(self.n) == 0: raise ValueError("load_cache(b, cache) or prefill(b, ids) every row before step(tokens)")
     if max(self.n) >= self.max_len: raise ValueError(f"a row's KV buffer is full (max_len={self.max_len})")
-    t = torch.as_tensor(tokens, device=self.dev).reshape(-1)
-    if t.numel() != self.B or t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ValueError(f"tokens must be {self.B} integer ids (one per row), got shape {tuple(t.shape)} dtype {t.dtype}")
-    self.base.tok.copy_(t)
+    self.base.tok.copy_(_check_tokens(tokens, self.B, self.dev))
     key = self.step_kind()
     self._rows = [(self.is_sparse(n + 1), n + 1) for n in self.n]
     _run_step(self, key)

@@ -310,6 +310,17 @@ def test_batch_greedy_equals_generate_and_reuse():
         assert dec.generate(ps, 15) == [m.generate([p], 15, stop_ids=[], fast=False)[0] for p in ps]
 
 
+def test_batched_steps_check_their_tokens():
+    "Both batched decoders take exactly B integer ids per step (one shared check) and name what they got."
+    from minicpm4_core.static_decode import BatchStaticDecoder
+    m, dense = model_of(15, BSPARSE), model_of(15, None)
+    for dec in (BatchStaticSparseDecoder(m, 44, 2), BatchStaticDecoder(dense, 44, 2)):
+        for b in range(2): dec.prefill(b, [3, 4, 5])
+        for bad in ([1], [1, 2, 3], [1.0, 2.0], [True, False]):
+            with pytest.raises(ValueError, match='tokens must be 2 integer ids'): dec.step(bad)
+        assert dec.step(torch.tensor([[6], [7]])).shape == (2, m.config.vocab_size)
+
+
 @pytest.mark.parametrize('quant,kw', [(None, {}), (None, dict(use_nope=True)), ('w4a16', {}), ('ternary', {})],
                          ids=['none', 'use_nope', 'w4a16', 'ternary'])
 def test_engine_batch_sparse_static(quant, kw, torch_kernels):
