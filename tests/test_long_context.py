@@ -273,8 +273,16 @@ def test_gpu_settings_match_the_entry_point():
 
 
 @pytest.mark.slow
-def test_stages_resume_across_calls(tmp_path):
-    "warm -> train -> eval -> all on the ci base: each call picks up the checkpoints of the one before (~15 s if the base exists)."
+def test_stages_resume_across_calls(tmp_path, tok, monkeypatch):
+    """warm -> train -> eval -> all: each call picks up the checkpoints of the one before. On a tiny untrained base
+    (seeded, so every call gets the same one): resuming does not depend on the base, and the ci base would first be
+    trained here (~65 s of CI)."""
+    import minicpm4_core.train as T
+    def tiny_base(profile, device=None):
+        torch.manual_seed(0)
+        m = MiniCPM4ForCausalLM(MiniCPM4Config.tiny(vocab_size=tok.vocab_size, mtp=False, max_position_embeddings=1024))
+        return m.to(device or 'cpu'), tok, dict(seq_len=128, steps=0, final_eval_loss=None, seconds=0.0)
+    monkeypatch.setattr(T, 'profile_base_model', tiny_base)
     kw = dict(warm_len=384, warm_steps=3, curriculum=[[384, 2], [512, 2]], lengths=[256, 512], n_items=1, ppl_windows=1,
               seed=random.randrange(1000))
     cfg, ck, quiet = LC.LCConfig.for_profile('ci', **kw), tmp_path / 'ck', lambda s: None
