@@ -14,13 +14,6 @@ pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.filterwarnings(
 TREE = dict(method='tree', depth=6, topk=4, tree_size=16)
 
 
-@pytest.fixture
-def torch_kernels(monkeypatch):
-    "The packed linears' torch references (the Triton kernels are checked against them in their own tests)."
-    import minicpm4_core.kernels.w4a16 as W
-    monkeypatch.setattr(W, 'resolve_backend', lambda *a, **k: 'torch')
-
-
 def pair(seed, quant=None, sparse=True):
     "A tiny InfLLM v2 target (the long rows' tiny sparse_config: sparse from 64 keys) and a random EAGLE draft, fp32."
     from minicpm4_core.frspec import EagleDraft

@@ -26,14 +26,6 @@ def prompts_of(seed, lens=(37, 20, 6)):
     return [torch.randint(3, 97, (n,), generator=g).tolist() for n in lens]
 
 
-@pytest.fixture
-def torch_kernels(monkeypatch):
-    """The packed linears' torch references instead of the Triton interpreter (~40x faster; the kernels themselves are
-    checked against these references in test_w4a16 / test_ternary_kernel, and below through `quant_linear`)."""
-    import minicpm4_core.kernels.w4a16 as W, minicpm4_core.kernels.ternary as TK
-    for mod in (W, TK): monkeypatch.setattr(mod, 'resolve_backend', lambda *a, **k: 'torch')
-
-
 @pytest.mark.parametrize('sparse', [False, True])
 @pytest.mark.parametrize('quant', [None, 'w4a16', 'ternary'])
 def test_greedy_equals_model_generate(sparse, quant, torch_kernels):
@@ -532,7 +524,7 @@ def test_batch_static_decode_equals_model(kernel, torch_kernels):
 
 # ---- session 5: the spec part (a trained pair, CPU smoke) and the prefill part of the edge benchmark ----
 
-def test_edge_bench_spec_part_smoke():
+def test_edge_bench_spec_part_smoke(torch_kernels):
     "Train a tiny target and its draft for seconds, then the engine with / without FR-Spec: fp32 greedy is identical."
     from minicpm4_core.edge_bench import SPEC_CONFIGS, SpecParams, run_spec
     sp = SpecParams.smoke(corpus='embedded', train_s=2.0, draft_s=1.5, distill_prompts=8, prompts=2, new=10)

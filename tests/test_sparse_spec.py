@@ -25,13 +25,6 @@ def model_of(seed, sparse=SP, **kw):
     return MiniCPM4ForCausalLM(MiniCPM4Config.tiny(**{**TINY, **kw}, sparse_config=sparse)).eval()
 
 
-@pytest.fixture
-def torch_kernels(monkeypatch):
-    "The packed linears' torch references instead of the Triton interpreter (as tests/test_engine.py)."
-    import minicpm4_core.kernels.w4a16 as W, minicpm4_core.kernels.ternary as TK
-    for mod in (W, TK): monkeypatch.setattr(mod, 'resolve_backend', lambda *a, **k: 'torch')
-
-
 def random_tree(N, D, g):
     "parents (N+1,) parents first (root -1), depths (N+1,) <= D."
     par, dep = [-1], [0]
@@ -217,7 +210,6 @@ def test_split_paths_change_nothing(monkeypatch):
         assert e.sd.max_len == (128 if chunk in (None, 32) else 144)
         runs.append((e.generate(prompt, 30), e.last_stats['histogram']))
     assert runs[0] == runs[1] == runs[2] and sum(runs[0][1][1:]) > 0
-
 
 
 # ---- the verify's attention as one Triton kernel (tree_sparse_attention; the interpreter on the CPU, tests/conftest.py)
