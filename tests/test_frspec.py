@@ -340,6 +340,17 @@ def test_tune_rejects_a_wrong_candidate(pair, monkeypatch):
                          order_free=True) == 0.0
 
 
+def test_tune_leaves_the_default_only_for_a_clear_gain(pair, monkeypatch):
+    "A candidate within `_TUNE_MARGIN` of the default kernel's time does not replace it (noise); a clearly faster one does."
+    import minicpm4_core.bench as B
+    target, draft = pair
+    for skinny_us, want in ((4.9, "'cublas'"), (4.0, "(32, 128, 4, 3)")):       # cuBLAS 5.0: 2% vs 20% faster
+        monkeypatch.setattr(B, 'cuda_graph_time', lambda fn, inner=None, reps=20, s=skinny_us:
+                            5.0 if fn.__defaults__[0] == 'cublas' else s if fn.__defaults__[0] == (32, 128, 4, 3) else 9.0)
+        res = S.FastSpec(target, draft, method='tree', depth=4, topk=3, tree_size=10, max_len=128)._tune()
+        assert res['verify_wdown']['choice'] == want, (skinny_us, res['verify_wdown'])
+
+
 def test_queued_rounds_same_output_fewer_reads(pair):
     "Queuing the surely-needed rounds before each host read changes nothing but the number of reads."
     target, draft = pair
