@@ -91,13 +91,10 @@ def main(argv=None):
                     help='--round-profile: start no configuration after this many seconds (round-only: +15 s)')
     ap.add_argument('--int4', action='store_true', help='--round-profile: also the w4a16 target forward by rows')
     ap.add_argument('--no-kernels', action='store_true', help='--round-profile: skip the torch.profiler kernel table')
-    ap.add_argument('--tune', action='store_true',
-                    help="FastSpec.tune = True (off by default): the round profile's 'round' vs 'round_untuned' is its gain")
     a = ap.parse_args(argv)
     dev = torch.device('cpu' if a.smoke or not torch.cuda.is_available() else 'cuda')
     out = Path(a.out) if a.out else run_dir('frspec', dev)
     out.mkdir(parents=True, exist_ok=True)
-    if a.tune: S.FastSpec.tune = True
     if a.round_profile: return round_profile(a, dev, out)
     if a.replot_head:
         j = json.loads(Path(a.replot_head).read_text())

@@ -460,10 +460,9 @@ def run_decode(p: EdgeParams, copy_GBps: float | None = None, on_row=None, progr
                 with ctxm:
                     for B in Bs if cfg != 'hf-compile' else ():   # capture per batch size (a batch has its own graph)
                         ctxs = [x for x, b in todo if b == B]
-                        wls = {min(ctxs)}
-                        if kind == 'engine' and max(ctxs) > p.chunk:  # a prefill of two chunks or more: the first one
-                            wls.add(min(x for x in ctxs if x > p.chunk))   # at an offset has one-time costs of its own
-                        if cfg == 'hf-dynamic': wls = {min(min(wls), 1024)}   # no graph or compile to warm: a short call
+                        wls = {min(ctxs) if cfg != 'hf-dynamic' else min(min(ctxs), 1024)}   # hf-dynamic: a short call
+                        if kind == 'engine' and max(ctxs) > p.chunk:   # the first prefill chunk at an offset has
+                            wls.add(min(x for x in ctxs if x > p.chunk))   # one-time costs of its own
                         for wl in sorted(wls):
                             warm = torch.randint(3, c.vocab_size, (B, wl), generator=g).tolist()
                             gen(warm, 2, _Marks(dev))                           # untimed

@@ -987,12 +987,12 @@ def default_config(M: int, N: int, K: int, group_size: int = 128, device=None,
                    dequant_min_m: int = DEQUANT_MIN_M) -> W4A16Config:
     "A good `W4A16Config` for `x (M, K) @ W (K, N)` with groups of `group_size` rows; dequant + cuBLAS from dequant_min_m rows."
     G = resolve_group_size(group_size, K)
-    sms = _num_sms(device)
     if M >= dequant_min_m:
         # (32 rows x 128 columns, 4 warps: H200 s9, the best mean of 27 tiles over the 8B linears at 2048 rows, +1%)
         return W4A16Config('dequant', 1, 128, _largest_pow2_divisor(G, 32), 1, 4, 1)
     if M == 1 and DECODE_KERNEL == 'gemvu' and G % 8 == 0 and not _GEMVU_FAILED:
         return _gemvu_config(N, K, G)
+    sms = _num_sms(device)                 # the split-K kernels below size their grids from it
     if G % 16 == 0 and not _GEMVS_FAILED and ((M == 1 and (DECODE_KERNEL == 'gemvs' or 0 < GEMVS_MIN_N <= N))
                                              or (2 <= M <= 4 and BATCH_KERNEL == 'gemvs')):
         return _gemvs_config(M, N, K, G, sms)
