@@ -271,7 +271,7 @@ def session7_checks(prompts, budget_s: float = 78.0, save=None) -> list[dict]:
     print and save as they finish (a time box skips the rest): at a 16K prompt on the 0.5B shape (random bf16 weights,
     the released sparse_config, a random draft: acceptance ~1, so the figures are costs) ms per round (graph replay)
     for the edge row's tree 6x8/32 and FastSpec's default 5x4/16, ms per plain StaticSparseDecoder step, tok/s of both,
-    the acceptance that breaks even, spec tokens vs plain decoding's; the verify variants (one masked SDPA - what the
+    the acceptance that breaks even, spec tokens vs plain decoding's (`fallback` off), then with `fallback` on; the verify variants (one masked SDPA - what the
     edge row ran first -, one attention call per kv head); a tiny fp32 model: graph == eager == model.generate, a
     verify's logits vs `tree_forward`; last, if time is left, a kernel profile of one eager round."""
     from minicpm4_core import sparse_spec as SS
@@ -326,6 +326,7 @@ def session7_checks(prompts, budget_s: float = 78.0, save=None) -> list[dict]:
         t0 = time.time()
         e = S['e'] = SS.SparseFastSpec(S['m'], S['draft'], S['vocab'], max_len=L, chunk=ctx, depth=6, topk=8,
                                        tree_size=32)
+        e.fallback = None                                # the rounds' own cost (a random draft would fall back)
         e.generate(S['p'], 8)                                               # tuning, capture, compiles: untimed
         r['warmup_s'] = round(time.time() - t0, 1)
         r['slots'], r['efficient_lse_kernel'] = e.sd.max_len, SS._EFFICIENT
@@ -357,8 +358,18 @@ def session7_checks(prompts, budget_s: float = 78.0, save=None) -> list[dict]:
             tok = d.step(tok).argmax().view(1); plain_t.append(tok)
         torch.cuda.synchronize()
         r['plain_tok_s'] = round((new - 1) / (time.perf_counter() - t1), 1)
-        r['agreement_spec_vs_plain'] = agreement([got[1:new]], [torch.cat(plain_t).tolist()])[0]   # bf16 ties may flip
+        S['plain_out'] = torch.cat(plain_t).tolist()
+        r['agreement_spec_vs_plain'] = agreement([got[1:new]], [S['plain_out']])[0]   # bf16 ties may flip
         r['ok'] = r['agreement_spec_vs_plain'] >= 0.5
+
+    def fallback():                              # FastSpec.fallback (the default 0.95): a random draft should trip it
+        e = S['e']
+        e.fallback = 0.95
+        got = e.generate(S['p'], new)
+        st = e.last_stats
+        r.update(fallback=st['fallback'], fallback_rounds=st['rounds'],
+                 fallback_tok_s=round((new - 1) / st['decode_s'], 1),
+                 fallback_agreement_vs_plain=agreement([got[1:new]], [S['plain_out']])[0])
 
     def variant(name, **kw):
         def fn():
@@ -425,6 +436,7 @@ def session7_checks(prompts, budget_s: float = 78.0, save=None) -> list[dict]:
     stage('spec tree6x8/32: warm-up + round', spec_main, 50)
     stage('plain step', plain, 30)
     stage('spec + plain decode', decode, 20)
+    stage('fallback to plain steps', fallback, 10)
     stage('round tree5x4/16', variant('tree5x4_16', tree=dict(depth=5, topk=4, tree_size=16)), 14)
     stage('round one SDPA (no split)', variant('sdpa', chunk=None), 12)
     stage('round grouped', variant('grouped', grouped=True), 12)

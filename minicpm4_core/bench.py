@@ -24,9 +24,9 @@ import torch
 from .io import atomic_write_json, read_json
 
 # %% auto #0
-__all__ = ['RESULTS_ENV', 'cpu_time', 'l2_bytes', 'flush_l2', 'copies_beyond_l2', 'event_time', 'cuda_graph_time', 'device_time',
-           'kernel_times', 'device_tag', 'git_commit', 'env_stamp', 'roofline_ceilings', 'results_root', 'run_name',
-           'run_dir', 'write_result', 'stored_result', 'load_result']
+__all__ = ['RESULTS_ENV', 'synced_clock', 'cpu_time', 'l2_bytes', 'flush_l2', 'copies_beyond_l2', 'event_time', 'cuda_graph_time',
+           'device_time', 'kernel_times', 'device_tag', 'git_commit', 'env_stamp', 'roofline_ceilings', 'results_root',
+           'run_name', 'run_dir', 'write_result', 'stored_result', 'load_result']
 
 # %% ../nbs/09_bench.ipynb #37a5cb26
 def _calls(fns) -> list:
@@ -36,6 +36,12 @@ def _calls(fns) -> list:
     if not fns or not all(callable(f) for f in fns):
         raise ValueError("fns must be a callable or a non-empty list/tuple of callables (call i runs fns[i % len(fns)])")
     return fns
+
+
+def synced_clock(dev) -> float:
+    "Wall-clock seconds (time.perf_counter) once the device `dev` has finished its queued work."
+    if torch.device(dev).type == 'cuda': torch.cuda.synchronize(dev)
+    return time.perf_counter()
 
 
 def cpu_time(fns, inner: int | None = None, reps: int = 5, warmup: int = 1) -> float:

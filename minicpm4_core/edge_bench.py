@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import bench
+from .bench import synced_clock
 from .config import MiniCPM4Config, SparseSettings, default_sparse_config
 from .engine import Engine, convert_quant, load_draft
 from .static_decode import StaticDecoder
@@ -187,6 +188,8 @@ class SpecParams:
     long_int4: bool = True           # sparse + int4 (+ spec): the issue's fourth configuration
     long_bf16: bool = True           # sparse (+ spec) in bf16 as well
     long_config: str = ''            # the SPEC_CONFIGS name the long rows use ('': the best short-context row)
+    long_draft_windows: str = '0'    # the long spec rows' draft windows, a comma list ('0': the whole context; 256 =
+                                     # prompt_len + distill_new, the length of the rows the draft was trained on)
     long_budget_s: float = 90.0      # the long rows start no generation expected to end past this (0: no limit)
 
     @classmethod
@@ -194,7 +197,7 @@ class SpecParams:
         "The CPU smoke test: a tiny model, seconds of training (the pipeline, not a speed result)."
         return cls(**{**dict(shape='tiny', bpe=300, seq=48, batch=8, train_s=3.0, distill_prompts=16, prompt_len=12,
                              distill_new=20, draft_batch=8, draft_s=2.0, k=128, prompts=2, heldout_len=16, new=12,
-                             long_contexts='150', long_prompts=1, long_new=10, long_budget_s=0),
+                             long_contexts='150', long_prompts=1, long_new=10, long_budget_s=0, long_draft_windows='32'),
                       **over})
 
     def names(self) -> list[str]:
@@ -208,14 +211,20 @@ class SpecParams:
     def long_ints(self) -> list[int]:
         return [int(x) for x in str(self.long_contexts).split(',') if str(x).strip()]
 
+    def long_windows(self) -> list[int | None]:
+        "The long spec rows' draft windows (None: the whole context)."
+        ws = [int(x) for x in str(self.long_draft_windows).split(',') if str(x).strip()]
+        if not ws or min(ws) < 0: raise ValueError(f"long_draft_windows must list ints >= 0, got {self.long_draft_windows!r}")
+        return [w or None for w in ws]
+
 
 def _steps_for(model, rows, batch: int, seconds: float, dev, step_fn) -> tuple[int, float]:
     "(steps that fit `seconds`, measured seconds per step): two forward+backward passes timed after one warm-up."
     x = rows[:batch].to(dev)
     step_fn(x)
-    t = _sync_clock(dev)
+    t = synced_clock(dev)
     for _ in range(2): step_fn(x)
-    per = (_sync_clock(dev) - t) / 2 * 1.15                                    # + the optimizer step
+    per = (synced_clock(dev) - t) / 2 * 1.15                                    # + the optimizer step
     model.zero_grad(set_to_none=True)
     return max(2, int(seconds / per)), per
 
@@ -275,16 +284,11 @@ def roofline(row: dict, wbytes: int, kv: int, copy_GBps: float | None) -> dict:
     return row
 
 # %% ../nbs/90_edge_bench.ipynb #1a21ba7c
-def _sync_clock(dev) -> float:
-    if dev.type == 'cuda': torch.cuda.synchronize(dev)
-    return time.perf_counter()
-
-
 class _Marks:
     "Timestamps after device synchronisation: a logits_processor (model loop) and a streamer (transformers) in one."
     def __init__(self, dev): self.dev, self.t = dev, []
-    def __call__(self, ids, logits): self.t.append(_sync_clock(self.dev)); return logits
-    def put(self, value): self.t.append(_sync_clock(self.dev))
+    def __call__(self, ids, logits): self.t.append(synced_clock(self.dev)); return logits
+    def put(self, value): self.t.append(synced_clock(self.dev))
     def end(self): pass
 
 
@@ -292,7 +296,7 @@ def timed_generation(kind: str, gen, prompts, n: int, dev) -> dict:
     """One generation of n + 1 tokens: dict(ttft_s, decode_s, decode_steps). kind: 'engine' (gen returns the Engine
     after generating), 'loop' (gen(prompts, k, marks) passes marks as logits_processor), 'hf' (marks as streamer)."""
     marks = _Marks(dev)
-    t0 = _sync_clock(dev)
+    t0 = synced_clock(dev)
     res = gen(prompts, n + 1, marks)
     if kind == 'engine':
         lt = res.last_timing
@@ -547,11 +551,11 @@ def run_prefill(p: EdgeParams, on_row=None, deadline: float | None = None) -> tu
         def prefill(e, n, ids=None):
             ids = torch.randint(3, c.vocab_size, (1, n), generator=g).to(dev) if ids is None else ids
             cache = m.new_cache(1, n) if e.sparse != 'dense' else None
-            t0 = _sync_clock(dev)
+            t0 = synced_clock(dev)
             with e._mode():
                 if cache is None: e.static_prefill(ids[0])
                 else: e.eager_prefill(ids, torch.ones_like(ids), cache)
-            return _sync_clock(dev) - t0
+            return synced_clock(dev) - t0
         for e in engines.values(): prefill(e, min(min(ctxs), st.dense_len + 2 * p.chunk))   # compiles, untimed
         for ctx in ctxs:
             ids = torch.randint(3, c.vocab_size, (1, ctx), generator=g).to(dev)
@@ -803,7 +807,7 @@ def run_spec_long(rec: dict, sp: SpecParams, target, draft, vocab_ids, tok, held
             t.config.sparse_config = _long_sparse_config(sp)
             if quant: convert_quant(t, quant)
             rows, notes = spec_long_rows(t, draft, vids, prompts, sp.long_new, kw, best, chunk, deadline,
-                                         tag='sparse+int4' if quant else 'sparse', log=log)
+                                         tag='sparse+int4' if quant else 'sparse', log=log, windows=sp.long_windows())
             for r in rows: r['quant'] = quant
             rec['long_rows'] += rows; rec['long_notes'] += notes
             for n in notes: log(f"spec long note: {n}")
@@ -848,9 +852,9 @@ def spec_rows(target, draft, vocab_ids, prompts: list, new: int, configs=SPEC_CO
         e.generate([prompts[0]], new, stop_ids=[])                           # capture, untimed
         secs, outs, acc, dec = 0.0, [], [], []
         for p in prompts:
-            t0 = _sync_clock(dev)
+            t0 = synced_clock(dev)
             outs.append(e.generate([p], new, stop_ids=[])[0])
-            secs += _sync_clock(dev) - t0
+            secs += synced_clock(dev) - t0
             acc.append(e.spec_stats['mean_accept_length'] if spec else 1.0)
             dec.append((e.spec_stats if spec else getattr(e, 'last_timing', None) or {}).get('decode_s'))
         ref = ref or outs
@@ -892,9 +896,9 @@ def _timed_gen(e: Engine, prompt: list, new: int, dev) -> dict:
     "One greedy generation: output, wall_s, and the engine's TTFT / decode split when it gives one (else None)."
     e.__dict__.pop('last_timing', None)
     e.__dict__.pop('spec_stats', None)
-    t0 = _sync_clock(dev)
+    t0 = synced_clock(dev)
     out = e.generate([prompt], new, stop_ids=[])[0]
-    wall = _sync_clock(dev) - t0
+    wall = synced_clock(dev) - t0
     lt, st = getattr(e, 'last_timing', None), dict(getattr(e, 'spec_stats', None) or {})
     ttft = lt.get('ttft_s') if lt else st.get('ttft_s', st.get('prefill_s'))
     return dict(out=out, wall_s=wall, ttft_s=ttft, stats=st, backend=(lt or {}).get('backend'))
@@ -902,7 +906,8 @@ def _timed_gen(e: Engine, prompt: list, new: int, dev) -> dict:
 
 @torch.no_grad()
 def spec_long_rows(target, draft, vocab_ids, prompts: dict, new: int, kw: dict, name: str, chunk: int,
-                   deadline: float | None = None, tag: str = '', log=print) -> tuple[list[dict], list[str]]:
+                   deadline: float | None = None, tag: str = '', log=print,
+                   windows=(None,)) -> tuple[list[dict], list[str]]:
     """Greedy generation of `new` tokens from each long prompt ({context: [prompts]}) through `Engine` over an InfLLM v2
     `target`, without speculation, then with FR-Spec (`kw`): rows (name, context, ttft_s, decode_tok_s, acceptance,
     agreement with the plain engine's outputs). decode_tok_s = (new - 1) / (wall - TTFT), the first token coming with
@@ -910,16 +915,17 @@ def spec_long_rows(target, draft, vocab_ids, prompts: dict, new: int, kw: dict, 
     One engine per variant sized for the longest prompt, warmed up (graph captures, kernel compiles for each prompt
     length) with a short generation per context, untimed. A generation starts only if the slowest one seen so far at
     its context (x3 for the first speculative one) fits before `deadline` (time.time() seconds); what is skipped is
-    noted."""
+    noted. windows: one speculative variant per draft window (None: the draft attends the whole context)."""
     dev = target.device
     L = -(-(max(prompts) + new + 96) // 64) * 64
     left = lambda: float('inf') if deadline is None else deadline - time.time()
     rows, notes, ref, plain_ttft, seen = [], [], {}, {}, {}
-    for spec in (False, True):
-        label = f"{tag}{'+spec ' + name if spec else ''}"
+    for spec, win in [(False, None)] + [(True, w) for w in windows]:
+        label = f"{tag}{'+spec ' + name if spec else ''}{f' w{win}' if win else ''}"
         t_setup = time.time()
         try:
-            e = Engine(target, L, chunk=chunk, spec=(draft, vocab_ids) if spec else None, spec_kw=kw if spec else None)
+            e = Engine(target, L, chunk=chunk, spec=(draft, vocab_ids) if spec else None,
+                       spec_kw={**kw, **({'draft_window': win} if win else {})} if spec else None)
             need = 3 * sum(seen.values())
             if need > left():
                 notes.append(f"long {label}: skipped (budget: ~{need:.0f} s needed, {max(0, left()):.0f} s left)"); continue
@@ -928,7 +934,7 @@ def spec_long_rows(target, draft, vocab_ids, prompts: dict, new: int, kw: dict, 
         except Exception as ex:
             notes.append(f"long {label}: {type(ex).__name__}: {ex}"[:400]); continue
         for ctx, ps in prompts.items():
-            outs, walls, ttfts, acc, src, path, backend = [], [], [], [], 'engine', None, None
+            outs, walls, ttfts, acc, src, path, backend, fbs = [], [], [], [], 'engine', None, None, []
             for i, p in enumerate(ps):
                 need = seen.get(ctx, 0.0) * (3 if spec and not outs else 1)
                 if need > left():
@@ -943,15 +949,20 @@ def spec_long_rows(target, draft, vocab_ids, prompts: dict, new: int, kw: dict, 
                 if not spec: plain_ttft[ctx, i] = ttft
                 outs.append(g['out']); walls.append(g['wall_s']); ttfts.append(ttft)
                 acc.append(g['stats'].get('mean_accept_length', 1.0) if spec else 1.0)
+                if spec and g['stats'].get('fallback'): fbs.append(g['stats']['fallback'])
                 path, backend = g['stats'].get('path', path), g['backend'] or backend
             if not outs: continue
             dec = sum(w - t for w, t in zip(walls, ttfts) if t is not None)
-            row = dict(name=label, spec=name if spec else None, context=ctx, prompts=len(outs), new=new,
+            row = dict(name=label, spec=name if spec else None, draft_window=win, context=ctx, prompts=len(outs), new=new,
                        ttft_s=None if None in ttfts else sum(ttfts) / len(ttfts), ttft_source=src,
                        wall_s=sum(walls), tok_s=len(outs) * new / sum(walls),
                        decode_tok_s=len(outs) * (new - 1) / dec if dec > 0 and None not in ttfts else None,
                        mean_accept_length=sum(acc) / len(acc), spec_path=path if spec else None, backend=backend,
                        engine_setup_s=setup)
+            if fbs:     # FastSpec.fallback's check: the first rounds' rate vs one plain step's, and whether it switched
+                row.update(fell_back=sum(f['at_token'] is not None for f in fbs),
+                           rounds_tok_s=sum(f['spec_tok_s'] for f in fbs) / len(fbs),
+                           plain_step_tok_s=sum(f['plain_tok_s'] for f in fbs) / len(fbs))
             if not spec:
                 ref[ctx] = outs
                 row['distinct4'] = distinct_ngrams(outs)
@@ -1016,9 +1027,11 @@ def goal_lines(res: dict) -> list[str]:
          (f" ({best['name']}, accept {best['mean_accept_length']:.2f})" + (f" decode alone; x{best['speedup']:.2f} wall "
           f"clock with the prefills" if best.get('decode_speedup') else '')) if best else '')
     lr = [r for r in sp.get('long_rows', []) if r.get('quant') and r.get('speedup')]
-    lb = max(lr, key=lambda r: r['context'], default=None)
+    lb = max(lr, key=lambda r: (r['context'], r['speedup']), default=None)     # the longest context, its best window
     line('FR-Spec, sparse + int4 target past dense_len / the same engine without speculation (decode)', lb and lb['speedup'],
-         2.0, f" (ctx {lb['context']}, {lb['spec']}, accept {lb['mean_accept_length']:.2f}, {lb['spec_path']})" if lb else '')
+         2.0, f" (ctx {lb['context']}, {lb['spec']}, draft window {lb.get('draft_window') or 'none'}, accept "
+              f"{lb['mean_accept_length']:.2f}, {lb['spec_path']}" + (f", fell back to plain steps {lb['fell_back']}/"
+              f"{lb['prompts']}" if 'fell_back' in lb else '') + ")" if lb else '')
     tot = res.get('seconds', {}).get('total')
     out.append(f"goal the whole sweep in one call (< 600 s): {tot} s of run() (plus imports) "
                f"{'not measured' if tot is None else 'met' if tot < 600 else 'MISSED'}")
@@ -1060,6 +1073,8 @@ def summary_lines(res: dict) -> list[str]:
                        + (f", x{r['speedup']:.2f} decode / x{r['e2e_speedup']:.2f} end-to-end vs no speculation, identical "
                           f"{r.get('identical')}/{r['prompts']} (prefix {r.get('prefix', 0):.3f}) [{r['spec_path']}]"
                           if r.get('spec') and 'speedup' in r else f" [{r.get('backend')}]")
+                       + (f", fell back to plain steps {r['fell_back']}/{r['prompts']} (first rounds "
+                          f"{r['rounds_tok_s']:.0f} vs a plain step {r['plain_step_tok_s']:.0f} tok/s)" if 'fell_back' in r else '')
                        + (f", distinct4 {r['distinct4']:.2f}" if 'distinct4' in r else '')
                        + ('' if r.get('ttft_source', 'engine') == 'engine' else f" (TTFT from the {r['ttft_source']})"))
         out += [f"spec long note: {n}" for n in sp.get('long_notes', [])]

@@ -26,6 +26,7 @@ from .config import SparseSettings
 from .static_decode import (BatchStaticDecoder, StaticDecoder, bucket_sizes, check_static_support,
                                          copy_fused, prep_layer)
 from .static_sparse import BatchStaticSparseDecoder, StaticSparseDecoder
+from .bench import synced_clock
 
 # %% auto #0
 __all__ = ['dequantized_weight', 'quant_linear', 'convert_quant', 'Engine', 'EagerSpec', 'eager_prefill', 'static_prefill',
@@ -194,8 +195,8 @@ class EagerSpec:
     """FR-Spec of an engine whose InfLLM v2 target goes sparse within max_len, where `SparseFastSpec` refuses it: greedy
     tree (or chain) drafting, and verification through the model's own forward (`speculative_generate`), whose tree
     attention gives each node the selection the model's cached decoding would make. Eager (a Python loop per node).
-    kw: FastSpec's (method, gamma, depth, topk, tree_size)."""
-    KEYS = dict(method='tree', gamma=4, depth=5, topk=4, tree_size=16)      # FastSpec's defaults
+    kw: FastSpec's (method, gamma, depth, topk, tree_size, draft_window)."""
+    KEYS = dict(method='tree', gamma=4, depth=5, topk=4, tree_size=16, draft_window=None)   # FastSpec's defaults
 
     def __init__(self, draft, vocab_ids, kw: dict, quiet: bool = False):
         bad = sorted(set(kw) - set(self.KEYS))
@@ -204,7 +205,7 @@ class EagerSpec:
         self.draft, self.vocab_ids, self.kw = draft, vocab_ids, {**self.KEYS, **kw}
         k = self.kw
         check_spec_args(k['method'], k['gamma'], k['depth'], k['topk'], k['tree_size'], 0.0, 1,
-                        None if vocab_ids is None else len(vocab_ids))
+                        None if vocab_ids is None else len(vocab_ids), k['draft_window'])
         self.N, self.D = (k['gamma'], k['gamma']) if k['method'] == 'chain' else (k['tree_size'], k['depth'])
         self.last_stats = {}
         if not quiet: self.announce("")
@@ -337,14 +338,14 @@ def sparse_prefill(self: Engine, ids: torch.Tensor, timing: dict | None = None) 
     handed to the StaticSparseDecoder (K/V, pre-RoPE keys, compressed keys): ids (T,) -> last-position logits (1, V).
     The temporary cache is freed on return; on CUDA every step variant is captured here, before the first step.
     timing (optional dict) receives prefill_s (the model's prefill) and setup_s (load_cache + captures)."""
-    d, T, t0 = self._sparse_dec, ids.numel(), _clock(ids.device)
+    d, T, t0 = self._sparse_dec, ids.numel(), synced_clock(ids.device)
     cache = self.model.new_cache(1, T)
     logits = self.eager_prefill(ids[None], torch.ones(1, T, dtype=torch.long, device=ids.device), cache)
-    t1 = _clock(ids.device)
+    t1 = synced_clock(ids.device)
     d.load_cache(cache)
     del cache
     if d.graphs: d.capture_all()
-    if timing is not None: timing.update(prefill_s=t1 - t0, setup_s=_clock(ids.device) - t1)
+    if timing is not None: timing.update(prefill_s=t1 - t0, setup_s=synced_clock(ids.device) - t1)
     return logits
 
 Engine.sparse_prefill = sparse_prefill
@@ -356,17 +357,17 @@ def batch_sparse_prefill(self: Engine, rows: list, timing: dict | None = None) -
     handed to row b of the BatchStaticSparseDecoder -> last-position logits (B, V); on CUDA every reachable step variant
     is captured here. timing receives prefill_s (the model's prefills) and setup_s (load_cache + captures)."""
     d, dev, pre, logits = self._bsparse, self.model.device, 0.0, []
-    t0 = _clock(dev)
+    t0 = synced_clock(dev)
     for b, r in enumerate(rows):
-        t1, T = _clock(dev), len(r)
+        t1, T = synced_clock(dev), len(r)
         cache = self.model.new_cache(1, T)
         logits.append(self.eager_prefill(torch.tensor([r], device=dev), torch.ones(1, T, dtype=torch.long, device=dev),
                                          cache)[0])
-        pre += _clock(dev) - t1
+        pre += synced_clock(dev) - t1
         d.load_cache(b, cache)
         del cache
     if d.graphs: d.capture_all()
-    if timing is not None: timing.update(prefill_s=pre, setup_s=_clock(dev) - t0 - pre)
+    if timing is not None: timing.update(prefill_s=pre, setup_s=synced_clock(dev) - t0 - pre)
     return torch.stack(logits)
 
 Engine.batch_sparse_prefill = batch_sparse_prefill
@@ -413,7 +414,7 @@ def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, tempera
     if kind == 'static' and self.static_refusal(B): raise ValueError(f"backend='static': {self.static_refusal(B)}")
     stop_t = torch.tensor(stop, dtype=torch.long, device=dev)
     out, done, mask, split = [], torch.zeros(B, dtype=torch.bool, device=dev), None, {}
-    t0 = _clock(dev)
+    t0 = synced_clock(dev)
     with self._mode():
         if kind == 'static' and B == 1 and self.sparse_static():
             if self._sparse_dec is None:
@@ -448,7 +449,7 @@ def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, tempera
             cache = self._cache_view(B)
             logits = self.eager_prefill(ids, mask, cache)
             nxt_fn = lambda tok, mask: self.model(tok[:, None], cache=cache, attention_mask=mask)[:, -1]
-        t_pre = _clock(dev)
+        t_pre = synced_clock(dev)
         # Host reads (stop check, finiteness) every `every` steps when greedy: between them nothing waits for the device,
         # so the host queues the next graph replay while the current one runs (no idle gap per token). Sampling and
         # the first step check at once (a NaN reaching multinomial must be named first). Extra steps past a stop are
@@ -464,14 +465,14 @@ def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, tempera
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out.append(nxt)
             if stop: done = done | torch.isin(nxt, stop_t)
-            if step == 0: t1 = _clock(dev)
+            if step == 0: t1 = synced_clock(dev)
             last = step == max_new_tokens - 1
             if last or step % every == 0:
                 _check_flags(fin, step)
                 if last or bool(done.all()): break
             if mask is not None: mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             logits = nxt_fn(nxt, mask)
-    t2 = _clock(dev)
+    t2 = synced_clock(dev)
     # time to the first token (prefill + one sample) and the decode steps after it, for benchmarks; prefill_s: the
     # prompt's forward alone, setup_s: what the sparse route adds before its first step (load_cache + captures)
     split = split or dict(prefill_s=t_pre - t0, setup_s=0.0)
@@ -493,12 +494,6 @@ def _check_flags(fin: list, step: int) -> None:
                              f"every {n} steps when greedy: the values are overwritten since)")
 
 
-def _clock(dev) -> float:
-    "Wall-clock seconds after the device finished its queued work."
-    if dev.type == 'cuda': torch.cuda.synchronize(dev)
-    return time.perf_counter()
-
-
 def _cut(row: list[int], stop: list[int]) -> list[int]:
     for i, t in enumerate(row):
         if t in stop: return row[:i + 1]
@@ -518,11 +513,11 @@ def _spec_generate(self: Engine, rows, max_new_tokens: int, temperature: float, 
     if need > self.max_len:
         raise ValueError(f"prompt + max_new_tokens + draft tree = {need} slots > max_len={self.max_len}")
     dev = self.model.device
-    t0 = _clock(dev)
+    t0 = synced_clock(dev)
     with self._mode():
         toks = fs.generate(self.model, rows[0], max_new_tokens) if isinstance(fs, EagerSpec) else \
             fs.generate(rows[0], max_new_tokens)
-    wall = _clock(dev) - t0
+    wall = synced_clock(dev) - t0
     self.spec_stats = st = fs.last_stats
     pre = st.get('prefill_s')
     self.last_timing = dict(backend='spec', spec_path=st.get('path'), batch=1, prompt_len=len(rows[0]), ttft_s=pre,

@@ -30,10 +30,10 @@ from .model import MiniCPM4ForCausalLM, MiniCPM4DecoderLayer, RMSNorm, KVCache, 
 from .model import filtered_logits, attention_backend
 from .attention import AttentionInputs, dense_attention
 from .infllmv2 import compress_keys, infllmv2_attention, select_auto, sparse_attention_auto, sparse_settings
-from .bench import copies_beyond_l2, device_time
-from .kernels.fused import skinny_linear
+from .bench import copies_beyond_l2, device_time, synced_clock
+from .kernels.fused import rope_kv_write, skinny_linear
 from .io import IntegrityError, atomic_path
-from .static_decode import StaticDecoder, StaticStack, attend, capture_graph, check_static_support
+from .static_decode import StaticDecoder, StaticStack, attend, capture_graph, check_static_support, _lin
 # the static forward lived here before notebook 61: the old private names stay importable for one release
 from .static_decode import prep_layer as _prep_layer, layer_step as _layer_step  # noqa: F401
 from .static_decode import StaticStack as _StaticStack, StaticDecoder as _StaticTarget  # noqa: F401
@@ -493,8 +493,15 @@ def compact_cache(cache: KVCache, start: int, keep: Sequence[int]):
     cache.truncate(start + len(keep))
 
 # %% ../nbs/60_frspec.ipynb #9100863f
-def _draft_step(draft: EagleDraft, target, feats, ids, positions, dcache: KVCache, allowed=None):
+def _draft_step(draft: EagleDraft, target, feats, ids, positions, dcache: KVCache, allowed=None, window=None):
+    """The draft on rows ids (1, T) at `positions` (T,), written at cache slots [start, start + T). allowed (T, start+T)
+    bool: which slots each row sees (None: causal). window: each row sees only slots > its position - window (the
+    committed slots hold their own positions; the tree's are its latest ones)."""
     start = dcache.length
+    if window is not None:
+        slots = torch.arange(start + ids.shape[1], device=positions.device)
+        if allowed is None: allowed = slots[None] <= start + torch.arange(ids.shape[1], device=positions.device)[:, None]
+        allowed = allowed & (slots[None] > positions[:, None] - window)
     cos, sin = rope_cos_sin(draft.config, positions, seq_len=int(positions.max()) + 1)
     ctx = attention_override([draft.layer], _masked_backend(allowed)) if allowed is not None else contextlib.nullcontext()
     with ctx:
@@ -549,9 +556,15 @@ class SpecStats:
 METHODS = ('chain', 'tree')
 
 
-def check_spec_args(method, gamma, depth, topk, tree_size, temperature, max_new_tokens, head_k=None):
+def check_spec_args(method, gamma, depth, topk, tree_size, temperature, max_new_tokens, head_k=None,
+                    draft_window=None):
     "Validate speculative-decoding settings; raise ValueError naming the argument and the accepted values."
     if method not in METHODS: raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if draft_window is not None:                          # every draft row must see its whole path and the pending token
+        D = gamma if method == 'chain' else depth
+        if not isinstance(draft_window, int) or isinstance(draft_window, bool) or draft_window < D + 1:
+            raise ValueError(f"draft_window must be None (the whole context) or an int >= {D + 1} (depth + 1: each "
+                             f"draft row sees its path and the pending token), got {draft_window!r}")
     for name, v in (('gamma', gamma), ('depth', depth), ('topk', topk), ('tree_size', tree_size),
                     ('max_new_tokens', max_new_tokens)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -591,7 +604,7 @@ class DraftTree:
         return i
 
 
-def _draft_chain(draft, target, head, f_root, m, dcache, gamma, temperature, generator) -> DraftTree:
+def _draft_chain(draft, target, head, f_root, m, dcache, gamma, temperature, generator, window=None) -> DraftTree:
     "gamma tokens one after another from the root feature f_root (1, H); the pending token sits at index m."
     dev, tree, fr, node = f_root.device, DraftTree(), f_root, -1
     for d in range(1, gamma + 1):
@@ -601,12 +614,13 @@ def _draft_chain(draft, target, head, f_root, m, dcache, gamma, temperature, gen
         node = tree.add(t_, node, d, 0.0)
         if d < gamma:
             fr = _draft_step(draft, target, fr[None], torch.tensor([[t_]], device=dev),
-                             torch.tensor([m + d], device=dev), dcache)[0]
+                             torch.tensor([m + d], device=dev), dcache, window=window)[0]
     tree.keep = list(range(len(tree.tok)))
     return tree
 
 # %% ../nbs/60_frspec.ipynb #76bf079a
-def _draft_tree(draft, target, head, f_root, m, dcache, depth, topk, tree_size, temperature, generator) -> DraftTree:
+def _draft_tree(draft, target, head, f_root, m, dcache, depth, topk, tree_size, temperature, generator,
+                window=None) -> DraftTree:
     """EAGLE-2 tree from the root feature f_root (1, H). Greedy: every expanded node gets topk children, the best
     tree_size nodes are kept at the end. Sampling: the budget is spent while expanding, nothing is pruned."""
     dev, greedy, tree = f_root.device, temperature == 0, DraftTree()
@@ -624,7 +638,7 @@ def _draft_tree(draft, target, head, f_root, m, dcache, depth, topk, tree_size, 
                 while a >= 0: allowed[r, slot[a]] = True; a = tree.par[a]
             f_front = _draft_step(draft, target, torch.stack([feat[tree.par[i]] for i in frontier])[None],
                                   torch.tensor([[tree.tok[i] for i in frontier]], device=dev),
-                                  torch.full((n,), m + d - 1, device=dev), dcache, allowed)[0]
+                                  torch.full((n,), m + d - 1, device=dev), dcache, allowed, window)[0]
             for r, i in enumerate(frontier): feat[i] = f_front[r]
         n_child = []
         for _ in frontier:
@@ -680,9 +694,9 @@ def _accept(tree: DraftTree, logits, ti, temperature, top_k, top_p, generator):
 
 # %% ../nbs/60_frspec.ipynb #3adb1f3b
 def _spec_setup(target, draft, prompt, max_new_tokens, method, gamma, depth, topk, tree_size, temperature, head_k,
-                stop_ids):
+                stop_ids, draft_window=None):
     "Check the arguments of speculative_generate; returns prompt ids, the stop set and the verification span."
-    check_spec_args(method, gamma, depth, topk, tree_size, temperature, max_new_tokens, head_k)
+    check_spec_args(method, gamma, depth, topk, tree_size, temperature, max_new_tokens, head_k, draft_window)
     cfg = target.config
     prompt = _check_prompt(prompt, cfg.vocab_size)
     if draft.config.hidden_size != cfg.hidden_size:
@@ -694,13 +708,13 @@ def _spec_setup(target, draft, prompt, max_new_tokens, method, gamma, depth, top
 
 
 @torch.no_grad()
-def _spec_prefill(target, draft, ids, tcache, dcache, temperature, top_k, top_p, generator):
+def _spec_prefill(target, draft, ids, tcache, dcache, temperature, top_k, top_p, generator, window=None):
     "Both models read the prompt ids (1, n): returns the first new token and the target's features h (1, n, H)."
     logits, h = target(ids, cache=tcache, return_hidden=True)
     first = int(logits[0, -1].argmax()) if temperature == 0 else int(torch.multinomial(
         target_probs(logits[0, -1], temperature, top_k, top_p).cpu(), 1, generator=generator))
     _draft_step(draft, target, torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1), ids,
-                torch.arange(ids.shape[1], device=ids.device), dcache)      # draft input t: feature t-1, token t
+                torch.arange(ids.shape[1], device=ids.device), dcache, window=window)   # input t: feature t-1, token t
     return first, h
 
 # %% ../nbs/60_frspec.ipynb #32be092f
@@ -710,34 +724,38 @@ def speculative_generate(target: MiniCPM4ForCausalLM, draft: EagleDraft, prompt:
                          topk: int = 4, tree_size: int = 12, vocab_ids: torch.Tensor | None = None,
                          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                          stop_ids: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
-                         stats: SpecStats | None = None, progress: bool = False) -> list[int]:
+                         stats: SpecStats | None = None, progress: bool = False,
+                         draft_window: int | None = None) -> list[int]:
     """Speculative decoding of one prompt (batch 1); returns the new tokens (stop token included), distributed
     exactly as `target.generate` would produce them (identical tokens when temperature == 0).
 
     method 'chain': `gamma` drafted tokens per round. 'tree': EAGLE-2 tree of `depth` levels, `topk` children per
-    expanded node, at most `tree_size` nodes. vocab_ids: FR-Spec subset of the draft's head (None = full)."""
+    expanded node, at most `tree_size` nodes. vocab_ids: FR-Spec subset of the draft's head (None = full).
+    draft_window: the draft attends only to the keys of its last `draft_window` positions (None: the whole context) -
+    a draft trained on short rows then meets only the distances it was trained on, whatever the context length; the
+    output does not change (the target verifies every token), only how many drafted tokens it accepts."""
     head = DraftHead(target, vocab_ids)
     prompt, stop, span = _spec_setup(target, draft, prompt, max_new_tokens, method, gamma, depth, topk, tree_size,
-                                     temperature, head.k, stop_ids)
+                                     temperature, head.k, stop_ids, draft_window)
     n, dev = len(prompt), target.device
     stats = stats if stats is not None else SpecStats()
     was = (target.training, draft.training); target.eval(); draft.eval()
     tcache = target.new_cache(1, n + max_new_tokens + span)
     dcache = KVCache(draft.config, 1, n + max_new_tokens + span + depth * topk + gamma + 4, dev, target.dtype)
     first, h = _spec_prefill(target, draft, torch.tensor([prompt], device=dev), tcache, dcache, temperature, top_k,
-                             top_p, generator)
+                             top_p, generator, draft_window)
     out, cu_tok, cu_feat = [first], [first], [h[0, -1]]          # catch-up: tokens and the features before them
     bar = tqdm(total=max_new_tokens, initial=1, disable=not progress, desc=f'speculative {method}')
     while len(out) < max_new_tokens and out[-1] not in stop:
         m = tcache.length                                        # index of the pending token out[-1]
         f = _draft_step(draft, target, torch.stack(cu_feat)[None], torch.tensor([cu_tok], device=dev),
-                        torch.arange(m - len(cu_tok) + 1, m + 1, device=dev), dcache)
+                        torch.arange(m - len(cu_tok) + 1, m + 1, device=dev), dcache, window=draft_window)
         base = dcache.length                                     # = m + 1
         if method == 'chain':
-            tree = _draft_chain(draft, target, head, f[0, -1:], m, dcache, gamma, temperature, generator)
+            tree = _draft_chain(draft, target, head, f[0, -1:], m, dcache, gamma, temperature, generator, draft_window)
         else:
             tree = _draft_tree(draft, target, head, f[0, -1:], m, dcache, depth, topk, tree_size, temperature,
-                               generator)
+                               generator, draft_window)
         dcache.truncate(base)
         logits, hid, order, ti = _verify(target, tree, out[-1], m, tcache, chain=method == 'chain')
         path, bonus = _accept(tree, logits, ti, temperature, top_k, top_p, generator)
@@ -806,18 +824,54 @@ class _StaticDraft:
         self.head_w = self.head.weight().detach()
         self.ids = self.head.ids if self.head.ids is not None else torch.arange(c.vocab_size, device=target.device)
         self.H = c.hidden_size
+        self.window, self.wcols = None, max_len      # `set_window`
+        self.cols = torch.arange(max_len, device=target.device)
+
+    def set_window(self, window: int | None, extra: int):
+        """Each row attends only to slots > its position - window (None: all). With a window, a row's visible slots lie
+        in window + extra consecutive slots from its position - window + 1 (extra: the slots a round writes past the
+        committed ones), so the attention gathers those instead of reading the whole buffer, when that is smaller."""
+        self.window = window
+        self.wcols = self.cols.numel() if window is None else min(self.cols.numel(), -(-(window + extra) // 16) * 16)
+
+    def _windowed(self, pos, allowed, mask):
+        "-> allowed, mask, idx: the window applied (idx (wcols,): the slots the attention reads, or None: all)."
+        W, Ld = self.window, self.cols.numel()
+        if allowed is not None: return allowed & (self.cols[None, :allowed.shape[1]] > pos[:, None] - W), None, None
+        if self.wcols >= Ld: return None, mask.masked_fill(self.cols[None] <= pos[:, None] - W, float('-inf')), None
+        cols = (pos.min() - W + 1).clamp(min=0) + self.cols[:self.wcols]          # static shape, device-side start
+        ok = (cols < Ld)[None] & (cols[None] > pos[:, None] - W)
+        idx = cols.clamp(max=Ld - 1)
+        return None, mask.index_select(1, idx).masked_fill(~ok, float('-inf')), idx
+
+    def inputs(self, ids, feats):
+        "ids (T,), feats (T, H) -> the layer's input fc([norm(feature), norm(embedding)]) (T, H)."
+        e = F.embedding(ids, self.embed_w) * self.scale_emb
+        return self.fc(torch.cat([F.rms_norm(feats, (self.H,), self.hn, self.eps_h),
+                                  F.rms_norm(e, (self.H,), self.en, self.eps_e)], -1))
+
+    def write_kv(self, ids, feats, pos):
+        """A prefill's rows: their keys and values only, written at slots = pos (T,). The draft has one layer and a
+        prefill's draft outputs are never used (the first round starts from the target's last feature), so its
+        attention, output projection and MLP over the prompt would be wasted work."""
+        st, p = self.stack, self.stack.p[0]
+        h = F.rms_norm(self.inputs(ids, feats), (self.H,), p['ln1'], p['eps1'])
+        rope_kv_write(_lin(p['wqkv'], h), st.cos, st.sin, pos, st.kv[0], pos, st.Hq, st.Hkv,
+                      backend='torch' if st.fused is None else 'auto')
 
     def forward(self, ids, feats, pos, slots, allowed, mask=None):
         """ids (T,), feats (T, H) target features -> draft features (T, H). allowed (T, Ld) bool, or mask (T, Ld)
         additive (0 / -inf, the stack's dtype) given instead: the stack's attention mask is then its G-fold repeat."""
-        e = F.embedding(ids, self.embed_w) * self.scale_emb
-        x = self.fc(torch.cat([F.rms_norm(feats, (self.H,), self.hn, self.eps_h),
-                               F.rms_norm(e, (self.H,), self.en, self.eps_e)], -1))
+        x = self.inputs(ids, feats)
+        idx = None
+        if self.window is not None: allowed, mask, idx = self._windowed(pos, allowed, mask)
         if mask is None: return self.stack.run(x, pos, slots, allowed)
         st = self.stack
         rows = getattr(st.attn, 'rows', st.attn is _rows_attend)       # `_rows_attend` reads T mask rows
         mask = mask[None, None] if rows else mask.repeat(st.Hq // st.Hkv, 1)[None, None]
-        return st.layers(x, pos, slots, mask, None, None, lambda l: st.kv[l], st.attn)
+        attn = st.attn if idx is None else (
+            lambda q, kv, m, span=None, seqlens=None: st.attn(q, kv.index_select(0, idx), m, span, seqlens))
+        return st.layers(x, pos, slots, mask, None, None, lambda l: st.kv[l], attn)
 
     def logits(self, f):
         "f (T, H) -> logits over the subset (T, k)."
@@ -1001,15 +1055,17 @@ def _fast_verify(e: "FastSpec", m, tok, dep, P, anc):
 class FastSpec:
     """Static-shape greedy speculative decoding (batch 1), one CUDA graph per round on CUDA.
 
-    draft None: plain decoding only. method 'chain' (gamma) or 'tree' (depth, topk, tree_size) as in
-    `speculative_generate`; vocab_ids: FR-Spec subset (None = full head). share: another FastSpec of the same
-    target whose static target (weights, KV buffer) this one reuses."""
+    draft None: plain decoding only. method 'chain' (gamma) or 'tree' (depth, topk, tree_size), draft_window as in
+    `speculative_generate` (with a window the draft's attention reads window + the round's slots instead of the whole
+    buffer); vocab_ids: FR-Spec subset (None = full head). share: another FastSpec of the same target whose static
+    target (weights, KV buffer) this one reuses."""
     def __init__(self, target: MiniCPM4ForCausalLM, draft: EagleDraft | None = None, vocab_ids=None, *,
                  method: str = 'tree', gamma: int = 4, depth: int = 5, topk: int = 4, tree_size: int = 16,
-                 max_len: int = 1024, graphs: bool | None = None, share: 'FastSpec | None' = None):
+                 max_len: int = 1024, graphs: bool | None = None, share: 'FastSpec | None' = None,
+                 draft_window: int | None = None):
         c = target.config
         check_spec_args(method, gamma, depth, topk, tree_size, 0.0, 1,
-                        None if vocab_ids is None else len(vocab_ids))
+                        None if vocab_ids is None else len(vocab_ids), draft_window)
         if not isinstance(max_len, int) or max_len < 16: raise ValueError(f"max_len must be an int >= 16, got {max_len!r}")
         self.method = method
         self.k, self.D, self.N = (1, gamma, gamma) if method == 'chain' else (topk, depth, tree_size)
@@ -1024,7 +1080,10 @@ class FastSpec:
         self.target = target
         self.t = share.t if share is not None else self._make_target(target, max_len)
         self.d = _StaticDraft(draft, target, vocab_ids, self.Ld) if draft is not None else None
-        if self.d is not None and self.row_attention: self.d.stack.attn = _rows_attend
+        self.draft_window = draft_window
+        if self.d is not None:     # a round writes D+1 catch-up slots, or (D-1)k tree slots, past the committed ones
+            self.d.set_window(draft_window, max(self.D + 1, (self.D - 1) * self.k))
+            if self.row_attention: self.d.stack.attn = _rows_attend
         L = lambda *s: torch.zeros(*s, dtype=torch.long, device=dev)
         self.t_len, self.d_len, self.n_out, self.cu_n, self.pending, self.rounds = (L(1) for _ in range(6))
         self.cu_tok, self.out_buf, self.acc_hist = L(self.D + 1), L(max_len + self.D + 2), L(self.D + 1)
@@ -1044,6 +1103,7 @@ class FastSpec:
         self._vlin = None                             # `_tune`: the target's layer weights for the verify (tuned linears)
         self._pre: dict = {}                         # prompt length -> CUDA graph of the prefill (`graph_prefill`)
         self._pids = torch.zeros(max_len, dtype=torch.long, device=dev)
+        self._t_plain = None                          # `_plain_seconds`: one plain step, measured once per engine
 
     queue_rounds = True     # generate: queue every round that is surely needed before reading n_out (False: one read per round)
     row_attention = False   # the draft's and the target's attention by `_rows_attend` (False: `static_decode.attend`)
@@ -1052,6 +1112,11 @@ class FastSpec:
                             # keep the fastest whose output matches the default's (H200 s9, 0.5B pair: a round 2.235 ->
                             # 2.054 ms at tree 6x8/32, 2.527 -> 2.323 at 8x8/48; same outputs across loop variants)
     graph_prefill = True    # on CUDA: the prefill of a prompt length up to 1024 as a CUDA graph (at most 8 lengths kept)
+    fallback = 0.95         # generate finishes with plain steps when its first `fallback_rounds` rounds give fewer tokens/s
+                            # than this x one plain step's rate (None: never). Speculation that does not pay here (a draft
+                            # that misses, a costly verify) then costs those rounds, not the whole output. With graphs only,
+    fallback_eager = False  # unless this is set: eager (CPU) timings are noisy and the tests need fixed round counts
+    fallback_rounds = 6
 
     def _make_target(self, target, max_len):
         "The static target (a `StaticDecoder`-like object: .forward(ids, pos, slots, allowed), .stack.kv). Subclasses override."
@@ -1098,8 +1163,7 @@ def _prefill_ids(self: FastSpec, n: int, ids):
     for name in self._STATE: getattr(self, name).zero_()
     self.t_len.fill_(n); self.pending.copy_(first); self.out_buf[:1].copy_(first); self.n_out.fill_(1)
     if self.d is not None:
-        feats = torch.cat([torch.zeros_like(hid[:1]), hid[:-1]])
-        self.d.forward(ids, feats, ar[:n], ar[:n], ar[None, :self.Ld] <= ar[:n, None])
+        self.d.write_kv(ids, torch.cat([torch.zeros_like(hid[:1]), hid[:-1]]), ar[:n])   # input t: feature t-1, token t
         self.d_len.fill_(n); self.cu_tok[:1].copy_(first); self.cu_feat[:1].copy_(hid[-1:]); self.cu_n.fill_(1)
 
 @patch
@@ -1109,6 +1173,27 @@ def _plain_step(self: FastSpec):
     nxt = logits.argmax(-1)
     self.out_buf.index_copy_(0, self.n_out, nxt)
     self.n_out += 1; self.t_len += 1; self.pending.copy_(nxt)
+
+@patch
+def _plain_tail(self: FastSpec, n: int):
+    "n plain greedy steps after the committed tokens (the plain step's CUDA graph on CUDA). Subclasses override."
+    step = self._runner(self._plain_step)
+    for _ in range(n): step()
+
+@patch
+def _plain_seconds(self: FastSpec, reps: int = 3) -> float:
+    """Seconds of one plain step at the current length, measured once per engine: the step replayed with the state
+    saved and restored (the keys and values it writes lie past the committed length, where the next verify writes
+    before anything reads them). Subclasses override."""
+    if self._t_plain is None:
+        step = self._runner(self._plain_step)                # (captured here on first use: before the timing)
+        saved = [getattr(self, n).clone() for n in self._STATE]
+        step()
+        t = synced_clock(self.dev)
+        for _ in range(reps): step()
+        self._t_plain = (synced_clock(self.dev) - t) / reps
+        for n, v in zip(self._STATE, saved): getattr(self, n).copy_(v)
+    return self._t_plain
 
 # %% ../nbs/60_frspec.ipynb #88eaa29e
 @patch
@@ -1181,7 +1266,7 @@ def _tune(self: FastSpec, reps: int = 5) -> dict:
         allowed = ar[None, :S] <= (S // 2 + ar[:T, None])
         m = torch.zeros(T, S, dtype=st.dtype, device=dev).masked_fill_(~allowed, float('-inf'))
         stacked = m.repeat(st.Hq // st.Hkv, 1)[None, None]
-        return {c: (lambda c=c: c(q, st.kv[0], m[None, None] if c.rows else stacked)) for c in cands}
+        return {c: (lambda c=c: c(q, st.kv[0, :S], m[None, None] if c.rows else stacked)) for c in cands}
 
     st = self.t.stack
     if st.attn is attend or st.attn is _rows_attend or isinstance(st.attn, _Attn):
@@ -1209,7 +1294,7 @@ def _tune(self: FastSpec, reps: int = 5) -> dict:
         if 'wfc' in sk: d.fc = _Skinny(d.wfc, sk.pop('wfc'))
         d.stack.p = [{**p, **{k: _Skinny(p[k], c) for k, c in sk.items()}} for p in d.stack.p]
     if self.d is not None:
-        self.d.stack.attn = pick('draft_attention', attn_calls(self.d.stack, self.k, self.Ld))
+        self.d.stack.attn = pick('draft_attention', attn_calls(self.d.stack, self.k, self.d.wcols))
         n = self.d.head_w.shape[0]
         if self.k > 1 and n <= 4096:
             x = torch.randn(self.k, n, device=dev, dtype=self.d.head_w.dtype)
@@ -1231,7 +1316,9 @@ def _runner(self: FastSpec, fn):
 @patch
 @torch.no_grad()
 def generate(self: FastSpec, prompt: Sequence[int], max_new_tokens: int, speculative: bool = True) -> list[int]:
-    "Greedy new tokens (exactly max_new_tokens; no early stop). Stats of the last call in .last_stats."
+    """Greedy new tokens (exactly max_new_tokens; no early stop). Stats of the last call in .last_stats (fallback:
+    None, or the rounds' and a plain step's tokens/s when `fallback` checked them, with at_token set if it switched
+    to plain steps there)."""
     prompt = _check_prompt(prompt, self.target.config.vocab_size)
     if speculative and self.d is None: raise ValueError("this FastSpec has no draft: pass speculative=False")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -1246,21 +1333,35 @@ def generate(self: FastSpec, prompt: Sequence[int], max_new_tokens: int, specula
     t0 = time.perf_counter()
     self._prefill(prompt)
     left = max_new_tokens - int(self.n_out)                   # (a device read: the prefill is done)
-    t1, checks = time.perf_counter(), 1
+    t1, checks, fb, fell = time.perf_counter(), 1, None, None
     if speculative:
         step = self._runner(self._round)
+        probe = left > 0 and self.fallback is not None and (self.graphs or self.fallback_eager)
+        if probe: self._plain_seconds()                          # once per engine, captures included: not timed below
+        t_r, done = time.perf_counter(), 0
         while left > 0:
             # a round gives at most D+1 tokens, so the next ceil(left / (D+1)) rounds all run: queue them, then read
-            for _ in range(-(-left // (self.D + 1)) if self.queue_rounds else 1): step()
-            left = max_new_tokens - int(self.n_out); checks += 1
+            k = -(-left // (self.D + 1)) if self.queue_rounds else 1
+            if probe: k = min(k, self.fallback_rounds - done)
+            for _ in range(k): step()
+            done += k
+            n = int(self.n_out); left = max_new_tokens - n; checks += 1
+            if probe and done >= self.fallback_rounds and left > 0:
+                # the rounds' rate so far against one plain step's: keep speculating only if it pays
+                probe, spec_s = False, (n - 1) / (time.perf_counter() - t_r)
+                fb = dict(rounds=done, spec_tok_s=spec_s, plain_tok_s=1 / self._t_plain, at_token=None)
+                if spec_s < self.fallback / self._t_plain:
+                    fb['at_token'] = fell = n
+                    self._plain_tail(left)
+                    break
     else:
-        step = self._runner(self._plain_step)
-        for _ in range(left): step()
+        self._plain_tail(left)
     toks = self.out_buf[:max_new_tokens].tolist()
     r, n_out = int(self.rounds), int(self.n_out)
-    self.last_stats = dict(rounds=r, tokens=n_out, mean_accept_length=(n_out - 1) / r if r else 1.0,
+    spec_out = n_out if fell is None else fell                  # the tokens the rounds gave
+    self.last_stats = dict(rounds=r, tokens=n_out, mean_accept_length=(spec_out - 1) / r if r else 1.0,
                            histogram=self.acc_hist.tolist(), path='graphs' if self.graphs else 'eager',
-                           prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, host_reads=checks)
+                           prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, host_reads=checks, fallback=fb)
     return toks
 
 # %% ../nbs/60_frspec.ipynb #8a0dcb90

@@ -25,7 +25,8 @@ from .kernels.sparse import LOG2E, _SEL, _block_epilogue, _dec_lse, _gpu_fence, 
 from .infllmv2_ref import _force_blocks, _pool_to_blocks, attention_blocks, select_blocks
 from .model import MiniCPM4ForCausalLM, rope_cos_sin
 from .static_decode import attend
-from .static_sparse import StaticSparseDecoder, _unrope, kc_window
+from .static_sparse import StaticSparseDecoder, _run_step, _unrope, kc_window
+from .bench import synced_clock
 
 # %% auto #0
 __all__ = ['TREE_SELECT', 'ATTN_CHUNK', 'ATTN_GROUPED', 'TREE_ATTN', 'TREE_KERNEL', 'TREE_SELECT_KERNEL', 'check_sparse_spec',
@@ -706,17 +707,19 @@ class SparseFastSpec(FastSpec):
     selected prefix blocks plus its path; dense below dense_len, per node, decided on the device. After acceptance the
     K/V, the ring and the compressed key of the committed tokens are updated in the graph.
     prefill: the model's own chunked InfLLM v2 prefill (`chunk` tokens), whose hidden states feed the draft's chunked
-    prefill; then `StaticSparseDecoder.load_cache`. Arguments as FastSpec (depth <= kernel_stride - 1)."""
+    prefill; then `StaticSparseDecoder.load_cache`. Arguments as FastSpec (depth <= kernel_stride - 1). draft_window
+    (FastSpec's): at long context a draft trained on short rows drafts better, and its attention costs a constant,
+    when it reads only its last positions."""
     def __init__(self, target: MiniCPM4ForCausalLM, draft, vocab_ids=None, *, method: str = 'tree', gamma: int = 4,
                  depth: int = 5, topk: int = 4, tree_size: int = 16, max_len: int = 1024, graphs: bool | None = None,
-                 chunk: int = 1024):
+                 chunk: int = 1024, draft_window: int | None = None):
         if draft is None: raise ValueError("SparseFastSpec needs a draft (plain decoding: static_sparse.StaticSparseDecoder)")
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
         check_sparse_spec(target.config, gamma if method == 'chain' else depth)
         self.chunk = chunk
         super().__init__(target, draft, vocab_ids, method=method, gamma=gamma, depth=depth, topk=topk,
-                         tree_size=tree_size, max_len=max_len, graphs=graphs)
+                         tree_size=tree_size, max_len=max_len, graphs=graphs, draft_window=draft_window)
         sd, T = self.sd, self.N + 1
         nl = len(sd.base.stack.p)
         self.kn_tree = (torch.zeros(nl, T, sd.Hkv, sd.Dh, device=self.dev, dtype=target.dtype)
@@ -854,11 +857,9 @@ def prefill_hidden(model: MiniCPM4ForCausalLM, ids, cache, chunk: int, on_chunk=
 
 @patch
 def _draft_chunk(self: SparseFastSpec, ids, feats, s: int, e: int):
-    "The draft reads prompt rows [s, e) (ids (e-s,), feats (e-s, H) the target features before them), attending [0, e)."
-    d, ar = self.d, self.ar
-    emb = F.embedding(ids, d.embed_w) * d.scale_emb
-    x = F.linear(torch.cat([F.rms_norm(feats, (d.H,), d.hn, d.eps_h), F.rms_norm(emb, (d.H,), d.en, d.eps_e)], -1), d.wfc)
-    d.stack.run(x, ar[s:e], ar[s:e], ar[None, :e] <= ar[s:e, None], e)
+    """The draft reads prompt rows [s, e) (ids (e-s,), feats (e-s, H) the target features before them): their keys and
+    values (`_StaticDraft.write_kv`: a prefill's draft outputs are never used)."""
+    self.d.write_kv(ids, feats, self.ar[s:e])
 
 
 @patch
@@ -867,43 +868,74 @@ def _prefill(self: SparseFastSpec, prompt):
     over the same chunks (its input t: the target's feature t-1 and token t); FastSpec's state set for the rounds."""
     n, dev = len(prompt), self.dev
     ids = torch.tensor(prompt, device=dev)
-    t0 = _clock(dev)
+    t0 = synced_clock(dev)
     last = {}
     def draft_chunk(s, e, h):
         prev = last.get('h', torch.zeros_like(h[:1]))
-        feats = torch.cat([prev, h[:-1]])
-        for a in range(s, e, 512):                                    # bounded (rows x e) masks
-            b = min(e, a + 512)
-            self._draft_chunk(ids[a:b], feats[a - s:b - s], a, b)
+        self._draft_chunk(ids[s:e], torch.cat([prev, h[:-1]]), s, e)
         last['h'] = h[-1:]
     cache = self.target.new_cache(1, n)
     logits = prefill_hidden(self.target, ids, cache, self.chunk, draft_chunk)
-    t1 = _clock(dev)
+    t1 = synced_clock(dev)
     self.sd.load_cache(cache)
     del cache
     first = logits.argmax(-1)
     for name in self._STATE: getattr(self, name).zero_()
     self.t_len.fill_(n); self.pending.copy_(first); self.out_buf[:1] = first; self.n_out.fill_(1)
     self.d_len.fill_(n); self.cu_tok[:1] = first; self.cu_feat[:1] = last['h']; self.cu_n.fill_(1)
-    self.last_timing = dict(prefill_s=t1 - t0, setup_s=_clock(dev) - t1)
-
-
-def _clock(dev) -> float:
-    "Wall-clock seconds after the device finished its queued work."
-    if dev.type == 'cuda': torch.cuda.synchronize(dev)
-    return time.perf_counter()
+    self.last_timing = dict(prefill_s=t1 - t0, setup_s=synced_clock(dev) - t1)
 
 
 @patch
 def _plain_step(self: SparseFastSpec):
-    raise ValueError("SparseFastSpec decodes speculatively only; plain decoding: static_sparse.StaticSparseDecoder")
+    raise ValueError("SparseFastSpec's plain steps run through its StaticSparseDecoder (`_plain_tail`): FastSpec's "
+                     "dense step would not attend as the InfLLM v2 target does")
+
+
+@patch
+def _plain_ready(self: SparseFastSpec) -> StaticSparseDecoder:
+    "The StaticSparseDecoder over the same buffers, set at the committed length (a host read); on CUDA its step graphs captured."
+    sd, L = self.sd, int(self.t_len)
+    sd.base.pos.fill_(L); sd.n = sd.base.n = L
+    if self.graphs and not sd.graphs: sd.capture_all()
+    return sd
+
+
+@patch
+def _plain_tail(self: SparseFastSpec, n: int):
+    """n plain greedy steps after the committed tokens: the model's own cached decoding step (`StaticSparseDecoder.step`,
+    its InfLLM v2 selection and compression update) on the K/V, compressed keys and ring the rounds kept up to date."""
+    sd, tok = self._plain_ready(), self.pending
+    for _ in range(n):
+        tok = sd.step(tok).argmax(-1, keepdim=True)
+        self.out_buf.index_copy_(0, self.n_out, tok)
+        self.n_out += 1
+    self.t_len += n; self.pending.copy_(tok)
+
+
+@patch
+def _plain_seconds(self: SparseFastSpec, reps: int = 3) -> float:
+    """FastSpec's measure for this class: one `StaticSparseDecoder` step at the committed length (the variant without
+    the compression update: kc stays as the rounds left it; the K/V and ring row it writes are rewritten before being
+    read), replayed with its position restored. Once per engine."""
+    if self._t_plain is None:
+        sd = self._plain_ready()
+        n, key = sd.n, (sd.is_sparse(sd.n + 1), False)
+        sd.base.tok.copy_(self.pending); sd._n_keys = n + 1
+        _run_step(sd, key)
+        t = synced_clock(self.dev)
+        for _ in range(reps): sd.base.pos.fill_(n); _run_step(sd, key)
+        self._t_plain = (synced_clock(self.dev) - t) / reps
+        sd.base.pos.fill_(n)
+    return self._t_plain
 
 
 @patch
 @torch.no_grad()
 def generate(self: SparseFastSpec, prompt: Sequence[int], max_new_tokens: int, speculative: bool = True) -> list[int]:
-    """Greedy new tokens (exactly max_new_tokens; no early stop): FastSpec's rounds over the sparse target.
-    last_stats: FastSpec's (rounds, tokens, mean_accept_length, histogram, path 'graphs' / 'eager', prefill_s, decode_s);
-    last_timing: prefill_s (the chunked prefill of target and draft, device-synced), setup_s (the cache handed over)."""
-    if not speculative: self._plain_step()
-    return FastSpec.generate(self, prompt, max_new_tokens)
+    """Greedy new tokens (exactly max_new_tokens; no early stop): FastSpec's rounds over the sparse target, or with
+    speculative=False (and after a `fallback`) the plain steps of `_plain_tail`.
+    last_stats: FastSpec's (rounds, tokens, mean_accept_length, histogram, path 'graphs' / 'eager', prefill_s, decode_s,
+    fallback); last_timing: prefill_s (the chunked prefill of target and draft, device-synced), setup_s (the cache handed
+    over)."""
+    return FastSpec.generate(self, prompt, max_new_tokens, speculative)

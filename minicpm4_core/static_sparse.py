@@ -158,11 +158,11 @@ def _step_static(self: StaticSparseDecoder, sparse: bool, update: bool = True) -
                                 self.R if self.ring is not None else self.max_len, self.ring is not None)
     if self.ring is not None: self._cs = S.cos.index_select(0, m)[:, None], S.sin.index_select(0, m)[:, None]
     allowed = None if S.split_decode else b.ar[None] <= m                # the CPU stack still builds its mask
-    S.attn = self._attn
+    prev, S.attn = S.attn, self._attn
     try:
         logits, _ = b.forward(b.tok, m, m, allowed, None, self.seq)
     finally:
-        S.attn = attend                                                  # the base decoder stays dense
+        S.attn = prev               # the base decoder's own attention again (dense; a SparseFastSpec sharing it: its own)
     b.out.copy_(logits)
     b.pos += 1
 

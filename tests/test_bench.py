@@ -135,3 +135,9 @@ def test_kernel_times_counts_launches_per_call():
     ks = kernel_times([lambda: a @ b, lambda: (a + b) + b], n=3, ndigits=3)
     assert ks['aten::mm']['per_step'] == pytest.approx(0.5) and ks['aten::add']['per_step'] == pytest.approx(1.0)
     assert all(v['us'] > 0 and v['us'] == round(v['us'], 3) for v in ks.values())
+
+
+def test_synced_clock_accepts_a_device_or_its_name():
+    from minicpm4_core.bench import synced_clock
+    t0 = synced_clock('cpu')
+    assert synced_clock(torch.device('cpu')) >= t0 > 0

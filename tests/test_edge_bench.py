@@ -57,6 +57,18 @@ def test_spec_long_rows_past_dense_len_are_exact_in_fp32(quant, kw, fr, torch_ke
         assert r['speedup'] == pytest.approx(r['decode_tok_s'] / base['decode_tok_s'])
 
 
+def test_spec_long_rows_draft_windows():
+    """One speculative variant per draft window (labelled, recorded), each exact in fp32; SpecParams reads the list."""
+    t, d = pair(3)
+    rows, notes = EB.spec_long_rows(t, d, torch.arange(60), {150: [ids(2, 150)]}, 9, TREE, 'tree6x4/16', 32,
+                                    tag='sparse', log=lambda s: None, windows=(None, 12))
+    assert notes == [] and [(r['name'], r['draft_window']) for r in rows] == [
+        ('sparse', None), ('sparse+spec tree6x4/16', None), ('sparse+spec tree6x4/16 w12', 12)]
+    assert all(r['identical'] == 1 and r['first_diff'] == [] for r in rows[1:])
+    assert EB.SpecParams(long_draft_windows='0,256').long_windows() == [None, 256]
+    with pytest.raises(ValueError, match='long_draft_windows'): EB.SpecParams(long_draft_windows='-1').long_windows()
+
+
 def test_spec_long_rows_budget_and_prompts():
     "A spent deadline skips every generation with a note; the prompts are windows of the held-out stream (train if short)."
     t, d = pair(5)

@@ -125,6 +125,9 @@ def test_bad_arguments(pair):
     with pytest.raises(ValueError, match='prompt ids'): gen(prompt=[1, 1000])
     with pytest.raises(ValueError, match='max_new_tokens'): gen(n=0)
     with pytest.raises(ValueError, match='subset'): gen(topk=4, vocab_ids=[1, 2, 3])
+    with pytest.raises(ValueError, match=r'draft_window must be None .* int >= 5'): gen(depth=4, draft_window=4)
+    with pytest.raises(ValueError, match='draft_window'): gen(method='chain', gamma=3, draft_window=True)
+    with pytest.raises(ValueError, match='draft_window'): S.FastSpec(target, draft, depth=4, draft_window=2.5)
     with pytest.raises(ValueError, match='no draft'): S.FastSpec(target, None, max_len=64).generate([1, 2], 4)
     with pytest.raises(ValueError, match='max_len'): S.FastSpec(target, draft, max_len=32).generate([1] * 20, 20)
     with pytest.raises(ValueError, match='parents'): S.tree_attention_mask([-1, 2, 0])
@@ -240,6 +243,94 @@ def test_lean_expand_equals_reference(pair, kw):
         for x, y in zip(*out): assert torch.equal(x, y), (kw, vids is None)
         assert out[0][0].shape == (e.C + 1,) and int(out[0][1][-1]) == e.C
 
+
+
+@pytest.mark.parametrize('kw', [dict(method='tree', depth=4, topk=3, tree_size=10), dict(method='chain', gamma=4)])
+def test_draft_window_matches_reference(pair, kw):
+    """A draft window of 8 positions on 36-token generations: FastSpec's windowed draft (its attention gathers the
+    window's slots) drafts what `speculative_generate`'s windowed draft drafts (same rounds), the output is still the
+    target's greedy text, and the window changes the drafting (rounds differ from the unwindowed run on some prompt)."""
+    target, draft = pair
+    fr = S.frequent_ids(torch.arange(96, 0, -1), 48, force_ids=[2])
+    eng = S.FastSpec(target, draft, fr, max_len=128, draft_window=8, **kw)
+    assert eng.d.wcols < eng.Ld                                      # the gathering path, not the full-buffer mask
+    full = S.FastSpec(target, draft, fr, max_len=128, **kw)
+    changed = 0
+    for p in PROMPTS[:3]:
+        ref = target.generate(p, 30, stop_ids=[])[0]
+        assert eng.generate(p, 30) == ref
+        st = S.SpecStats()
+        S.speculative_generate(target, draft, p, 30, vocab_ids=fr, stop_ids=[], stats=st, draft_window=8, **kw)
+        assert abs(eng.last_stats['rounds'] - st.rounds) <= 1, (kw, p)
+        full.generate(p, 30)
+        changed += full.last_stats['histogram'] != eng.last_stats['histogram']
+    assert changed >= 1
+
+
+def test_draft_window_reads_only_its_window(pair):
+    """After a 40-token prefill, noise written into the draft's cache before the window leaves a windowed round's tree
+    bit-identical (and the gathering path == the full-buffer mask path); without a window the same noise changes it."""
+    target, _ = pair
+    torch.manual_seed(5)
+    draft = S.EagleDraft(target.config).eval()                     # random draft: its attention spreads over all keys
+    prompt = torch.randint(4, 96, (40,), generator=torch.Generator().manual_seed(6)).tolist()
+    trees = {}
+    for name, W in (('window', 12), ('mask', 12), ('none', None)):
+        e = S.FastSpec(target, draft, None, depth=4, topk=3, tree_size=10, max_len=96, draft_window=W)
+        if name == 'mask': e.d.set_window(W, 10**6)                  # wcols >= Ld: the full mask with the window rule
+        out = []
+        for noise in (False, True):
+            e._prefill(prompt)
+            if noise:
+                with torch.no_grad(): e.d.stack.kv[:, :40 - 12] = torch.randn_like(e.d.stack.kv[:, :40 - 12]) * 10
+            with torch.no_grad(): out.append(S._fast_expand(e, *S._fast_catchup(e)))
+        trees[name] = out
+    for x, y in zip(*trees['window']): assert torch.equal(x, y)
+    for x, y in zip(trees['window'][0], trees['mask'][0]): assert torch.equal(x, y)
+    assert not all(torch.equal(x, y) for x, y in zip(*trees['none']))
+    assert not all(torch.equal(x, y) for x, y in zip(trees['window'][0], trees['none'][0]))
+
+
+def test_draft_prefill_writes_the_same_keys_and_values(pair):
+    """The prefill's draft rows compute only their keys and values (`write_kv`): the same as the full layer writes
+    (fresh random draft and features), and nothing else in the buffer changes."""
+    target, _ = pair
+    torch.manual_seed(7)
+    draft = S.EagleDraft(target.config).eval()
+    e = S.FastSpec(target, draft, None, depth=3, topk=2, tree_size=6, max_len=64)
+    n, d = 21, e.d
+    ids, feats = torch.randint(4, 96, (n,)), torch.randn(n, 64)
+    pos = torch.arange(n)
+    with torch.no_grad():
+        d.stack.kv.normal_()
+        ref = d.stack.kv.clone()
+        d.forward(ids, feats, pos, pos, e.ar[None, :e.Ld] <= pos[:, None])
+        full, d.stack.kv[:] = d.stack.kv.clone(), ref
+        d.write_kv(ids, feats, pos)
+    assert not torch.equal(full[:, :n], ref[:, :n])
+    torch.testing.assert_close(d.stack.kv, full, rtol=1e-6, atol=1e-6)
+
+
+def test_fallback_to_plain_steps(pair):
+    """`fallback` after 6 rounds: a plain step timed as infinitely fast -> the rest of the output in plain steps; timed
+    as infinitely slow -> rounds to the end; really timed (its state saved and restored) -> either way. The output is
+    the target's greedy text in every case, and the stats say what happened."""
+    target, draft = pair
+    ref = target.generate(PROMPTS[0], 40, stop_ids=[])[0]
+    e = S.FastSpec(target, draft, None, method='tree', depth=3, topk=3, tree_size=8, max_len=128)
+    e.fallback_eager = True
+    e._t_plain = 1e-9
+    assert e.generate(PROMPTS[0], 40) == ref
+    st = e.last_stats
+    assert st['rounds'] == 6 and st['fallback']['at_token'] >= 7 and st['tokens'] == 40
+    assert st['mean_accept_length'] == (st['fallback']['at_token'] - 1) / 6
+    e._t_plain = 1e9
+    assert e.generate(PROMPTS[0], 40) == ref
+    assert e.last_stats['fallback']['at_token'] is None and e.last_stats['rounds'] > 6
+    e._t_plain = None
+    assert e.generate(PROMPTS[0], 40) == ref and e._t_plain > 0
+    e.fallback_eager = False                                    # the CPU default: no check at all
+    assert e.generate(PROMPTS[0], 40) == ref and e.last_stats['fallback'] is None
 
 
 def test_ancestors_by_squaring():

@@ -115,6 +115,26 @@ def check_state(e, model, prompt):
             torch.testing.assert_close(sd.ring[l, t % sd.R], keys[t], rtol=1e-4, atol=1e-4)
 
 
+def test_plain_steps_and_fallback_past_dense_len():
+    """speculative=False, and a `fallback` after 6 rounds, decode through the StaticSparseDecoder over the rounds'
+    buffers: == the model's greedy loop, and the static state (K/V, kc, ring) == the model's cache afterwards."""
+    model = model_of(1, dict(SP, use_nope=True), initializer_range=0.6)
+    draft = EagleDraft(model.config).eval()
+    prompt = torch.randint(3, 97, (70,), generator=torch.Generator().manual_seed(9)).tolist()
+    ref = model.generate([prompt], 40, stop_ids=[], fast=False)[0]
+    e = SparseFastSpec(model, draft, torch.tensor(sorted(set(ref) | {5, 7, 11})), depth=3, topk=2, tree_size=6,
+                       max_len=128)
+    assert e.generate(prompt, 40, speculative=False) == ref and e.last_stats['rounds'] == 0
+    check_state(e, model, prompt)
+    e.fallback_eager, e._t_plain = True, 1e-9
+    assert e.generate(prompt, 40) == ref
+    assert e.last_stats['rounds'] == 6 and e.last_stats['fallback']['at_token'] >= 7
+    check_state(e, model, prompt)
+    e._t_plain = None                                           # really timed: state restored, output unchanged
+    assert e.generate(prompt, 40) == ref and e._t_plain > 0
+    check_state(e, model, prompt)
+
+
 def test_chunked_prefill_equals_engine_plain_path():
     "Prefill in chunks of 16 (the model decides dense / sparse per chunk): spec == the engine's plain path, same chunk."
     model = model_of(5)
@@ -161,8 +181,7 @@ def test_bad_arguments_and_fallback(capsys):
     with pytest.raises(ValueError, match='chunk must be an int >= 1'):
         SparseFastSpec(model, draft, depth=3, max_len=128, chunk=0)
     e = SparseFastSpec(model, draft, depth=3, tree_size=8, max_len=128)
-    with pytest.raises(ValueError, match='decodes speculatively only'):
-        e.generate([5] * 70, 4, speculative=False)
+    with pytest.raises(ValueError, match='run through its StaticSparseDecoder'): e._plain_step()
     with pytest.raises(ValueError, match='tree needs .* cache slots > max_len=128'):
         e.generate([5] * 70, 50)
     # the engine falls back to the model's own (eager) tree verification where SparseFastSpec refuses, and says why
@@ -170,6 +189,23 @@ def test_bad_arguments_and_fallback(capsys):
     assert isinstance(eng.spec, EagerSpec) and 'depth=5: a path of depth + 1 = 6 tokens' in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"spec_kw: unknown \['chunk'\]"):
         Engine(model, 128, spec=(draft, None), spec_kw=dict(chunk=4))
+
+
+def test_draft_window_past_dense_len():
+    """spec_kw draft_window reaches both spec paths of an engine past dense_len - SparseFastSpec (its draft gathers 8
+    positions + the round's slots) and EagerSpec (the model's own verification) - and the output stays the model's."""
+    model = model_of(4)
+    draft = EagleDraft(model.config).eval()
+    prompt = torch.randint(3, 97, (70,), generator=torch.Generator().manual_seed(8)).tolist()
+    ref = model.generate([prompt], 20, stop_ids=[], fast=False)[0]
+    ids = torch.tensor(sorted(set(ref) | {5, 7}))
+    fast = Engine(model, 128, spec=(draft, ids), spec_kw=dict(depth=3, topk=2, tree_size=6, draft_window=8))
+    assert isinstance(fast.spec, SparseFastSpec) and fast.spec.d.wcols < fast.spec.Ld
+    eager = Engine(model, 128, spec=(draft, ids), spec_kw=dict(depth=5, topk=2, tree_size=6, draft_window=8))
+    assert isinstance(eager.spec, EagerSpec)
+    for e in (fast, eager): assert e.generate([prompt], 20, stop_ids=[])[0] == ref
+    with pytest.raises(ValueError, match='draft_window must be'):
+        Engine(model, 128, spec=(draft, ids), spec_kw=dict(depth=3, topk=2, tree_size=6, draft_window=3))
 
 
 @pytest.mark.parametrize('L,chunk', [(96, 32), (100, 32), (20, 32)], ids=['chunks', 'chunks+rest', 'rest-only'])
