@@ -106,7 +106,9 @@ class Engine:
     spec: None or (draft, vocab_ids) for FR-Spec (greedy, batch 1; `FastSpec`'s graphs while the context stays dense,
     `sparse_spec.SparseFastSpec` (its rounds in graphs, each tree node verified with its own InfLLM v2 selection) for an
     InfLLM v2 target past dense_len; `EagerSpec`, the model's own tree verification, only where that one refuses:
-    lse_approx, depth + 1 > kernel_stride). chunk: prefill chunk length.
+    lse_approx, depth + 1 > kernel_stride); spec_kw: their settings (method, gamma, depth, topk, tree_size,
+    draft_window). With graphs, a generation whose first rounds are slower than plain decoding finishes with plain
+    steps (`FastSpec.fallback`; `spec_stats['fallback']`). chunk: prefill chunk length.
     backend: 'auto' | 'static' | 'eager' (tests force one). length_mode / min_bucket: the static stack's attended length
     ('static': all max_len slots, one CUDA graph; 'bucket': buckets min_bucket * 2^i, one graph each; `bucket_sizes`).
     decode_kernel: the static stack's one-token attention ('auto': split-K `dense_decode` reading the length on the
@@ -338,9 +340,8 @@ def sparse_prefill(self: Engine, ids: torch.Tensor, timing: dict | None = None) 
     handed to the StaticSparseDecoder (K/V, pre-RoPE keys, compressed keys): ids (T,) -> last-position logits (1, V).
     The temporary cache is freed on return; on CUDA every step variant is captured here, before the first step.
     timing (optional dict) receives prefill_s (the model's prefill) and setup_s (load_cache + captures)."""
-    d, T, t0 = self._sparse_dec, ids.numel(), synced_clock(ids.device)
-    cache = self.model.new_cache(1, T)
-    logits = self.eager_prefill(ids[None], torch.ones(1, T, dtype=torch.long, device=ids.device), cache)
+    d, t0 = self._sparse_dec, synced_clock(ids.device)
+    logits, cache = self._row_prefill(ids)
     t1 = synced_clock(ids.device)
     d.load_cache(cache)
     del cache
@@ -348,7 +349,14 @@ def sparse_prefill(self: Engine, ids: torch.Tensor, timing: dict | None = None) 
     if timing is not None: timing.update(prefill_s=t1 - t0, setup_s=synced_clock(ids.device) - t1)
     return logits
 
-Engine.sparse_prefill = sparse_prefill
+
+def _row_prefill(self: Engine, ids: torch.Tensor) -> tuple:
+    "One prompt ids (T,) through the model's chunked prefill into a fresh KVCache of T positions -> (logits (1, V), cache)."
+    T = ids.numel()
+    cache = self.model.new_cache(1, T)
+    return self.eager_prefill(ids[None], torch.ones(1, T, dtype=torch.long, device=ids.device), cache), cache
+
+Engine.sparse_prefill, Engine._row_prefill = sparse_prefill, _row_prefill
 
 # %% ../nbs/80_engine.ipynb #b6eecb60
 @torch.no_grad()
@@ -359,10 +367,9 @@ def batch_sparse_prefill(self: Engine, rows: list, timing: dict | None = None) -
     d, dev, pre, logits = self._bsparse, self.model.device, 0.0, []
     t0 = synced_clock(dev)
     for b, r in enumerate(rows):
-        t1, T = synced_clock(dev), len(r)
-        cache = self.model.new_cache(1, T)
-        logits.append(self.eager_prefill(torch.tensor([r], device=dev), torch.ones(1, T, dtype=torch.long, device=dev),
-                                         cache)[0])
+        t1 = synced_clock(dev)
+        lg, cache = self._row_prefill(torch.tensor(r, device=dev))
+        logits.append(lg[0])
         pre += synced_clock(dev) - t1
         d.load_cache(b, cache)
         del cache
