@@ -31,6 +31,10 @@ def _generate_parser(sub) -> None:
                    help="auto: the model's attention; dense: force dense; on: require InfLLM v2")
     g.add_argument('--spec', default=None, metavar='DRAFT', help='FR-Spec: a trained EagleDraft state-dict file')
     g.add_argument('--spec-vocab', default=None, metavar='FILE', help='its FreqVocab file (default: full LM head)')
+    g.add_argument('--spec-tree', default='5x4/16', metavar='TREE',
+                   help="the draft's tree 'DEPTHxTOPK/SIZE' or a chain 'chainG' (H200 edge run's best: 8x8/48)")
+    g.add_argument('--draft-window', type=int, default=None, metavar='W',
+                   help="the draft attends only its last W positions (default: the whole context)")
     g.add_argument('--temperature', type=float, default=0.0)
     g.add_argument('--top-k', type=int, default=None)
     g.add_argument('--top-p', type=float, default=None)
@@ -107,6 +111,15 @@ def _load_tokenizer(path):
                          "pass --tokenizer DIR, or --prompt-ids") from None
 
 # %% ../nbs/04c_cli.ipynb #d3c0ff01
+def _spec_tree(s: str) -> dict:
+    "'DxK/N' -> a tree of depth D, top-K children, N nodes; 'chainG' -> a chain of G tokens (Engine's spec_kw)."
+    import re
+    t, c = re.fullmatch(r'(\d+)x(\d+)/(\d+)', s.strip()), re.fullmatch(r'chain(\d+)', s.strip())
+    if t: return dict(method='tree', depth=int(t[1]), topk=int(t[2]), tree_size=int(t[3]))
+    if c: return dict(method='chain', gamma=int(c[1]))
+    raise ValueError(f"--spec-tree must be 'DEPTHxTOPK/SIZE' (e.g. 8x8/48) or 'chainG' (e.g. chain4), got {s!r}")
+
+
 def _generate_command(a) -> int:
     import json, time
     import torch
@@ -117,6 +130,9 @@ def _generate_command(a) -> int:
     if (a.prompt is None) == (a.prompt_ids is None): return fail("give exactly one of --prompt TEXT and --prompt-ids IDS")
     if a.max_new_tokens < 1: return fail(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     if a.spec_vocab and not a.spec: return fail("--spec-vocab needs --spec DRAFT")
+    try: spec_kw = _spec_tree(a.spec_tree)
+    except ValueError as e: return fail(str(e))
+    if a.draft_window is not None: spec_kw['draft_window'] = a.draft_window
     dev = a.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if dev not in ('cpu', 'cuda') and not dev.startswith('cuda:'): return fail(f"--device must be cpu or cuda, got {dev!r}")
     if dev.startswith('cuda') and not torch.cuda.is_available(): return fail("--device cuda, but no CUDA device is visible")
@@ -129,9 +145,11 @@ def _generate_command(a) -> int:
         if a.spec:
             from minicpm4_core.frspec import FreqVocab
             spec = (load_draft(a.spec, model), FreqVocab.load(a.spec_vocab).ids if a.spec_vocab else None)
-        room = 64 if spec else 0                                   # the draft tree's slots past the last token
+        D = spec_kw.get('gamma') or spec_kw['depth']
+        room = (spec_kw.get('tree_size') or D) + D + 8 if spec else 0   # the draft tree's slots past the last token
         eng = Engine(model, a.max_len or len(ids) + a.max_new_tokens + room, quant=None if a.quant == 'none' else a.quant,
-                     sparse={'on': True}.get(a.sparse, a.sparse), spec=spec, chunk=a.chunk)
+                     sparse={'on': True}.get(a.sparse, a.sparse), spec=spec, chunk=a.chunk,
+                     spec_kw=spec_kw if spec else None)
         gen = torch.Generator(device=dev).manual_seed(a.seed)
         t0 = time.perf_counter()
         out = eng.generate([ids], a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,

@@ -382,6 +382,11 @@ def test_cli_generate(tmp_path, capsys, torch_kernels):
                  '--device', 'cpu', '--spec', str(tmp_path / 'draft.safetensors'), '--json']) == 0
     r2 = json.loads(capsys.readouterr().out)
     assert r2['new_ids'] == r['new_ids'] and r2['spec_stats']['tokens'] >= 9
+    for tree in ('3x2/6', 'chain3'):
+        assert main(['generate', '--model', str(tmp_path / 'm'), '--prompt-ids', ids, '--max-new-tokens', '9', '--no-stop',
+                     '--device', 'cpu', '--spec', str(tmp_path / 'draft.safetensors'), '--spec-tree', tree,
+                     '--draft-window', '8', '--json']) == 0
+        assert json.loads(capsys.readouterr().out)['new_ids'] == r['new_ids'], tree
     bad = [(['--prompt', 'hi', '--prompt-ids', '1'], 'exactly one of'),
            (['--prompt-ids', '1,x'], 'integers separated'),
            (['--prompt', 'hello'], 'needs a tokenizer'),
@@ -389,7 +394,10 @@ def test_cli_generate(tmp_path, capsys, torch_kernels):
            (['--prompt-ids', '1,200'], 'vocab_size'),
            (['--prompt-ids', '1,2', '--sparse', 'on'], 'sparse=True needs'),
            (['--prompt-ids', '1,2', '--spec', str(tmp_path / 'nope.pt')], 'no draft state dict'),
-           (['--prompt-ids', '1,2', '--spec-vocab', 'v.safetensors'], '--spec-vocab needs --spec')]
+           (['--prompt-ids', '1,2', '--spec-vocab', 'v.safetensors'], '--spec-vocab needs --spec'),
+           (['--prompt-ids', '1,2', '--spec-tree', '3x2'], "--spec-tree must be 'DEPTHxTOPK/SIZE'"),
+           (['--prompt-ids', '1,2', '--spec', str(tmp_path / 'draft.safetensors'), '--spec-tree', '3x2/6',
+             '--draft-window', '3'], 'draft_window must be None')]
     for extra, msg in bad:
         assert main(['generate', '--model', str(tmp_path / 'm'), '--device', 'cpu', *extra]) == 2, extra
         assert msg in capsys.readouterr().err, (extra, msg)
