@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from .config import MiniCPM4Config
 
@@ -79,7 +80,9 @@ def dense_attention(inp: AttentionInputs) -> torch.Tensor:
     T, N = q.shape[2], k.shape[2]
     mask, causal = None, False
     if inp.key_mask is None and T == N: causal = True     # the fast causal path of SDPA
-    elif inp.key_mask is not None or T > 1:
+    elif inp.key_mask is None and T > 1:                  # a chunk after cached keys: causal from the bottom right,
+        mask = causal_lower_right(T, N)                   # nothing materialised (flash / efficient kernels on CUDA)
+    elif inp.key_mask is not None:
         allowed = _allowed(T, N, inp.key_mask, q.device)
         mask = allowed[:, None] if allowed.dim() == 3 else allowed
     gqa = q.shape[1] != k.shape[1]

@@ -394,3 +394,16 @@ def test_load_pretrained_checks_shapes_and_dtypes(tmp_path):
     save_file(sd, tmp_path / 'a' / 'model.safetensors', metadata={'format': 'pt'})
     with pytest.raises(ValueError, match='model.norm.weight'):
         load_pretrained(tmp_path / 'a')
+
+
+def test_dense_attention_chunk_after_cached_keys():
+    "T new queries after N - T cached keys (no padding): causal from the bottom right, == softmax over the visible keys."
+    from minicpm4_core.attention import AttentionInputs, dense_attention
+    g = torch.Generator().manual_seed(4)
+    B, T, N, H, Hkv, D = 2, 5, 12, 4, 2, 8
+    q, k, v = (torch.randn(B, n, h, D, generator=g) for n, h in ((T, H), (N, Hkv), (N, Hkv)))
+    o = dense_attention(AttentionInputs(q, k, v, MiniCPM4Config.tiny()))
+    kk, vv = k.repeat_interleave(H // Hkv, 2), v.repeat_interleave(H // Hkv, 2)
+    s = torch.einsum('bthd,bnhd->bhtn', q, kk) / D ** 0.5
+    s = s.masked_fill(torch.arange(N)[None] > torch.arange(N - T, N)[:, None], float('-inf'))
+    torch.testing.assert_close(o, torch.einsum('bhtn,bnhd->bthd', s.softmax(-1), vv), rtol=1e-5, atol=1e-5)
