@@ -1337,7 +1337,11 @@ def generate(self: FastSpec, prompt: Sequence[int], max_new_tokens: int, specula
     if speculative:
         step = self._runner(self._round)
         probe = left > 0 and self.fallback is not None and (self.graphs or self.fallback_eager)
-        if probe: self._plain_seconds()                          # once per engine, captures included: not timed below
+        if probe:                                                # once per engine, captures included: not timed below
+            try: self._plain_seconds()
+            except Exception as ex:                              # never worse than no check: say so, speculate on
+                probe, self.fallback = False, None
+                print(f"FastSpec: the fallback's plain-step timing failed ({ex!r:.200}); this engine keeps speculating")
         t_r, done = time.perf_counter(), 0
         while left > 0:
             # a round gives at most D+1 tokens, so the next ceil(left / (D+1)) rounds all run: queue them, then read

@@ -331,6 +331,9 @@ def test_fallback_to_plain_steps(pair):
     assert e.generate(PROMPTS[0], 40) == ref and e._t_plain > 0
     e.fallback_eager = False                                    # the CPU default: no check at all
     assert e.generate(PROMPTS[0], 40) == ref and e.last_stats['fallback'] is None
+    def broken(): raise RuntimeError('no plain step here')
+    e.fallback_eager, e._t_plain, e._plain_seconds = True, None, broken    # a failed timing: speculate to the end
+    assert e.generate(PROMPTS[0], 40) == ref and e.last_stats['fallback'] is None and e.fallback is None
 
 
 def test_ancestors_by_squaring():
