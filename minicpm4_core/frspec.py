@@ -1104,6 +1104,7 @@ class FastSpec:
         self._pre: dict = {}                         # prompt length -> CUDA graph of the prefill (`graph_prefill`)
         self._pids = torch.zeros(max_len, dtype=torch.long, device=dev)
         self._t_plain = None                          # `_plain_seconds`: one plain step, measured once per engine
+        self._seq1 = torch.zeros(1, dtype=torch.int32, device=dev)   # `_plain_step`'s key count
 
     queue_rounds = True     # generate: queue every round that is surely needed before reading n_out (False: one read per round)
     row_attention = False   # the draft's and the target's attention by `_rows_attend` (False: `static_decode.attend`)
@@ -1169,7 +1170,8 @@ def _prefill_ids(self: FastSpec, n: int, ids):
 @patch
 def _plain_step(self: FastSpec):
     m = self.t_len.clone()
-    logits, _ = self.t.forward(self.pending, m, m, self.ar[None, :self.Lt] <= m)
+    self._seq1.copy_(m + 1)                     # the keys it sees, read on the device by the split-K decode (CUDA)
+    logits, _ = self.t.forward(self.pending, m, m, self.ar[None, :self.Lt] <= m, None, self._seq1)
     nxt = logits.argmax(-1)
     self.out_buf.index_copy_(0, self.n_out, nxt)
     self.n_out += 1; self.t_len += 1; self.pending.copy_(nxt)

@@ -329,6 +329,9 @@ def test_fallback_to_plain_steps(pair):
     assert e.last_stats['fallback']['at_token'] is None and e.last_stats['rounds'] > 6
     e._t_plain = None
     assert e.generate(PROMPTS[0], 40) == ref and e._t_plain > 0
+    e.t.stack.split_decode = True          # the plain step's split-K decode (the CUDA default; its reference here)
+    assert e.generate(PROMPTS[0], 40, speculative=False) == ref
+    e.t.stack.split_decode = False
     e.fallback_eager = False                                    # the CPU default: no check at all
     assert e.generate(PROMPTS[0], 40) == ref and e.last_stats['fallback'] is None
     def broken(): raise RuntimeError('no plain step here')
