@@ -9,6 +9,7 @@ Docs: https://minicpm4-core.github.io/minicpm4_core/engine.html.md"""
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import replace
 import time
 from typing import Sequence
@@ -22,7 +23,7 @@ from .attention import dense_attention
 from .model import (KVCache, LayerCache, MiniCPM4ForCausalLM, _as_prompt_lists, register_fast_generate,
                                  rope_cos_sin, sample_next)
 from .checks import check_finite
-from .config import SparseSettings
+from .config import MiniCPM4Config, SparseSettings
 from .static_decode import (BatchStaticDecoder, StaticDecoder, bucket_sizes, check_static_support,
                                          copy_fused, prep_layer)
 from .static_sparse import BatchStaticSparseDecoder, StaticSparseDecoder
@@ -30,7 +31,8 @@ from .bench import synced_clock
 
 # %% auto #0
 __all__ = ['dequantized_weight', 'quant_linear', 'convert_quant', 'Engine', 'EagerSpec', 'eager_prefill', 'static_prefill',
-           'sparse_prefill', 'batch_sparse_prefill', 'load_draft', 'fast_refusal', 'generate_fast']
+           'sparse_prefill', 'batch_sparse_prefill', 'load_draft', 'meta_model', 'memory_plan', 'max_context',
+           'fast_refusal', 'generate_fast']
 
 # %% ../nbs/80_engine.ipynb #656468bd
 def _quant_kind(m: nn.Module) -> str | None:
@@ -73,8 +75,6 @@ def convert_quant(model: MiniCPM4ForCausalLM, quant: str | None, group_size: int
     if quant not in (None, 'w4a16', 'ternary'):
         raise ValueError(f"quant must be None, 'w4a16' or 'ternary', got {quant!r}")
     if quant is None: return 0
-    from minicpm4_core.pgptq import QuantLinear, rtn_quantize
-    from minicpm4_core.bitcpm import BitLinear, TernaryLinear
     n = 0
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -84,13 +84,18 @@ def convert_quant(model: MiniCPM4ForCausalLM, quant: str | None, group_size: int
                     if kind != quant: raise ValueError(f"quant={quant!r} but the model already holds {kind} linears")
                     continue
                 if not isinstance(m, nn.Linear): continue
-                if quant == 'w4a16':
-                    g = group_size if m.in_features % group_size == 0 else m.in_features
-                    new = QuantLinear.from_quantized(rtn_quantize(m.weight.detach().float(), 4, g))
-                else:
-                    new = TernaryLinear.from_bitlinear(BitLinear.from_linear(m))
-                setattr(parent, name, new.to(m.weight.device)); n += 1
+                setattr(parent, name, _pack_linear(m, quant, group_size).to(m.weight.device)); n += 1
     return n
+
+
+def _pack_linear(m: nn.Linear, quant: str, group_size: int = 128) -> nn.Module:
+    "One linear packed as `convert_quant` packs it ('w4a16': RTN int4 in groups of group_size, or of the whole row; 'ternary')."
+    from minicpm4_core.pgptq import QuantLinear, rtn_quantize
+    from minicpm4_core.bitcpm import BitLinear, TernaryLinear
+    if quant == 'w4a16':
+        g = group_size if m.in_features % group_size == 0 else m.in_features
+        return QuantLinear.from_quantized(rtn_quantize(m.weight.detach().float(), 4, g))
+    return TernaryLinear.from_bitlinear(BitLinear.from_linear(m))
 
 # %% ../nbs/80_engine.ipynb #74ef9f52
 class Engine:
@@ -399,6 +404,32 @@ def _prompts(self: Engine, prompts):
 Engine._prompts = _prompts
 
 # %% ../nbs/80_engine.ipynb #df47201b
+def _static_decoder(self: Engine, B: int):
+    """The static decoder `generate` uses for B rows, built on first use: StaticSparseDecoder / StaticDecoder at batch 1,
+    BatchStaticSparseDecoder / BatchStaticDecoder for B > 1 (rebuilt for a new B, the previous one freed first)."""
+    if B == 1 and self.sparse_static():
+        if self._sparse_dec is None: self._sparse_dec = StaticSparseDecoder(self.model, self.max_len, graphs=self.graphs)
+        return self._sparse_dec
+    if B == 1:
+        if self._static is None:
+            self._static = StaticDecoder(self.model, self.max_len, graphs=self.graphs, dense=self.sparse == 'dense',
+                                         length_mode=self.length_mode, min_bucket=self.min_bucket,
+                                         decode_kernel=self.decode_kernel)
+        return self._static
+    if self.sparse_static():
+        if self._bsparse is None or self._bsparse.B != B:
+            self._bsparse = None                              # free the previous size's buffers first
+            self._bsparse = BatchStaticSparseDecoder(self.model, self.max_len, B, graphs=self.graphs)
+        return self._bsparse
+    if self._batch is None or self._batch.B != B:
+        self._batch = None
+        self._batch = BatchStaticDecoder(self.model, self.max_len, B, graphs=self.graphs, dense=self.sparse == 'dense',
+                                         decode_kernel=self.decode_kernel)
+    return self._batch
+
+Engine._static_decoder = _static_decoder
+
+
 @torch.no_grad()
 def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0,
                      top_k: int | None = None, top_p: float | None = None, stop_ids=None, pad_id: int | None = None,
@@ -423,31 +454,19 @@ def _engine_generate(self: Engine, prompts, max_new_tokens: int = 32, *, tempera
     out, done, mask, split = [], torch.zeros(B, dtype=torch.bool, device=dev), None, {}
     t0 = synced_clock(dev)
     with self._mode():
+        d = self._static_decoder(B) if kind == 'static' else None
         if kind == 'static' and B == 1 and self.sparse_static():
-            if self._sparse_dec is None:
-                self._sparse_dec = StaticSparseDecoder(self.model, self.max_len, graphs=self.graphs)
             logits = self.sparse_prefill(torch.tensor(rows[0], device=dev), timing=split)
-            nxt_fn = lambda tok, mask: self._sparse_dec.step(tok)[None]
+            nxt_fn = lambda tok, mask: d.step(tok)[None]
         elif kind == 'static' and B == 1:
-            if self._static is None:
-                self._static = StaticDecoder(self.model, self.max_len, graphs=self.graphs, dense=self.sparse == 'dense',
-                                             length_mode=self.length_mode, min_bucket=self.min_bucket,
-                                             decode_kernel=self.decode_kernel)
             logits = self.static_prefill(torch.tensor(rows[0], device=dev))
-            nxt_fn = lambda tok, mask: self._static.step(tok)[None]
+            nxt_fn = lambda tok, mask: d.step(tok)[None]
         elif kind == 'static' and self.sparse_static():     # batch > 1 past dense_len, batch_sparse='static'
-            if self._bsparse is None or self._bsparse.B != B:
-                self._bsparse = None    # free the previous size's buffers first
-                self._bsparse = BatchStaticSparseDecoder(self.model, self.max_len, B, graphs=self.graphs)
             logits = self.batch_sparse_prefill(rows, timing=split)
-            nxt_fn = lambda tok, mask: self._bsparse.step(tok)
+            nxt_fn = lambda tok, mask: d.step(tok)
         elif kind == 'static':          # batch > 1: each row prefilled on its own (no padding in the cache)
-            if self._batch is None or self._batch.B != B:
-                self._batch = None      # free the previous size's buffer first
-                self._batch = BatchStaticDecoder(self.model, self.max_len, B, graphs=self.graphs,
-                                                 dense=self.sparse == 'dense', decode_kernel=self.decode_kernel)
-            logits = torch.stack([self._batch.prefill(b, r, self.chunk) for b, r in enumerate(rows)])
-            nxt_fn = lambda tok, mask: self._batch.step(tok)
+            logits = torch.stack([d.prefill(b, r, self.chunk) for b, r in enumerate(rows)])
+            nxt_fn = lambda tok, mask: d.step(tok)
         else:
             ids = torch.full((B, T0), pad, dtype=torch.long, device=dev)
             mask = torch.zeros(B, T0, dtype=torch.long, device=dev)
@@ -590,6 +609,64 @@ def _memory(self: Engine) -> dict:
     return dict(weights=w, kv_cache=kv, static_stack=st, spec=sp, total=w + kv + st + sp)
 
 Engine.memory = _memory
+
+
+def meta_model(config: MiniCPM4Config, dtype, quant: str | None, group_size: int = 128) -> MiniCPM4ForCausalLM:
+    """The model on the meta device (shapes, no memory), its decoder linears packed as `convert_quant` packs them: each
+    distinct (in, out) shape is packed once for real on the CPU (random weights) and copied to the meta device."""
+    with torch.device('meta'): m = MiniCPM4ForCausalLM(config)
+    m = m.to(dtype)
+    if quant is None: return m
+    if quant not in ('w4a16', 'ternary'): raise ValueError(f"quant must be None, 'w4a16' or 'ternary', got {quant!r}")
+    packed = {}
+    for layer in m.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if not isinstance(lin, nn.Linear): continue
+                key = (lin.in_features, lin.out_features, lin.bias is not None)
+                if key not in packed:
+                    packed[key] = _pack_linear(nn.Linear(*key), quant, group_size).to('meta')
+                setattr(parent, name, copy.deepcopy(packed[key]))
+    return m
+
+
+def memory_plan(config: MiniCPM4Config, max_len: int, *, max_batch: int = 1, dtype=torch.bfloat16, quant=None,
+                sparse='auto', batch_sparse: str = 'static', model=None) -> dict:
+    """The bytes an `Engine` with these settings holds once it has decoded one prompt and a batch of max_batch (what
+    `Engine.memory` reports after those runs), worked out on the meta device: nothing is allocated, the 8B shape takes
+    well under a second (a few seconds with quant: one real packing per linear shape). -> dict: weights (packed ones
+    included), static (the static decoders' K/V, compressed keys and fused weight copies), eager_kv (the eager path's
+    buffer, when a batch size takes that path), total, paths ({batch: 'static' | 'eager'}). Not included: activations,
+    CUDA graph pools and the allocator's slack (leave ~10%), and a spec draft. model: a `meta_model` of the same
+    config, dtype and quant, to reuse across calls (its packing is the slow part)."""
+    m = model if model is not None else meta_model(config, dtype, quant)
+    e = Engine(m, max_len, max_batch=max_batch, sparse=sparse, batch_sparse=batch_sparse, graphs=False)
+    paths = {}
+    for B in sorted({1, max_batch}):
+        paths[B] = e.pick_backend(B)
+        if paths[B] == 'static': e._static_decoder(B)
+    mem = e.memory()
+    eager = mem['kv_cache'] if 'eager' in paths.values() else 0
+    return dict(weights=mem['weights'], static=mem['static_stack'], eager_kv=eager,
+                total=mem['weights'] + mem['static_stack'] + eager, paths=paths)
+
+
+def max_context(config: MiniCPM4Config, memory_bytes: float, *, step: int = 1024, reserve: float = 0.1, **plan_kw) -> int:
+    """The longest max_len (a multiple of `step`, up to config.max_position_embeddings) whose `memory_plan` total fits in
+    (1 - reserve) x memory_bytes, or 0 when not even `step` fits. plan_kw: `memory_plan`'s settings (max_batch, dtype,
+    quant, sparse, batch_sparse)."""
+    if not memory_bytes > 0: raise ValueError(f"memory_bytes must be > 0, got {memory_bytes!r}")
+    if not 0 <= reserve < 1: raise ValueError(f"reserve must be in [0, 1), got {reserve!r}")
+    budget, fits = (1 - reserve) * memory_bytes, {}
+    model = meta_model(config, plan_kw.get('dtype', torch.bfloat16), plan_kw.get('quant'))
+    def ok(n: int) -> bool:
+        if n not in fits: fits[n] = memory_plan(config, n * step, model=model, **plan_kw)['total'] <= budget
+        return fits[n]
+    lo, hi = 0, config.max_position_embeddings // step              # ok(lo) holds (or lo = 0); find the last n that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo * step
 
 
 # %% ../nbs/80_engine.ipynb #259ad50c

@@ -771,3 +771,29 @@ def test_frspec_over_a_sparse_target_past_dense_len(quant, torch_kernels, capsys
         Engine(m, 96, spec=(draft, vocab), spec_kw=dict(share=None))
     with pytest.raises(ValueError, match='prompt \\+ max_new_tokens \\+ draft tree'):
         eng.generate([p], 70, stop_ids=[])
+
+
+@pytest.mark.parametrize('sparse', [False, True])
+@pytest.mark.parametrize('quant', [None, 'w4a16', 'ternary'])
+def test_memory_plan_equals_what_the_engine_holds(sparse, quant, torch_kernels):
+    """`memory_plan` (the meta device: nothing allocated) == `Engine.memory` of a real engine after a batch-1 and a
+    batch-3 generation, byte for byte, dense / InfLLM v2 past dense_len x bf16 / w4a16 / ternary; `max_context` finds
+    the longest max_len whose plan fits a budget (and 0 when nothing does)."""
+    from minicpm4_core.engine import max_context, memory_plan
+    cfg = MiniCPM4Config.tiny(**{**TINY, 'max_position_embeddings': 512}, sparse_config=SPARSE if sparse else None)
+    plan = memory_plan(cfg, 96, max_batch=3, dtype=torch.float32, quant=quant)
+    torch.manual_seed(0)
+    e = Engine(MiniCPM4ForCausalLM(cfg).eval(), 96, max_batch=3, quant=quant)
+    ps = prompts_of(3, (30, 21, 9))
+    e.generate(ps[:1], 4, stop_ids=[]); e.generate(ps, 4, stop_ids=[])
+    mem = e.memory()
+    assert plan['paths'] == {1: e.pick_backend(1), 3: e.pick_backend(3)}
+    assert (plan['weights'], plan['static']) == (mem['weights'], mem['static_stack']) and plan['static'] > 0
+    assert plan['total'] == plan['weights'] + plan['static'] + plan['eager_kv']
+    B = plan['total'] / 0.9 + 1                                  # bytes whose 90% just hold the plan at 96
+    n = max_context(cfg, B, step=32, max_batch=3, dtype=torch.float32, quant=quant)
+    total = lambda L: memory_plan(cfg, L, max_batch=3, dtype=torch.float32, quant=quant)['total']
+    assert 96 <= n < 512 and total(n) <= 0.9 * B < total(n + 32)
+    assert max_context(cfg, 1000, step=32, dtype=torch.float32, quant=quant) == 0
+    with pytest.raises(ValueError, match='memory_bytes must be > 0'): max_context(cfg, 0)
+    with pytest.raises(ValueError, match='quant must be'): memory_plan(cfg, 96, quant='int8')
