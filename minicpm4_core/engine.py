@@ -581,31 +581,39 @@ def _copies(w) -> list:
     return []
 
 
+def _bytes_once(tensors, seen: set) -> int:
+    "Bytes of the storages under `tensors`, each storage counted once across the calls that share `seen`."
+    n = 0
+    for t in tensors:
+        s = t.untyped_storage()
+        if s._cdata not in seen: seen.add(s._cdata); n += s.nbytes()
+    return n
+
+
 def _memory(self: Engine) -> dict:
-    "Bytes held: weights (incl. packed buffers), the static KV buffer, the static stack's fused copies and buffer."
-    m = self.model
-    w = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    """Bytes held: weights (incl. packed buffers), the static KV buffer, the static stack's fused copies and buffer.
+    Each storage counts once, under the first of these it appears in (a dense q|k|v the model's weights view, with
+    `static_decode.SHARE_WEIGHTS`, counts as weights)."""
+    m, seen = self.model, set()
+    w = _bytes_once(list(m.parameters()) + list(m.buffers()), seen)
     c = self.config    # the eager path's buffer as sized (allocated on its first use)
     kv = 2 * c.num_hidden_layers * self.max_batch * self.max_len * c.num_key_value_heads * c.head_dim * m.dtype.itemsize
+    fused = lambda s: [t for p in s.p for k in ('wqkv', 'wgu') for t in _copies(p[k])]
     st = 0
     for d in (self._static, self._batch):
-        if d is None: continue
-        s = d.stack
-        fused = [t for p in s.p for k in ('wqkv', 'wgu') for t in _copies(p[k])]
-        st += s.kv.numel() * s.kv.element_size() + sum(t.numel() * t.element_size() for t in fused)
+        if d is not None: st += _bytes_once([d.stack.kv, *fused(d.stack)], seen)
     for d in (self._sparse_dec, self._bsparse):    # the sparse decoders: their stack's buffers + kc (+ the ring)
-        if d is None: continue
-        s = d.base.stack
-        fused = [t for p in s.p for k in ('wqkv', 'wgu') for t in _copies(p[k])]
-        st += sum(t.numel() * t.element_size() for t in [s.kv, d.kc, *fused] + ([d.ring] if d.ring is not None else []))
+        if d is not None:
+            s = d.base.stack
+            st += _bytes_once([s.kv, d.kc, *fused(s)] + ([d.ring] if d.ring is not None else []), seen)
     sp = 0                        # a FastSpec / SparseFastSpec: its static target's buffers and the draft's stack
     t = getattr(self.spec, 't', None)
     if t is not None:
-        bufs = [t.stack.kv, *[x for p in t.stack.p for k in ('wqkv', 'wgu') for x in _copies(p[k])]]
+        bufs = [t.stack.kv, *fused(t.stack)]
         sd = getattr(self.spec, 'sd', None)
         if sd is not None: bufs += [sd.kc] + ([sd.ring] if sd.ring is not None else [])
         if self.spec.d is not None: bufs.append(self.spec.d.stack.kv)
-        sp = sum(x.numel() * x.element_size() for x in bufs)
+        sp = _bytes_once(bufs, seen)
     return dict(weights=w, kv_cache=kv, static_stack=st, spec=sp, total=w + kv + st + sp)
 
 Engine.memory = _memory
@@ -731,8 +739,12 @@ def _run_fast(model, slot: _FastSlot, key: tuple, rows, max_new_tokens: int, len
         e = slot.engine
         for d in (e._static, e._batch, e._sparse_dec and e._sparse_dec.base, e._bsparse and e._bsparse.base):
             if d is not None: _refresh(d, model)
-    slot.versions = versions
-    return slot.engine.generate(rows, max_new_tokens, **kw)
+    out = slot.engine.generate(rows, max_new_tokens, **kw)
+    # a decoder built just now may have made the weights views of its fused buffers (SHARE_WEIGHTS): same values, new
+    # pointers and versions, which must not look like a new model or an update at the next call
+    slot.key = key[:-1] + (tuple(p.data_ptr() for p in model.parameters()),)
+    slot.versions = tuple(p._version for p in model.parameters())
+    return out
 
 
 register_fast_generate(generate_fast)      # model.generate's fast path, now that the engine exists

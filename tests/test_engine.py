@@ -797,3 +797,39 @@ def test_memory_plan_equals_what_the_engine_holds(sparse, quant, torch_kernels):
     assert max_context(cfg, 1000, step=32, dtype=torch.float32, quant=quant) == 0
     with pytest.raises(ValueError, match='memory_bytes must be > 0'): max_context(cfg, 0)
     with pytest.raises(ValueError, match='quant must be'): memory_plan(cfg, 96, quant='int8')
+
+
+def test_fused_weights_are_stored_once(tmp_path, monkeypatch):
+    """SHARE_WEIGHTS: the static stacks' dense q|k|v and gate|up are the model's weights (views of one buffer, shared by
+    every decoder), counted once by `memory`; an in-place update of a weight reaches the engine with no refresh;
+    model.generate's fast path keeps its engine; the model still saves and loads. SHARE_WEIGHTS off: separate copies."""
+    import minicpm4_core.static_decode as SD
+    from minicpm4_core.model import load_pretrained, save_pretrained
+    m = model_of(40)
+    a, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+    ps = prompts_of(41, (19, 11))
+    eng = Engine(m, 48, max_batch=2)
+    eng.generate(ps[:1], 4, stop_ids=[]); eng.generate(ps, 4, stop_ids=[])
+    for d in (eng._static, eng._batch):
+        p = d.stack.p[0]
+        assert p['wqkv'].data_ptr() == a.q_proj.weight.data_ptr() and p['wgu'].data_ptr() == mlp.gate_proj.weight.data_ptr()
+    q = a.q_proj.weight
+    assert a.k_proj.weight.data_ptr() == q.data_ptr() + q.numel() * q.element_size()      # back to back
+    mem = eng.memory()
+    assert mem['static_stack'] == sum(d.stack.kv.numel() * d.stack.kv.element_size() for d in (eng._static, eng._batch))
+    with torch.no_grad(): a.k_proj.weight.mul_(1.5); mlp.up_proj.weight.add_(0.05)   # as an optimizer step would
+    assert eng.generate(ps[:1], 6, stop_ids=[]) == m.generate(ps[:1], 6, stop_ids=[], fast=False)
+    assert m.generate(ps[:1], 5, stop_ids=[], fast=True) == m.generate(ps[:1], 5, stop_ids=[], fast=False)
+    slot = m.__dict__['_engine_fast']
+    first = slot.engine
+    assert m.generate(ps[:1], 5, stop_ids=[], fast=True) == m.generate(ps[:1], 5, stop_ids=[], fast=False)
+    assert slot.engine is first                                       # the shared weights did not look like a new model
+    save_pretrained(m, tmp_path / 'm')
+    m2 = load_pretrained(tmp_path / 'm')
+    assert all(torch.equal(x, y) for x, y in zip(m.state_dict().values(), m2.state_dict().values()))
+    monkeypatch.setattr(SD, 'SHARE_WEIGHTS', False)
+    m3 = model_of(42)
+    e3 = Engine(m3, 48)
+    e3.generate(ps[:1], 3, stop_ids=[])
+    assert e3._static.stack.p[0]['wqkv'].data_ptr() != m3.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    assert e3.memory()['static_stack'] > e3._static.stack.kv.numel() * e3._static.stack.kv.element_size()
