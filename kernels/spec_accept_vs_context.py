@@ -7,9 +7,13 @@ on the target's own continuations of long prompts. Greedy, batch 1, FastSpec / S
 acceptance only (tokens per round), not speed.
 
     python kernels/spec_accept_vs_context.py --out kernels/results/frspec/cpu-2026-12-05/accept_vs_context.json
+    # on a GPU, the edge run's own pair (0.5B shape) at its long contexts:
+    python kernels/spec_accept_vs_context.py --edge --train-s 0 --draft-s 0 --contexts 16384,32000 --short 256 \
+        --window 256 --chunk 2048 --long-draft-steps 300 --out $OUT/accept_vs_context.json
 """
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,19 +29,27 @@ from minicpm4_core.train import TrainConfig
 TREE = dict(method='tree', depth=5, topk=4, tree_size=16)
 
 
-def trained_pair(train_s: float, draft_s: float):
-    "The edge notebook's spec pipeline at the smoke scale (`run_spec`), stopped before its long rows: the pair and texts."
+def trained_pair(train_s: float, draft_s: float, edge: bool = False):
+    """The edge notebook's spec pipeline (`run_spec`) stopped before its long rows: the pair and texts. At the CPU smoke
+    scale, or with `edge` the edge profile's own (the 0.5B shape on CUDA; train_s / draft_s 0 keep the profile's)."""
     got = {}
     def keep(rec, sp, target, draft, vocab_ids, tok, heldout, train, log=print, deadline=None):
         got.update(target=target, draft=draft, vids=vocab_ids, tok=tok, heldout=heldout, train=train, sp=sp)
     real, EB.run_spec_long = EB.run_spec_long, keep
     try:
-        sp = EB.SpecParams.smoke(train_s=train_s, draft_s=draft_s, distill_prompts=128, long_contexts='1024',
-                                 int4=False, identity=False, configs='tree5x4/16 FR')
-        rec = EB.run_spec(sp, 'cpu', log=lambda s: None)
+        over = dict(long_contexts='1024', int4=False, identity=False, configs='tree5x4/16 FR',
+                    **{k: v for k, v in (('train_s', train_s), ('draft_s', draft_s)) if v})
+        if edge:
+            sp = dataclasses.replace(EB.EdgeParams.from_profile('edge').spec_params(), **over)
+        else:
+            sp = EB.SpecParams.smoke(distill_prompts=128, **over)
+        rec = EB.run_spec(sp, 'cuda' if edge else 'cpu', log=lambda s: None)
     finally:
         EB.run_spec_long = real
     return got, rec
+
+
+CHUNK = 32
 
 
 def accept(model, draft, vids, prompts, new: int, **kw) -> float:
@@ -46,7 +58,7 @@ def accept(model, draft, vids, prompts, new: int, **kw) -> float:
     sparse = model.config.sparse_config is not None
     out = []
     for p in prompts:
-        e = (SparseFastSpec(model, draft, vids, max_len=L, chunk=32, **TREE, **kw) if sparse
+        e = (SparseFastSpec(model, draft, vids, max_len=L, chunk=CHUNK, **TREE, **kw) if sparse
              else S.FastSpec(model, draft, vids, max_len=L, **TREE, **kw))
         e.generate(p, new)
         out.append(e.last_stats['mean_accept_length'])
@@ -63,11 +75,15 @@ def main():
     ap.add_argument('--new', type=int, default=48)
     ap.add_argument('--window', type=int, default=32)
     ap.add_argument('--long-draft-steps', type=int, default=600, help='0: no long-trained draft')
+    ap.add_argument('--edge', action='store_true', help="the edge profile's pair on CUDA (else the CPU smoke pair)")
+    ap.add_argument('--chunk', type=int, default=32, help="SparseFastSpec's prefill chunk (2048 on a GPU)")
     ap.add_argument('--out', default=None)
     a = ap.parse_args()
+    global CHUNK
+    CHUNK = a.chunk
     torch.manual_seed(0)
     t0 = time.time()
-    P, rec = trained_pair(a.train_s, a.draft_s)
+    P, rec = trained_pair(a.train_s, a.draft_s, a.edge)
     t, d, vids = P['target'], P['draft'], P['vids']
     ts = copy.deepcopy(t)
     ts.config.sparse_config = EB._long_sparse_config(P['sp'])          # the long rows' InfLLM v2 (dense below 64 keys)
@@ -84,9 +100,10 @@ def main():
         L = min(ctxs) // 2
         starts = torch.randint(0, len(st) - L - 1, (48,), generator=torch.Generator().manual_seed(1)).tolist()
         drows = S.self_distill_rows(t, [st[s:s + L].tolist() for s in starts], 20, batch_size=16, progress=False)
-        d2 = S.EagleDraft(t.config)
+        d2 = S.EagleDraft(t.config).to(t.device)                   # fp32 master weights (as run_spec's draft)
         res = S.train_draft(d2, t, drows, TrainConfig(steps=a.long_draft_steps, batch_size=4, lr=3e-3, progress=False,
-                                                      eval_every=10**6))
+                                                      eval_every=10**6, device=str(t.device)))
+        d2 = d2.to(t.dtype)
         h = res.history['loss']
         drafts.append((f'long rows ({drows.shape[0]} x {drows.shape[1]}, loss {h[0]:.2f} -> {sum(h[-5:]) / 5:.2f})',
                        d2.eval()))
