@@ -833,3 +833,24 @@ def test_fused_weights_are_stored_once(tmp_path, monkeypatch):
     e3.generate(ps[:1], 3, stop_ids=[])
     assert e3._static.stack.p[0]['wqkv'].data_ptr() != m3.model.layers[0].self_attn.q_proj.weight.data_ptr()
     assert e3.memory()['static_stack'] > e3._static.stack.kv.numel() * e3._static.stack.kv.element_size()
+
+
+def test_training_after_the_engine_shares_the_weights():
+    """A training step on a model whose q|k|v / gate|up are views of the engine's fused tensors: gradients reach those
+    parameters, the optimizer's update reaches the engine (no refresh), and a deep copy is independent of the original."""
+    import copy
+    m = model_of(43).train()
+    p = prompts_of(44, (17,))[0]
+    eng = Engine(m, 40)
+    eng.generate([p], 3, stop_ids=[])
+    q = m.model.layers[0].self_attn.q_proj.weight
+    assert q.data_ptr() == eng._static.stack.p[0]['wqkv'].data_ptr()
+    twin = copy.deepcopy(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(torch.tensor([p]))[0].float().logsumexp(-1).mean().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    opt.step()
+    m.eval()
+    assert eng.generate([p], 6, stop_ids=[]) == m.generate([p], 6, stop_ids=[], fast=False)
+    assert not torch.equal(twin.model.layers[0].self_attn.q_proj.weight, q)            # the copy kept its own values
+    assert twin.generate([p], 6, stop_ids=[], fast=False) == Engine(twin, 40).generate([p], 6, stop_ids=[])
