@@ -245,13 +245,19 @@ def preset(name: str, max_len: int, dtype: str = 'bfloat16') -> MiniCPM4Config:
 
 def build_model(c: MiniCPM4Config, device, dtype) -> MiniCPM4ForCausalLM:
     "Random weights created directly on `device` in `dtype` (an 8B model initialises in seconds on a GPU)."
+    with _created_on(device, dtype): m = MiniCPM4ForCausalLM(c)
+    return m.to(device, dtype).eval()
+
+
+@contextlib.contextmanager
+def _created_on(device, dtype):
+    "Tensors created inside are made on `device` in `dtype` (no float32 CPU copy first); the defaults come back after."
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device): m = MiniCPM4ForCausalLM(c)
+        with torch.device(device): yield
     finally:
         torch.set_default_dtype(old)
-    return m.to(device, dtype).eval()
 
 # %% ../nbs/90_edge_bench.ipynb #5eab756d
 def weight_bytes(m) -> int:
@@ -318,12 +324,7 @@ def hf_model(c: MiniCPM4Config, max_len: int, dev, dtype, compile: bool = False)
                      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
                      num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, max_position_embeddings=max_len,
                      tie_word_embeddings=c.tie_word_embeddings)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(dev): hf = LlamaForCausalLM(hc)
-    finally:
-        torch.set_default_dtype(old)
+    with _created_on(dev, dtype): hf = LlamaForCausalLM(hc)
     hf = hf.to(dev, dtype).eval()
     return hf, hf_gen(hf, dev, compile)
 

@@ -21,7 +21,8 @@ from fastcore.basics import patch
 
 from .frspec import FastSpec
 from .kernels._common import next_pow2, resolve_backend
-from .kernels.sparse import LOG2E, _SEL, _block_epilogue, _dec_lse, _gpu_fence, _kth_key, _mm, _mma, _prec
+from .kernels.sparse import (LOG2E, _SEL, _block_epilogue, _dec_lse, _gpu_fence, _kth_key, _lse_fold, _mm,
+                                          _mma, _prec)
 from .infllmv2_ref import _force_blocks, _pool_to_blocks, attention_blocks, select_blocks
 from .model import MiniCPM4ForCausalLM, rope_cos_sin
 from .static_decode import attend
@@ -420,13 +421,7 @@ def _tree_combine_kernel(PO, PM, PL, O, so_t, so_h, T, G, HKV, NRT, NSPLIT,
             mp = tl.load(PM + row, mask=spm, other=float('-inf'))
             ls = tl.load(PL + row, mask=spm, other=0.0)
             po = tl.load(PO + row[:, None] * BD + d[None, :], mask=(spm & (mp > float('-inf')))[:, None], other=0.0)
-            mn = tl.maximum(mx, tl.max(mp, 0))
-            mu = tl.where(mn == float('-inf'), 0.0, mn)
-            a = tl.exp2(mx - mu)
-            w = tl.exp2(mp - mu)
-            lsum = lsum * a + tl.sum(ls * w, 0)
-            o = o * a + tl.sum(po * w[:, None], 0)
-            mx = mn
+            mx, lsum, o = _lse_fold(mx, lsum, o, mp, ls, po)
         o = o / tl.where(lsum > 0, lsum, 1.0)
         tl.store(O + node.to(tl.int64) * so_t + (hk * G + hh) * so_h + d, o.to(O.dtype.element_ty), mask=d < D)
 

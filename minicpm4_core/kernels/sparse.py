@@ -1252,15 +1252,21 @@ def _combine_cols(PO, PM, PL, O, bh, h, d, so_b, so_h, G, HKV, NSPLIT, nact, ROW
         m = tl.load(PM + row, mask=spm, other=float('-inf'))
         ls = tl.load(PL + row, mask=spm, other=0.0)
         po = tl.load(PO + row[:, None] * BD + d[None, :], mask=spm[:, None], other=0.0)
-        mn = tl.maximum(mx, tl.max(m, 0))
-        mu = tl.where(mn == float('-inf'), 0.0, mn)
-        a = tl.exp2(mx - mu)
-        w = tl.exp2(m - mu)
-        lsum = lsum * a + tl.sum(ls * w, 0)
-        o = o * a + tl.sum(po * w[:, None], 0)
-        mx = mn
+        mx, lsum, o = _lse_fold(mx, lsum, o, m, ls, po)
     o = o / tl.where(lsum > 0, lsum, 1.0)
     tl.store(O + b.to(tl.int64) * so_b + (hk * G + h) * so_h + d, o.to(O.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
+def _lse_fold(mx, lsum, o, m, ls, po):
+    """One chunk of split partials folded into a running combine (base-2 log-sum-exp): m (S,) the splits' maxima, ls
+    (S,) their exp-sums, po (S, BD) their unnormalised outputs; (mx, lsum, o (BD,)) the running ones -> the new three.
+    A chunk with no key (all -inf) leaves them as they were. Shared by the decode and the tree-verify combines."""
+    mn = tl.maximum(mx, tl.max(m, 0))
+    mu = tl.where(mn == float('-inf'), 0.0, mn)
+    a = tl.exp2(mx - mu)
+    w = tl.exp2(m - mu)
+    return mn, lsum * a + tl.sum(ls * w, 0), o * a + tl.sum(po * w[:, None], 0)
 
 
 # %% ../../nbs/11_sparse_kernels.ipynb #0f7aebc5
