@@ -99,7 +99,8 @@ def _pack_linear(m: nn.Linear, quant: str, group_size: int = 128) -> nn.Module:
 
 # %% ../nbs/80_engine.ipynb #74ef9f52
 class Engine:
-    """Generation engine over a `MiniCPM4ForCausalLM`: one static KV allocation of `max_batch x max_len`, chunked
+    """Generation engine over a `MiniCPM4ForCausalLM`: one static KV allocation of `max_batch x max_len` (a pool that
+    the batch-1 and batched static decoders share: they never run at once, each generation prefills its rows), chunked
     prefill (only the last position reaches the LM head), decode through `StaticDecoder` (batch 1) or
     `BatchStaticDecoder` (batch > 1, rows of any lengths; CUDA graphs on CUDA) when the model allows it, InfLLM v2 targets
     past dense_len through `StaticSparseDecoder` (batch 1: a dense graph below dense_len, sparse graphs after) or, with
@@ -160,6 +161,7 @@ class Engine:
         self._batch = None      # BatchStaticDecoder of the last batch size > 1 (one graph), built on first use
         self._sparse_dec = None # StaticSparseDecoder (InfLLM v2 past dense_len, batch 1), built on first use
         self._bsparse = None    # BatchStaticSparseDecoder (InfLLM v2 past dense_len, batch > 1, batch_sparse='static')
+        self._kv_pool = None    # (layers, max_batch, max_len, 2*Hkv, Dh) when max_batch > 1: the static decoders' K/V
         if backend == 'static':
             why = self.static_refusal(1)
             if why: raise ValueError(f"backend='static' is not possible: {why}")
@@ -406,26 +408,43 @@ Engine._prompts = _prompts
 # %% ../nbs/80_engine.ipynb #df47201b
 def _static_decoder(self: Engine, B: int):
     """The static decoder `generate` uses for B rows, built on first use: StaticSparseDecoder / StaticDecoder at batch 1,
-    BatchStaticSparseDecoder / BatchStaticDecoder for B > 1 (rebuilt for a new B, the previous one freed first)."""
+    BatchStaticSparseDecoder / BatchStaticDecoder for B > 1 (rebuilt for a new B, the previous one freed first). Their
+    K/V buffers are views of one pool (`_kv_rows`) when max_batch > 1."""
     if B == 1 and self.sparse_static():
-        if self._sparse_dec is None: self._sparse_dec = StaticSparseDecoder(self.model, self.max_len, graphs=self.graphs)
+        if self._sparse_dec is None:
+            self._sparse_dec = StaticSparseDecoder(self.model, self.max_len, graphs=self.graphs, kv=self._kv_rows(1))
         return self._sparse_dec
     if B == 1:
         if self._static is None:
             self._static = StaticDecoder(self.model, self.max_len, graphs=self.graphs, dense=self.sparse == 'dense',
                                          length_mode=self.length_mode, min_bucket=self.min_bucket,
-                                         decode_kernel=self.decode_kernel)
+                                         decode_kernel=self.decode_kernel, kv=self._kv_rows(1))
         return self._static
     if self.sparse_static():
         if self._bsparse is None or self._bsparse.B != B:
             self._bsparse = None                              # free the previous size's buffers first
-            self._bsparse = BatchStaticSparseDecoder(self.model, self.max_len, B, graphs=self.graphs)
+            self._bsparse = BatchStaticSparseDecoder(self.model, self.max_len, B, graphs=self.graphs, kv=self._kv_rows(B))
         return self._bsparse
     if self._batch is None or self._batch.B != B:
         self._batch = None
         self._batch = BatchStaticDecoder(self.model, self.max_len, B, graphs=self.graphs, dense=self.sparse == 'dense',
-                                         decode_kernel=self.decode_kernel)
+                                         decode_kernel=self.decode_kernel, kv=self._kv_rows(B))
     return self._batch
+
+
+def _kv_rows(self: Engine, B: int) -> torch.Tensor | None:
+    """The K/V buffer of a static decoder of B rows: with max_batch > 1, a view of one pool of max_batch rows (B = 1:
+    row 0 as (layers, max_len, 2*Hkv, Dh); else rows :B), allocated on first use, so a batch-1 and a batched decoder
+    do not each hold their own (8B at 128K, max_batch 4: 16 GiB instead of 20). None with max_batch 1: the decoder
+    allocates its own. Sharing is safe because decoders never run at once and each generation prefills its rows."""
+    if self.max_batch == 1: return None
+    if self._kv_pool is None:
+        c, m = self.config, self.model
+        self._kv_pool = torch.zeros(c.num_hidden_layers, self.max_batch, self.max_len, 2 * c.num_key_value_heads,
+                                    c.head_dim, device=m.device, dtype=m.dtype)
+    return self._kv_pool[:, 0] if B == 1 else self._kv_pool[:, :B]
+
+Engine._kv_rows = _kv_rows
 
 Engine._static_decoder = _static_decoder
 
@@ -590,14 +609,23 @@ def _bytes_once(tensors, seen: set) -> int:
     return n
 
 
+def _eager_kv_bytes(self: Engine) -> int:
+    "The eager path's K/V cache as sized (max_batch x max_len), allocated on that path's first use."
+    c = self.config
+    return 2 * c.num_hidden_layers * self.max_batch * self.max_len * c.num_key_value_heads * c.head_dim * \
+        self.model.dtype.itemsize
+
+
 def _memory(self: Engine) -> dict:
-    """Bytes held: weights (incl. packed buffers), the static KV buffer, the static stack's fused copies and buffer.
-    Each storage counts once, under the first of these it appears in (a dense q|k|v the model's weights view, with
-    `static_decode.SHARE_WEIGHTS`, counts as weights)."""
+    """Bytes held now: weights (incl. packed buffers), kv_cache (the eager path's cache once its first use allocated
+    it, else 0; `memory_plan` sizes it ahead), static_stack (the static decoders' K/V - one pool when max_batch > 1 -,
+    compressed keys and any fused weight copies), spec (an FR-Spec path's buffers and draft). Each storage counts once,
+    under the first of these it appears in (a dense q|k|v the model's weights view, with `static_decode.SHARE_WEIGHTS`,
+    counts as weights)."""
     m, seen = self.model, set()
     w = _bytes_once(list(m.parameters()) + list(m.buffers()), seen)
-    c = self.config    # the eager path's buffer as sized (allocated on its first use)
-    kv = 2 * c.num_hidden_layers * self.max_batch * self.max_len * c.num_key_value_heads * c.head_dim * m.dtype.itemsize
+    kv = 0 if self._cache is None else _bytes_once(
+        [t for l in self._cache.layers for t in (l.k, l.v, *l.state.values()) if isinstance(t, torch.Tensor)], seen)
     fused = lambda s: [t for p in s.p for k in ('wqkv', 'wgu') for t in _copies(p[k])]
     st = 0
     for d in (self._static, self._batch):
@@ -606,17 +634,21 @@ def _memory(self: Engine) -> dict:
         if d is not None:
             s = d.base.stack
             st += _bytes_once([s.kv, d.kc, *fused(s)] + ([d.ring] if d.ring is not None else []), seen)
-    sp = 0                        # a FastSpec / SparseFastSpec: its static target's buffers and the draft's stack
+    sp = 0        # a FastSpec / SparseFastSpec: its static target's buffers, the draft's weights, stack and head rows
     t = getattr(self.spec, 't', None)
     if t is not None:
         bufs = [t.stack.kv, *fused(t.stack)]
         sd = getattr(self.spec, 'sd', None)
         if sd is not None: bufs += [sd.kc] + ([sd.ring] if sd.ring is not None else [])
-        if self.spec.d is not None: bufs.append(self.spec.d.stack.kv)
+        d = self.spec.d
+        if d is not None:
+            bufs += [d.stack.kv, d.wfc, d.hn, d.en, d.head_w, d.norm_w]
+            bufs += [v for p in d.stack.p for v in p.values() if isinstance(v, torch.Tensor)]
         sp = _bytes_once(bufs, seen)
     return dict(weights=w, kv_cache=kv, static_stack=st, spec=sp, total=w + kv + st + sp)
 
 Engine.memory = _memory
+Engine._eager_kv_bytes = _eager_kv_bytes
 
 
 def meta_model(config: MiniCPM4Config, dtype, quant: str | None, group_size: int = 128) -> MiniCPM4ForCausalLM:
@@ -639,30 +671,42 @@ def meta_model(config: MiniCPM4Config, dtype, quant: str | None, group_size: int
 
 
 def memory_plan(config: MiniCPM4Config, max_len: int, *, max_batch: int = 1, dtype=torch.bfloat16, quant=None,
-                sparse='auto', batch_sparse: str = 'static', model=None) -> dict:
+                sparse='auto', batch_sparse: str = 'static', spec_vocab: int | None = None, spec_kw: dict | None = None,
+                model=None) -> dict:
     """The bytes an `Engine` with these settings holds once it has decoded one prompt and a batch of max_batch (what
     `Engine.memory` reports after those runs), worked out on the meta device: nothing is allocated, the 8B shape takes
     well under a second (a few seconds with quant: one real packing per linear shape). -> dict: weights (packed ones
-    included), static (the static decoders' K/V, compressed keys and fused weight copies), eager_kv (the eager path's
-    buffer, when a batch size takes that path), total, paths ({batch: 'static' | 'eager'}). Not included: activations,
-    CUDA graph pools and the allocator's slack (leave ~10%), and a spec draft. model: a `meta_model` of the same
-    config, dtype and quant, to reuse across calls (its packing is the slow part)."""
+    included), static (the static decoders' K/V, compressed keys and fused weight copies), spec (with spec_vocab: the
+    FR-Spec path's static target buffers, an `EagleDraft` of this config - weights, K/V - and its head's spec_vocab
+    rows; the engine then decodes batch 1 only, through it), eager_kv (the eager path's buffer, when a batch size
+    takes that path), total, paths ({batch: 'static' | 'eager' | 'spec'}). Not included: activations, CUDA graph pools
+    and the allocator's slack (leave ~10%). spec_kw: the engine's (tree shape, draft_window). model: a `meta_model` of
+    the same config, dtype and quant, to reuse across calls (its packing is the slow part)."""
+    spec = None
+    if spec_vocab is not None:
+        if not isinstance(spec_vocab, int) or isinstance(spec_vocab, bool) or not 1 <= spec_vocab <= config.vocab_size:
+            raise ValueError(f"spec_vocab must be None or an int in [1, {config.vocab_size}] (the draft head's ids), "
+                             f"got {spec_vocab!r}")
+        from minicpm4_core.frspec import EagleDraft
+        with torch.device('meta'): draft = EagleDraft(config).to(dtype)
+        spec = (draft, None if spec_vocab == config.vocab_size else torch.arange(spec_vocab, device='meta'))
     m = model if model is not None else meta_model(config, dtype, quant)
-    e = Engine(m, max_len, max_batch=max_batch, sparse=sparse, batch_sparse=batch_sparse, graphs=False)
-    paths = {}
-    for B in sorted({1, max_batch}):
+    e = Engine(m, max_len, max_batch=max_batch, sparse=sparse, batch_sparse=batch_sparse, graphs=False, spec=spec,
+               spec_kw=spec_kw)
+    paths = {1: 'spec'} if spec is not None else {}
+    for B in () if spec is not None else sorted({1, max_batch}):
         paths[B] = e.pick_backend(B)
         if paths[B] == 'static': e._static_decoder(B)
     mem = e.memory()
-    eager = mem['kv_cache'] if 'eager' in paths.values() else 0
-    return dict(weights=mem['weights'], static=mem['static_stack'], eager_kv=eager,
-                total=mem['weights'] + mem['static_stack'] + eager, paths=paths)
+    eager = e._eager_kv_bytes() if 'eager' in paths.values() else 0
+    return dict(weights=mem['weights'], static=mem['static_stack'], spec=mem['spec'], eager_kv=eager,
+                total=mem['weights'] + mem['static_stack'] + mem['spec'] + eager, paths=paths)
 
 
 def max_context(config: MiniCPM4Config, memory_bytes: float, *, step: int = 1024, reserve: float = 0.1, **plan_kw) -> int:
     """The longest max_len (a multiple of `step`, up to config.max_position_embeddings) whose `memory_plan` total fits in
     (1 - reserve) x memory_bytes, or 0 when not even `step` fits. plan_kw: `memory_plan`'s settings (max_batch, dtype,
-    quant, sparse, batch_sparse)."""
+    quant, sparse, batch_sparse, spec_vocab, spec_kw)."""
     if not memory_bytes > 0: raise ValueError(f"memory_bytes must be > 0, got {memory_bytes!r}")
     if not 0 <= reserve < 1: raise ValueError(f"reserve must be in [0, 1), got {reserve!r}")
     budget, fits = (1 - reserve) * memory_bytes, {}

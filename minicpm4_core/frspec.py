@@ -226,9 +226,11 @@ class DraftHead:
         V = target.config.vocab_size
         if ids is not None:
             ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-            if ids.numel() < 1 or int(ids.min()) < 0 or int(ids.max()) >= V:
-                raise ValueError(f"ids must be a non-empty set of token ids in [0, {V})")
-            if torch.unique(ids).numel() != ids.numel(): raise ValueError("ids must not repeat")
+            if ids.numel() < 1: raise ValueError(f"ids must be a non-empty set of token ids in [0, {V})")
+            if ids.device.type != 'meta':      # meta ids (shapes only: `engine.memory_plan`) have no values to check
+                if int(ids.min()) < 0 or int(ids.max()) >= V:
+                    raise ValueError(f"ids must be a non-empty set of token ids in [0, {V})")
+                if torch.unique(ids).numel() != ids.numel(): raise ValueError("ids must not repeat")
         self.ids = None if ids is None else ids.to(target.device)
         self._w, self._key = None, None
 

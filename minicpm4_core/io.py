@@ -26,7 +26,7 @@ from pathlib import Path
 __all__ = ['MANIFEST', 'IntegrityError', 'fsync_dir', 'remove_stale_siblings', 'atomic_path', 'atomic_write_bytes',
            'atomic_write_text', 'atomic_write_json', 'deferred_sigint', 'recover_folder', 'atomic_folder',
            'sha256_file', 'write_manifest', 'read_json', 'verify_manifest', 'safe_torch_load', 'load_safetensors_file',
-           'save_safetensors_file', 'load_safetensors_folder', 'read_config', 'check_state_dict']
+           'save_safetensors_file', 'owned', 'load_safetensors_folder', 'read_config', 'check_state_dict']
 
 # %% ../nbs/05_io.ipynb #67b3219d
 class IntegrityError(ValueError):
@@ -291,6 +291,14 @@ def save_safetensors_file(tensors: dict, path, metadata: dict | None = None) -> 
         if type(e).__name__ != 'SafetensorError' or not m: raise
         raise OSError(int(m.group(2)), f"{m.group(1)} while writing {path}") from e
     return path
+
+
+def owned(t):
+    """`t` as a contiguous tensor that owns its storage, for safetensors (which refuses tensors sharing memory): itself
+    when it does, else a compact copy - e.g. a weight that is a view of the engine's fused q|k|v buffer
+    (`static_decode.SHARE_WEIGHTS`)."""
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 # %% ../nbs/05_io.ipynb #de8079f3
 def load_safetensors_folder(path, device='cpu') -> dict:

@@ -483,9 +483,9 @@ def save_pretrained(model: MiniCPM4ForCausalLM, path, max_shard_size: int | str 
     from minicpm4_core.io import atomic_folder, save_safetensors_file
     path = Path(path)
     cfg = model.config
-    sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    from minicpm4_core.io import owned
     # a weight that views a bigger buffer (the engine's fused q|k|v, `static_decode.SHARE_WEIGHTS`) is written alone
-    sd = {k: v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v for k, v in sd.items()}
+    sd = {k: owned(v.detach().to(dtype or v.dtype).cpu()) for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings: sd.pop('lm_head.weight', None)
     limit = _parse_size(max_shard_size)
     shards, cur, size = [], {}, 0

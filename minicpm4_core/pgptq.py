@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .kernels.w4a16 import pack_int4, unpack_int4, resolve_group_size, w4a16_matmul
 from .checks import check_ids
 from .io import (IntegrityError, atomic_folder, atomic_write_json, check_state_dict,
-                              load_safetensors_file, save_safetensors_file,
+                              load_safetensors_file, owned, save_safetensors_file,
                               read_config, read_json, verify_manifest, write_manifest)
 
 # %% auto #0
@@ -547,7 +547,7 @@ def save_quantized(model: nn.Module, path) -> Path:
         key = (v.data_ptr(), tuple(v.shape))
         if key in seen and k == 'lm_head.weight': continue       # tied to the embedding
         seen.add(key)
-        sd[k] = v.detach().contiguous().cpu()
+        sd[k] = owned(v.detach().cpu())      # a packed buffer the engine shares (a column view) is written alone
     with atomic_folder(path) as tmp:
         save_safetensors_file(sd, tmp / 'model.safetensors', metadata={'format': 'pt', 'quantization': 'w4a16'})
         model.config.save_pretrained(tmp)

@@ -35,14 +35,18 @@ def _packed(m) -> bool:
 
 
 FUSE_PACKED = True   # prep_layer: one packed module for w4a16 q|k|v and gate|up (False: one GEMV each; an A/B switch)
-SHARE_WEIGHTS = True # prep_layer: a dense q|k|v (gate|up) is stored once - the model's weights become views of the
-                     # fused tensor - instead of beside a copy (8B bf16: 9.25 GiB less; False: the copy, as before)
+SHARE_WEIGHTS = True # prep_layer: q|k|v (gate|up) is stored once - the model's weights (dense) or packed buffers (w4a16)
+                     # become views of the fused tensor - instead of beside a copy (8B: 9.25 GiB less in bf16, 2.4 GiB
+                     # in w4a16; False: the copy, as before)
 
 
 def fuse_packed(ms) -> torch.nn.Module | None:
     """One w4a16 `QuantLinear` whose outputs are the concatenated outputs of `ms` (same input, group size, bits, no
-    act-order permutation): its packed buffers are concatenated along N (a copy), so q|k|v and gate|up each cost one
-    GEMV instead of three / two plus a concatenation. None when `ms` cannot be fused (ternary, mixed settings)."""
+    act-order permutation), so q|k|v and gate|up each cost one GEMV instead of three / two plus a concatenation. Its
+    packed buffers (qweight (K/8, N), scales (K/G, N), qzeros (K/G, N/8)) are those of `ms` side by side along N: a
+    view when they already lie so in one buffer (an earlier fusion shared them), else a new buffer, and with
+    SHARE_WEIGHTS the modules' buffers become column views of it (row stride N: the kernels take row strides), so the
+    packed weights are stored once. None when `ms` cannot be fused (ternary, mixed settings)."""
     from minicpm4_core.pgptq import QuantLinear
     a = ms[0]
     if not all(type(m) is QuantLinear and m.perm is None and (m.in_features, m.group_size, m.bits) ==
@@ -51,15 +55,38 @@ def fuse_packed(ms) -> torch.nn.Module | None:
     torch.nn.Module.__init__(new)
     new.in_features, new.out_features = a.in_features, sum(m.out_features for m in ms)
     new.bits, new.group_size = a.bits, a.group_size
-    for k in ('qweight', 'scales', 'qzeros'): new.register_buffer(k, torch.cat([getattr(m, k) for m in ms], 1))
+    keys = ('qweight', 'scales', 'qzeros')
+    views = [_side_by_side([getattr(m, k) for m in ms]) for k in keys]
+    shared = all(v is not None for v in views)
+    for k, v in zip(keys, views): new.register_buffer(k, v if shared else torch.cat([getattr(m, k) for m in ms], 1))
     new.register_buffer('perm', None)
-    new._fused_copy = True                    # a copy: `refresh` rewrites it (the model's own modules need nothing)
+    if not shared and SHARE_WEIGHTS:
+        for k in keys:
+            a0, fused = 0, getattr(new, k)
+            for m in ms:
+                w = getattr(m, k).shape[1]
+                setattr(m, k, fused[:, a0:a0 + w]); a0 += w       # a registered buffer's name: the view replaces it
+    new._fused_copy = not (shared or SHARE_WEIGHTS)   # a copy: `refresh` rewrites it (a shared one is the model's)
     return new
+
+
+def _side_by_side(ts) -> torch.Tensor | None:
+    """2-D tensors ts (R, n_i) that are consecutive column ranges of one row-major buffer (row stride S): the view
+    (R, sum n_i) of that buffer over them; else None (separate tensors, or not in order)."""
+    t0 = ts[0]
+    if not all(t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == t0.stride(0) and t.shape[0] == t0.shape[0]
+               and t.dtype == t0.dtype and t.device == t0.device
+               and t.untyped_storage()._cdata == t0.untyped_storage()._cdata for t in ts): return None
+    if len(ts) < 2 or not all(x.storage_offset() + x.shape[1] == y.storage_offset() for x, y in zip(ts, ts[1:])):
+        return None
+    W = sum(t.shape[1] for t in ts)
+    if t0.shape[0] > 1 and W > t0.stride(0): return None
+    return t0.as_strided((t0.shape[0], W), (t0.stride(0), 1), t0.storage_offset())
 
 
 def prep_layer(layer: MiniCPM4DecoderLayer) -> dict:
     """The weights of one decoder layer for `layer_step`: norms, fused wqkv (q|k|v rows), wo, fused wgu, wdown, scale.
-    Packed linears: w4a16 q|k|v and gate|up become one packed copy each (`fuse_packed`, while FUSE_PACKED); others
+    Packed linears: w4a16 q|k|v and gate|up become one packed module each (`fuse_packed`, while FUSE_PACKED); others
     (ternary) stay modules called one by one: wqkv -> (q, k, v), wgu -> (gate, up); wo / wdown are the model's own."""
     a, m = layer.self_attn, layer.mlp
     def fuse(*ms):
@@ -253,9 +280,11 @@ class StaticStack:
     (`layer_step_gemv`: Triton GEMVs with the chains fused in, for one-row steps with dense weights, else 'triton'),
     'triton' (`layer_step_fused`: cuBLAS GEMVs, fused Triton kernels between), 'compile' (that structure, torch ops
     through torch.compile), 'torch' (that structure, plain torch ops) or 'off' (`layer_step`).
-    Kept as `self.fused` (None for 'off'); it may be changed later."""
+    Kept as `self.fused` (None for 'off'); it may be changed later.
+    kv: an existing buffer to use instead of allocating one (that shape and dtype, each layer's kv[l] contiguous): a
+    view of the `Engine`'s pool, which its batch-1 and batched decoders share."""
     def __init__(self, layers, config: MiniCPM4Config, max_len: int, device, dtype, decode_kernel: str = 'auto',
-                 batch: int | None = None, fused: str = 'auto'):
+                 batch: int | None = None, fused: str = 'auto', kv: torch.Tensor | None = None):
         check_static_support(config, max_len)
         if decode_kernel not in ('auto', 'dense_decode', 'sdpa'):
             raise ValueError(f"decode_kernel must be 'auto', 'dense_decode' or 'sdpa', got {decode_kernel!r}")
@@ -264,7 +293,13 @@ class StaticStack:
         self.p = [prep_layer(l) for l in layers]
         self.Hq, self.Hkv, self.Dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         rows = () if batch is None else (batch,)
-        self.kv = torch.zeros(len(layers), *rows, max_len, 2 * self.Hkv, self.Dh, device=device, dtype=dtype)
+        shape = (len(layers), *rows, max_len, 2 * self.Hkv, self.Dh)
+        if kv is None: kv = torch.zeros(shape, device=device, dtype=dtype)
+        elif (tuple(kv.shape) != shape or kv.dtype != dtype or kv.device.type != torch.device(device).type
+              or not all(kv[l].is_contiguous() for l in range(len(layers)))):
+            raise ValueError(f"kv must be a {dtype} buffer of shape {shape} on {device}, each layer contiguous; got "
+                             f"{kv.dtype} {tuple(kv.shape)} on {kv.device}")
+        self.kv = kv
         cos, sin = rope_cos_sin(config, torch.arange(max_len, device=device), seq_len=max_len)
         h = self.Dh // 2
         self.cos, self.sin = cos.to(dtype), torch.cat([-sin[:, :h], sin[:, h:]], -1).to(dtype)
@@ -361,10 +396,10 @@ class StaticDecoder:
     InfLLM v2 model at any length (what `Engine(sparse='dense')` asks for); otherwise the model's config must allow it.
     The model's weights are shared, not copied (q/k/v and gate/up are fused copies; packed w4a16 / ternary linears
     are called as modules); eval mode, no gradients. fused: `StaticStack`'s ('auto': Triton GEMVs and fused kernels
-    between them on CUDA, torch ops on the CPU)."""
+    between them on CUDA, torch ops on the CPU). kv: `StaticStack`'s (a buffer to use instead of a new one)."""
     def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, graphs: bool | None = None,
                  length_mode: str = 'static', min_bucket: int = 256, dense: bool = False,
-                 decode_kernel: str = 'auto', fused: str = 'auto'):
+                 decode_kernel: str = 'auto', fused: str = 'auto', kv: torch.Tensor | None = None):
         if not isinstance(model, MiniCPM4ForCausalLM):
             raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
         self.buckets = bucket_sizes(max_len, length_mode, min_bucket)       # validates the three arguments
@@ -373,7 +408,7 @@ class StaticDecoder:
         self.model, self.config, self.max_len = model, c, max_len
         sc = replace(c, sparse_config=None) if dense else c                   # the stack's attention is dense
         self.stack = StaticStack(model.model.layers, sc, max_len, model.device, model.dtype, decode_kernel,
-                                 fused=fused)
+                                 fused=fused, kv=kv)
         self.embed_w, self.scale_emb = model.model.embed_tokens.weight.detach(), c.scale_emb
         self.norm_w, self.eps = (model.model.norm.weight / c.logit_scale).detach(), model.model.norm.eps
         self.head_w = model.lm_head.weight.detach()
@@ -550,17 +585,17 @@ def batch_attend(q, kv, mask, span: int | None, seqlens, *, B: int, split: bool)
 class BatchStaticDecoder:
     """Static-shape decoding of B sequences at once (different lengths): prefill(b, ids) per row, step(tokens (B,)),
     captured in one CUDA graph on CUDA. The weights/RoPE tables are a `StaticStack`'s; the KV buffer is
-    (layers, B, max_len, 2*Hkv, Dh). decode_kernel, fused: as `StaticStack` ('auto': dense_decode and the fused kernels
-    on CUDA)."""
+    (layers, B, max_len, 2*Hkv, Dh). decode_kernel, fused, kv: as `StaticStack` ('auto': dense_decode and the fused
+    kernels on CUDA; kv: a buffer to use instead of a new one)."""
     def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, batch: int, *, graphs: bool | None = None,
-                 dense: bool = False, decode_kernel: str = 'auto', fused: str = 'auto'):
+                 dense: bool = False, decode_kernel: str = 'auto', fused: str = 'auto', kv: torch.Tensor | None = None):
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ValueError(f"batch must be an int >= 1, got {batch!r}")
         if not isinstance(model, MiniCPM4ForCausalLM):
             raise ValueError(f"model must be a MiniCPM4ForCausalLM, got {type(model).__name__}")
         c, dev = model.config, model.device
         sc = replace(c, sparse_config=None) if dense else c
-        self.stack = StaticStack(model.model.layers, sc, max_len, dev, model.dtype, decode_kernel, batch, fused)
+        self.stack = StaticStack(model.model.layers, sc, max_len, dev, model.dtype, decode_kernel, batch, fused, kv)
         self.embed_w, self.scale_emb = model.model.embed_tokens.weight.detach(), c.scale_emb
         self.norm_w, self.eps = (model.model.norm.weight / c.logit_scale).detach(), model.model.norm.eps
         self.head_w, self.H = model.lm_head.weight.detach(), c.hidden_size

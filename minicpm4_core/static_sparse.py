@@ -104,10 +104,11 @@ class StaticSparseDecoder:
     """Static-shape cached decoding of an InfLLM v2 `MiniCPM4ForCausalLM` (batch 1): prefill(ids), step(token),
     generate(prompt, n), load_cache(cache). max_len: KV slots. graphs: capture the steps in CUDA graphs (default: on
     CUDA): dense or sparse x with or without the kc update, each captured on first use. lse_approx is not supported (the decode
-    kernels compute the exact scores)."""
-    def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, graphs: bool | None = None):
+    kernels compute the exact scores). kv: the K/V buffer to use (`StaticStack`'s), else a new one."""
+    def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, *, graphs: bool | None = None,
+                 kv: torch.Tensor | None = None):
         self.st = _checked_settings(model)
-        self.base = b = StaticDecoder(model, max_len, graphs=False, dense=True)   # validates max_len
+        self.base = b = StaticDecoder(model, max_len, graphs=False, dense=True, kv=kv)   # validates max_len
         _sparse_state(self, model, max_len, b.stack, None, graphs)
         self.seq = torch.zeros(1, dtype=torch.int32, device=self.dev)         # keys the current step sees
         self._graphs: dict = {}                   # (sparse, update) -> CUDA graph
@@ -334,12 +335,14 @@ class BatchStaticSparseDecoder:
     (packed w4a16 / ternary linears included); kc (layers, B, NCmax, Hkv, Dh) and the use_nope ring (layers, B, R, Hkv,
     Dh) are this class's. A step is 'dense', 'sparse' or 'mixed' (rows on both sides: both attentions, each row keeps
     its own) x the compression update or not, picked on the host from the lengths. graphs: each variant a CUDA graph,
-    captured on first use (default: on CUDA; `capture_all` captures every reachable one). lse_approx not supported."""
+    captured on first use (default: on CUDA; `capture_all` captures every reachable one). lse_approx not supported.
+    kv: the K/V buffer to use (`StaticStack`'s), else a new one."""
     is_sparse, completes_kernel = StaticSparseDecoder.is_sparse, StaticSparseDecoder.completes_kernel
 
-    def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, batch: int, *, graphs: bool | None = None):
+    def __init__(self, model: MiniCPM4ForCausalLM, max_len: int, batch: int, *, graphs: bool | None = None,
+                 kv: torch.Tensor | None = None):
         self.st = _checked_settings(model)
-        self.base = b = BatchStaticDecoder(model, max_len, batch, graphs=False, dense=True)  # validates max_len, batch
+        self.base = b = BatchStaticDecoder(model, max_len, batch, graphs=False, dense=True, kv=kv)  # validates max_len, batch
         _sparse_state(self, model, max_len, b.stack, batch, graphs)
         self.B = batch
         self._ring_base = torch.arange(batch, device=self.dev) * self.R      # row b's first ring slot (flat view)

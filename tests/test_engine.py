@@ -157,12 +157,16 @@ def test_memory_is_sized_from_max_len():
     m = model_of(0)
     c = m.config
     eng = Engine(m, 80, max_batch=2)
-    assert eng.memory()['kv_cache'] == 2 * c.num_hidden_layers * 2 * 80 * c.num_key_value_heads * c.head_dim * 4
+    sized = 2 * c.num_hidden_layers * 2 * 80 * c.num_key_value_heads * c.head_dim * 4
+    assert eng._eager_kv_bytes() == sized and eng.memory()['kv_cache'] == 0
     assert eng._cache is None                                          # sized, allocated on the eager path's first use
     eng.generate([[1, 2], [3, 4]], 2)                                  # batch 2: the batched static stack
     assert eng._cache is None and eng._batch.stack.kv.shape == (c.num_hidden_layers, 2, 80, 2 * c.num_key_value_heads,
                                                                 c.head_dim)
     assert eng.memory()['static_stack'] >= eng._batch.stack.kv.numel() * 4
+    eager = Engine(m, 80, max_batch=2, backend='eager')
+    assert eager.generate([[1, 2], [3, 4]], 2) == eng.generate([[1, 2], [3, 4]], 2)
+    assert eager._cache is not None and eager.memory()['kv_cache'] == sized     # held once the eager path ran
     eng.backend = 'eager'
     eng.generate([[1, 2], [3, 4]], 2)
     assert eng._cache.layers[0].k.shape == (2, 80, c.num_key_value_heads, c.head_dim)
@@ -665,9 +669,11 @@ def test_fused_packed_linears(torch_kernels):
     torch.testing.assert_close(d1.stack.p[0]['wqkv'](x)[:, 64:96], a.k_proj(x))
     eng = Engine(m, 40)
     eng.generate([ids], 3, stop_ids=[])
-    fused = sum(b.numel() * b.element_size() for p in eng._static.stack.p for k in ('wqkv', 'wgu')
-                for b in p[k].buffers() if b is not None)
-    assert eng.memory()['static_stack'] >= fused > 0                    # the fused copies are counted
+    # SHARE_WEIGHTS: the fused buffers are the model's own (column views of them), so no copy is counted beside the K/V
+    own = {b.untyped_storage()._cdata for b in m.buffers() if b is not None}
+    assert all(b.untyped_storage()._cdata in own for p in eng._static.stack.p for k in ('wqkv', 'wgu')
+               for b in p[k].buffers() if b is not None)
+    assert eng.memory()['static_stack'] == eng._static.stack.kv.numel() * eng._static.stack.kv.element_size()
 
 
 def test_edge_grid_budget_and_prefill_rows():
@@ -799,6 +805,30 @@ def test_memory_plan_equals_what_the_engine_holds(sparse, quant, torch_kernels):
     with pytest.raises(ValueError, match='quant must be'): memory_plan(cfg, 96, quant='int8')
 
 
+@pytest.mark.parametrize('sparse,quant', [(False, None), (False, 'w4a16'), (True, None), (True, 'ternary')])
+def test_memory_plan_with_a_spec_draft(sparse, quant, torch_kernels):
+    """`memory_plan(spec_vocab=k)` == `Engine.memory` of a real FR-Spec engine (FastSpec, or SparseFastSpec past
+    dense_len) after a generation, byte for byte: the static target, the draft's weights / K/V and its head's k rows;
+    the full head (k = vocab) adds no rows; bad spec_vocab named."""
+    from minicpm4_core.engine import memory_plan
+    from minicpm4_core.frspec import EagleDraft
+    cfg = MiniCPM4Config.tiny(**{**TINY, 'max_position_embeddings': 512}, sparse_config=SPARSE if sparse else None)
+    kw = dict(depth=1, topk=3, tree_size=3) if sparse else dict(depth=3, topk=3, tree_size=8)  # static sparse: depth < stride
+    torch.manual_seed(1)
+    m = MiniCPM4ForCausalLM(cfg).eval()
+    e = Engine(m, 96, quant=quant, spec=(EagleDraft(cfg).eval(), torch.arange(5, 45)), spec_kw=kw)
+    e.generate(prompts_of(5, (30,)), 6, stop_ids=[])
+    mem = e.memory()
+    plan = memory_plan(cfg, 96, dtype=torch.float32, quant=quant, spec_vocab=40, spec_kw=kw)
+    assert type(e.spec).__name__ == ('SparseFastSpec' if sparse else 'FastSpec') and plan['paths'] == {1: 'spec'}
+    assert (plan['weights'], plan['static'], plan['spec']) == (mem['weights'], mem['static_stack'], mem['spec'])
+    assert plan['total'] == plan['weights'] + plan['spec'] and plan['spec'] > e.spec.t.stack.kv.untyped_storage().nbytes()
+    full = memory_plan(cfg, 96, dtype=torch.float32, quant=quant, spec_vocab=cfg.vocab_size, spec_kw=kw)
+    assert full['spec'] == plan['spec'] - 40 * cfg.hidden_size * 4    # the full head is the target's own (no gathered rows)
+    for bad in (0, cfg.vocab_size + 1, 2.5, True):
+        with pytest.raises(ValueError, match='spec_vocab must be'): memory_plan(cfg, 96, spec_vocab=bad)
+
+
 def test_fused_weights_are_stored_once(tmp_path, monkeypatch):
     """SHARE_WEIGHTS: the static stacks' dense q|k|v and gate|up are the model's weights (views of one buffer, shared by
     every decoder), counted once by `memory`; an in-place update of a weight reaches the engine with no refresh;
@@ -816,7 +846,7 @@ def test_fused_weights_are_stored_once(tmp_path, monkeypatch):
     q = a.q_proj.weight
     assert a.k_proj.weight.data_ptr() == q.data_ptr() + q.numel() * q.element_size()      # back to back
     mem = eng.memory()
-    assert mem['static_stack'] == sum(d.stack.kv.numel() * d.stack.kv.element_size() for d in (eng._static, eng._batch))
+    assert mem['static_stack'] == eng._kv_pool.numel() * eng._kv_pool.element_size()     # the decoders' one K/V pool
     with torch.no_grad(): a.k_proj.weight.mul_(1.5); mlp.up_proj.weight.add_(0.05)   # as an optimizer step would
     assert eng.generate(ps[:1], 6, stop_ids=[]) == m.generate(ps[:1], 6, stop_ids=[], fast=False)
     assert m.generate(ps[:1], 5, stop_ids=[], fast=True) == m.generate(ps[:1], 5, stop_ids=[], fast=False)
@@ -833,6 +863,75 @@ def test_fused_weights_are_stored_once(tmp_path, monkeypatch):
     e3.generate(ps[:1], 3, stop_ids=[])
     assert e3._static.stack.p[0]['wqkv'].data_ptr() != m3.model.layers[0].self_attn.q_proj.weight.data_ptr()
     assert e3.memory()['static_stack'] > e3._static.stack.kv.numel() * e3._static.stack.kv.element_size()
+
+
+def test_packed_weights_are_stored_once(tmp_path, torch_kernels, monkeypatch):
+    """SHARE_WEIGHTS with w4a16: the model's q|k|v and gate|up packed buffers become column views of the static stack's
+    fused modules (one storage, counted once by `memory` and by `memory_plan`); a later batched decoder takes a view of
+    the same buffers; the engine still gives the model's own tokens; the quantized model saves (each view written
+    alone) and loads. SHARE_WEIGHTS off: a fused copy beside the model's buffers, as before."""
+    import minicpm4_core.static_decode as SD
+    from minicpm4_core.engine import memory_plan
+    from minicpm4_core.pgptq import load_quantized, quantize_model, save_quantized
+    ps = prompts_of(47, (19, 11))
+    calib = torch.tensor([ps[0][:16], ps[0][3:19]])
+    m, _ = quantize_model(model_of(46), calib, method='rtn', group_size=-1, progress=False)
+    ref = m.generate(ps[:1], 5, stop_ids=[], fast=False)
+    a, mlp = m.model.layers[1].self_attn, m.model.layers[1].mlp
+    qbytes = a.q_proj.qweight.untyped_storage().nbytes()
+    eng = Engine(m, 48, max_batch=2)
+    assert eng.generate(ps[:1], 5, stop_ids=[]) == ref
+    eng.generate(ps, 4, stop_ids=[])
+    for d in (eng._static, eng._batch):
+        f = d.stack.p[1]['wqkv']
+        assert not f._fused_copy and f.qweight.data_ptr() == a.q_proj.qweight.data_ptr()
+        assert d.stack.p[1]['wgu'].scales.data_ptr() == mlp.gate_proj.scales.data_ptr()
+    q, k = a.q_proj.qweight, a.k_proj.qweight
+    assert q.stride(0) == f.out_features and k.data_ptr() == q.data_ptr() + q.shape[1] * q.element_size()
+    assert q.untyped_storage().nbytes() > qbytes                        # q|k|v's storage, not q's alone
+    mem = eng.memory()
+    assert mem['static_stack'] == eng._kv_pool.numel() * eng._kv_pool.element_size()
+    plan = memory_plan(m.config, 48, max_batch=2, dtype=torch.float32, quant='w4a16')
+    assert plan['weights'] == mem['weights'] and plan['static'] == mem['static_stack']
+    assert m.generate(ps[:1], 5, stop_ids=[], fast=False) == ref         # the model's own layers on the views
+    save_quantized(m, tmp_path / 'q')
+    m2 = load_quantized(tmp_path / 'q')
+    assert all(torch.equal(x, y) for x, y in zip(m.state_dict().values(), m2.state_dict().values()))
+    assert m2.model.layers[1].self_attn.q_proj.qweight.is_contiguous()
+    assert Engine(m2, 48).generate(ps[:1], 5, stop_ids=[]) == ref
+    monkeypatch.setattr(SD, 'SHARE_WEIGHTS', False)
+    m3, _ = quantize_model(model_of(46), calib, method='rtn', group_size=-1, progress=False)
+    e3 = Engine(m3, 48)
+    assert e3.generate(ps[:1], 5, stop_ids=[]) == ref
+    assert e3._static.stack.p[1]['wqkv']._fused_copy
+    assert e3.memory()['static_stack'] > e3._static.stack.kv.numel() * e3._static.stack.kv.element_size()
+
+
+@pytest.mark.parametrize('sparse', [False, True])
+def test_static_decoders_share_one_kv_pool(sparse):
+    """max_batch > 1: the batch-1 and the batched static decoders (StaticDecoder / BatchStaticDecoder, or the InfLLM v2
+    ones past dense_len) take their K/V from one pool of max_batch rows, counted once; alternating batch sizes (1, 3, 2,
+    1) still gives the model's own tokens each time (each generation prefills its rows anew); max_batch 1: no pool.
+    A buffer of the wrong shape is refused, naming kv."""
+    from dataclasses import replace
+    from minicpm4_core.static_decode import StaticStack
+    m = model_of(48 + sparse, sparse_config=SPARSE if sparse else None)
+    ps = prompts_of(49, (30, 21, 19))
+    eng = Engine(m, 48, max_batch=3)
+    for rows in (ps[:1], ps, ps[1:], ps[2:]):
+        assert eng.generate(rows, 6, stop_ids=[]) == m.generate(rows, 6, stop_ids=[], fast=False), len(rows)
+    one, many = (eng._sparse_dec, eng._bsparse) if sparse else (eng._static, eng._batch)
+    kv1, kvb = (d.base.stack.kv if sparse else d.stack.kv for d in (one, many))
+    pool = eng._kv_pool
+    assert pool.shape[:3] == (2, 3, 48) and many.B == 2
+    assert kv1.data_ptr() == kvb.data_ptr() == pool.data_ptr() and kv1.untyped_storage()._cdata == pool.untyped_storage()._cdata
+    kc = sum(d.kc.untyped_storage().nbytes() + (d.ring.untyped_storage().nbytes() if d.ring is not None else 0)
+             for d in (one, many)) if sparse else 0
+    assert eng.memory()['static_stack'] == pool.untyped_storage().nbytes() + kc
+    solo = Engine(m, 48)
+    assert solo.generate(ps[:1], 6, stop_ids=[]) == eng.generate(ps[:1], 6, stop_ids=[]) and solo._kv_pool is None
+    with pytest.raises(ValueError, match='kv must be'):
+        StaticStack(m.model.layers, replace(m.config, sparse_config=None), 48, 'cpu', m.dtype, kv=torch.zeros(2, 40, 4, 16))
 
 
 def test_training_after_the_engine_shares_the_weights():

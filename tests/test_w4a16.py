@@ -547,3 +547,36 @@ def test_verify_rows_on_one_m_tile(monkeypatch, M):
                 assert torch.isfinite(y).all() and rel(y, ref64(x, qw, s, qz, G)) <= tol, (dtype, cfg)
     finally:
         default_config.cache_clear()
+
+
+# ---- column views: a q|k|v fused and shared by `static_decode.fuse_packed` (SHARE_WEIGHTS) ----
+
+VIEW_CONFIGS = [  # (M, config): every kernel family on a column slice of a wider buffer
+    (1, W4A16Config('gemv', 1, 32, 64, 2)),
+    (1, W4A16Config('gemv16', 1, 32, 64, 1)),
+    (1, W4A16Config('gemvtc', 1, 64, 64, 2)),
+    (1, W4A16Config('gemvs', 1, 256, 32, 3, 2, 2)),
+    (2, W4A16Config('gemvs', 1, 128, 32, 1, 1, 2)),
+    (1, W4A16Config('gemvu', 1, 64, 32, 1, 1, 2)),
+    (1, W4A16Config('gemvtu', 1, 64, 64, 1, 4, 1)),
+    (3, W4A16Config('gemm', 16, 32, 64, 2)),
+    (40, None),                                # the default from dequant_min_m rows: dequantize + matmul
+]
+
+
+@pytest.mark.parametrize("M,cfg", VIEW_CONFIGS)
+def test_column_views_of_a_wider_buffer(M, cfg):
+    """Packed buffers that are columns [64, 104) of a 128-column buffer (row stride 128, not 40) give exactly what
+    compact copies of the same columns give, with no copy of the weight made (the kernels read the row strides)."""
+    K, N, G, a, w = 256, 128, 64, 64, 40
+    qw, s, qz = random_w4(K, N, G, seed=M + 77)
+    views = qw[:, a:a + w], s[:, a:a + w], qz[:, a // 8:(a + w) // 8]
+    assert not views[0].is_contiguous() and views[0].stride(0) == N
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M + 5)).to(torch.bfloat16)
+    y_view = torch.full((M, w), float('nan'), dtype=torch.bfloat16)
+    kw = dict(backend='triton', config=cfg, dequant_min_m=32)
+    if cfg is None: assert default_config(M, w, K, G, dequant_min_m=32).kernel == 'dequant'
+    w4a16_matmul(x, *views, G, out=y_view, **kw)
+    y_copy = w4a16_matmul(x, *(t.contiguous() for t in views), G, **kw)
+    assert torch.isfinite(y_view).all() and torch.equal(y_view, y_copy)
+    assert rel(y_view, ref64(x, *views, G)) <= 1e-2

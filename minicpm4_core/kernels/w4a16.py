@@ -1062,11 +1062,17 @@ def _gemvs_launch(x2, x64, qweight, scales, qzeros, y, ws, lock, M, N, K, k_per_
                                         EVEN_N=N % cfg.block_n == 0, X64=x64, num_warps=cfg.num_warps, num_stages=1)
 
 
+def _unit_columns(*ts) -> tuple:
+    """The packed buffers as the kernels take them: rows of any stride (passed as arguments), columns at stride 1. A
+    column slice of a wider buffer (a q|k|v fused by `static_decode.fuse_packed` and shared) is used as it is, no copy."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
+
+
 def _dequant_launch(qweight, scales, qzeros, G: int, dtype, cfg: W4A16Config) -> torch.Tensor:
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     if G % cfg.block_k: raise ValueError(f"config.block_k={cfg.block_k} must divide group_size={G}")
     W = torch.empty((K, N), dtype=dtype, device=qweight.device)
-    qweight, scales, qzeros = qweight.contiguous(), scales.contiguous(), qzeros.contiguous()
+    qweight, scales, qzeros = _unit_columns(qweight, scales, qzeros)
     _w4_dequant_kernel[(K // cfg.block_k, triton.cdiv(N, cfg.block_n))](
         qweight, scales, qzeros, W, N, qweight.stride(0), scales.stride(0), qzeros.stride(0), W.stride(0), *_MAGIC,
         GROUP=G, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
@@ -1134,7 +1140,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    qweight, scales, qzeros = qweight.contiguous(), scales.contiguous(), qzeros.contiguous()
+    qweight, scales, qzeros = _unit_columns(qweight, scales, qzeros)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out.view(M, N)
     if M == 0:
