@@ -6,9 +6,10 @@ against float64 at the 8B shapes; (session 4) the static stack's one-token atten
 on the device, one graph) vs the masked SDPA, and packed w4a16 / ternary linears inside the CUDA graphs; (session 5)
 InfLLM v2 targets past dense_len through `StaticSparseDecoder` in the engine and in model.generate, batches in
 model.generate's fast path; (session 7) FR-Spec over an InfLLM v2 target past dense_len in CUDA graphs
-(`sparse_spec.SparseFastSpec`): graph == eager, agreement, and its cost at 16K on the 0.5B shape.
+(`sparse_spec.SparseFastSpec`): graph == eager, agreement, and its cost at 16K on the 0.5B shape; (session 11) the
+weights the engine shares with the model (dense and w4a16), W4A16 kernels on column views, memory_plan vs allocated.
 
-    PYTHONPATH=. python kernels/check_engine.py [--out results.json] [--parts agreement,session3,session4,session5,session6,session7]
+    PYTHONPATH=. python kernels/check_engine.py [--out results.json] [--parts agreement,session3,session4,session5,session6,session7,session11]
 """
 import argparse
 import json
@@ -445,12 +446,68 @@ def session7_checks(prompts, budget_s: float = 78.0, save=None) -> list[dict]:
     return out
 
 
+def session11_checks(prompts) -> list[dict]:
+    """Sessions 10-11 on CUDA: the weights the engine shares (SHARE_WEIGHTS, dense and w4a16: the model's q|k|v and
+    gate|up are views of the fused tensors), the W4A16 kernels on column views at the 8B q|k|v shape, and
+    `memory_plan` against what an engine really allocates."""
+    from minicpm4_core.engine import memory_plan
+    from minicpm4_core.frspec import EagleDraft
+    from minicpm4_core.kernels.w4a16 import random_w4, w4a16_matmul
+    out = []
+    run = _recorder(out)
+    def shared():
+        rows = []
+        for quant in (None, 'w4a16'):
+            m = model_of(False, torch.bfloat16)
+            eng = Engine(m, 1024, max_batch=3, quant=quant)
+            got = eng.generate(prompts, 64, stop_ids=[])
+            a, f = m.model.layers[0].self_attn, eng._static.stack.p[0]['wqkv'] if eng._static else None
+            if f is None: eng.generate(prompts[:1], 8, stop_ids=[]); f = eng._static.stack.p[0]['wqkv']
+            ptr = (a.q_proj.weight if quant is None else a.q_proj.qweight).data_ptr()
+            rows.append(dict(quant=quant, views=ptr == (f if quant is None else f.qweight).data_ptr(),
+                             agreement=agreement(got, m.generate(prompts, 64, stop_ids=[], fast=False))[0],
+                             static_stack_bytes=eng.memory()['static_stack']))
+        return dict(ok=all(r['views'] and r['agreement'] > 0.9 for r in rows), rows=rows)
+    def column_views():
+        rows = []
+        K, G, widths = 4096, 128, (4096, 256, 256)                 # the 8B q|k|v
+        qw, s, qz = random_w4(K, sum(widths), G, device='cuda', seed=3)
+        a = 0
+        for w in widths:
+            v = qw[:, a:a + w], s[:, a:a + w], qz[:, a // 8:(a + w) // 8]
+            for M in (1, 33, 2048):
+                x = torch.randn(M, K, device='cuda', dtype=torch.bfloat16)
+                y, yc = w4a16_matmul(x, *v, G), w4a16_matmul(x, *(t.contiguous() for t in v), G)
+                rows.append(dict(offset=a, width=w, M=M, equal=bool(torch.equal(y, yc)),
+                                 rel=float((y.float() - yc.float()).norm() / yc.float().norm())))
+            a += w
+        return dict(ok=all(r['rel'] < 1e-3 for r in rows), rows=rows)
+    def plan_vs_allocated():
+        rows = []
+        for quant, spec in ((None, False), ('w4a16', False), (None, True)):
+            m = model_of(False, torch.bfloat16)
+            if quant: Engine(m, 8, quant=quant)                    # pack first: weights are not what is measured
+            torch.cuda.synchronize(); base = torch.cuda.memory_allocated()
+            sp = (EagleDraft(m.config).to('cuda', torch.bfloat16).eval(), torch.arange(256, device='cuda')) if spec else None
+            eng = Engine(m, 1024, spec=sp, graphs=False)
+            eng.generate(prompts[:1], 8, stop_ids=[])
+            torch.cuda.synchronize(); held = torch.cuda.memory_allocated() - base
+            p = memory_plan(m.config, 1024, dtype=torch.bfloat16, quant=quant, spec_vocab=256 if spec else None)
+            rows.append(dict(quant=quant, spec=spec, plan=p['static'] + p['spec'], allocated=held))
+            del eng, m
+        return dict(ok=all(r['plan'] <= r['allocated'] <= 1.1 * r['plan'] + (4 << 20) for r in rows), rows=rows)
+    run('shared weights (bf16, dense and w4a16)', shared)
+    run('w4a16 column views == copies (8B q|k|v)', column_views)
+    run('memory_plan vs allocated', plan_vs_allocated)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(); ap.add_argument('--out', default=None)
     ap.add_argument('--parts', default='agreement,session3,session4,session5,session6', help='comma list of the parts to run')
     a = ap.parse_args()
     parts = set(a.parts.split(','))
-    known = {'agreement', 'session3', 'session4', 'session5', 'session6', 'session7'}
+    known = {'agreement', 'session3', 'session4', 'session5', 'session6', 'session7', 'session11'}
     if not parts <= known: ap.error(f"--parts: choose from {sorted(known)}; got {a.parts!r}")
     res = dict(env_stamp(torch.device('cuda')), rows=[], parts=sorted(parts))
     g = torch.Generator().manual_seed(1)
@@ -480,8 +537,9 @@ def main():
         res['session7'] = rows
         if a.out: open(a.out, 'w').write(json.dumps(res, indent=1, default=str))
     res['session7'] = extra7 = session7_checks(prompts, save=save7) if 'session7' in parts else []
-    for r in extra + extra4 + extra5 + extra6 + extra7: print(r, flush=True)
-    extra = extra + extra4 + extra5 + extra6 + extra7
+    res['session11'] = extra11 = session11_checks(prompts) if 'session11' in parts else []
+    for r in extra + extra4 + extra5 + extra6 + extra7 + extra11: print(r, flush=True)
+    extra = extra + extra4 + extra5 + extra6 + extra7 + extra11
     ok = all('error' not in r and (r['dtype'] != 'torch.float32' or r['token_agreement'] == 1.0) for r in res['rows'])
     ok = ok and all(r.get('ok') for r in extra)
     res['ok'] = ok
