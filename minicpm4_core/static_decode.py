@@ -447,19 +447,18 @@ def _check_ids(ids, V: int, dev) -> torch.Tensor:
     return t.long()
 
 
-def _check_token(token, dev) -> torch.Tensor:
-    "One integer token id (int or a one-element tensor) as a (1,) tensor on `dev`."
-    t = torch.as_tensor(token, device=dev).reshape(-1)
-    if t.numel() != 1 or t.dtype.is_floating_point: raise ValueError(f"token must be one integer id, got {token!r}")
-    return t
-
-
 def _check_tokens(tokens, B: int, dev) -> torch.Tensor:
     "B integer token ids (one per row of a batched decoder) as a (B,) tensor on `dev`."
     t = torch.as_tensor(tokens, device=dev).reshape(-1)
     if t.numel() != B or t.dtype.is_floating_point or t.dtype == torch.bool:
         raise ValueError(f"tokens must be {B} integer ids (one per row), got shape {tuple(t.shape)} dtype {t.dtype}")
     return t
+
+
+def _check_token(token, dev) -> torch.Tensor:
+    "One integer token id (an int or a one-element tensor) as a (1,) tensor on `dev` (`step` of a batch-1 decoder)."
+    try: return _check_tokens(token, 1, dev)
+    except ValueError: raise ValueError(f"token must be one integer id, got {token!r}") from None
 
 
 @patch

@@ -168,7 +168,8 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match='exceeds max_len'): dec.prefill(list(range(9)))
     with pytest.raises(ValueError, match='graphs=True'): StaticSparseDecoder(model_of(0), 8, graphs=True)
     dec.prefill([1] * 7)
-    with pytest.raises(ValueError, match='one integer id'): dec.step(1.5)
+    for bad in (1.5, True, [1, 2]):
+        with pytest.raises(ValueError, match='one integer id'): dec.step(bad)
     dec.step(2)
     with pytest.raises(ValueError, match='full'): dec.step(3)
     with pytest.raises(ValueError, match='KVCache'): dec.load_cache({})
