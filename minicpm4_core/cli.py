@@ -47,9 +47,28 @@ def _generate_parser(sub) -> None:
     g.add_argument('--tokenizer', default=None, help='tokenizer folder (default: the model folder)')
     g.add_argument('--json', action='store_true', help='print one JSON object (ids, text, timing, memory)')
 
+# %% ../nbs/04c_cli.ipynb #c6a18142
+def _plan_parser(sub) -> None:
+    p = sub.add_parser('plan', help="what an Engine would hold (weights, K/V, a draft) and the longest context a memory "
+                                    "size fits, worked out on the meta device: nothing is loaded or allocated")
+    p.add_argument('--model', required=True, help="a MiniCPM4 folder (its config.json) or a preset: tiny, small, "
+                                                  "minicpm4_0_5b, minicpm4_8b")
+    p.add_argument('--max-len', type=int, default=None, help="KV slots to plan for (default: the model's max positions)")
+    p.add_argument('--max-batch', type=int, default=1)
+    p.add_argument('--quant', choices=['none', 'w4a16', 'ternary'], default='none')
+    p.add_argument('--dtype', choices=['bfloat16', 'float16', 'float32'], default='bfloat16')
+    p.add_argument('--sparse', choices=['auto', 'dense'], default='auto',
+                   help="auto: the model's attention (InfLLM v2 when its config has one); dense: force dense")
+    p.add_argument('--spec-vocab', type=int, default=None, metavar='K', help='plan an FR-Spec draft whose head keeps K ids')
+    p.add_argument('--memory', default=None, metavar='SIZE',
+                   help="a memory size ('24GB', '64GiB', '8e9' bytes): also the longest context that fits in it")
+    p.add_argument('--reserve', type=float, default=0.1,
+                   help='the fraction of --memory kept free for activations, CUDA graph pools and the allocator')
+    p.add_argument('--json', action='store_true', help='print one JSON object (bytes)')
+
 # %% ../nbs/04c_cli.ipynb #442eaf01
 def _parser() -> argparse.ArgumentParser:
-    "The `minicpm4` command line: run, docs, profiles, readme, generate."
+    "The `minicpm4` command line: run, docs, profiles, readme, generate, plan."
     ap = argparse.ArgumentParser(prog='minicpm4', description='minicpm4_core command line')
     sub = ap.add_subparsers(dest='cmd', required=True)
     r = sub.add_parser('run', help='execute the notebooks with papermill under a profile and write a report')
@@ -73,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                    help='then open the index, a technique page and the report in headless Chromium; PNGs into DIR')
     d.add_argument('--verbose', action='store_true', help="show mkdocs' log")
     _generate_parser(sub)
+    _plan_parser(sub)
     return ap
 
 # %% ../nbs/04c_cli.ipynb #334d5947
@@ -167,6 +187,55 @@ def _generate_command(a) -> int:
         print(text if text is not None else ' '.join(map(str, out)))
     return 0
 
+# %% ../nbs/04c_cli.ipynb #cb7415d4
+_UNITS = {'': 1, 'b': 1, 'k': 1e3, 'kb': 1e3, 'm': 1e6, 'mb': 1e6, 'g': 1e9, 'gb': 1e9, 't': 1e12, 'tb': 1e12,
+          'kib': 2**10, 'mib': 2**20, 'gib': 2**30, 'tib': 2**40}
+
+
+def _parse_bytes(s: str) -> float:
+    "'24GB' / '24G' (decimal), '64GiB' (binary), '8e9' (bytes) -> bytes."
+    import re
+    m = re.fullmatch(r'\s*(\d*\.?\d+(?:[eE]\d+)?)\s*([a-zA-Z]*)\s*', s)
+    if not m or m[2].lower() not in _UNITS or not float(m[1]) > 0:
+        raise ValueError(f"--memory must be a size such as 24GB, 64GiB or 8e9 (bytes), got {s!r}")
+    return float(m[1]) * _UNITS[m[2].lower()]
+
+
+def _plan_command(a) -> int:
+    import json
+    import torch
+    from minicpm4_core.config import PRESETS, MiniCPM4Config
+    from minicpm4_core.engine import max_context, memory_plan, meta_model
+    def fail(msg):
+        print(f"minicpm4 plan: {msg}", file=sys.stderr); return 2
+    try:
+        if a.memory is not None: mem = _parse_bytes(a.memory)
+        if not 0 <= a.reserve < 1: raise ValueError(f"--reserve must be in [0, 1), got {a.reserve}")
+        cfg = MiniCPM4Config.from_preset(a.model) if a.model in PRESETS else MiniCPM4Config.from_pretrained(a.model)
+        L = a.max_len or cfg.max_position_embeddings
+        dtype, quant = getattr(torch, a.dtype), None if a.quant == 'none' else a.quant
+        kw = dict(max_batch=a.max_batch, dtype=dtype, quant=quant, sparse=a.sparse, spec_vocab=a.spec_vocab)
+        plan = memory_plan(cfg, L, model=meta_model(cfg, dtype, quant), **kw)
+        fits = max_context(cfg, mem, reserve=a.reserve, **kw) if a.memory is not None else None
+    except (ValueError, OSError) as e:     # a missing folder, a bad size, an argument the engine refuses
+        return fail(str(e))
+    if a.json:
+        print(json.dumps(dict(model=a.model, max_len=L, max_batch=a.max_batch, dtype=a.dtype, quant=a.quant,
+                              plan=plan, memory=a.memory, reserve=a.reserve, longest_context=fits), default=str))
+        return 0
+    gib = lambda b: f"{b / 2**30:8.2f} GiB"
+    print(f"{a.model}: max_len {L:,}, batch {a.max_batch}, {a.dtype}, quant {a.quant}"
+          + (f", FR-Spec draft head {a.spec_vocab:,} ids" if a.spec_vocab else ''))
+    for k, what in (('weights', 'packed linears included'), ('static', "the static decoders' K/V, compressed keys"),
+                    ('spec', 'the FR-Spec path: its target buffers, the draft'), ('eager_kv', "the eager path's cache"),
+                    ('total', 'paths: ' + ', '.join(f"batch {b} {p}" for b, p in plan['paths'].items()))):
+        print(f"  {k:9}{gib(plan[k])}   {what}")
+    if fits is not None:
+        print(f"  longest context in {a.memory} ({a.reserve:.0%} kept free): {fits:,}"
+              + (" (all of the model's positions)" if fits == cfg.max_position_embeddings else '') if fits else
+              f"  not even {1024:,} tokens fit in {a.memory} ({a.reserve:.0%} kept free)")
+    return 0
+
 # %% ../nbs/04c_cli.ipynb #79e8bf04
 def main(argv=None) -> int:
     "Entry point of the `minicpm4` console script."
@@ -174,6 +243,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == 'docs': return _docs_command(a)
     if a.cmd == 'generate': return _generate_command(a)
+    if a.cmd == 'plan': return _plan_command(a)
     if a.cmd == 'profiles':
         for name in profile_names(): print(name, load_profile(name))
         return 0

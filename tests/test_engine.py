@@ -410,6 +410,38 @@ def test_cli_generate(tmp_path, capsys, torch_kernels):
     with pytest.raises(SystemExit): main(['generate', '--model', 'x', '--prompt-ids', '1', '--quant', 'int8'])
 
 
+def test_cli_plan(tmp_path, capsys):
+    """`minicpm4 plan`: a preset or a folder's config.json -> memory_plan's bytes (JSON) and, with --memory,
+    max_context's longest context; the text table; bad sizes, folders and arguments end in one line (exit 2)."""
+    import json
+    from minicpm4_core.cli import _parse_bytes, main
+    from minicpm4_core.engine import max_context, memory_plan
+    from minicpm4_core.model import save_pretrained
+    assert main(['plan', '--model', 'tiny', '--max-len', '256', '--max-batch', '2', '--quant', 'w4a16', '--json']) == 0
+    r = json.loads(capsys.readouterr().out)
+    want = memory_plan(MiniCPM4Config.tiny(), 256, max_batch=2, dtype=torch.bfloat16, quant='w4a16')
+    assert r['plan'] == {**want, 'paths': {str(k): v for k, v in want['paths'].items()}} and want['total'] > 0
+    save_pretrained(model_of(33), tmp_path / 'm')
+    cfg = MiniCPM4Config.from_pretrained(tmp_path / 'm')
+    assert main(['plan', '--model', str(tmp_path / 'm'), '--memory', '3MB', '--spec-vocab', '40', '--dtype', 'float32',
+                 '--json']) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r['longest_context'] == max_context(cfg, 3e6, dtype=torch.float32, spec_vocab=40) > 0
+    assert r['plan']['spec'] > 0 and r['max_len'] == cfg.max_position_embeddings
+    assert main(['plan', '--model', 'tiny', '--max-len', '128', '--memory', '1GiB']) == 0
+    out = capsys.readouterr().out
+    assert 'weights' in out and 'total' in out and 'longest context in 1GiB' in out
+    assert (_parse_bytes('24GB'), _parse_bytes('64GiB'), _parse_bytes('8e9'), _parse_bytes('1.5 G')) == \
+        (24e9, 64 * 2**30, 8e9, 1.5e9)
+    for extra, msg in ((['--memory', 'lots'], '--memory must be a size'), (['--memory', '0GB'], '--memory must be'),
+                       (['--memory', '5XB'], '--memory must be'), (['--reserve', '1.5'], '--reserve must be'),
+                       (['--spec-vocab', '0'], 'spec_vocab must be')):
+        assert main(['plan', '--model', 'tiny', '--max-len', '64', *extra]) == 2, extra
+        assert msg in capsys.readouterr().err, extra
+    assert main(['plan', '--model', str(tmp_path / 'missing')]) == 2 and 'missing' in capsys.readouterr().err
+    with pytest.raises(SystemExit): main(['plan', '--model', 'tiny', '--quant', 'int8'])
+
+
 def test_cli_generate_text_prompt(tmp_path, capsys):
     "A word-level tokenizer saved beside the model: --prompt TEXT in, decoded text out."
     pytest.importorskip('tokenizers'); pytest.importorskip('transformers')
