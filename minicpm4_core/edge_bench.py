@@ -307,7 +307,8 @@ def timed_generation(kind: str, gen, prompts, n: int, dev) -> dict:
     if kind == 'engine':
         lt = res.last_timing
         out = dict(ttft_s=lt['ttft_s'], decode_s=lt['decode_s'], decode_steps=lt['decode_steps'], backend=lt['backend'],
-                   prefill_s=lt.get('prefill_s'), setup_s=lt.get('setup_s'))
+                   prefill_s=lt.get('prefill_s'), setup_s=lt.get('setup_s'),
+                   held_bytes=res.memory()['total'])     # what the engine holds (== `memory_plan`), beside the peak
         d = getattr(res, '_sparse_dec', None)
         if d is not None and dev.type == 'cuda':     # the captured step alone, both variants, at this length
             out['step_ms'] = {k: d.time_step(reps=10, inner=4, sparse=k == 'sparse') for k in ('sparse', 'dense')}
@@ -1046,6 +1047,7 @@ def summary_lines(res: dict) -> list[str]:
                    f"prefill={r['prefill_tok_s']:.0f} tok/s decode={r['decode_tok_s'] or 0:.1f} tok/s "
                    f"[{r.get('backend', '')}]" + (f" roofline={r['roofline_fraction']:.2f}" if 'roofline_fraction' in r else '')
                    + (f" peak={r['peak_bytes'] / 2**30:.1f}GiB" if r.get('peak_bytes') else '')
+                   + (f" held={r['held_bytes'] / 2**30:.1f}GiB" if r.get('held_bytes') else '')
                    + (' graph step ms sparse {sparse:.2f} dense {dense:.2f}'.format(**r['step_ms']) if 'step_ms' in r else ''))
     for r in res['kernel_rows']:
         out.append(f"kernel {r['kernel']:>34} M={r['M']:>5} {r['K']}x{r['N']}: "

@@ -733,6 +733,9 @@ def test_edge_grid_budget_and_prefill_rows():
                    ('engine-sparse', 80, 1), ('engine-sparse', 80, 2), ('engine-sparse', 120, 1), ('engine-sparse', 120, 2),
                    ('dense-eager', 80, 2)]   # dense_len = 64; sparse batch rows through the batched sparse decoder
     assert all(r['backend'] == 'static' for r in res['rows'] if r['config'] == 'engine-sparse')
+    # engine rows say what the engine holds (its memory(): weights + the K/V pool sized for the grid's longest row)
+    held = {r['config']: r['held_bytes'] for r in res['rows'] if r['config'].startswith('engine')}
+    assert held['engine-sparse'] > held['engine-dense'] > 0 and 'held_bytes' not in res['rows'][-1]
     assert any('hf-compile' in n and 'skipped' in n for n in res['notes'])
     assert any('engine-sparse' in n and 'below dense_len' in n for n in res['notes'])
     assert [(r['context'], r['attention']) for r in res['prefill_rows']] == [(80, 'sparse'), (80, 'dense'),
