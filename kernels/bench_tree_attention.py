@@ -243,12 +243,13 @@ def select_stage(a, res, left, dev, dtype, shape, contexts, trees, save):
             row = dict(shape=shape, ctx=ctx, T=T, num_blocks=nb, kernels=NC, kc_copies=ncopy)
             cand = dict(CAP=8, GN=8) if a.cpu_smoke else dict(CAP=128, GN=128)
             opts = {'masks': lambda k: SS.tree_slot_mask(q, k, kn, geo, r, st, nb, bitmap=True),
-                    'triton': lambda k: SS.tree_select_bitmap(q, k, kn, geo, r, st, nb, dense),
+                    'triton': lambda k: SS.tree_select_bitmap(q, k, kn, geo, r, st, nb, dense, config=dict(CAP=0)),
+                    'triton-default': lambda k: SS.tree_select_bitmap(q, k, kn, geo, r, st, nb, dense),
                     'triton-cand': lambda k: SS.tree_select_bitmap(q, k, kn, geo, r, st, nb, dense, config=cand)}
             with torch.no_grad():
                 want = opts['masks'](kc)
                 row['blocks_per_row'] = round(float(want.sum(-1).float().mean()), 1)
-                for name in ('triton', 'triton-cand'):
+                for name in ('triton', 'triton-cand', 'triton-default'):
                     try:
                         got = opts[name](kc)
                         row[f'{name}_same'] = bool(torch.equal(want, got))
@@ -263,7 +264,7 @@ def select_stage(a, res, left, dev, dtype, shape, contexts, trees, save):
                                                                   reps=10 if dev.type == 'cuda' else 1), 2)
                     except Exception as e:                               # noqa: BLE001
                         row[f'{name}_us'] = f'{type(e).__name__}: {e}'[:200]
-            for name in ('triton', 'triton-cand'):
+            for name in ('triton', 'triton-cand', 'triton-default'):
                 if isinstance(row.get('masks_us'), float) and isinstance(row.get(f'{name}_us'), float):
                     row[f'{name}_x_vs_masks'] = round(row['masks_us'] / row[f'{name}_us'], 2)
             row['stage_s'] = round(time.time() - ts, 1)

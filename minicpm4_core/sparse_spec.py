@@ -497,11 +497,21 @@ def tree_sparse_attention(q, kv, bsel, anc, tblk, m, *, block_size: int, config=
     return o.view(T, Hq * Dh)
 
 # %% ../nbs/63_sparse_spec.ipynb #e51c7a11
-# launch settings of tree_select_bitmap (chosen by reasoning, not yet by a GPU run): KT kernels per logits program,
-# NBC blocks per pooling program, DIG radix bits per top-k step (None: 2 up to 4096 blocks, else 1), CAP: 0 = the
-# radix top-k over the whole row; > 0 (a power of 2 <= 256) = rank at most CAP candidates bounded by GN interleaved
-# group maxima (the decode path's 'cand', measured faster there at 2048 blocks), the radix one when more qualify
-TREE_SELECT_KERNEL = dict(KT=64, NBC=64, DIG=None, CAP=0, GN=128, num_warps=4, pool_warps=4)
+# launch settings of tree_select_bitmap: KT kernels per logits program, NBC blocks per pooling program, DIG radix bits
+# per top-k step (None: 2 up to 4096 blocks, else 1), CAP: 0 = the radix top-k over the whole row; > 0 (a power of 2
+# <= 256) = rank at most CAP candidates bounded by GN interleaved group maxima (the decode path's 'cand'), the radix
+# one when more qualify; None = CAND_CAP from CAND_FROM blocks on, else 0. H200 (session 9, `bench_tree_attention.py
+# --stages select`, 12 geometries, bitmaps identical): ranked candidates (CAP 128) 1.2-1.4x faster than the radix
+# top-k at 2,048 blocks (128K: 8B 33 nodes 145.1 -> 109.4 us, 17 nodes 95.5 -> 66.8), 13-25% slower at 264-520
+# blocks (16K-32K); 1,024 (64K) not measured, so the switch sits at 2,048.
+TREE_SELECT_KERNEL = dict(KT=64, NBC=64, DIG=None, CAP=None, GN=128, CAND_CAP=128, CAND_FROM=2048, num_warps=4,
+                          pool_warps=4)
+
+
+def _select_cap(c: dict, num_blocks: int) -> int:
+    "The CAP a `tree_select_bitmap` launch uses with settings c for rows of num_blocks blocks (see TREE_SELECT_KERNEL)."
+    if c['CAP'] is not None: return c['CAP']
+    return c['CAND_CAP'] if num_blocks >= c['CAND_FROM'] else 0
 
 
 @triton.jit
@@ -659,11 +669,11 @@ def tree_select_bitmap(q_s, kc, knew, g: dict, r: dict, st, num_blocks: int, den
         return tree_slot_mask(q_s, kc, knew, g, r, st, num_blocks, bitmap=True).contiguous()
     c = dict(TREE_SELECT_KERNEL, **(config or {}))
     KT, NBC, nb = c['KT'], c['NBC'], num_blocks
-    CAP, GN = c['CAP'], c['GN']
-    if KT < 16 or KT & (KT - 1) or NBC < 1 or NBC & (NBC - 1) or CAP < 0 or CAP & (CAP - 1) or CAP > 256 or \
-            GN < 1 or GN & (GN - 1):
-        raise ValueError(f"tree_select_bitmap: config KT must be a power of 2 >= 16, NBC and GN powers of 2, CAP 0 or a "
-                         f"power of 2 <= 256, got {c}")
+    CAP, GN = _select_cap(c, nb), c['GN']
+    if KT < 16 or KT & (KT - 1) or NBC < 1 or NBC & (NBC - 1) or GN < 1 or GN & (GN - 1) or \
+            any(not isinstance(x, int) or x < 0 or x & (x - 1) or x > 256 for x in (CAP, c['CAND_CAP'])):
+        raise ValueError(f"tree_select_bitmap: config KT must be a power of 2 >= 16, NBC and GN powers of 2, CAP None, 0 "
+                         f"or a power of 2 <= 256 (CAND_CAP: 0 or a power of 2 <= 256), got {c}")
     p, s, bs = st.kernel_size, st.kernel_stride, st.block_size
     G, dev = Hq // Hkv, q_s.device
     ROWS, BD, NBP = max(16, next_pow2(G)), max(16, next_pow2(D)), next_pow2(nb)

@@ -528,6 +528,22 @@ def test_select_bitmap_equals_tree_slot_mask(T, Hq, Hkv, D, nb, roots, kw, case)
 CAND_CAP, CAND_GN = 8, 8                                        # _row_keep_cand's test config
 
 
+def test_select_cap_switches_on_the_row_length():
+    """TREE_SELECT_KERNEL's default (CAP None): the radix top-k below CAND_FROM blocks, ranked candidates (CAND_CAP) from
+    there on (H200: faster at 2,048 blocks, slower at 264-520); an explicit CAP wins. The switched launch gives the
+    same bitmap as the reference (CAND_FROM lowered so a test-sized row crosses it); bad CAND_CAP refused."""
+    c = SS.TREE_SELECT_KERNEL
+    assert (SS._select_cap(c, 2047), SS._select_cap(c, 2048), SS._select_cap(c, 4096)) == (0, c['CAND_CAP'], c['CAND_CAP'])
+    assert SS._select_cap(dict(c, CAP=0), 4096) == 0 and SS._select_cap(dict(c, CAP=16), 10) == 16
+    st = sel_settings(topk=6)
+    q, kc, kn, geo, r, dense = select_case(17, 8, 2, 16, 29, 200, 3, st, ints=True, dup=12)
+    want = SS.tree_slot_mask(q, kc, kn, geo, r, st, 29, bitmap=True)
+    for cfg in (dict(CAND_FROM=29, CAND_CAP=CAND_CAP, GN=CAND_GN), dict(CAND_FROM=30, CAND_CAP=CAND_CAP, GN=CAND_GN)):
+        assert torch.equal(SS.tree_select_bitmap(q, kc, kn, geo, r, st, 29, dense, config=cfg), want), cfg
+    with pytest.raises(ValueError, match='CAND_CAP'):
+        SS.tree_select_bitmap(q, kc, kn, geo, r, st, 29, dense, config=dict(CAND_FROM=1, CAND_CAP=12))
+
+
 def cand_counts(sc, kk, GN):
     "How many blocks reach the kk-th largest of GN interleaved group maxima (`_row_keep_cand`'s candidates), per row."
     nbp = 1 << (sc.shape[-1] - 1).bit_length()
