@@ -10,10 +10,11 @@
 #   mkdir -p .snap/corpora && cp -r ~/.cache/minicpm4_core/corpora/austen .snap/corpora/   # `data_recipes/real_corpora.py`
 # Each `run` call: carry=[".whl", ".snap"], command `bash kernels/device_plan.sh STAGE` (timeout_s 600), and read
 # $OUT/STAGE.tgz (one file: the 8-file limit of what comes back).
-#   a  (~400 s) check_engine: agreement (fp32 + bf16), the session-7 stages (fallback) and session 11's (the shared
+#   a  (~460 s) check_engine: agreement (fp32 + bf16), the session-7 stages (fallback) and session 11's (the shared
 #      dense / w4a16 weights, W4A16 kernels on column views, memory_plan vs allocated) FIRST - SHARE_WEIGHTS changed
 #      the weight storage of every static path on CUDA; then the 0.5B transformers + torch.compile row beside our
-#      engine at 4K, and the 0.5B 32K InfLLM v2 chunked prefill against session 8's 0.862 s (host or code?).
+#      engine at 4K, the 0.5B 32K InfLLM v2 chunked prefill against session 8's 0.862 s (host or code?), and the tree
+#      selection's new default ('triton-default' should equal 'triton-cand' at 2,048 blocks, 'triton' below).
 #   b  (~580 s) the whole edge notebook (the issue's table, figures, goal lines).
 #   c  (optional, ~320 s) the trained pair's long rows (32K) with the fallback, draft window 0 and 256.
 #   d  (optional, ~300-400 s) acceptance vs context on the edge run's own 0.5B pair (kernels/spec_accept_vs_context.py).
@@ -30,7 +31,9 @@ a)
     --configs engine-dense,generate,hf-compile --contexts 4096 --batches 1 --budget 110 \
     --set "grid='engine-dense=4096/1;generate=4096/1;hf-compile=4096/1'" 2>&1 | tee "$o/hf.log"
   timeout 60 python kernels/bench_sparse_model.py --chunked minicpm4_0_5b:32768:24:all --chunk 2048 --budget 55 \
-    --out "$o/prefill" 2>&1 | tee "$o/prefill.log" ;;
+    --out "$o/prefill" 2>&1 | tee "$o/prefill.log"
+  timeout 60 python kernels/bench_tree_attention.py --out "$o/sel.json" --stages select:0.5b,select:8b --budget 55 \
+    2>&1 | tee "$o/sel.log" ;;
 b)
   EDGE_OUT=$o/edge timeout 578 python kernels/run_edge_notebook.py --profile edge 2>&1 | tee "$o/notebook_log.txt" ;;
 c)
