@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import PRESETS
 from .profiles import find_project_root, load_profile, profile_names
 from .runner import render_readme, run_notebooks
 
@@ -51,8 +52,7 @@ def _generate_parser(sub) -> None:
 def _plan_parser(sub) -> None:
     p = sub.add_parser('plan', help="what an Engine would hold (weights, K/V, a draft) and the longest context a memory "
                                     "size fits, worked out on the meta device: nothing is loaded or allocated")
-    p.add_argument('--model', required=True, help="a MiniCPM4 folder (its config.json) or a preset: tiny, small, "
-                                                  "minicpm4_0_5b, minicpm4_8b")
+    p.add_argument('--model', required=True, help=f"a MiniCPM4 folder (its config.json) or a preset: {', '.join(PRESETS)}")
     p.add_argument('--max-len', type=int, default=None, help="KV slots to plan for (default: the model's max positions)")
     p.add_argument('--max-batch', type=int, default=1)
     p.add_argument('--quant', choices=['none', 'w4a16', 'ternary'], default='none')
@@ -204,7 +204,7 @@ def _parse_bytes(s: str) -> float:
 def _plan_command(a) -> int:
     import json
     import torch
-    from minicpm4_core.config import PRESETS, MiniCPM4Config
+    from minicpm4_core.config import MiniCPM4Config
     from minicpm4_core.engine import max_context, memory_plan, meta_model
     def fail(msg):
         print(f"minicpm4 plan: {msg}", file=sys.stderr); return 2
@@ -214,8 +214,9 @@ def _plan_command(a) -> int:
         cfg = MiniCPM4Config.from_preset(a.model) if a.model in PRESETS else MiniCPM4Config.from_pretrained(a.model)
         L = a.max_len or cfg.max_position_embeddings
         dtype, quant = getattr(torch, a.dtype), None if a.quant == 'none' else a.quant
-        kw = dict(max_batch=a.max_batch, dtype=dtype, quant=quant, sparse=a.sparse, spec_vocab=a.spec_vocab)
-        plan = memory_plan(cfg, L, model=meta_model(cfg, dtype, quant), **kw)
+        kw = dict(max_batch=a.max_batch, dtype=dtype, quant=quant, sparse=a.sparse, spec_vocab=a.spec_vocab,
+                  model=meta_model(cfg, dtype, quant))                 # packed once for both
+        plan = memory_plan(cfg, L, **kw)
         fits = max_context(cfg, mem, reserve=a.reserve, **kw) if a.memory is not None else None
     except (ValueError, OSError) as e:     # a missing folder, a bad size, an argument the engine refuses
         return fail(str(e))

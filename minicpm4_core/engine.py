@@ -703,14 +703,15 @@ def memory_plan(config: MiniCPM4Config, max_len: int, *, max_batch: int = 1, dty
                 total=mem['weights'] + mem['static_stack'] + mem['spec'] + eager, paths=paths)
 
 
-def max_context(config: MiniCPM4Config, memory_bytes: float, *, step: int = 1024, reserve: float = 0.1, **plan_kw) -> int:
+def max_context(config: MiniCPM4Config, memory_bytes: float, *, step: int = 1024, reserve: float = 0.1, model=None,
+                **plan_kw) -> int:
     """The longest max_len (a multiple of `step`, up to config.max_position_embeddings) whose `memory_plan` total fits in
     (1 - reserve) x memory_bytes, or 0 when not even `step` fits. plan_kw: `memory_plan`'s settings (max_batch, dtype,
-    quant, sparse, batch_sparse, spec_vocab, spec_kw)."""
+    quant, sparse, batch_sparse, spec_vocab, spec_kw); model: as `memory_plan`'s (a `meta_model` to reuse)."""
     if not memory_bytes > 0: raise ValueError(f"memory_bytes must be > 0, got {memory_bytes!r}")
     if not 0 <= reserve < 1: raise ValueError(f"reserve must be in [0, 1), got {reserve!r}")
     budget, fits = (1 - reserve) * memory_bytes, {}
-    model = meta_model(config, plan_kw.get('dtype', torch.bfloat16), plan_kw.get('quant'))
+    if model is None: model = meta_model(config, plan_kw.get('dtype', torch.bfloat16), plan_kw.get('quant'))
     def ok(n: int) -> bool:
         if n not in fits: fits[n] = memory_plan(config, n * step, model=model, **plan_kw)['total'] <= budget
         return fits[n]

@@ -56,32 +56,32 @@ def fuse_packed(ms) -> torch.nn.Module | None:
     new.in_features, new.out_features = a.in_features, sum(m.out_features for m in ms)
     new.bits, new.group_size = a.bits, a.group_size
     keys = ('qweight', 'scales', 'qzeros')
-    views = [_side_by_side([getattr(m, k) for m in ms]) for k in keys]
+    views = [_joined([getattr(m, k) for m in ms], 1) for k in keys]
     shared = all(v is not None for v in views)
     for k, v in zip(keys, views): new.register_buffer(k, v if shared else torch.cat([getattr(m, k) for m in ms], 1))
     new.register_buffer('perm', None)
     if not shared and SHARE_WEIGHTS:
-        for k in keys:
-            a0, fused = 0, getattr(new, k)
-            for m in ms:
-                w = getattr(m, k).shape[1]
-                setattr(m, k, fused[:, a0:a0 + w]); a0 += w       # a registered buffer's name: the view replaces it
+        for k in keys:                                   # a registered buffer's name: the view replaces the buffer
+            for m, v in zip(ms, getattr(new, k).split([getattr(m, k).shape[1] for m in ms], 1)): setattr(m, k, v)
     new._fused_copy = not (shared or SHARE_WEIGHTS)   # a copy: `refresh` rewrites it (a shared one is the model's)
     return new
 
 
-def _side_by_side(ts) -> torch.Tensor | None:
-    """2-D tensors ts (R, n_i) that are consecutive column ranges of one row-major buffer (row stride S): the view
-    (R, sum n_i) of that buffer over them; else None (separate tensors, or not in order)."""
+def _joined(ts, dim: int) -> torch.Tensor | None:
+    """A view equal to `torch.cat(ts, dim)` when the tensors already lie one after another along `dim` in one buffer
+    with the same strides (an earlier fusion made them views of it), else None: how `fuse_dense` (rows) and
+    `fuse_packed` (columns) find a q|k|v that is already stored once."""
     t0 = ts[0]
-    if not all(t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == t0.stride(0) and t.shape[0] == t0.shape[0]
-               and t.dtype == t0.dtype and t.device == t0.device
-               and t.untyped_storage()._cdata == t0.untyped_storage()._cdata for t in ts): return None
-    if len(ts) < 2 or not all(x.storage_offset() + x.shape[1] == y.storage_offset() for x, y in zip(ts, ts[1:])):
+    same = lambda t: (t.dim() == t0.dim() and t.stride() == t0.stride() and t.dtype == t0.dtype
+                      and t.device == t0.device and t.untyped_storage()._cdata == t0.untyped_storage()._cdata
+                      and all(a == b for i, (a, b) in enumerate(zip(t.shape, t0.shape)) if i != dim))
+    step = t0.stride(dim)
+    if not all(map(same, ts)) or \
+            not all(a.storage_offset() + a.shape[dim] * step == b.storage_offset() for a, b in zip(ts, ts[1:])):
         return None
-    W = sum(t.shape[1] for t in ts)
-    if t0.shape[0] > 1 and W > t0.stride(0): return None
-    return t0.as_strided((t0.shape[0], W), (t0.stride(0), 1), t0.storage_offset())
+    size = list(t0.shape)
+    size[dim] = sum(t.shape[dim] for t in ts)
+    return t0.as_strided(size, t0.stride(), t0.storage_offset())
 
 
 def prep_layer(layer: MiniCPM4DecoderLayer) -> dict:
@@ -106,16 +106,11 @@ def fuse_dense(ws) -> torch.Tensor:
     data become views of its rows (the same Parameter objects: optimizers and in-place updates keep working, and the
     fused tensor sees them)."""
     ts = [w.detach() for w in ws]
-    t0, K = ts[0], ts[0].shape[1]
-    if all(t.is_contiguous() and t.dim() == 2 and t.shape[1] == K and t.dtype == t0.dtype and t.device == t0.device
-           and t.untyped_storage()._cdata == t0.untyped_storage()._cdata for t in ts) and \
-            all(a.storage_offset() + a.numel() == b.storage_offset() for a, b in zip(ts, ts[1:])):
-        return t0.as_strided((sum(t.shape[0] for t in ts), K), (K, 1), t0.storage_offset())
+    view = _joined(ts, 0)
+    if view is not None: return view
     fused = torch.cat(ts).contiguous()
     if SHARE_WEIGHTS:
-        a = 0
-        for w, t in zip(ws, ts):
-            w.data = fused[a:a + t.shape[0]]; a += t.shape[0]
+        for w, v in zip(ws, fused.split([t.shape[0] for t in ts])): w.data = v
     return fused
 
 

@@ -16,7 +16,7 @@ NOTEBOOKS = [p.stem for p in R.list_notebooks(ROOT)]
 CI_SECONDS = {'30_modeltunnel': 70, '20_ultraclean': 63, '70_pgptq': 56, '10a_infllmv2_model': 54, '60_frspec': 33,
               '06_llama': 28, '08_distributed': 25, '40_chunked_rl': 22, '90_edge_bench': 20, '12_long_context': 19,
               '11_sparse_kernels': 18, '11c_sparse_prefill': 18, '50_bitcpm': 13, 'modeltunnel': 7, '71_w4a16_kernel': 6,
-              '07_hf': 6, '80_engine': 33, 'engine': 15, 'model_mup': 5, 'bitcpm': 5, '51_ternary_kernel': 5,
+              '07_hf': 6, '80_engine': 16, 'engine': 9, 'model_mup': 5, 'bitcpm': 5, '51_ternary_kernel': 5,
               '63_sparse_spec': 4, '04_runner': 4, '10_infllmv2': 4, '11b_kernel_package': 4, '11d_fused_ops': 3,
               '61_static_decode': 4}
 # both write <artifacts>/real: they share a shard so they never write it at the same time
